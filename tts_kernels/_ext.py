@@ -1,0 +1,64 @@
+"""Loads the compiled extension ``tts_kernels._C`` (which registers ``torch.ops.tts.*``).
+
+When it cannot be loaded the same op schemas are defined here in Python with the
+plain-PyTorch references as their kernels, so every public function still returns
+correct results (slowly); one warning says so.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+# The op schemas.  The C++ side defines them in csrc/registration.cpp; this copy
+# is used only when the extension is missing, and tests/test_build.py checks the
+# two agree.
+SCHEMAS = {
+    "beam_topk": "beam_topk(Tensor logits, Tensor beam_scores, int num_candidates, float temperature)"
+    " -> (Tensor scores, Tensor parents, Tensor tokens)",
+    "kv_reorder_": "kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()",
+}
+
+HAS_C = False
+HAS_CUDA_KERNELS = False
+LOAD_ERROR: str | None = None
+_fallback_lib = None
+
+
+def _define_fallback() -> None:
+    global _fallback_lib
+    from . import reference
+
+    lib = torch.library.Library("tts", "DEF")
+    for schema in SCHEMAS.values():
+        lib.define(schema)
+    lib.impl("beam_topk", reference.beam_topk_ref, "CompositeExplicitAutograd")
+    lib.impl("kv_reorder_", reference.kv_reorder_ref, "CompositeExplicitAutograd")
+    _fallback_lib = lib
+
+
+def _load() -> None:
+    global HAS_C, HAS_CUDA_KERNELS, LOAD_ERROR
+    if os.environ.get("TTS_KERNELS_NO_EXT") == "1":
+        LOAD_ERROR = "disabled by TTS_KERNELS_NO_EXT=1"
+    else:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.tts.*)
+
+            HAS_C = True
+            HAS_CUDA_KERNELS = bool(_C.has_cuda_kernels())
+            return
+        except (ImportError, OSError) as exc:  # pragma: no cover - exercised by test_build
+            LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "tts_kernels: compiled extension not available "
+        f"({LOAD_ERROR}); using the plain-PyTorch reference kernels (correct but slow). "
+        "Rebuild with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    _define_fallback()
+
+
+_load()

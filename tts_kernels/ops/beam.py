@@ -1,0 +1,98 @@
+"""``beam_topk``: the fused beam-search expansion step.
+
+Validation happens here (never reading device data, so it never syncs), then the
+call goes to ``torch.ops.tts.beam_topk`` (CPU C++ or CUDA C++ kernel) or to the
+Triton kernel on CUDA, whichever was measured faster for that shape class.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import _ext
+from ..reference import beam_topk_ref
+from ._validate import check_same_device, check_tensor
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "reference", "cpp", "triton")
+
+
+def _validate(logits, beam_scores, num_candidates, temperature) -> int:
+    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    check_tensor("beam_scores", beam_scores, ndim=2, dtypes=(torch.float32,))
+    check_same_device(logits=logits, beam_scores=beam_scores)
+    B, K = beam_scores.shape
+    R, V = logits.shape
+    if K < 1 or B < 1:
+        raise ValueError(f"beam_scores must have shape [B, K] with B, K >= 1, got {tuple(beam_scores.shape)}")
+    if V < 1:
+        raise ValueError(f"logits must have at least one column (vocabulary), got shape {tuple(logits.shape)}")
+    if R != B * K:
+        raise ValueError(
+            f"logits has {R} rows but beam_scores {tuple(beam_scores.shape)} needs B*K = {B * K} rows"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not temperature > 0.0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    C = 2 * K if num_candidates is None else num_candidates
+    if isinstance(C, bool) or not isinstance(C, int):
+        raise TypeError(f"num_candidates must be an int, got {type(num_candidates).__name__}")
+    if C < 1 or C > K * V:
+        raise ValueError(f"num_candidates must be in [1, K*V] = [1, {K * V}], got {C}")
+    return C
+
+
+def beam_topk(
+    logits: torch.Tensor,
+    beam_scores: torch.Tensor,
+    num_candidates: int | None = None,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused beam expansion: log-softmax + cumulative score + top-C over all beams.
+
+    ``logits [B*K, V]`` (float32/float16/bfloat16; row ``b*K + j`` is beam ``j`` of
+    batch item ``b``) and ``beam_scores [B, K]`` float32. Computes
+    ``log_softmax(logits.float() / temperature) + beam_scores`` viewed as
+    ``[B, K*V]`` and returns its top ``num_candidates`` (default ``2*K``) per batch
+    item, sorted descending, as ``scores [B, C]`` float32, ``parents [B, C]`` int64
+    (beam, ``0..K-1``) and ``tokens [B, C]`` int64 (``0..V-1``). Equal scores are
+    ordered by flat index ``parent*V + token``. NaN logits are never selected; an
+    all ``-inf`` row gives ``-inf`` scores.
+
+    ``backend``: ``"auto"`` (default), ``"reference"``, ``"cpp"`` (the compiled
+    kernel for the tensors' device) or ``"triton"`` (CUDA tensors, or CPU under
+    ``TRITON_INTERPRET=1``).
+    """
+    C = _validate(logits, beam_scores, num_candidates, temperature)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    temperature = float(temperature)
+    if backend == "auto":
+        backend = _auto_backend(logits, beam_scores.shape[1], C)
+    if backend == "reference":
+        return beam_topk_ref(logits, beam_scores, C, temperature)
+    if backend == "triton":
+        from ..triton.beam_topk import beam_topk_triton
+
+        return beam_topk_triton(logits, beam_scores, C, temperature)
+    if not _ext.HAS_C:
+        raise RuntimeError("backend='cpp' needs the compiled extension tts_kernels._C, which did not load: "
+                           f"{_ext.LOAD_ERROR}")
+    return torch.ops.tts.beam_topk(logits, beam_scores, C, temperature)
+
+
+def _auto_backend(logits: torch.Tensor, K: int, C: int) -> str:
+    if logits.device.type != "cuda":
+        return "cpp" if _ext.HAS_C else "reference"
+    forced = os.environ.get("TTS_KERNELS_BEAM_BACKEND")
+    if forced:
+        return forced
+    if not _ext.HAS_CUDA_KERNELS:
+        return "triton"
+    from ._autotune import pick_cuda_backend
+
+    return pick_cuda_backend(logits, K, C)
