@@ -1,0 +1,216 @@
+"""beam_topk: every CPU backend against the reference, odd sizes, dtypes, bad input."""
+import math
+
+import pytest
+import torch
+
+import tts_kernels
+from tts_kernels import beam_topk
+from tts_kernels.reference import beam_topk_ref
+
+# Tolerances per logits dtype. Every backend upcasts to float32 before any
+# arithmetic, so the inputs are identical; what differs is the log-sum-exp: a sum
+# of V terms in another order plus a polynomial exp (rel. error ~2e-7) gives an
+# absolute error in log(d) of a few 1e-7, and scores are O(10) so their float32
+# rounding is ~1e-6.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-5, atol=1e-5),
+}
+DTYPES = list(TOL)
+
+
+def full_scores(logits, beam_scores, temperature=1.0):
+    """float64 [B, K*V] scores, the ground truth for checking any selection."""
+    B, K = beam_scores.shape
+    x = logits.double()
+    x = torch.where(torch.isnan(x), torch.full_like(x, -math.inf), x) / temperature
+    lp = torch.log_softmax(x, -1)
+    lp = torch.where(torch.isnan(lp), torch.full_like(lp, -math.inf), lp)
+    return (lp + beam_scores.double().reshape(-1, 1)).reshape(B, -1)
+
+
+def check_selection(out, logits, beam_scores, C, temperature=1.0, tol=None):
+    """A valid top-C: right shapes/dtypes, sorted, scores match the chosen indices,
+    no unselected element beats the last selected one, ties by lower flat index."""
+    scores, parents, tokens = out
+    B, K = beam_scores.shape
+    V = logits.shape[1]
+    tol = tol or TOL[logits.dtype]
+    assert scores.shape == parents.shape == tokens.shape == (B, C)
+    assert scores.dtype == torch.float32 and parents.dtype == tokens.dtype == torch.int64
+    assert int(parents.min()) >= 0 and int(parents.max()) < K
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < V
+    assert not torch.isnan(scores).any()
+    S = full_scores(logits, beam_scores, temperature)
+    flat = parents * V + tokens
+    for b in range(B):
+        assert flat[b].unique().numel() == C, "candidates must be distinct"
+    ref_scores = beam_topk_ref(logits, beam_scores, C, temperature)[0]
+    torch.testing.assert_close(scores, ref_scores, **tol)
+    chosen = S.gather(1, flat)
+    finite = torch.isfinite(chosen)
+    torch.testing.assert_close(scores.double()[finite], chosen[finite], **tol)
+    assert torch.equal(torch.isinf(scores), torch.isinf(chosen))
+    assert (scores[:, :-1] >= scores[:, 1:]).all(), "scores must be sorted descending"
+    # Exact scores, so ties are decided by the flat index: equal -> lower index first.
+    same = chosen[:, :-1] == chosen[:, 1:]
+    assert (flat[:, :-1][same] < flat[:, 1:][same]).all()
+
+
+def make(B, K, V, dtype, scale=3.0):
+    logits = (torch.randn(B * K, V) * scale).to(dtype)
+    beam_scores = -torch.rand(B, K) * 5
+    return logits, beam_scores
+
+
+SHAPES = [(1, 1, 7), (2, 3, 7), (3, 4, 1000), (5, 2, 50257), (2, 4, 151936), (1, 2, 200003)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,V", SHAPES)
+def test_matches_reference(B, K, V, dtype):
+    logits, bs = make(B, K, V, dtype)
+    for C in sorted({1, 2 * K, min(K * V, 2 * K + 3)}):
+        out = beam_topk(logits, bs, C)
+        check_selection(out, logits, bs, C)
+        if dtype == torch.float32:
+            # fp32 random logits have no ties: the indices are exactly the reference's.
+            ref = beam_topk_ref(logits, bs, C)
+            assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
+
+
+def test_default_candidates_is_2k():
+    logits, bs = make(2, 3, 100, torch.float32)
+    assert beam_topk(logits, bs)[0].shape == (2, 6)
+
+
+@pytest.mark.parametrize("V", [7, 13])
+def test_candidates_beyond_vocab(V):
+    # C > V: candidates must come from several beams; C = K*V takes everything.
+    logits, bs = make(2, 3, V, torch.float32)
+    for C in (V + 1, 3 * V):
+        check_selection(beam_topk(logits, bs, C), logits, bs, C)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.7])
+def test_temperature(temperature):
+    logits, bs = make(3, 2, 5000, torch.float32)
+    out = beam_topk(logits, bs, 4, temperature)
+    check_selection(out, logits, bs, 4, temperature)
+    ref = beam_topk_ref(logits, bs, 4, temperature)
+    assert torch.equal(out[2], ref[2])
+
+
+def test_strided_rows():
+    # logits[:, -1, :] of a [N, T, V] tensor: row stride T*V, contiguous tokens.
+    full = torch.randn(6, 3, 999)
+    logits = full[:, -1, :]
+    bs = torch.randn(2, 3)
+    check_selection(beam_topk(logits, bs, 5), logits, bs, 5)
+    # Non-unit token stride takes the copy path.
+    t = torch.randn(999, 6).t()
+    check_selection(beam_topk(t, bs, 5), t, bs, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_never_selected(dtype):
+    logits, bs = make(2, 2, 3000, dtype)
+    logits[0, 100] = float("nan")
+    logits[1, :50] = float("nan")
+    logits[3, 7] = float("nan")
+    logits[2, :-1] = float("nan")  # one finite logit left in this row
+    # torch.topk ranks NaN above everything, so a kernel that forgets to
+    # sanitise would pick these positions first.
+    out = beam_topk(logits, bs, 4)
+    check_selection(out, logits, bs, 4)
+    flat_rows = torch.arange(2).view(-1, 1) * 2 + out[1]
+    assert not torch.isnan(logits[flat_rows, out[2]].float()).any()
+
+
+def test_all_neg_inf_row():
+    logits, bs = make(2, 2, 500, torch.float32)
+    logits[1] = float("-inf")  # beam 1 of item 0 is dead
+    logits[2:] = float("-inf")  # item 1 entirely dead
+    logits[3, 5] = float("nan")
+    out = beam_topk(logits, bs, 4)
+    check_selection(out, logits, bs, 4)
+    assert (out[1][0] == 0).all()  # only beam 0 is alive in item 0
+    assert torch.isneginf(out[0][1]).all()  # -inf, not NaN, no error
+
+
+def test_neg_inf_beam_score():
+    logits, bs = make(2, 3, 100, torch.float32)
+    bs[:, 1:] = -1e9
+    bs[1, 0] = float("-inf")
+    check_selection(beam_topk(logits, bs, 6), logits, bs, 6)
+
+
+def test_ties_lower_index_first():
+    logits = torch.zeros(4, 10)
+    bs = torch.zeros(2, 2)
+    scores, parents, tokens = beam_topk(logits, bs, 5)
+    assert torch.equal(parents, torch.zeros(2, 5, dtype=torch.long))
+    assert torch.equal(tokens, torch.arange(5).repeat(2, 1))
+    torch.testing.assert_close(scores, torch.full((2, 5), -math.log(10)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts(threads):
+    # One thread, and few rows so the vocabulary is split over threads.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits, bs = make(1, 1, 100003, torch.float32)
+        ref = beam_topk_ref(logits, bs, 2)
+        out = beam_topk(logits, bs, 2)
+        assert torch.equal(out[2], ref[2])
+        torch.testing.assert_close(out[0], ref[0], **TOL[torch.float32])
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_opcheck_and_compile():
+    logits, bs = make(2, 3, 50, torch.float32)
+    torch.library.opcheck(torch.ops.tts.beam_topk.default, (logits, bs, 4, 1.0))
+    compiled = torch.compile(lambda x, s: beam_topk(x, s, 4), fullgraph=True)
+    out = compiled(logits, bs)
+    ref = beam_topk_ref(logits, bs, 4)
+    assert torch.equal(out[2], ref[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        (dict(logits=torch.randn(6)), ValueError, "logits"),
+        (dict(logits=torch.randint(0, 5, (6, 10))), TypeError, "logits"),
+        (dict(beam_scores=torch.randn(2, 3).double()), TypeError, "beam_scores"),
+        (dict(beam_scores=torch.randn(6)), ValueError, "beam_scores"),
+        (dict(beam_scores=torch.randn(2, 2)), ValueError, "B*K"),
+        (dict(num_candidates=0), ValueError, "num_candidates"),
+        (dict(num_candidates=31), ValueError, "num_candidates"),
+        (dict(num_candidates=2.0), TypeError, "num_candidates"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature="1"), TypeError, "temperature"),
+        (dict(logits=[[1.0]]), TypeError, "logits"),
+        (dict(backend="nope"), ValueError, "backend"),
+    ],
+)
+def test_bad_input(kwargs, exc, word):
+    args = dict(logits=torch.randn(6, 10), beam_scores=torch.randn(2, 3), num_candidates=4, temperature=1.0)
+    args.update(kwargs)
+    with pytest.raises(exc, match=word):
+        beam_topk(**args)
+
+
+def test_device_mismatch():
+    meta_scores = torch.randn(2, 3, device="meta")
+    with pytest.raises(ValueError, match="device"):
+        beam_topk(torch.randn(6, 10), meta_scores)
+
+
+def test_extension_loaded():
+    # The suite must exercise the compiled kernels, not silently the fallback.
+    assert tts_kernels.HAS_C, tts_kernels._ext.LOAD_ERROR
