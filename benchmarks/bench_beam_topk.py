@@ -1,0 +1,22 @@
+"""Fused beam_topk vs the eager PyTorch sequence transformers uses, same inputs, same process.
+
+    python benchmarks/bench_beam_topk.py [--device cuda] [--json out.json]
+"""
+import argparse
+import json
+
+from tts_kernels.bench.beam_topk import run
+from tts_kernels.cli import print_table
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backends", default="auto", help="comma list: auto,cpp,triton,reference")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows = run(args.device, backends=tuple(args.backends.split(",")), rounds=args.rounds)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)

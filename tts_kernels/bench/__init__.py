@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package, so `tts-kernels bench` runs on any machine."""

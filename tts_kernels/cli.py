@@ -1,0 +1,100 @@
+"""`tts-kernels` console command: ``bench`` (every op benchmark this machine supports)
+and ``demo`` (the main job on the bundled default)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("device", "device"), ("peer_ms", "peer ms"),
+           ("ours_ms", "ours ms"), ("ratio", "ratio"), ("gbs", "GB/s"), ("floor_pct", "% floor")]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    return "-" if v is None else str(v)
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    cells = [[h for _, h in COLUMNS]] + [[_fmt(r.get(k)) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=file)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+    file.flush()
+
+
+def machine_info() -> dict:
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def bench(args) -> int:
+    from . import _ext
+    from .bench import beam_topk as bt
+    from .bench import kv_reorder as kv
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
+    rows: list[dict] = []
+    rounds = 3 if args.quick else 5
+    for dev in devices:
+        shapes = bt.CPU_SHAPES[:1] if args.quick else None
+        backends = ("auto",)
+        if dev == "cuda":
+            backends = ("auto", "triton") + (("cpp",) if _ext.HAS_CUDA_KERNELS else ())
+        rows += bt.run(dev, shapes=shapes, backends=backends, rounds=rounds)
+        rows += kv.run(dev, rounds=rounds)
+    if not args.skip_search:
+        from .bench import beam_search as bs
+
+        rows.append(bs.run(device="cpu", quick=args.quick))
+    print_table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.json", "w") as f:
+        json.dump({"machine": machine_info(), "rows": rows}, f, indent=1)
+    with open(out / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS] + ["peer"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.csv'}")
+    return 0
+
+
+def demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="tts-kernels", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="time every op against its peer on this machine")
+    b.add_argument("--out", default="bench_out", help="directory for bench.json and bench.csv")
+    b.add_argument("--quick", action="store_true", help="one shape per op, fewer rounds")
+    b.add_argument("--cpu-only", action="store_true")
+    b.add_argument("--skip-search", action="store_true", help="skip the end-to-end beam_search benchmark")
+    b.set_defaults(fn=bench)
+    d = sub.add_parser("demo", help="the main job: token beam search on a small model, checked against generate()")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--quick", action="store_true")
+    d.set_defaults(fn=demo)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
