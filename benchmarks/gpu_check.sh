@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one prepared script for a GPU machine (H200, torch with CUDA, nvcc, no internet).
+# Builds the CUDA extension, runs the test suite (CUDA tests included), runs
+# `tts-kernels bench`, and writes everything under $OUT. Budget: < 8 minutes.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+echo "== machine"; date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+echo "== build (TORCH_CUDA_ARCH_LIST=9.0a)"
+t0=$(date +%s)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+timeout 300 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?; echo "build rc=$rc in $(( $(date +%s) - t0 )) s"; tail -5 "$OUT/build.log"
+[ $rc -eq 0 ] || { grep -E "error" "$OUT/build.log" | head -40; exit $rc; }
+python -c "import tts_kernels, tts_kernels._ext as e; print('HAS_C', e.HAS_C, 'CUDA kernels', e.HAS_CUDA_KERNELS)"
+
+echo "== CUDA tests"
+timeout 240 python -m pytest -q -x tests/test_cuda_beam_topk.py 2>&1 | tail -15
+echo "== rest of the suite (CPU parts, quick)"
+timeout 240 python -m pytest -q tests --ignore=tests/test_cuda_beam_topk.py --ignore=tests/test_cmake.py \
+  -k "not cmake" 2>&1 | tail -8
+
+echo "== bench"
+timeout 300 tts-kernels bench --out "$OUT/bench" 2>&1 | tail -40
+echo "== done $(date -u)"
