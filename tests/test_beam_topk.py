@@ -140,6 +140,14 @@ def test_all_neg_inf_row():
     assert torch.isneginf(out[0][1]).all()  # -inf, not NaN, no error
 
 
+def test_pos_inf_row_is_dead():
+    logits, bs = make(2, 2, 300, torch.float32)
+    logits[1, 17] = float("inf")
+    out = beam_topk(logits, bs, 4)
+    check_selection(out, logits, bs, 4)
+    assert (out[1][0] == 0).all()
+
+
 def test_neg_inf_beam_score():
     logits, bs = make(2, 3, 100, torch.float32)
     bs[:, 1:] = -1e9

@@ -29,7 +29,8 @@ def beam_topk_ref(
         parents, tokens = flat // V, flat % V
 
     NaN logits are treated as -inf (never selected). A row whose logits are
-    all -inf (or NaN) yields -inf for all of its candidates, never NaN.
+    all -inf (or NaN), or that holds a +inf logit, has no defined log-softmax and
+    yields -inf for all of its candidates, never NaN.
     Returns ``scores [B, C]`` float32, ``parents [B, C]`` int64, ``tokens [B, C]`` int64.
     """
     B, K = beam_scores.shape

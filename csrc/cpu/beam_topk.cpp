@@ -143,8 +143,9 @@ void beam_topk_kernel(const T* logits, int64_t row_stride, const float* beam_sco
         const float bs = beam_scores[b * K + j];
         for (int64_t i = 0; i < row_top.size; ++i) {
           const Cand& c = row_top.items[i];
-          // All -inf row: m = -inf, and the score is -inf by definition (not NaN).
-          const float score = (m == kNegInf) ? kNegInf : ((c.value - m) - log_d) + bs;
+          // A row without a finite max (all -inf, or holding +inf) has no
+          // defined log-softmax; its scores are -inf by definition, never NaN.
+          const float score = std::isfinite(m) ? ((c.value - m) - log_d) + bs : kNegInf;
           if (!best.full() || score > best.threshold()) best.push(score, j * V + c.index);
           else break;  // scores within a row are sorted too
         }
