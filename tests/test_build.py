@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tts_kernels
 from tts_kernels import _ext
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,16 +28,18 @@ def beam_topk_ref(
         scores, flat = topk(s, C)            # C = num_candidates, default 2*K, sorted descending
         parents, tokens = flat // V, flat % V
 
-    NaN logits are treated as -inf (never selected). A row whose logits are
-    all -inf (or NaN), or that holds a +inf logit, has no defined log-softmax and
-    yields -inf for all of its candidates, never NaN.
+    NaN and +inf values of ``logits / temperature`` are treated as -inf (never
+    selected: they come from overflow, not from a model's preference). A row
+    whose logits are all -inf (or NaN) yields -inf for all of its candidates,
+    never NaN.
     Returns ``scores [B, C]`` float32, ``parents [B, C]`` int64, ``tokens [B, C]`` int64.
     """
     B, K = beam_scores.shape
     V = logits.shape[-1]
     C = 2 * K if num_candidates is None else int(num_candidates)
-    x = logits.float()
-    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x) / temperature
+    x = logits.float() / temperature
+    # NaN and +inf (after scaling) are garbage (overflow), never a choice: -inf.
+    x = torch.where(torch.isnan(x) | torch.isposinf(x), torch.full_like(x, float("-inf")), x)
     logp = torch.log_softmax(x, dim=-1)
     # log_softmax of an all -inf row is NaN (-inf - -inf); the op's meaning is -inf.
     logp = torch.where(torch.isnan(logp), torch.full_like(logp, float("-inf")), logp)

@@ -141,11 +141,17 @@ void beam_topk_kernel(const T* logits, int64_t row_stride, const float* beam_sco
         }
         const float log_d = std::log(d);
         const float bs = beam_scores[b * K + j];
+        // A row without a finite max (all -inf: +inf and NaN were made -inf) has
+        // no defined log-softmax, and a -inf beam score (a finished beam) kills the row too:
+        // all its scores are -inf (never NaN), so its candidates, all tied, are
+        // its lowest token indices.
+        if (!std::isfinite(m) || bs == kNegInf) {
+          for (int64_t v = 0; v < Crow && !best.full(); ++v) best.push(kNegInf, j * V + v);
+          continue;
+        }
         for (int64_t i = 0; i < row_top.size; ++i) {
           const Cand& c = row_top.items[i];
-          // A row without a finite max (all -inf, or holding +inf) has no
-          // defined log-softmax; its scores are -inf by definition, never NaN.
-          const float score = std::isfinite(m) ? ((c.value - m) - log_d) + bs : kNegInf;
+          const float score = ((c.value - m) - log_d) + bs;
           if (!best.full() || score > best.threshold()) best.push(score, j * V + c.index);
           else break;  // scores within a row are sorted too
         }

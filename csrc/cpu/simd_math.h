@@ -67,14 +67,15 @@ inline float exp_nonpos_scalar(float x) {
 
 // ---- portable bodies -------------------------------------------------------
 
-// dst[i] = sanitize(src[i]) / T (NaN -> -inf); returns max(dst[0:n]).
+// dst[i] = sanitize(src[i] / T) (NaN, +inf -> -inf); returns max(dst[0:n]).
 template <typename T>
 float load_tile_scalar(const T* src, float* dst, int64_t n, float temperature, bool scale) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     float v = to_float(src[i]);
-    v = (v != v) ? -std::numeric_limits<float>::infinity() : v;
     if (scale) v = v / temperature;
+    // NaN and +inf are overflow garbage, never a choice.
+    v = (v != v || v == std::numeric_limits<float>::infinity()) ? -std::numeric_limits<float>::infinity() : v;
     dst[i] = v;
     mx = v > mx ? v : mx;
   }
@@ -120,13 +121,15 @@ TTS_AVX2 inline __m256 load8(const HalfBits* p) {
 template <typename T>
 TTS_AVX2 float load_tile_avx2(const T* src, float* dst, int64_t n, float temperature, bool scale) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   const __m256 tv = _mm256_set1_ps(temperature);
   __m256 mx = ninf;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 v = load8(src + i);
-    v = _mm256_blendv_ps(v, ninf, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // NaN -> -inf
     if (scale) v = _mm256_div_ps(v, tv);  // division, not a reciprocal: same rounding as x / T
+    const __m256 bad = _mm256_or_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(v, pinf, _CMP_EQ_OQ));
+    v = _mm256_blendv_ps(v, ninf, bad);  // NaN, +inf -> -inf
     _mm256_storeu_ps(dst + i, v);
     mx = _mm256_max_ps(mx, v);
   }
