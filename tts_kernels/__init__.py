@@ -7,10 +7,10 @@ Public API:
 - :mod:`tts_kernels.search` — search drivers (``beam_search``).
 - :mod:`tts_kernels.reference` — plain-PyTorch meaning of every op.
 """
-from . import _ext
+from . import _ext, search
 from .ops import beam_topk, kv_reorder_
 
 __version__ = "0.1.0"
 HAS_C = _ext.HAS_C
 
-__all__ = ["beam_topk", "kv_reorder_", "HAS_C", "__version__"]
+__all__ = ["beam_topk", "kv_reorder_", "search", "HAS_C", "__version__"]
