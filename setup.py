@@ -1,7 +1,8 @@
 """Builds tts_kernels._C: CPU kernels always, CUDA kernels when torch has CUDA and nvcc is found.
 
 Environment: TTS_KERNELS_CUDA=0 skips CUDA; TORCH_CUDA_ARCH_LIST is honoured
-(default "9.0a+PTX": Hopper SASS plus portable PTX); MAX_JOBS caps ninja.
+(default "8.0+PTX;9.0a": Hopper SASS plus compute_80 PTX that any newer GPU
+can JIT; PTX of 9.0a itself would run on Hopper only); MAX_JOBS caps ninja.
 The source list lives in csrc/sources.txt, shared with CMakeLists.txt.
 """
 import os
@@ -40,7 +41,7 @@ def extensions():
     extra = {"cxx": cxx}
     kw = {}
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a+PTX")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
         sources += srcs["cuda"]
         define_macros.append(("TTS_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
