@@ -182,17 +182,19 @@ def parents_patterns(n):
     }
 
 
-@NEEDS_CPP
-@pytest.mark.parametrize("n", [1, 5, 8])
-@pytest.mark.parametrize("pattern", ["identity", "all_from_0", "reverse", "cycle", "beam_like", "random"])
-def test_kv_reorder_matches_reference(n, pattern):
-    parents = parents_patterns(n)[pattern].to(DEV)
-    caches = make_caches(n)
+def assert_reorder_matches(caches, parents):
     expected = [c.clone() for c in caches]
     kv_reorder_ref(expected, parents)
     kv_reorder_(caches, parents, backend="cpp")
     for got, want in zip(caches, expected):
         assert torch.equal(got, want)
+
+
+@NEEDS_CPP
+@pytest.mark.parametrize("n", [1, 5, 8])
+@pytest.mark.parametrize("pattern", ["identity", "all_from_0", "reverse", "cycle", "beam_like", "random"])
+def test_kv_reorder_matches_reference(n, pattern):
+    assert_reorder_matches(make_caches(n), parents_patterns(n)[pattern].to(DEV))
 
 
 @NEEDS_CPP
@@ -204,12 +206,7 @@ def test_kv_reorder_many_tensors_and_passes():
     caches.append(torch.randn(n, 8 << 20, device=DEV)[:, : 6 << 20])  # 24 MiB rows, 32 MiB apart
     caches.append(torch.randn(n, 5 << 20, device=DEV))  # 20 MiB rows
     # 350 MiB of rows in all: the staging buffer (a quarter) takes several passes.
-    parents = torch.tensor([1, 2, 3, 0, 0, 5, 5, 6], device=DEV)
-    expected = [c.clone() for c in caches]
-    kv_reorder_ref(expected, parents)
-    kv_reorder_(caches, parents, backend="cpp")
-    for got, want in zip(caches, expected):
-        assert torch.equal(got, want)
+    assert_reorder_matches(caches, torch.tensor([1, 2, 3, 0, 0, 5, 5, 6], device=DEV))
 
 
 @NEEDS_CPP

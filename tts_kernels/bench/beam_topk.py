@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.beam import beam_topk
-from .timing import compare, copy_bandwidth_gbs
+from .timing import bench_row, compare, copy_bandwidth_gbs
 
 CPU_SHAPES = [(8, 8, 32000), (8, 8, 128256), (32, 4, 152064)]
 CUDA_SHAPES = CPU_SHAPES + [(32, 8, 152064)]
@@ -40,21 +40,9 @@ def bench_case(B: int, K: int, V: int, dtype: torch.dtype, device="cpu", backend
         raise AssertionError(f"beam_topk disagrees with the eager peer at {(B, K, V, dtype)}")
     res = compare(peer, ours, device=device, rounds=rounds, iters=iters)
     nbytes = logits.numel() * logits.element_size()
-    gbs = nbytes / (res["ours_ms"] * 1e-3) / 1e9
     copy_gbs = copy_gbs if copy_gbs is not None else copy_bandwidth_gbs(nbytes, device)
-    return {
-        "op": "beam_topk" + ("" if backend == "auto" else f"[{backend}]"),
-        "shape": f"B={B} K={K} V={V}",
-        "dtype": str(dtype).replace("torch.", ""),
-        "device": str(device),
-        "peer": "eager log_softmax+add+topk",
-        "peer_ms": res["peer_ms"],
-        "ours_ms": res["ours_ms"],
-        "ratio": res["ratio"],
-        "gbs": gbs,
-        "floor_pct": 100.0 * gbs / copy_gbs,
-        "copy_gbs": copy_gbs,
-    }
+    op = "beam_topk" + ("" if backend == "auto" else f"[{backend}]")
+    return bench_row(op, f"B={B} K={K} V={V}", dtype, device, "eager log_softmax+add+topk", res, nbytes, copy_gbs)
 
 
 def run(device="cpu", shapes=None, dtypes=("fp32", "bf16"), backends=("auto",), rounds=5, iters=10) -> list[dict]:

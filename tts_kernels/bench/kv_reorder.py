@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.kv import kv_reorder_
-from .timing import compare, copy_bandwidth_gbs
+from .timing import bench_row, compare, copy_bandwidth_gbs
 
 
 def beam_parents(B: int, K: int, keep: float, gen: torch.Generator) -> torch.Tensor:
@@ -36,21 +36,9 @@ def bench_case(B=4, K=8, layers=8, heads=8, T=256, D=64, dtype=torch.float32, de
     changed = int((parents != torch.arange(B * K, device=device)).sum())
     row_bytes = heads * T * D * caches[0].element_size()
     moved = 2 * changed * row_bytes * len(caches)
-    gbs = moved / (res["ours_ms"] * 1e-3) / 1e9
     copy_gbs = copy_gbs or copy_bandwidth_gbs(sum(c.numel() * c.element_size() for c in caches) // 4, device)
-    return {
-        "op": "kv_reorder_",
-        "shape": f"L={layers} N={B * K} H={heads} T={T} D={D} changed={changed}",
-        "dtype": str(dtype).replace("torch.", ""),
-        "device": str(device),
-        "peer": "index_select per layer",
-        "peer_ms": res["peer_ms"],
-        "ours_ms": res["ours_ms"],
-        "ratio": res["ratio"],
-        "gbs": gbs,
-        "floor_pct": 100.0 * gbs / copy_gbs,
-        "copy_gbs": copy_gbs,
-    }
+    shape = f"L={layers} N={B * K} H={heads} T={T} D={D} changed={changed}"
+    return bench_row("kv_reorder_", shape, dtype, device, "index_select per layer", res, moved, copy_gbs)
 
 
 def run(device="cpu", rounds=5, iters=10) -> list[dict]:

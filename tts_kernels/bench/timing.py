@@ -71,3 +71,22 @@ def copy_bandwidth_gbs(nbytes: int, device="cpu", rounds: int = 5, iters: int = 
     _sync(device)
     best = min(_median_ms(fn, iters, device) for _ in range(rounds))
     return 2 * src.numel() * 4 / (best * 1e-3) / 1e9
+
+
+def bench_row(op: str, shape: str, dtype: torch.dtype, device, peer: str, res: dict, floor_bytes: int,
+              copy_gbs: float) -> dict:
+    """One table row: times from :func:`compare`, bandwidth of ``floor_bytes`` against ``copy_gbs``."""
+    gbs = floor_bytes / (res["ours_ms"] * 1e-3) / 1e9
+    return {
+        "op": op,
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "peer": peer,
+        "peer_ms": res["peer_ms"],
+        "ours_ms": res["ours_ms"],
+        "ratio": res["ratio"],
+        "gbs": gbs,
+        "floor_pct": 100.0 * gbs / copy_gbs,
+        "copy_gbs": copy_gbs,
+    }
