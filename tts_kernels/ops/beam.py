@@ -89,10 +89,10 @@ def _auto_backend(logits: torch.Tensor, K: int, C: int) -> str:
     if logits.device.type != "cuda":
         return "cpp" if _ext.HAS_C else "reference"
     forced = os.environ.get("TTS_KERNELS_BEAM_BACKEND")
-    if forced:
-        return forced
-    if not _ext.HAS_CUDA_KERNELS:
+    if forced and forced not in ("triton", "cpp"):
+        raise ValueError(f"TTS_KERNELS_BEAM_BACKEND must be 'triton' or 'cpp', got {forced!r}")
+    if not _ext.HAS_CUDA_KERNELS and not forced:
         return "triton"
     from ._autotune import pick_cuda_backend
 
-    return pick_cuda_backend(logits, K, C)
+    return pick_cuda_backend(logits, K, C)  # honours TTS_KERNELS_BEAM_BACKEND
