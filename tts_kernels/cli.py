@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -48,17 +49,29 @@ def bench(args) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows: list[dict] = []
     rounds = 3 if args.quick else 5
+
+    def section(name: str, device: str, fn, **kw) -> None:
+        # A failing backend (say, an untested GPU kernel) costs its own rows, not the whole table.
+        try:
+            got = fn(device, **kw)
+            rows.extend(got if isinstance(got, list) else [got])
+        except Exception as exc:  # noqa: BLE001 - reported in the table and on stderr
+            traceback.print_exc()
+            rows.append({"op": name, "device": device, "shape": f"FAILED: {type(exc).__name__}: {exc}"[:200]})
+
     for dev in devices:
         shapes = bt.CPU_SHAPES[:1] if args.quick else None
         backends = ("auto",)
         if dev == "cuda":
             backends = ("auto", "triton") + (("cpp",) if _ext.HAS_CUDA_KERNELS else ())
-        rows += bt.run(dev, shapes=shapes, backends=backends, rounds=rounds)
-        rows += kv.run(dev, rounds=rounds)
+        for backend in backends:
+            section(f"beam_topk[{backend}]", dev, bt.run, shapes=shapes, backends=(backend,), rounds=rounds)
+        section("kv_reorder_", dev, kv.run, rounds=rounds)
     if not args.skip_search:
         from .bench import beam_search as bs
 
-        rows.append(bs.run(device="cpu", quick=args.quick))
+        for dev in devices:
+            section("beam_search", dev, bs.run, quick=args.quick)
     print_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
