@@ -95,3 +95,18 @@ def test_bad_input_changes_nothing(caches, parents, exc, word):
     for c, b in zip(caches if isinstance(caches, list) else [], before):
         if b is not None:
             assert torch.equal(c, b), "an error must leave every cache untouched"
+
+
+def test_compile_fullgraph():
+    caches = make_caches(5, torch.float32)
+    ref = [c.clone() for c in caches]
+    p = torch.tensor([4, 4, 0, 1, 2])
+
+    @torch.compile(fullgraph=True)
+    def step(cs, parents):
+        kv_reorder_(cs, parents, backend="cpp")
+        return cs[0].sum()
+
+    step(caches, p)
+    kv_reorder_ref(ref, p)
+    assert all(torch.equal(a, b) for a, b in zip(caches, ref))
