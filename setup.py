@@ -39,7 +39,6 @@ def extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx}
-    kw = {}
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
         sources += srcs["cuda"]
@@ -57,7 +56,6 @@ def extensions():
             extra_link_args=["-fopenmp"],
             define_macros=define_macros,
             py_limited_api=True,
-            **kw,
         )
     ]
 
