@@ -186,3 +186,27 @@ def test_device_mismatch():
 def test_extension_loaded():
     # The suite must exercise the compiled kernels, not silently the fallback.
     assert tts_kernels.HAS_C, tts_kernels._ext.LOAD_ERROR
+
+
+def test_fuzz_against_reference():
+    # Seeded random shapes, candidate counts, temperatures, dtypes and holes
+    # (NaN, -inf, +inf logits; finished beams at -inf), checked like the rest.
+    gen = torch.Generator().manual_seed(1234)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for _ in range(60):
+        B, K, V = draw(1, 4), draw(1, 5), draw(1, 3000)
+        dtype = DTYPES[draw(0, 2)]
+        logits = (torch.randn(B * K, V, generator=gen) * draw(1, 8)).to(dtype)
+        bs = -torch.rand(B, K, generator=gen) * 10
+        holes = torch.rand(B * K, V, generator=gen)
+        logits[holes < 0.02] = float("nan")
+        logits[(holes >= 0.02) & (holes < 0.05)] = float("-inf")
+        logits[holes > 0.999] = float("inf")
+        if draw(0, 4) == 0:
+            bs[draw(0, B - 1), draw(0, K - 1)] = float("-inf")
+        C = draw(1, min(K * V, 40))
+        T = [1.0, 0.5, 2.0][draw(0, 2)]
+        check_selection(beam_topk(logits, bs, C, T), logits, bs, C, T)
