@@ -68,6 +68,17 @@ def test_large_num_candidates(backend, B, K, V, C):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_many_items_generic_path(backend):
+    """B above the 65535 grid-y limit on the C > 32 path."""
+    B, K, V, C = 70000, 1, 100, 33
+    logits, bs = make(B, K, V, torch.float32)
+    out = beam_topk(logits, bs, C, backend=backend)
+    ref = beam_topk_ref(logits, bs, C)
+    torch.testing.assert_close(out[0], ref[0], **TOL[torch.float32])
+    check(tuple(t[:64] for t in out), logits[:64], bs[:64], C)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("C", [6, 40])
 def test_nan_and_neginf_rows(backend, C):
     B, K, V = 2, 3, 50257

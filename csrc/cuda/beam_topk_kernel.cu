@@ -64,7 +64,9 @@ constexpr int kChunkQuantum = 8;
 constexpr size_t kAlign = 256;
 
 inline size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
-inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+// In 64 bits: V, C and K*V may come within a few of 2^31 - 1, where a + b - 1
+// would overflow an int.
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 // ------------------------------------------------------------------ keys
 
@@ -233,7 +235,9 @@ __global__ void __launch_bounds__(kThreads)
   const bool key_ties = isinf(beam_scores[row]);
   const T* p = logits + static_cast<int64_t>(row) * row_stride;
   const int start = split * chunk;
-  const int end = min(start + chunk, V);
+  // start + chunk passes 2^31 - 1 on the last split when V is near it (the
+  // rounded chunks overshoot V), so the sum is taken in 64 bits.
+  const int end = static_cast<int>(min(static_cast<long long>(start) + chunk, static_cast<long long>(V)));
   const bool apply_t = temperature != 1.f;
   float m = -INFINITY, d = 0.f;
   TopList<N> top;
@@ -243,9 +247,13 @@ __global__ void __launch_bounds__(kThreads)
   // stride are (elements are always sizeof(T)-aligned).
   constexpr int kVec = 16 / sizeof(T);
   const int misalign = static_cast<int>(reinterpret_cast<uintptr_t>(p + start) & 15u);
-  const int body = min(start + ((16 - misalign) & 15) / static_cast<int>(sizeof(T)), end);
-  for (int i = start + threadIdx.x; i < body; i += kThreads)
+  const int body = start + min(((16 - misalign) & 15) / static_cast<int>(sizeof(T)), end - start);
+  // Head and tail are shorter than kVec < kThreads elements: one element per
+  // thread at most (no i += kThreads, which could pass 2^31 - 1 near V's limit).
+  if (static_cast<int>(threadIdx.x) < body - start) {
+    const int i = start + threadIdx.x;
     consume(scale(to_float(p[i]), apply_t, temperature), i, key_ties, m, d, top);
+  }
   const int nvec = (end - body) / kVec;
   const uint4* pv = reinterpret_cast<const uint4*>(p + body);
   for (int i = threadIdx.x; i < nvec; i += kThreads) {
@@ -256,8 +264,10 @@ __global__ void __launch_bounds__(kThreads)
       consume(scale(to_float(e[j]), apply_t, temperature), body + i * kVec + j, key_ties, m, d,
               top);
   }
-  for (int i = body + nvec * kVec + threadIdx.x; i < end; i += kThreads)
+  if (static_cast<int>(threadIdx.x) < end - (body + nvec * kVec)) {
+    const int i = body + nvec * kVec + threadIdx.x;
     consume(scale(to_float(p[i]), apply_t, temperature), i, key_ties, m, d, top);
+  }
 
   block_md(m, d);
   const int64_t rec = static_cast<int64_t>(row) * S + split;
@@ -335,12 +345,14 @@ __global__ void __launch_bounds__(kThreads)
   const T* p = logits + static_cast<int64_t>(row) * row_stride;
   const int64_t base = static_cast<int64_t>(row) * V;
   const int j = row % K;
-  for (int v = blockIdx.y * kThreads + threadIdx.x; v < V; v += gridDim.y * kThreads) {
+  // 64-bit v: v + gridDim.y * kThreads (up to 2^24) passes 2^31 - 1 when V is near it.
+  for (int64_t v = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x; v < V;
+       v += static_cast<int64_t>(gridDim.y) * kThreads) {
     const float x = scale(to_float(p[v]), apply_t, temperature);
     float s = m == -INFINITY ? -INFINITY : ((x - m) - logd) + bs;
     if (s == 0.f) s = 0.f;  // radix sort sees bits: one zero, so -0/+0 tie by index
     out_scores[base + v] = s;
-    out_index[base + v] = j * V + v;
+    out_index[base + v] = static_cast<int>(static_cast<int64_t>(j) * V + v);
   }
 }
 
@@ -353,15 +365,18 @@ __global__ void gather_top_kernel(const float* __restrict__ sorted_scores,
                                   const int* __restrict__ sorted_index, int per_item, int V, int C,
                                   float* __restrict__ scores, int64_t* __restrict__ parents,
                                   int64_t* __restrict__ tokens) {
-  const int b = blockIdx.y;
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const int64_t src = static_cast<int64_t>(b) * per_item + c;
-  const int64_t dst = static_cast<int64_t>(b) * C + c;
-  const int flat = sorted_index[src];
-  scores[dst] = sorted_scores[src];
-  parents[dst] = flat / V;
-  tokens[dst] = flat % V;
+  // Items along x (up to 2^31 - 1 of them; y stops at 65535), candidates strided
+  // over y in 64 bits (C itself may be near 2^31).
+  const int b = blockIdx.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    const int64_t src = static_cast<int64_t>(b) * per_item + c;
+    const int64_t dst = static_cast<int64_t>(b) * C + c;
+    const int flat = sorted_index[src];
+    scores[dst] = sorted_scores[src];
+    parents[dst] = flat / V;
+    tokens[dst] = flat % V;
+  }
 }
 
 // ------------------------------------------------------------------ planning
@@ -403,7 +418,10 @@ cudaError_t make_plan(int B, int K, int V, int C, Plan& pl) {
   int cap = std::min(kMaxSplits, std::max(1, V / kMinChunk));
   if (pl.fast) cap = std::min(cap, std::max(1, kMaxKeysPerRow / C));
   int S = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, cap)));
-  pl.chunk = ceil_div(ceil_div(V, S), kChunkQuantum) * kChunkQuantum;
+  // Rounding up to the quantum may pass V (one split then covers the row): clamp
+  // to V so that the chunk stays an int when V is near 2^31.
+  pl.chunk = static_cast<int>(std::min<int64_t>(
+      static_cast<int64_t>(ceil_div(ceil_div(V, S), kChunkQuantum)) * kChunkQuantum, V));
   pl.S = ceil_div(V, pl.chunk);  // no empty splits after rounding
   S = pl.S;
 
@@ -505,10 +523,12 @@ cudaError_t launch_generic(const Launch& a) {
   segment_offsets_kernel<<<ceil_div(a.B + 1, kThreads), kThreads, 0, a.stream>>>(offsets, a.B, per_item);
   size_t temp = pl.temp_bytes;
   const cudaError_t err = cub::DeviceSegmentedRadixSort::SortPairsDescending(
-      a.ws + pl.off_temp, temp, s_in, s_out, i_in, i_out, R * a.V, a.B, offsets, offsets + 1, 0,
+      // const int* offsets: the same instantiation as make_plan's size query.
+      a.ws + pl.off_temp, temp, s_in, s_out, i_in, i_out, R * a.V, a.B,
+      static_cast<const int*>(offsets), static_cast<const int*>(offsets + 1), 0,
       static_cast<int>(sizeof(float) * 8), a.stream);
   if (err != cudaSuccess) return err;
-  gather_top_kernel<<<dim3(ceil_div(a.C, kThreads), a.B), kThreads, 0, a.stream>>>(
+  gather_top_kernel<<<dim3(a.B, std::min(ceil_div(a.C, kThreads), 65535)), kThreads, 0, a.stream>>>(
       s_out, i_out, per_item, a.V, a.C, a.scores, a.parents, a.tokens);
   return cudaSuccess;
 }
