@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tts_kernels import _ext, beam_topk, kv_reorder_
-from tts_kernels.reference import kv_reorder_ref
+from tts_kernels.reference import beam_topk_ref, kv_reorder_ref
 
 from beam_checks import TOL, check_selection as check
 
