@@ -10,11 +10,10 @@ runs the op about 2 * (_WARMUP + _RUNS) extra times; every later call in the
 class is a dictionary lookup. Inside CUDA-graph capture or torch.compile
 tracing nothing is timed: an unseen class gets the C++ kernel.
 
-``TTS_KERNELS_BEAM_BACKEND=triton|cpp`` skips all of this.
+``TTS_KERNELS_BEAM_BACKEND=triton|cpp`` skips all of this (read in ops/beam.py).
 """
 from __future__ import annotations
 
-import os
 import statistics
 import warnings
 
@@ -75,9 +74,6 @@ def _time_backends(logits: torch.Tensor, K: int, C: int) -> str:
 
 def pick_cuda_backend(logits: torch.Tensor, K: int, C: int) -> str:
     """``"triton"`` or ``"cpp"``: the backend measured faster for this shape class."""
-    forced = os.environ.get("TTS_KERNELS_BEAM_BACKEND")
-    if forced in ("triton", "cpp"):
-        return forced
     key = _shape_class(logits, C)
     choice = _CHOICES.get(key)
     if choice is not None:

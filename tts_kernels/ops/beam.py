@@ -89,10 +89,12 @@ def _auto_backend(logits: torch.Tensor, K: int, C: int) -> str:
     if logits.device.type != "cuda":
         return "cpp" if _ext.HAS_C else "reference"
     forced = os.environ.get("TTS_KERNELS_BEAM_BACKEND")
-    if forced and forced not in ("triton", "cpp"):
-        raise ValueError(f"TTS_KERNELS_BEAM_BACKEND must be 'triton' or 'cpp', got {forced!r}")
-    if not _ext.HAS_CUDA_KERNELS and not forced:
+    if forced:
+        if forced not in ("triton", "cpp"):
+            raise ValueError(f"TTS_KERNELS_BEAM_BACKEND must be 'triton' or 'cpp', got {forced!r}")
+        return forced
+    if not _ext.HAS_CUDA_KERNELS:
         return "triton"
     from ._autotune import pick_cuda_backend
 
-    return pick_cuda_backend(logits, K, C)  # honours TTS_KERNELS_BEAM_BACKEND
+    return pick_cuda_backend(logits, K, C)
