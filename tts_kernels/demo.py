@@ -13,19 +13,10 @@ from pathlib import Path
 import torch
 
 
-def small_llama(vocab_size: int = 32000, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def main(args) -> int:
     from . import HAS_C
     from .bench import beam_topk as bt
+    from .bench.beam_search import make_model
     from .bench import kv_reorder as kv
     from .cli import machine_info, print_table
     from .search import beam_search
@@ -33,7 +24,7 @@ def main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"tts-kernels demo  (compiled kernels: {HAS_C}, threads: {torch.get_num_threads()})")
-    model = small_llama()
+    model = make_model(vocab_size=32000)
     gen = torch.Generator().manual_seed(1)
     B, T, K, new = (2, 12, 4, 16) if args.quick else (4, 16, 8, 32)
     input_ids = torch.randint(3, model.config.vocab_size, (B, T), generator=gen)

@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from .timing import _sync
+
 
 def make_model(vocab_size: int = 128256, hidden: int = 128, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,12 +36,10 @@ def make_model(vocab_size: int = 128256, hidden: int = 128, layers: int = 2, see
 
 
 def _ms(fn, device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return (time.perf_counter() - t0) * 1e3, out
 
 
