@@ -10,6 +10,8 @@ import torch
 
 from tts_kernels import _ext
 
+from source_list import listed_sources
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,12 +22,10 @@ def run_py(code, **env):
 
 def test_source_list_covers_csrc():
     listed = set()
-    for line in (ROOT / "csrc/sources.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            kind, path = line.split()
-            assert kind in ("cpu", "cuda"), line
-            assert (ROOT / path).is_file(), f"{path} is listed but missing"
-            listed.add(path)
+    for kind, path in listed_sources():
+        assert kind in ("cpu", "cuda"), (kind, path)
+        assert (ROOT / path).is_file(), f"{path} is listed but missing"
+        listed.add(path)
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu")}
     # python_module.cpp is the Python binding; only setup.py adds it.
     assert on_disk - {"csrc/python_module.cpp"} == listed

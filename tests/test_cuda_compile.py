@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from source_list import listed_sources
+
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 # The nvcc flags of setup.py, plus the ones torch's CUDAExtension adds that can
@@ -24,18 +26,9 @@ FLAGS = [
 
 
 def cuda_sources():
-    out = []
-    for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == "cuda" and parts[1].endswith(".cu"):
-            out.append(parts[1])
-    return out
-
-
-def test_sources_listed():
-    assert cuda_sources(), "csrc/sources.txt lists no .cu file"
-    for src in cuda_sources():
-        assert (ROOT / src).is_file(), f"{src} is listed in csrc/sources.txt but missing"
+    srcs = [path for kind, path in listed_sources() if kind == "cuda" and path.endswith(".cu")]
+    assert srcs, "csrc/sources.txt lists no .cu file"
+    return srcs
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
