@@ -8,4 +8,12 @@ TORCH_LIBRARY(tts, m) {
       "beam_topk(Tensor logits, Tensor beam_scores, int num_candidates, float temperature)"
       " -> (Tensor scores, Tensor parents, Tensor tokens)");
   m.def("kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()");
+  // PagedKVCache bookkeeping (tts_kernels/cache): state = [tables, held, lens, pend, alive, refs,
+  // stack, n_free]; each returns an error word and changes nothing when it is non-zero.
+  m.def("paged_fork_(Tensor(a!)[] state, Tensor parents, Tensor new_ids) -> int");
+  m.def("paged_reorder_(Tensor(a!)[] state, Tensor ids, Tensor parents) -> int");
+  m.def("paged_free_(Tensor(a!)[] state, Tensor ids) -> int");
+  m.def(
+      "paged_begin_step_(Tensor(a!)[] state, Tensor(b!) k_pool, Tensor(c!) v_pool, Tensor ids, Tensor? start,"
+      " int t, int max_seq_len) -> (Tensor blk, Tensor slot, int err)");
 }

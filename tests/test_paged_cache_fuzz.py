@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from tts_kernels import _ext
 from tts_kernels.cache import CacheError, PagedKVCache
 
 L, H, D = 2, 2, 3
@@ -35,8 +36,48 @@ def snapshot(cache):
                                 s.pend[:-1], s.alive, s.refs, s.stack[:n_free], s.n_free)]
 
 
+class Twin:
+    """Drives a C++-backend cache and a tensor-op-backend cache with the same calls.
+
+    Both must make the same decisions (same blocks taken and freed, same errors), so
+    their whole state must stay identical, block ids included.
+    """
+
+    def __init__(self, *args, **kw):
+        self.a = PagedKVCache(*args, backend="cpp", **kw)
+        self.b = PagedKVCache(*args, backend="torch", **kw)
+
+    def __getattr__(self, name):
+        attr = getattr(self.a, name)
+        if not callable(attr):
+            return attr
+
+        def both(*args, **kw):
+            try:
+                ra = attr(*args, **kw)
+            except CacheError as e:
+                with pytest.raises(CacheError):
+                    getattr(self.b, name)(*args, **kw)
+                self._same()
+                raise e
+            rb = getattr(self.b, name)(*args, **kw)
+            if isinstance(ra, tuple):
+                assert all(torch.equal(x, y) for x, y in zip(ra, rb))
+            elif isinstance(ra, torch.Tensor):
+                assert torch.equal(ra, rb)
+            self._same()
+            return ra
+        return both
+
+    def _same(self):
+        for x, y in zip(snapshot(self.a), snapshot(self.b)):
+            assert torch.equal(x, y), "the C++ and tensor-op backends diverged"
+        assert self.a._free_slots == self.b._free_slots
+
+
 class CacheMachine(RuleBasedStateMachine):
     strict = True
+    make = PagedKVCache
 
     def __init__(self):
         super().__init__()
@@ -47,8 +88,8 @@ class CacheMachine(RuleBasedStateMachine):
     @initialize(P=st.sampled_from([1, 3, 4]), n=st.integers(1, 3))
     def make_cache(self, P, n):
         self.P = P
-        self.cache = PagedKVCache(L, H, D, num_blocks=40, block_size=P, max_seqs=10, max_seq_len=40,
-                                  strict=self.strict)
+        self.cache = type(self).make(L, H, D, num_blocks=40, block_size=P, max_seqs=10, max_seq_len=40,
+                                     strict=self.strict)
         self.allocate(n)
 
     def _refused(self, fn):
@@ -247,6 +288,10 @@ class DeferredCacheMachine(CacheMachine):
     strict = False
 
 
+class TwinCacheMachine(CacheMachine):
+    make = Twin
+
+
 FUZZ = settings(max_examples=50, stateful_step_count=40, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
@@ -254,3 +299,6 @@ TestPagedCacheStrict = CacheMachine.TestCase
 TestPagedCacheStrict.settings = FUZZ
 TestPagedCacheDeferred = DeferredCacheMachine.TestCase
 TestPagedCacheDeferred.settings = FUZZ
+TestPagedCacheCppMatchesTorch = pytest.mark.skipif(not _ext.HAS_C, reason="needs the compiled extension")(
+    TwinCacheMachine.TestCase)
+TestPagedCacheCppMatchesTorch.settings = FUZZ

@@ -18,6 +18,12 @@ SCHEMAS = {
     "beam_topk": "beam_topk(Tensor logits, Tensor beam_scores, int num_candidates, float temperature)"
     " -> (Tensor scores, Tensor parents, Tensor tokens)",
     "kv_reorder_": "kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()",
+    # PagedKVCache bookkeeping; without the extension the cache uses its tensor-op backend instead.
+    "paged_fork_": "paged_fork_(Tensor(a!)[] state, Tensor parents, Tensor new_ids) -> int",
+    "paged_reorder_": "paged_reorder_(Tensor(a!)[] state, Tensor ids, Tensor parents) -> int",
+    "paged_free_": "paged_free_(Tensor(a!)[] state, Tensor ids) -> int",
+    "paged_begin_step_": "paged_begin_step_(Tensor(a!)[] state, Tensor(b!) k_pool, Tensor(c!) v_pool, Tensor ids,"
+    " Tensor? start, int t, int max_seq_len) -> (Tensor blk, Tensor slot, int err)",
 }
 
 HAS_C = False

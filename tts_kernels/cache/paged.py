@@ -48,6 +48,7 @@ import math
 
 import torch
 
+from .. import _ext
 from ..ops._validate import check_tensor
 from . import _paged_ops as ops
 
@@ -80,6 +81,9 @@ class PagedKVCache:
             sets the width of the block table.
         dtype, device: of the pools.
         strict: raise value errors at once (reads the device). Default: True on CPU, False on CUDA.
+        backend: ``"cpp"`` (CPU C++ kernels, csrc/cpu/paged_cache.cpp; the CPU default when the
+            extension is built) or ``"torch"`` (batched tensor ops, ``_paged_ops.py``: any device,
+            no host sync when not strict; the CUDA default). Both make identical decisions.
 
     Attributes ``k_pool``/``v_pool`` are ``[num_layers, num_blocks + 1, H, P, D]``
     (the last block is a write sink for masked writes, never handed out).
@@ -87,7 +91,8 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int,
                  block_size: int = 16, max_seqs: int = 1024, max_seq_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device="cpu", strict: bool | None = None):
+                 dtype: torch.dtype = torch.float32, device="cpu", strict: bool | None = None,
+                 backend: str = "auto"):
         for name, val in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                           ("num_blocks", num_blocks), ("block_size", block_size), ("max_seqs", max_seqs)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
@@ -104,10 +109,19 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         self.strict = (self.device.type == "cpu") if strict is None else bool(strict)
+        if backend not in ("auto", "cpp", "torch"):
+            raise ValueError(f"backend must be 'auto', 'cpp' or 'torch', got {backend!r}")
+        if backend == "auto":
+            backend = "cpp" if self.device.type == "cpu" and _ext.HAS_C and self.strict else "torch"
+        if backend == "cpp" and (self.device.type != "cpu" or not _ext.HAS_C or not self.strict):
+            raise ValueError("backend='cpp' needs the compiled extension, a CPU cache and strict=True")
+        self.backend = backend
         self._st = ops.new_state(num_layers, num_kv_heads, head_dim, num_blocks, block_size, max_seqs,
                                  math.ceil(max_seq_len / block_size), dtype, self.device)
         self._free_slots = list(range(max_seqs - 1, -1, -1))  # host: which sequence slots are unused
         self._step = None  # host: the step in progress (see the step rule)
+        st = self._st
+        self._state_list = [st.tables, st.held, st.lens, st.pend, st.alive, st.refs, st.stack, st.n_free]
         # Deferred error word (non-strict mode): op index * 256 + bits of the first failed call.
         self._status = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -193,10 +207,13 @@ class PagedKVCache:
         self._no_step("free")
         ids = self._ids("seq_ids", seq_ids)
         self.check()
-        err, ids_safe = ops.check_ids(self._st, ids, distinct=True)
-        self._raise_if(int(err), "free", "seq_ids")
-        ops.free(self._st, ids, torch.ones((), dtype=torch.bool, device=self.device))
-        ops.clean_trash(self._st)
+        if self.backend == "cpp":
+            self._raise_if(torch.ops.tts.paged_free_(self._state_list, ids), "free", "seq_ids")
+        else:
+            err, _ = ops.check_ids(self._st, ids, distinct=True)
+            self._raise_if(int(err), "free", "seq_ids")
+            ops.free(self._st, ids, torch.ones((), dtype=torch.bool, device=self.device))
+            ops.clean_trash(self._st)
         self._free_slots.extend(ids.tolist())
 
     def fork(self, parent_ids: torch.Tensor) -> torch.Tensor:
@@ -205,6 +222,13 @@ class PagedKVCache:
         parents = self._ids("parent_ids", parent_ids)
         if parents.shape[0] > len(self._free_slots):
             self._take_slots(parents.shape[0], "fork")  # raises: not enough sequence slots
+        if self.backend == "cpp":
+            new_ids = self._take_slots(parents.shape[0], "fork")
+            err = torch.ops.tts.paged_fork_(self._state_list, parents, new_ids)
+            if err:
+                self._free_slots.extend(new_ids.tolist()[::-1])
+                self._raise_if(err, "fork", "parent_ids")
+            return new_ids
         err, parents = ops.check_ids(self._st, parents, distinct=False)
         ok = self._gate(err, "fork", "parent_ids")
         new_ids = self._take_slots(parents.shape[0], "fork")
@@ -224,6 +248,11 @@ class PagedKVCache:
         parents = self._ids("parent_ids", parent_ids)
         if parents.shape != ids.shape:
             raise ValueError(f"parent_ids has shape {tuple(parents.shape)}, seq_ids {tuple(ids.shape)}; they must match")
+        if self.backend == "cpp":
+            err = torch.ops.tts.paged_reorder_(self._state_list, ids, parents)
+            self._raise_if(err & 255, "reorder", "seq_ids")
+            self._raise_if(err >> 8, "reorder", "parent_ids")
+            return
         err_i, ids = ops.check_ids(self._st, ids, distinct=True)
         err_p, parents = ops.check_ids(self._st, parents, distinct=False)
         ok = self._gate(err_i, "reorder", "seq_ids", also=(err_p, "parent_ids"))
@@ -260,7 +289,14 @@ class PagedKVCache:
                                  f"{tuple(start.shape)}")
             if start.device != self.device:
                 raise ValueError(f"start is on {start.device}, the cache on {self.device}")
-        if layer == 0:
+        if layer == 0 and self.backend == "cpp":
+            blk, slot, err = torch.ops.tts.paged_begin_step_(self._state_list, self._st.k_pool, self._st.v_pool,
+                                                             ids, start, t, self.max_seq_len)
+            self._raise_if(err, "append", "seq_ids")
+            step = ops.StepPlan(ids=ids, blk=blk, slot=slot, copy_src=None, copy_dst=None, copy_mask=None,
+                                new_lens=None, num_new_blocks=None)
+            self._step = dict(plan=step, n=n, t=t, next_layer=0, ids_arg=seq_ids, start=start)
+        elif layer == 0:
             err, plan = ops.plan_step(self._st, ids, t, start, self.max_seq_len, compact=self.strict)
             ok = self._gate(err, "append", "seq_ids")
             step = ops.commit_step(self._st, plan, ok)
