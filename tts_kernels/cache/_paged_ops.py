@@ -314,12 +314,27 @@ def copy_blocks(st: PagedState, plan: StepPlan) -> None:
             for pool in (st.k_pool, st.v_pool):
                 pool[:, plan.copy_dst] = pool[:, plan.copy_src]
         return
-    NB = st.num_blocks
-    # Masked form (no host read): entries that need no copy copy the trash block onto itself.
-    src = torch.where(plan.copy_mask, plan.copy_src, NB)
-    dst = torch.where(plan.copy_mask, plan.copy_dst, NB)
-    for pool in (st.k_pool, st.v_pool):
+    masked_copy(st.k_pool, st.v_pool, plan.copy_src, plan.copy_dst, plan.copy_mask)
+
+
+def _masked_copy_torch(k_pool, v_pool, src, dst, mask) -> None:
+    # No host read: entries that need no copy copy the trash block onto itself (bytes wasted,
+    # which is why CUDA uses the Triton kernel instead).
+    NB = k_pool.shape[1] - 1
+    src = torch.where(mask, src, NB)
+    dst = torch.where(mask, dst, NB)
+    for pool in (k_pool, v_pool):
         pool[:, dst] = pool[:, src]
+
+
+def masked_copy(k_pool, v_pool, src, dst, mask) -> None:
+    """Copy block ``src[c] -> dst[c]`` on every layer where ``mask[c]``, without reading ``mask`` on the host."""
+    if k_pool.is_cuda:
+        from ..triton.paged_cache import copy_blocks_triton
+
+        copy_blocks_triton(k_pool, v_pool, src, dst, mask)
+    else:
+        _masked_copy_torch(k_pool, v_pool, src, dst, mask)
 
 
 def write_tokens(st: PagedState, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
