@@ -387,4 +387,8 @@ class PagedKVCache:
                              f"of max_seqs={self.max_seqs} slots are free")
         taken = self._free_slots[len(self._free_slots) - n:][::-1]
         del self._free_slots[len(self._free_slots) - n:]
-        return torch.tensor(taken, dtype=torch.int64, device=self.device)
+        ids = torch.tensor(taken, dtype=torch.int64)
+        if self.device.type == "cuda":
+            # From pinned memory, asynchronously: fork must not wait for the device.
+            return ids.pin_memory().to(self.device, non_blocking=True)
+        return ids.to(self.device)
