@@ -5,6 +5,7 @@ They favour clarity over speed and compute in float32.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -58,3 +59,62 @@ def kv_reorder_ref(caches: Sequence[torch.Tensor], parents: torch.Tensor) -> Non
     """
     for c in caches:
         c.copy_(c.index_select(0, parents.to(c.device)))
+
+
+# ----------------------------------------------------------------------------- selection and voting
+
+
+def _score_key(x: float) -> float:
+    return float("-inf") if math.isnan(x) else x
+
+
+def select_best_ref(scores: torch.Tensor) -> torch.Tensor:
+    """Index of each row's highest score; ties -> first; NaN ranks as -inf. ``[B, N] -> [B]``."""
+    out = []
+    for row in scores.double().tolist():
+        best = 0
+        for j, x in enumerate(row):
+            if _score_key(x) > _score_key(row[best]):
+                best = j
+        out.append(best)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def weighted_vote_ref(answer_ids: torch.Tensor, scores: torch.Tensor | None = None):
+    """Per row: the answer id (-1 = none, never wins unless all are -1) with the largest total
+    weight (each candidate weighs its score, NaN as 0, or 1 when ``scores`` is None); ties -> the
+    answer that occurs first. Returns ``(answer [B], index of its first occurrence [B])``."""
+    answers, index = [], []
+    rows = answer_ids.tolist()
+    weights = [[1.0] * len(r) for r in rows] if scores is None else scores.double().tolist()
+    for a_row, w_row in zip(rows, weights):
+        total, first = {}, {}
+        for j, (a, w) in enumerate(zip(a_row, w_row)):
+            if a == -1:
+                continue
+            total[a] = total.get(a, 0.0) + (0.0 if math.isnan(w) else w)
+            first.setdefault(a, j)
+        if not total:
+            answers.append(-1)
+            index.append(0)
+            continue
+        best = min(total, key=lambda a: (-total[a], first[a]))
+        answers.append(best)
+        index.append(first[best])
+    return torch.tensor(answers, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)
+
+
+def majority_vote_ref(answer_ids: torch.Tensor):
+    """:func:`weighted_vote_ref` with every candidate weighing 1."""
+    return weighted_vote_ref(answer_ids, None)
+
+
+def topk_per_group_ref(scores: torch.Tensor, k: int):
+    """Per row, the ``k`` highest scores best first, ties by lower index, NaN as -inf."""
+    idx = []
+    for row in scores.double().tolist():
+        order = sorted(range(len(row)), key=lambda j: (-_score_key(row[j]), j))
+        idx.append(order[:k])
+    index = torch.tensor(idx, dtype=torch.int64).reshape(scores.shape[0], k)
+    values = torch.where(torch.isnan(scores), float("-inf"), scores).gather(1, index)
+    return values, index
