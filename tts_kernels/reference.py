@@ -118,3 +118,39 @@ def topk_per_group_ref(scores: torch.Tensor, k: int):
     index = torch.tensor(idx, dtype=torch.int64).reshape(scores.shape[0], k)
     values = torch.where(torch.isnan(scores), float("-inf"), scores).gather(1, index)
     return values, index
+
+
+# ----------------------------------------------------------------------------- PRM scoring
+
+
+def prm_score_ref(x, positions, weight=None, bias=None, *, aggregate, count, agg="last", positive_class=1):
+    """Plain-loop meaning of :func:`tts_kernels.ops.prm.prm_score` (see its docstring): per row, the
+    head at each valid step end, the 2-way softmax (class ``positive_class``) or sigmoid, and the fold
+    of those scores, in order, into the running ``aggregate``/``count``."""
+    n, S = positions.shape
+    scores = torch.full((n, S), float("nan"))
+    new_agg, new_count = aggregate.clone().float(), count.clone()
+    for i in range(n):
+        acc, c = float(aggregate[i]), int(count[i])
+        for s in range(S):
+            t = int(positions[i, s])
+            if t < 0 or t >= x.shape[1]:
+                continue
+            z = x[i, t].double()
+            if weight is not None:
+                z = weight.double() @ z
+            if bias is not None:
+                z = z + bias.double()
+            p = float(torch.sigmoid(z[0])) if z.shape[0] == 1 else float(torch.softmax(z, 0)[positive_class])
+            scores[i, s] = p
+            if agg == "last":
+                acc = p
+            elif agg == "min":
+                acc = min(acc, p)
+            elif agg == "prod":
+                acc = acc * p
+            else:
+                acc = (acc * c + p) / (c + 1)
+            c += 1
+        new_agg[i], new_count[i] = acc, c
+    return scores, new_agg, new_count
