@@ -1,0 +1,37 @@
+"""Tiny random transformers models and a character tokenizer for search tests (no downloads)."""
+from __future__ import annotations
+
+import string
+
+import torch
+
+CHARS = ["<pad>", "<s>", "</s>"] + list(string.printable)
+
+
+def char_tokenizer():
+    """A transformers tokenizer with one token per printable character (+ pad, bos, eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=len(CHARS), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_llama(seed=0, cls=None, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = (cls or LlamaForCausalLM)(llama_config(**kw)).eval()
+    return model

@@ -1,0 +1,229 @@
+"""``HFPRM``: a transformers model as a process reward model, scoring steps incrementally.
+
+A PRM scores each reasoning step of a candidate solution. Three families are in use
+and all are supported (``head=``):
+
+* ``"label_token"`` — a causal LM that predicts a good/bad label token after a step tag
+  (Math-Shepherd, RLHFlow): score = softmax over the two label logits, the good one.
+  Only the two LM-head rows are applied (:func:`~tts_kernels.ops.prm.label_token_head`):
+  the full-vocabulary logits are never computed.
+* ``"classifier"`` — a two-class token classifier read at step separators
+  (Qwen2.5-Math-PRM style; transformers ``*ForTokenClassification`` with 2 labels):
+  softmax, class ``positive_class``.
+* ``"value"`` — a scalar head (Skywork style; ``*ForTokenClassification`` with 1 label):
+  sigmoid.
+
+Incremental scoring: a :class:`PRMSession` prefills each prompt once into the PRM's own
+paged KV cache, forks it per candidate (no KV bytes move), and each
+:meth:`PRMSession.add_steps` call runs only the new steps' tokens through the model
+(one batched chunk forward on top of each candidate's cached history), gathers the
+hidden states at the step ends and folds the scores into each candidate's running
+aggregate with the fused :func:`~tts_kernels.ops.prm.prm_score` — never a re-read of
+the whole prefix. Search drivers fork and reorder the session's rows with their beams.
+
+How text becomes tokens: the prompt is tokenized once (with special tokens); each step
+is tokenized on its own and followed by ``step_tag`` when one is set (its last token is
+where the step is scored), else scored at the step's own last token. Steps are the
+pieces of a completion split on ``step_separator``, which stays at the end of every
+step but the last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.prm import init_aggregate, label_token_head, prm_score
+from .hf_paged import PagedCache, use_paged_attention
+
+HEADS = ("label_token", "classifier", "value")
+
+
+def split_steps(text: str, separator: str = "\n\n") -> list[str]:
+    """Steps of a completion: pieces between separators, the separator kept at the end of each
+    step but the last; empty pieces dropped."""
+    parts = text.split(separator)
+    steps = [p + separator for p in parts[:-1]] + [parts[-1]]
+    return [s for s in steps if s.strip()]
+
+
+def _token_id(tokenizer, token: str, name: str) -> int:
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{name} {token!r} must be a single token of the PRM's tokenizer, got ids {ids}")
+    return ids[0]
+
+
+class HFPRM:
+    """A transformers model as a PRM.
+
+    Args:
+        model: a causal LM (``head="label_token"``) or a ``*ForTokenClassification`` model
+            with 2 labels (``"classifier"``) or 1 label (``"value"``). It is switched to the
+            ``"tts_paged"`` attention (runs as sdpa without a paged cache).
+        tokenizer: its tokenizer.
+        head: ``"label_token"``, ``"classifier"`` or ``"value"``.
+        step_separator: splits completions into steps.
+        step_tag: text appended after every step, scored at its last token (e.g. Math-Shepherd's
+            ``" ки"``, Qwen-PRM's ``"<extra_0>"``); ``None``: score each step's last token.
+        good_token, bad_token: label tokens of a label-token PRM (single tokens).
+        positive_class: the class whose probability is the score (2-class heads).
+        num_blocks, block_size: the PRM's paged KV pool (default: sized per session).
+    """
+
+    def __init__(self, model, tokenizer, *, head: str = "classifier", step_separator: str = "\n\n",
+                 step_tag: str | None = None, good_token: str | None = None, bad_token: str | None = None,
+                 positive_class: int = 1, num_blocks: int | None = None, block_size: int = 16):
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if not step_separator:
+            raise ValueError("step_separator must be a non-empty string")
+        self.model = use_paged_attention(model)
+        self.tokenizer = tokenizer
+        self.head_kind = head
+        self.step_separator = step_separator
+        self.step_tag = step_tag
+        self.positive_class = positive_class
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.base = model.base_model
+        if head == "label_token":
+            if good_token is None or bad_token is None:
+                raise ValueError("a label_token PRM needs good_token and bad_token")
+            lm_head = model.get_output_embeddings()
+            if lm_head is None:
+                raise ValueError("head='label_token' needs a causal LM with an output embedding (lm_head)")
+            good, bad = _token_id(tokenizer, good_token, "good_token"), _token_id(tokenizer, bad_token, "bad_token")
+            self.weight, self.bias, self.positive_class = label_token_head(lm_head.weight, good, bad), None, 1
+        else:
+            score = getattr(model, "score", None) or getattr(model, "classifier", None)
+            if not isinstance(score, torch.nn.Linear):
+                raise ValueError(f"head={head!r} needs a *ForTokenClassification model (a `score` Linear head)")
+            want = 2 if head == "classifier" else 1
+            if score.out_features != want:
+                raise ValueError(f"head={head!r} needs {want} output(s), the model's head has {score.out_features}")
+            self.weight, self.bias = score.weight, score.bias
+        if self.positive_class not in (0, 1):
+            raise ValueError(f"positive_class must be 0 or 1, got {positive_class!r}")
+        self._tag_ids = [] if step_tag is None else tokenizer(step_tag, add_special_tokens=False).input_ids
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def encode_steps(self, steps: list[str]) -> tuple[list[int], list[int]]:
+        """Token ids of ``steps`` (each followed by the step tag) and the index of each step's scored token."""
+        ids, ends = [], []
+        for s in steps:
+            ids += self.tokenizer(s, add_special_tokens=False).input_ids + self._tag_ids
+            ends.append(len(ids) - 1)
+        return ids, ends
+
+    def start(self, prompts: list[str], *, agg: str = "last") -> "PRMSession":
+        """A session with one row per prompt, the prompts prefilled once."""
+        return PRMSession(self, [self.encode_prompt(p) for p in prompts], agg)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[list[str]], *, agg: str = "last") -> "PRMScores":
+        """Score every completion of every prompt: prompts prefilled once, forked per completion,
+        all completions' steps in one chunk forward."""
+        if len(completions) != len(prompts):
+            raise ValueError(f"completions has {len(completions)} rows, prompts {len(prompts)}")
+        session = self.start(prompts, agg=agg)
+        try:
+            rows = torch.tensor([i for i, c in enumerate(completions) for _ in c], dtype=torch.long)
+            session.fork(rows.to(self.device))
+            steps = [split_steps(c, self.step_separator) for cs in completions for c in cs]
+            step_scores = session.add_steps(steps)
+            flat = [[float(x) for x in row[: len(st)]] for row, st in zip(step_scores.tolist(), steps)]
+            out, i = [], 0
+            for cs in completions:
+                out.append(flat[i: i + len(cs)])
+                i += len(cs)
+            return PRMScores(step_scores=out, aggregate=session.aggregate.clone(), tokens=session.tokens)
+        finally:
+            session.free()
+
+
+@dataclass
+class PRMScores:
+    step_scores: list  # [P][n][steps] floats
+    aggregate: torch.Tensor  # [total candidates] float32, in prompt-major order
+    tokens: int  # tokens the PRM processed
+
+
+class PRMSession:
+    """Rows of candidates under a PRM: each row holds its cached history and running aggregate."""
+
+    def __init__(self, prm: HFPRM, prompt_ids: list[list[int]], agg: str):
+        self.prm = prm
+        dev = prm.device
+        P = len(prompt_ids)
+        longest = max((len(p) for p in prompt_ids), default=0)
+        blocks = prm.num_blocks or max(64, 4 * P * (longest // prm.block_size + 2))
+        self.cache = PagedCache(prm.model, batch_size=P, num_blocks=blocks, block_size=prm.block_size,
+                                max_seqs=max(1024, 4 * P))
+        self.agg = agg
+        self.aggregate, self.count = init_aggregate(P, agg, device=dev)
+        self.tokens = 0
+        self._forward(prompt_ids, None)
+
+    @property
+    def rows(self) -> int:
+        return self.cache.batch_size
+
+    def fork(self, rows: torch.Tensor) -> None:
+        """New row ``j`` continues row ``rows[j]`` (history shared, aggregate copied)."""
+        rows = rows.to(self.aggregate.device)
+        self.cache.fork(rows)
+        self.aggregate = self.aggregate.index_select(0, rows)
+        self.count = self.count.index_select(0, rows)
+
+    @torch.no_grad()
+    def add_steps(self, steps: list[list[str]]) -> torch.Tensor:
+        """Append ``steps[r]`` (a list of step texts, possibly empty) to row ``r`` and score them.
+
+        Returns ``[rows, S]`` float32 step scores (NaN past a row's steps); the running
+        ``aggregate`` and ``count`` are updated.
+        """
+        if len(steps) != self.rows:
+            raise ValueError(f"steps has {len(steps)} rows, the session {self.rows}")
+        enc = [self.prm.encode_steps(s) for s in steps]
+        return self._forward([e[0] for e in enc], [e[1] for e in enc])
+
+    def _forward(self, ids: list[list[int]], ends: list[list[int]] | None) -> torch.Tensor:
+        dev = self.aggregate.device
+        R = len(ids)
+        t = max((len(x) for x in ids), default=0)
+        S = max((len(e) for e in ends), default=0) if ends is not None else 0
+        if t == 0:
+            return torch.full((R, S), float("nan"), device=dev)
+        pad = self.prm.tokenizer.pad_token_id or 0
+        batch = torch.full((R, t), pad, dtype=torch.long)
+        mask = torch.zeros(R, t, dtype=torch.long)
+        positions = torch.full((R, max(S, 1)), -1, dtype=torch.long)
+        for r, x in enumerate(ids):  # host-side packing of token lists: no device data involved
+            off = t - len(x)
+            if x:
+                batch[r, off:] = torch.tensor(x)
+                mask[r, off:] = 1
+            if ends is not None and ends[r]:
+                positions[r, : len(ends[r])] = torch.tensor(ends[r]) + off
+        batch, mask, positions = batch.to(dev), mask.to(dev), positions.to(dev)
+        self.cache.set_attention_mask(mask)
+        pos_ids = self.cache.position_ids(t)
+        self.cache.set_attention_mask(mask)  # position_ids() does not consume it; update() does
+        out = self.prm.base(input_ids=batch, past_key_values=self.cache, position_ids=pos_ids, use_cache=True)
+        self.tokens += sum(len(x) for x in ids)
+        if ends is None:
+            return torch.empty(R, 0, device=dev)
+        hidden = out.last_hidden_state
+        scores, self.aggregate, self.count = prm_score(
+            hidden, positions, self.prm.weight, self.prm.bias, aggregate=self.aggregate, count=self.count,
+            agg=self.agg, positive_class=self.prm.positive_class)
+        return scores[:, :S]
+
+    def free(self) -> None:
+        self.cache.free()
