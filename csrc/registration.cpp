@@ -8,6 +8,11 @@ TORCH_LIBRARY(tts, m) {
       "beam_topk(Tensor logits, Tensor beam_scores, int num_candidates, float temperature)"
       " -> (Tensor scores, Tensor parents, Tensor tokens)");
   m.def("kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()");
+  // Sampling (tts_kernels/ops/sample.py): scalar parameters, each overridden per row by its tensor when given.
+  m.def(
+      "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, int seed, int offset,"
+      " Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor? seeds, Tensor? offsets)"
+      " -> (Tensor tokens, Tensor logprobs)");
   // PagedKVCache bookkeeping (tts_kernels/cache): state = [tables, held, lens, pend, alive, refs,
   // stack, n_free]; each returns an error word and changes nothing when it is non-zero.
   m.def("paged_fork_(Tensor(a!)[] state, Tensor parents, Tensor new_ids) -> int");
@@ -16,4 +21,7 @@ TORCH_LIBRARY(tts, m) {
   m.def(
       "paged_begin_step_(Tensor(a!)[] state, Tensor(b!) k_pool, Tensor(c!) v_pool, Tensor ids, Tensor? start,"
       " int t, int max_seq_len) -> (Tensor blk, Tensor slot, int err)");
+  m.def(
+      "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens,"
+      " float scale, int? sliding_window, Tensor? prefix_lens) -> Tensor");
 }

@@ -18,12 +18,17 @@ SCHEMAS = {
     "beam_topk": "beam_topk(Tensor logits, Tensor beam_scores, int num_candidates, float temperature)"
     " -> (Tensor scores, Tensor parents, Tensor tokens)",
     "kv_reorder_": "kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()",
+    "sample": "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, int seed, int offset,"
+    " Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor? seeds, Tensor? offsets)"
+    " -> (Tensor tokens, Tensor logprobs)",
     # PagedKVCache bookkeeping; without the extension the cache uses its tensor-op backend instead.
     "paged_fork_": "paged_fork_(Tensor(a!)[] state, Tensor parents, Tensor new_ids) -> int",
     "paged_reorder_": "paged_reorder_(Tensor(a!)[] state, Tensor ids, Tensor parents) -> int",
     "paged_free_": "paged_free_(Tensor(a!)[] state, Tensor ids) -> int",
     "paged_begin_step_": "paged_begin_step_(Tensor(a!)[] state, Tensor(b!) k_pool, Tensor(c!) v_pool, Tensor ids,"
     " Tensor? start, int t, int max_seq_len) -> (Tensor blk, Tensor slot, int err)",
+    "paged_attention": "paged_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables,"
+    " Tensor seq_lens, float scale, int? sliding_window, Tensor? prefix_lens) -> Tensor",
 }
 
 HAS_C = False
@@ -41,6 +46,8 @@ def _define_fallback() -> None:
         lib.define(schema)
     lib.impl("beam_topk", reference.beam_topk_ref, "CompositeExplicitAutograd")
     lib.impl("kv_reorder_", reference.kv_reorder_ref, "CompositeExplicitAutograd")
+    lib.impl("sample", reference.sample_op_ref, "CompositeExplicitAutograd")
+    lib.impl("paged_attention", reference.paged_attention_ref, "CompositeExplicitAutograd")
     _fallback_lib = lib
 
 

@@ -61,6 +61,54 @@ def kv_reorder_ref(caches: Sequence[torch.Tensor], parents: torch.Tensor) -> Non
         c.copy_(c.index_select(0, parents.to(c.device)))
 
 
+def paged_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    prefix_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention of one new query token per sequence over a paged KV cache.
+
+    Shapes: ``query [n, H, D]``; ``k_cache``, ``v_cache [num_blocks, Hkv, P, D]``
+    (``P`` = block size, ``H`` a multiple of ``Hkv``); ``block_tables [n, max_blocks]``
+    int32; ``seq_lens [n]`` int32. Token position ``t`` of sequence ``i`` lives at
+    ``k_cache[block_tables[i, t // P], :, t % P, :]``; table entries past
+    ``ceil(seq_lens[i] / P)`` are never read.
+
+    Formula, for sequence ``i``, query head ``h`` and its kv head ``g = h // (H // Hkv)``,
+    with ``L = seq_lens[i]`` and the attended positions
+    ``t in [lo, L)``, ``lo = max(0, L - sliding_window)`` (``0`` without a window)::
+
+        s[t]   = scale * <query[i, h], K_i[t, g]>          # scale defaults to D ** -0.5
+        out[i, h] = sum_t softmax(s)[t] * V_i[t, g]         # zeros when L == 0
+
+    computed in float32, returned in ``query.dtype`` as ``[n, H, D]``.
+    ``prefix_lens`` only tells a backend which reads it may share between
+    sequences; it never changes the result, so it is ignored here.
+    """
+    n, H, D = query.shape
+    Hkv, P = k_cache.shape[1], k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.zeros(n, H, D, dtype=torch.float32, device=query.device)
+    for i in range(n):
+        L = int(seq_lens[i])
+        lo = 0 if sliding_window is None else max(0, L - int(sliding_window))
+        if L <= lo:
+            continue
+        pos = torch.arange(lo, L, device=query.device)
+        blocks = block_tables[i].long()[pos // P]
+        # Advanced indices around a slice put the token dim first: [T, Hkv, D].
+        k = k_cache[blocks, :, pos % P, :].float().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+        v = v_cache[blocks, :, pos % P, :].float().transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+        s = torch.einsum("hd,htd->ht", query[i].float(), k) * scale
+        out[i] = torch.einsum("ht,htd->hd", torch.softmax(s, dim=-1), v)
+    return out.to(query.dtype)
+
+
 # ----------------------------------------------------------------------------- selection and voting
 
 
@@ -154,3 +202,188 @@ def prm_score_ref(x, positions, weight=None, bias=None, *, aggregate, count, agg
             c += 1
         new_agg[i], new_count[i] = acc, c
     return scores, new_agg, new_count
+
+
+# ----------------------------------------------------------------------------- sampling
+
+# Philox-4x32-10 (Salmon et al., SC'11): the round multipliers and the key increments.
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b`` in [0, 2**32).
+
+    The 64-bit product would overflow int64, so ``a`` is split into 16-bit halves:
+    every partial product stays below 2**48.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi, p_lo = b * a_hi, b * a_lo  # a*b = p_hi * 2**16 + p_lo
+    mid = p_hi + (p_lo >> 16)
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32_ref(ctr: Sequence[torch.Tensor], key: Sequence[torch.Tensor], rounds: int = 10):
+    """Philox-4x32 on int64 tensors holding 32-bit words (broadcasting); returns the 4 output words."""
+    c0, c1, c2, c3 = (c & _MASK32 for c in ctr)
+    k0, k1 = (k & _MASK32 for k in key)
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def sample_uniform_ref(seed, offset, rows: int, vocab: int, device=None) -> torch.Tensor:
+    """The uniforms ``u[r, v]`` of :func:`sample_ref`, float32 ``[rows, vocab]``.
+
+    ``seed``, ``offset``: Python ints or int64 tensors (0-dim or ``[rows]``), read
+    as 64-bit two's complement. For row ``r`` and token ``v``::
+
+        w = Philox4x32_10(counter = (v >> 2, r, offset_lo32, offset_hi32),
+                          key = (seed_lo32, seed_hi32))[v & 3]
+        u = (2 * (w >> 9) + 1) * 2**-24          # exact in float32, in (0, 1)
+
+    A pure function of (seed, offset, r, v): no state, the same on every device
+    and backend, bit for bit (the CPU kernel and the Triton kernel compute the same
+    words; ``tl.philox`` is this Philox). Each counter yields four words, used by
+    four consecutive tokens.
+    """
+    def as_col(a):
+        a = torch.as_tensor(a, dtype=torch.int64, device=device)
+        return a.reshape(-1, 1) if a.dim() else a  # [R] -> [R, 1] to broadcast over tokens
+
+    seed, offset = as_col(seed), as_col(offset)
+    r = torch.arange(rows, dtype=torch.int64, device=device).reshape(-1, 1)
+    v = torch.arange(vocab, dtype=torch.int64, device=device).reshape(1, -1)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    words = philox4x32_ref(
+        (v >> 2, r + zero, offset + zero, (offset >> 32) + zero),
+        (seed + zero, (seed >> 32) + zero),
+    )
+    w = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [rows, vocab, 4]
+    w = w.gather(-1, (v & 3).expand(rows, vocab).unsqueeze(-1)).squeeze(-1)
+    return ((w >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+
+
+def _per_row(a, rows: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A per-row parameter (number, 0-dim or [rows] tensor) as a [rows] tensor of ``dtype``."""
+    t = torch.as_tensor(a, device=device).to(dtype)
+    return t.expand(rows) if t.dim() == 0 else t
+
+
+def sample_ref(
+    logits: torch.Tensor,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    seed=0,
+    offset=0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row, with temperature, top-k, top-p and min-p filters.
+
+    Shapes: ``logits [R, V]`` (float32/float16/bfloat16). Each of ``temperature``,
+    ``top_k``, ``top_p``, ``min_p``, ``seed``, ``offset`` is a Python number or a
+    tensor (0-dim or ``[R]``; per-row values). Returns ``tokens [R]`` int64 and
+    ``logprobs [R]`` float32.
+
+    Meaning, per row (every comparison is on values, so ties are kept together and
+    no sort order matters; filters in transformers' order, each on the
+    distribution the previous one left, renormalised)::
+
+        x = logits.float() / T              # float32 true division; then NaN, +inf -> -inf
+        m = max(x);  e = exp(x - m)          # unnormalised probabilities
+        top-k  (0 < k < V):  keep x_v >= (k-th largest x)
+        top-p  (top_p < 1):  keep v iff  sum(e_u : u kept, x_u > x_v) < top_p * sum(e_u : u kept)
+        min-p  (min_p > 0):  keep e_v >= min_p                    # p_v >= min_p * p_max
+        the most probable tokens (x_v == m) are always kept; -inf tokens never
+        q_v = e_v / Z over the kept set K,  Z = sum(e_v : v in K)
+        token    = argmax_{v in K} e_v / E_v,  E_v = -log(u[r, v])   (ties: lowest index)
+        logprob  = log q_token = (x_token - m) - log(Z)
+
+    The choice is an exponential race (``e_v / E_v`` with ``E_v ~ Exp(1)`` picks
+    ``v`` with probability ``q_v``), with the counter-based uniforms of
+    :func:`sample_uniform_ref`: the same (logits, parameters, seed, offset) give
+    the same tokens on every run, and a loop that advances ``offset`` (a device
+    tensor) never syncs. ``u`` has 23 random bits, so ``E_v >= 2**-24``: a token
+    whose probability is below ~1e-8 of the most likely kept token's can
+    practically not win (a bias of at most ~1e-8 * V in total probability).
+
+    Special rows: ``T == 0`` (any ``T <= 0`` or NaN in a tensor) is greedy:
+    ``argmax x`` (lowest index on ties), logprob 0 (a point mass). A row with no
+    finite logit (all -inf, NaN or +inf) gives token 0 and logprob -inf. In
+    tensors, ``top_k <= 0`` or ``>= V`` and ``top_p >= 1`` switch a filter off,
+    ``top_p <= 0`` or ``min_p >= 1`` keep just the most probable tokens.
+
+    Differences from transformers' warpers: only at exact ties (transformers'
+    top-k and top-p cut inside a group of equal logits by sort position; here a
+    group is kept or dropped whole). Between backends: the uniforms are bit
+    identical, but exp, log and sums differ in the last bits, so a token can
+    differ only where two candidates' ``e_v / E_v`` agree to a few ulp, or a
+    token's cumulative mass lies within rounding of ``top_p`` (both ~1e-6 events
+    per row). Masses for top-p are accumulated in float64 here.
+    """
+    R, V = logits.shape
+    dev = logits.device
+    T = _per_row(temperature, R, torch.float32, dev)
+    k = _per_row(top_k, R, torch.int64, dev)
+    p_top = _per_row(top_p, R, torch.float64, dev)
+    p_min = _per_row(min_p, R, torch.float32, dev)
+    greedy = ~(T > 0)
+    x = logits.float() / torch.where(greedy, torch.ones_like(T), T).unsqueeze(1)
+    # NaN and +inf (after scaling) are overflow garbage, never a choice: -inf.
+    x = torch.where(torch.isnan(x) | torch.isposinf(x), torch.full_like(x, float("-inf")), x)
+    m = x.max(dim=1, keepdim=True).values
+    dead = torch.isneginf(m).squeeze(1)
+    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    e = torch.exp(x - m_safe)
+    is_max = (x == m) & ~torch.isneginf(x)
+
+    # top-k: every token at least as large as the k-th largest value.
+    k_eff = torch.where((k > 0) & (k < V), k, torch.full_like(k, V))
+    desc = torch.sort(x, dim=1, descending=True).values
+    keep = x >= desc.gather(1, (k_eff - 1).unsqueeze(1))
+
+    # top-p on the top-k distribution: mass of strictly more probable kept tokens.
+    e_k = torch.where(keep, e, torch.zeros_like(e)).double()
+    order = torch.sort(x, dim=1, descending=True)
+    cum = torch.cumsum(e_k.gather(1, order.indices), dim=1)
+    cum_excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
+    ascending = order.values.flip(1).contiguous()
+    n_greater = V - torch.searchsorted(ascending, x.contiguous(), right=True)  # tokens with x_u > x_v
+    mass_above = cum_excl.gather(1, n_greater)
+    z_k = e_k.sum(dim=1, keepdim=True)
+    keep_p = (mass_above < p_top.unsqueeze(1) * z_k) | ~(p_top < 1).unsqueeze(1)
+    keep &= keep_p
+
+    # min-p: p_v >= min_p * p_max, i.e. e_v >= min_p (the ratio does not depend on Z).
+    keep &= (e >= p_min.unsqueeze(1)) | ~(p_min > 0).unsqueeze(1)
+    keep = (keep | is_max) & ~torch.isneginf(x)
+
+    u = sample_uniform_ref(seed, offset, R, V, dev)
+    race = torch.where(keep, e / -torch.log(u), torch.full_like(e, -1.0))
+    tokens = race.argmax(dim=1)  # first maximum: the lowest index on ties
+    z = torch.where(keep, e, torch.zeros_like(e)).sum(dim=1)
+    logprobs = (x.gather(1, tokens.unsqueeze(1)).squeeze(1) - m_safe.squeeze(1)) - torch.log(z)
+
+    tokens = torch.where(greedy, x.argmax(dim=1), tokens)
+    logprobs = torch.where(greedy, torch.zeros_like(logprobs), logprobs)
+    tokens = torch.where(dead, torch.zeros_like(tokens), tokens)
+    logprobs = torch.where(dead, torch.full_like(logprobs, float("-inf")), logprobs)
+    return tokens, logprobs
+
+
+def sample_op_ref(logits, temperature, top_k, top_p, min_p, seed, offset, temperatures, top_ks, top_ps, min_ps,
+                  seeds, offsets):
+    """``torch.ops.tts.sample``'s argument layout (scalars, each overridden by its
+    per-row tensor when given) on top of :func:`sample_ref`."""
+    def pick(scalar, tensor):
+        return scalar if tensor is None else tensor
+
+    return sample_ref(logits, pick(temperature, temperatures), pick(top_k, top_ks), pick(top_p, top_ps),
+                      pick(min_p, min_ps), pick(seed, seeds), pick(offset, offsets))

@@ -16,3 +16,15 @@ def _beam_topk_fake(logits, beam_scores, num_candidates, temperature):
 @torch.library.register_fake("tts::kv_reorder_")
 def _kv_reorder_fake(caches, parents):
     return None
+
+
+@torch.library.register_fake("tts::paged_attention")
+def _paged_attention_fake(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, prefix_lens):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("tts::sample")
+def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, temperatures, top_ks, top_ps, min_ps, seeds,
+                 offsets):
+    R = logits.shape[0]
+    return logits.new_empty((R,), dtype=torch.int64), logits.new_empty((R,), dtype=torch.float32)

@@ -1,0 +1,116 @@
+"""``sample``: one token per row with temperature, top-k, top-p and min-p, from
+counter-based randomness (see :func:`tts_kernels.reference.sample_ref` for the meaning).
+
+Validation happens here and never reads tensor data (so it never syncs): Python
+numbers are range-checked; tensors are checked for dtype, shape and device, and
+the kernels give every value a defined meaning (see ``sample_ref``). Then the
+call goes to ``torch.ops.tts.sample`` (CPU C++) or, on CUDA, to the Triton kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _ext
+from ..reference import sample_op_ref
+from ._validate import check_tensor
+
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "reference", "cpp", "triton")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _row_tensor(name: str, t: torch.Tensor, R: int, device, dtypes, cast: torch.dtype) -> torch.Tensor:
+    check_tensor(name, t, dtypes=dtypes)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != R):
+        raise ValueError(f"{name} must be a number, a 0-dim tensor or a [R] = [{R}] tensor, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits is on {device}; all arguments must be on the same device")
+    return t if t.dtype == cast else t.to(cast)
+
+
+def _number(name: str, v, kind: type, ok, rule: str):
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        what = "a float" if kind is float else "an int"
+        raise TypeError(f"{name} must be {what} or a tensor, got {type(v).__name__}")
+    if not ok(v):
+        raise ValueError(f"{name} must be {rule}, got {v}")
+    return kind(v)
+
+
+def _validate(logits, temperature, top_k, top_p, min_p, seed, offset):
+    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    R, V = logits.shape
+    if V < 1:
+        raise ValueError(f"logits must have at least one column (vocabulary), got shape {tuple(logits.shape)}")
+    if R >= 2**32 or V >= 2**34:
+        raise ValueError(f"logits shape {tuple(logits.shape)} is too large (R < 2**32 and V < 2**34)")
+    dev = logits.device
+    scalars, tensors = [], []
+    specs = [
+        ("temperature", temperature, float, lambda v: v >= 0 and math.isfinite(v), "finite and >= 0",
+         _FLOATS, torch.float32, 1.0),
+        ("top_k", top_k, int, lambda v: v >= 0, ">= 0 (0: no top-k)", _INTS, torch.int64, 0),
+        ("top_p", top_p, float, lambda v: 0 < v <= 1, "in (0, 1]", _FLOATS, torch.float32, 1.0),
+        ("min_p", min_p, float, lambda v: 0 <= v <= 1, "in [0, 1]", _FLOATS, torch.float32, 0.0),
+        ("seed", seed, int, lambda v: _INT64_MIN <= v <= _INT64_MAX, "a 64-bit integer", (torch.int64,),
+         torch.int64, 0),
+        ("offset", offset, int, lambda v: _INT64_MIN <= v <= _INT64_MAX, "a 64-bit integer", (torch.int64,),
+         torch.int64, 0),
+    ]
+    for name, v, kind, ok, rule, dtypes, cast, default in specs:
+        if isinstance(v, torch.Tensor):
+            tensors.append(_row_tensor(name, v, R, dev, dtypes, cast))
+            scalars.append(default)
+        else:
+            tensors.append(None)
+            scalars.append(_number(name, v, kind, ok, rule))
+    return scalars, tensors
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    seed: int | torch.Tensor,
+    offset: int | torch.Tensor = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits [R, V]`` (float32/float16/bfloat16).
+
+    Filters in transformers' order: ``temperature`` (0: greedy), ``top_k`` (0: off),
+    ``top_p`` (1: off), ``min_p`` (0: off); each may be a number or a per-row
+    tensor (0-dim or ``[R]``) on the logits' device. Randomness is counter-based
+    (Philox): the same ``seed``, ``offset`` (Python ints or int64 tensors, 0-dim
+    or ``[R]``) and inputs give the same tokens on every run and backend, and an
+    ``offset`` tensor advanced on the device keeps a decode loop free of syncs.
+
+    Returns ``tokens [R]`` int64 and ``logprobs [R]`` float32: the log-probability
+    of each token under the filtered, temperature-scaled, renormalised
+    distribution (0 for greedy rows; a row without a finite logit gives token 0
+    and -inf). Exact rules: :func:`tts_kernels.reference.sample_ref`.
+
+    ``backend``: ``"auto"`` (default), ``"reference"``, ``"cpp"`` (CPU C++) or
+    ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+    """
+    scalars, tensors = _validate(logits, temperature, top_k, top_p, min_p, seed, offset)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if logits.device.type == "cuda" else ("cpp" if _ext.HAS_C else "reference")
+    if backend == "reference":
+        return sample_op_ref(logits, *scalars, *tensors)
+    if backend == "triton":
+        from ..triton.sample import sample_triton
+
+        return sample_triton(logits, *scalars, *tensors)
+    if not _ext.HAS_C:
+        raise RuntimeError("backend='cpp' needs the compiled extension tts_kernels._C, which did not load: "
+                           f"{_ext.LOAD_ERROR}")
+    return torch.ops.tts.sample(logits, *scalars, *tensors)

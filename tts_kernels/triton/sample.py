@@ -1,0 +1,254 @@
+"""``sample`` in Triton: one program per row, streaming the vocabulary in tiles.
+
+Meaning (see :func:`tts_kernels.reference.sample_ref`)::
+
+    x = logits.float() / T (NaN, +inf -> -inf);  m = max x;  e = exp(x - m)
+    top-k : keep key(x) >= t_k,  t_k = max{t : #(key >= t) >= k}
+    top-p : keep key(x) >= t_p,  t_p = min{t : G(t) < top_p * Z_k},
+            G(t) = sum(e_u : key_u > t, key_u >= t_k),  Z_k = G(-inf)
+    min-p : keep e >= min_p (the most probable tokens always kept)
+    token = argmax over kept v of e_v / E_v,  E_v = -log u(seed, offset, r, v)
+    logprob = (x_token - m) - log(sum of kept e)
+
+``key`` is the float's bits made order-preserving as a signed int, so the
+thresholds are searched over integers: each search pass reads the row once and
+counts (top-k) or sums (top-p) against ``NPIV`` pivots at a time, narrowing the
+key interval ``NPIV + 1``-fold, so about 8 passes pin a 32-bit key exactly. No
+sort of the vocabulary, no data-dependent shapes, no host read: seeds, offsets
+and every per-row parameter are loaded on the device.
+
+Passes over a row: 1 (max and first argmax), then for top-k about 8, for top-p 1
+(Z_k) plus about 8, then 1 (the race). Greedy and all -inf rows stop after the
+first. The uniforms are ``tl.philox`` (Philox-4x32-10) on the counter
+``(v >> 2, r, offset_lo, offset_hi)`` with key ``(seed_lo, seed_hi)``, word
+``v & 3``: the same bits as the reference and the CPU kernel.
+
+On CPU tensors the kernel runs in the Triton interpreter, which must be switched
+on (``TRITON_INTERPRET=1``) before this module is imported.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Streaming tile (max pass and race pass): 1024 fp32 = 8 per thread at 4 warps.
+_TILE = 1024
+# Search passes hold an [NPIV, STILE] comparison: 16 x 256 = 32 values per thread.
+_STILE = 256
+_NPIV = 16
+# Key of -inf: every sanitised value's key is >= this.
+_KEY_NEGINF = tl.constexpr(-2139095041)
+_INT32_MAX = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _order_key(x):
+    """int64 key with key(a) < key(b) iff a < b for floats; -0.0 and +0.0 share one."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
+
+
+@triton.jit
+def _load_x(row_ptr, idx, V, T, APPLY_T: tl.constexpr):
+    mask = idx < V
+    x = tl.load(row_ptr + idx, mask=mask, other=float("-inf")).to(tl.float32)
+    if APPLY_T:
+        # The op divides exactly (true division); plain `/` may lower to an approximate divide.
+        x = tl.math.div_rn(x, T)
+    # NaN and +inf (overflow garbage, also from x / T) are never a choice.
+    return tl.where((x != x) | (x == float("inf")), float("-inf"), x), mask
+
+
+@triton.jit
+def _param(ptr, stride, value, r, FROM_PTR: tl.constexpr):
+    if FROM_PTR:
+        return tl.load(ptr + r * stride)
+    else:
+        return tl.to_tensor(value)  # an int 1 arrives as a constexpr (specialisation)
+
+
+@triton.jit
+def _uniform(seed, offset, r, idx):
+    """u(seed, offset, r, v) for token indices ``idx``: 23-bit uniforms in (0, 1)."""
+    c0 = (idx >> 2).to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + r.to(tl.uint32)
+    c2 = zero + (offset & 0xFFFFFFFF).to(tl.uint32)
+    c3 = zero + ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    j = idx & 3
+    w = tl.where(j == 0, w0, tl.where(j == 1, w1, tl.where(j == 2, w2, w3)))
+    return (((w >> 9) << 1) | 1).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, row_stride, V,
+    t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
+    mp_ptr, mp_stride, mp_val, s_ptr, s_stride, s_val, o_ptr, o_stride, o_val,
+    tokens_ptr, logprobs_ptr,
+    T_PTR: tl.constexpr, K_PTR: tl.constexpr, P_PTR: tl.constexpr, MP_PTR: tl.constexpr,
+    S_PTR: tl.constexpr, O_PTR: tl.constexpr,
+    TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr,
+):
+    r = tl.program_id(0)
+    row_ptr = logits_ptr + r.to(tl.int64) * row_stride
+    T = _param(t_ptr, t_stride, t_val, r, T_PTR).to(tl.float32)
+    k = _param(k_ptr, k_stride, k_val, r, K_PTR).to(tl.int64)
+    top_p = _param(p_ptr, p_stride, p_val, r, P_PTR).to(tl.float32)
+    min_p = _param(mp_ptr, mp_stride, mp_val, r, MP_PTR).to(tl.float32)
+    seed = _param(s_ptr, s_stride, s_val, r, S_PTR).to(tl.int64)
+    offset = _param(o_ptr, o_stride, o_val, r, O_PTR).to(tl.int64)
+    greedy = (T > 0.0) == 0  # T <= 0 or NaN
+    T = tl.where(greedy, 1.0, T)
+    offs = tl.arange(0, TILE)
+    soffs = tl.arange(0, STILE)
+    piv_j = tl.arange(0, NPIV).to(tl.int64) + 1
+
+    # Pass 1: max and its first index.
+    m = float("-inf")
+    arg = 0
+    for t in range(0, V, TILE):
+        x, mask = _load_x(row_ptr, t + offs, V, T, True)
+        tm = tl.max(x, 0)
+        ti = tl.min(tl.where(x == tm, t + offs, _INT32_MAX), 0)
+        arg = tl.where(tm > m, ti, arg)
+        m = tl.maximum(m, tm)
+    dead = m == float("-inf")
+
+    if greedy | dead:
+        tl.store(tokens_ptr + r, tl.where(dead, 0, arg).to(tl.int64))
+        tl.store(logprobs_ptr + r, tl.where(dead, float("-inf"), 0.0))
+    else:
+        key_m = _order_key(m)
+        # top-k: largest t with #(key >= t) >= k; invariant: lo passes, hi fails.
+        t_k = key_m * 0 + _KEY_NEGINF
+        if (k > 0) & (k < V):
+            lo = t_k
+            hi = key_m + 1
+            while hi - lo > 1:
+                piv = lo + ((hi - lo) * piv_j) // (NPIV + 1)
+                cnt = tl.zeros([NPIV], tl.int64)
+                for t in range(0, V, STILE):
+                    x, mask = _load_x(row_ptr, t + soffs, V, T, True)
+                    key = _order_key(x)
+                    ge = (key[None, :] >= piv[:, None]) & mask[None, :]
+                    cnt += tl.sum(ge.to(tl.int64), 1)
+                ok = cnt >= k
+                lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
+                hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), 0))
+            t_k = lo
+        # top-p on the top-k distribution: smallest t with G(t) < top_p * Z_k.
+        t_p = t_k
+        if top_p < 1.0:
+            z_k = 0.0
+            for t in range(0, V, TILE):
+                x, mask = _load_x(row_ptr, t + offs, V, T, True)
+                inside = (_order_key(x) >= t_k) & (x > float("-inf"))
+                z_k += tl.sum(tl.where(inside, tl.exp(x - m), 0.0), 0)
+            P = top_p * z_k
+            hi = key_m  # G(key(m)) = 0 < P
+            lo = t_k - 1  # G = Z_k >= P
+            if (P > 0.0) == 0:
+                lo = hi - 1  # top_p <= 0: only the most probable tokens
+            while hi - lo > 1:
+                piv = lo + ((hi - lo) * piv_j) // (NPIV + 1)
+                g = tl.zeros([NPIV], tl.float32)
+                for t in range(0, V, STILE):
+                    x, mask = _load_x(row_ptr, t + soffs, V, T, True)
+                    key = _order_key(x)
+                    e = tl.exp(x - m)
+                    inside = (key >= t_k) & (x > float("-inf"))
+                    gt = (key[None, :] > piv[:, None]) & inside[None, :]
+                    g += tl.sum(tl.where(gt, e[None, :], 0.0), 1)
+                below = g < P
+                hi = tl.minimum(hi, tl.min(tl.where(below, piv, hi), 0))
+                lo = tl.maximum(lo, tl.max(tl.where(below, lo, piv), 0))
+            t_p = hi
+        thr = tl.maximum(t_k, t_p)
+        min_p = tl.where(min_p > 0.0, min_p, float("-inf"))
+
+        # The race: argmax of e / E over kept tokens, lowest index on ties.
+        seed_u = seed.to(tl.uint64, bitcast=True)
+        best = -1.0
+        tok = 0
+        x_tok = 0.0
+        z = 0.0
+        for t in range(0, V, TILE):
+            idx = t + offs
+            x, mask = _load_x(row_ptr, idx, V, T, True)
+            e = tl.exp(x - m)
+            keep = mask & (x > float("-inf")) & (_order_key(x) >= thr) & ((e >= min_p) | (x == m))
+            E = -tl.log(_uniform(seed_u, offset, r, idx))
+            score = tl.where(keep, tl.math.div_rn(e, E), -1.0)
+            z += tl.sum(tl.where(keep, e, 0.0), 0)
+            tmax = tl.max(score, 0)
+            ti = tl.min(tl.where(score == tmax, idx, _INT32_MAX), 0)
+            xi = tl.max(tl.where(idx == ti, x, float("-inf")), 0)
+            upd = tmax > best
+            tok = tl.where(upd, ti, tok)
+            x_tok = tl.where(upd, xi, x_tok)
+            best = tl.maximum(best, tmax)
+        tl.store(tokens_ptr + r, tok.to(tl.int64))
+        tl.store(logprobs_ptr + r, (x_tok - m) - tl.log(z))
+
+
+def _is_interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def sample_triton(logits, temperature, top_k, top_p, min_p, seed, offset,
+                  temperatures=None, top_ks=None, top_ps=None, min_ps=None, seeds=None, offsets=None):
+    """Triton ``sample`` with ``torch.ops.tts.sample``'s arguments (scalars, each
+    overridden by its per-row tensor when given). Arguments are assumed valid
+    (``tts_kernels.ops.sample`` checks them); tensors have the op's dtypes."""
+    if logits.device.type != "cuda" and not _is_interpreted(_sample_kernel):
+        raise RuntimeError(
+            "the Triton sample kernel runs on CUDA tensors, or on CPU tensors when "
+            "TRITON_INTERPRET=1 was set before tts_kernels.triton.sample was imported"
+        )
+    R, V = logits.shape
+    if V >= 2**31 - _TILE:
+        raise ValueError(f"V = {V} must be below 2**31 - {_TILE} for the Triton kernel (32-bit token offsets)")
+    if V > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    row_stride = logits.stride(0) if R > 1 else V
+    tokens = torch.empty(R, device=logits.device, dtype=torch.int64)
+    logprobs = torch.empty(R, device=logits.device, dtype=torch.float32)
+    if R == 0:
+        return tokens, logprobs
+    args, flags = [], []
+    for value, t in ((float(temperature), temperatures), (int(top_k), top_ks), (float(top_p), top_ps),
+                     (float(min_p), min_ps), (int(seed), seeds), (int(offset), offsets)):
+        if t is None:
+            args += [tokens, 0, value]
+            flags.append(False)
+        else:
+            t = t.contiguous()
+            args += [t, 0 if t.dim() == 0 else 1, value]
+            flags.append(True)
+    _sample_kernel[(R,)](
+        logits, row_stride, V, *args, tokens, logprobs,
+        T_PTR=flags[0], K_PTR=flags[1], P_PTR=flags[2], MP_PTR=flags[3], S_PTR=flags[4], O_PTR=flags[5],
+        TILE=_TILE, STILE=_STILE, NPIV=_NPIV, num_warps=4, enable_fp_fusion=False,
+    )
+    return tokens, logprobs
+
+
+@triton.jit
+def _uniform_probe_kernel(out_ptr, seed, offset, V, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    idx = tl.arange(0, BLOCK)
+    seed_u = tl.to_tensor(seed).to(tl.int64).to(tl.uint64, bitcast=True)
+    u = _uniform(seed_u, tl.to_tensor(offset).to(tl.int64), r, idx)
+    tl.store(out_ptr + r * V + idx, u, mask=idx < V)
+
+
+def sample_uniforms_triton(seed: int, offset: int, rows: int, vocab: int, device) -> torch.Tensor:
+    """The kernel's uniforms ``u[r, v]`` as a ``[rows, vocab]`` float32 tensor (for
+    tests: they must equal :func:`tts_kernels.reference.sample_uniform_ref` bit for bit)."""
+    out = torch.empty(rows, vocab, device=device, dtype=torch.float32)
+    _uniform_probe_kernel[(rows,)](out, seed, offset, vocab, BLOCK=triton.next_power_of_2(vocab))
+    return out
