@@ -7,6 +7,10 @@ models, whose prefill logits at batch B and at batch B*K (generate()) can differ
 the last bit on CPU (MKL rounds row counts that are not a multiple of 4 differently);
 the sequences still agree, and scores agree to 1e-5. test_float64_models removes
 that effect: float64 logits rounded to float32 agree whatever the batch size.
+
+Most tests run both KV cache modes: ``cache="dense"`` (DynamicCache + kv_reorder_) and
+``cache="paged"`` (PagedKVCache through the "tts_paged" attention), the latter with 4-token
+blocks so that prompts and beams end in partial, shared, copy-on-write tail blocks.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ bs_mod = importlib.import_module("tts_kernels.search.beam_search")  # the module
 hf_logging.set_verbosity_error()
 EOS, EOS2 = 5, 7
 KINDS = ("llama", "qwen2", "gpt2")
+CACHES = ("dense", "paged")
 
 
 def _build(kind: str, seed: int, dtype: torch.dtype, bias: tuple[tuple[int, float], ...]):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     if kind == "llama":
@@ -42,6 +48,15 @@ def _build(kind: str, seed: int, dtype: torch.dtype, bias: tuple[tuple[int, floa
         h, V = 48, 512
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=h, intermediate_size=96, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2))
+    elif kind == "mistral":  # a 3-token sliding window, shorter than every sequence in the tests
+        h, V = 32, 300
+        model = MistralForCausalLM(MistralConfig(vocab_size=V, hidden_size=h, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=3))
+    elif kind == "qwen2_sliding":  # layer 0 full attention, layer 1 a 3-token window
+        h, V = 48, 512
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=h, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                             sliding_window=3, max_window_layers=1))
     else:
         h, V = 64, 1000
         model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=h, n_layer=2, n_head=4, n_positions=128))
@@ -84,10 +99,10 @@ def generate(model, input_ids, **kw):
         return model.generate(input_ids, do_sample=False, output_scores=True, return_dict_in_generate=True, **kw)
 
 
-def assert_matches(model, input_ids, *, sync_every: int = 4, **kw):
+def assert_matches(model, input_ids, *, sync_every: int = 4, cache: str = "dense", block_size: int = 4, **kw):
     """Run both, compare everything generate() returns that beam_search claims; returns generate()'s output."""
     ref = generate(model, input_ids, **kw)
-    ours = beam_search(model, input_ids, sync_every=sync_every, **kw)
+    ours = beam_search(model, input_ids, sync_every=sync_every, cache=cache, block_size=block_size, **kw)
     assert ours.sequences.shape == ref.sequences.shape, (ours.sequences, ref.sequences)
     assert torch.equal(ours.sequences, ref.sequences), (ours.sequences, ref.sequences)
     ref_scores = getattr(ref, "sequences_scores", None)
@@ -107,13 +122,14 @@ def assert_matches(model, input_ids, *, sync_every: int = 4, **kw):
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5, 2.0])
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_generate_eos_often(kind, early_stopping, length_penalty):
+@pytest.mark.parametrize("cache", CACHES)
+def test_matches_generate_eos_often(kind, early_stopping, length_penalty, cache):
     model = tiny(kind)
     finished_early = 0
     for num_beams in (2, 3, 5):
         for seed in (0, 1):
             ids = prompts(model, 2, 5 + seed, seed)
-            ref = assert_matches(model, ids, num_beams=num_beams, max_new_tokens=9, eos_token_id=EOS,
+            ref = assert_matches(model, ids, cache=cache, num_beams=num_beams, max_new_tokens=9, eos_token_id=EOS,
                                  pad_token_id=None, early_stopping=early_stopping, length_penalty=length_penalty,
                                  num_return_sequences=2)
             finished_early += int((ref.sequences[:, ids.shape[1]:] == EOS).any())
@@ -122,59 +138,75 @@ def test_matches_generate_eos_often(kind, early_stopping, length_penalty):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_beams", [1, 2, 3, 4, 5])
-def test_matches_generate_num_beams(kind, num_beams):
+@pytest.mark.parametrize("cache", CACHES)
+def test_matches_generate_num_beams(kind, num_beams, cache):
     model = tiny(kind, seed=1)
     for nrs in sorted({1, num_beams}):
         ids = prompts(model, 2, 6, num_beams)
-        assert_matches(model, ids, num_beams=num_beams, max_new_tokens=10, eos_token_id=EOS, pad_token_id=None,
-                       num_return_sequences=nrs)
+        assert_matches(model, ids, cache=cache, num_beams=num_beams, max_new_tokens=10, eos_token_id=EOS,
+                       pad_token_id=None, num_return_sequences=nrs)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_eos_never_hit(kind):
+@pytest.mark.parametrize("cache", CACHES)
+def test_eos_never_hit(kind, cache):
     model = tiny(kind, bias=((EOS, -40.0),))
     ids = prompts(model, 2, 7, 3)
     for es in (True, False, "never"):
-        ref = assert_matches(model, ids, num_beams=4, max_new_tokens=8, eos_token_id=EOS, pad_token_id=None,
-                             early_stopping=es, num_return_sequences=3)
+        ref = assert_matches(model, ids, cache=cache, num_beams=4, max_new_tokens=8, eos_token_id=EOS,
+                             pad_token_id=None, early_stopping=es, num_return_sequences=3)
         assert ref.sequences.shape[1] == 7 + 8
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_eos(kind):
+@pytest.mark.parametrize("cache", CACHES)
+def test_no_eos(kind, cache):
     model = tiny(kind, seed=2)
     ids = prompts(model, 3, 4, 4)
     for lp in (1.0, 2.0):
-        ref = assert_matches(model, ids, num_beams=3, max_new_tokens=7, eos_token_id=None, pad_token_id=None,
-                             length_penalty=lp, num_return_sequences=2)
+        ref = assert_matches(model, ids, cache=cache, num_beams=3, max_new_tokens=7, eos_token_id=None,
+                             pad_token_id=None, length_penalty=lp, num_return_sequences=2)
         assert ref.sequences.shape[1] == 4 + 7
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_eos_ids(kind):
+@pytest.mark.parametrize("cache", CACHES)
+def test_two_eos_ids(kind, cache):
     model = tiny(kind, seed=3, bias=((EOS, 1.2), (EOS2, 1.2)))
     for es in (True, False, "never"):
         for lp in (1.0, -0.5):
             ids = prompts(model, 2, 5, 7)
-            ref = assert_matches(model, ids, num_beams=3, max_new_tokens=9, eos_token_id=[EOS, EOS2],
+            ref = assert_matches(model, ids, cache=cache, num_beams=3, max_new_tokens=9, eos_token_id=[EOS, EOS2],
                                  pad_token_id=1, early_stopping=es, length_penalty=lp, num_return_sequences=3)
             assert torch.isin(ref.sequences[:, 5:], torch.tensor([EOS, EOS2])).any()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_left_padded_batch(kind):
+@pytest.mark.parametrize("cache", CACHES)
+def test_left_padded_batch(kind, cache):
     model = tiny(kind, seed=4)
     ids, mask = left_padded(model, [3, 7, 5], seed=5, pad=0)
     for num_beams in (1, 2, 4):
-        assert_matches(model, ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=8, eos_token_id=EOS,
-                       pad_token_id=0, num_return_sequences=1 if num_beams == 1 else 2)
+        assert_matches(model, ids, cache=cache, attention_mask=mask, num_beams=num_beams, max_new_tokens=8,
+                       eos_token_id=EOS, pad_token_id=0, num_return_sequences=1 if num_beams == 1 else 2)
 
 
-def test_mask_inferred_from_pad_token():
+@pytest.mark.parametrize("cache", CACHES)
+def test_sliding_window_models(cache):
+    for kind in ("mistral", "qwen2_sliding"):
+        model = tiny(kind, seed=8)
+        ids, mask = left_padded(model, [6, 2, 4], seed=11, pad=0)
+        for K in (1, 3):
+            assert_matches(model, ids, cache=cache, attention_mask=mask, num_beams=K, max_new_tokens=8,
+                           eos_token_id=EOS, pad_token_id=0, num_return_sequences=1 if K == 1 else 2)
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_mask_inferred_from_pad_token(cache):
     # No attention_mask: generate() infers it from the pad token (pad not an EOS id).
     model = tiny("llama", seed=4)
     ids, _ = left_padded(model, [4, 6, 2], seed=6, pad=1)
-    assert_matches(model, ids, num_beams=3, max_new_tokens=6, eos_token_id=EOS, pad_token_id=1)
+    assert_matches(model, ids, cache=cache, num_beams=3, max_new_tokens=6, eos_token_id=EOS, pad_token_id=1)
 
 
 def test_fill_value_precedence():
@@ -205,21 +237,23 @@ def test_defaults_from_generation_config():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_float64_models(kind):
+@pytest.mark.parametrize("cache", CACHES)
+def test_float64_models(kind, cache):
     model = tiny(kind, seed=6, dtype=torch.float64)
     ids, mask = left_padded(model, [5, 3], seed=9)
     for es, lp in ((True, 1.0), (False, 2.0), ("never", -0.5), ("never", 2.0)):
-        assert_matches(model, ids, attention_mask=mask, num_beams=4, max_new_tokens=10, eos_token_id=EOS,
+        assert_matches(model, ids, cache=cache, attention_mask=mask, num_beams=4, max_new_tokens=10, eos_token_id=EOS,
                        pad_token_id=0, early_stopping=es, length_penalty=lp, num_return_sequences=2)
 
 
-def test_small_vocab_first_step_expanded():
+@pytest.mark.parametrize("cache", CACHES)
+def test_small_vocab_first_step_expanded(cache):
     # V < C = 2K: the first step cannot use the single-row shortcut and expands like generate().
     small = _build_small_vocab()
     ids = torch.randint(2, 8, (2, 4), generator=torch.Generator().manual_seed(1))
     for K in (3, 5):
         for eos in (None, 1, [1, 3]):
-            assert_matches(small, ids, num_beams=K, max_new_tokens=6, eos_token_id=eos, pad_token_id=0,
+            assert_matches(small, ids, cache=cache, num_beams=K, max_new_tokens=6, eos_token_id=eos, pad_token_id=0,
                            num_return_sequences=2)
 
 
@@ -233,22 +267,24 @@ def _build_small_vocab():
 
 
 @pytest.mark.parametrize("sync_every", [1, 2, 4, 100])
-def test_result_independent_of_sync_interval(sync_every):
+@pytest.mark.parametrize("cache", CACHES)
+def test_result_independent_of_sync_interval(sync_every, cache):
     # Steps run after generate() would have stopped must not change anything.
     model = tiny("qwen2", seed=7, bias=((EOS, 2.5),))
     ids = prompts(model, 3, 5, 10)
     for es, lp in ((True, 1.0), (True, 2.0), (False, 1.0), (False, -0.5), ("never", -0.5), ("never", 0.0)):
         # lp = 2 favours long hypotheses: a finished set that is full (early_stopping=True) must
         # not take the better ones found after generate() would have stopped.
-        assert_matches(model, ids, sync_every=sync_every, num_beams=3, max_new_tokens=16, eos_token_id=EOS,
+        assert_matches(model, ids, cache=cache, sync_every=sync_every, num_beams=3, max_new_tokens=16, eos_token_id=EOS,
                        pad_token_id=None, early_stopping=es, length_penalty=lp, num_return_sequences=2)
 
 
-def test_inference_mode():
+@pytest.mark.parametrize("cache", CACHES)
+def test_inference_mode(cache):
     model = tiny("llama")
     ids = prompts(model, 2, 5, 0)
     with torch.inference_mode():
-        assert_matches(model, ids, num_beams=3, max_new_tokens=6, eos_token_id=EOS, pad_token_id=None)
+        assert_matches(model, ids, cache=cache, num_beams=3, max_new_tokens=6, eos_token_id=EOS, pad_token_id=None)
 
 
 def _sweep_case(rng):
@@ -268,7 +304,8 @@ def _sweep_case(rng):
 
 
 @pytest.mark.parametrize("chunk", range(4))
-def test_random_sweep(chunk):
+@pytest.mark.parametrize("cache", CACHES)
+def test_random_sweep(chunk, cache):
     """Seeded random configurations, 40 per chunk: every option against generate() together."""
     import random
 
@@ -281,7 +318,8 @@ def test_random_sweep(chunk):
         if padded and B > 1:
             ids, mask = left_padded(model, [L - j % L for j in range(B)], seed=i, pad=0)
         try:
-            assert_matches(model, ids, attention_mask=mask, sync_every=sync_every, **kw)
+            assert_matches(model, ids, cache=cache, block_size=(1, 2, 4, 16)[i % 4], attention_mask=mask,
+                           sync_every=sync_every, **kw)
         except AssertionError as e:
             raise AssertionError(f"case {chunk * 40 + i}: {kind} seed={seed} bias={bias} B={B} L={L} {kw} "
                                  f"sync_every={sync_every} padded={mask is not None}") from e
@@ -327,6 +365,34 @@ def test_one_kv_reorder_per_step(monkeypatch):
     beam_search(model, prompts(model, B, 4, 0), num_beams=K, max_new_tokens=N, eos_token_id=EOS, pad_token_id=None)
     layers = model.config.n_layer
     assert calls == [(2 * layers, (B * K,))] * (N - 1)
+
+
+def test_paged_mode_moves_block_tables_not_kv(monkeypatch):
+    from tts_kernels.models import hf_paged
+
+    model = tiny("llama", bias=((EOS, -40.0),))
+    before = model.config._attn_implementation
+    calls, pools = {"reorder": 0, "kv_reorder_": 0, "free": 0}, []
+    real_reorder, real_free = hf_paged.PagedCache.reorder, hf_paged.PagedCache.free
+
+    def reorder(self, parents):
+        calls["reorder"] += 1
+        return real_reorder(self, parents)
+
+    def free(self):
+        calls["free"] += 1
+        pools.append(self.kv)
+        return real_free(self)
+
+    monkeypatch.setattr(hf_paged.PagedCache, "reorder", reorder)
+    monkeypatch.setattr(hf_paged.PagedCache, "free", free)
+    monkeypatch.setattr(bs_mod, "kv_reorder_", lambda *a, **k: calls.__setitem__("kv_reorder_", 1))
+    B, K, N = 2, 3, 6
+    beam_search(model, prompts(model, B, 5, 0), num_beams=K, max_new_tokens=N, eos_token_id=EOS, pad_token_id=None,
+                cache="paged", block_size=2)
+    assert calls == {"reorder": N - 1, "kv_reorder_": 0, "free": 1}
+    assert pools[0].num_free_blocks == pools[0].num_blocks  # every block went back to the pool
+    assert model.config._attn_implementation == before      # the model's attention is restored
 
 
 def test_host_reads_are_rare(monkeypatch):
@@ -379,6 +445,8 @@ def test_warns_about_generation_config_it_ignores():
     (dict(eos_token_id=2.5), TypeError, "eos_token_id"),
     (dict(pad_token_id="0"), TypeError, "pad_token_id"),
     (dict(sync_every=0), ValueError, "sync_every"),
+    (dict(cache="static"), ValueError, "cache"),
+    (dict(cache="paged", block_size=0), ValueError, "block_size"),
     (dict(input_ids=torch.zeros(5, dtype=torch.long)), ValueError, "input_ids"),
     (dict(input_ids=torch.zeros(2, 5, dtype=torch.int32)), ValueError, "input_ids"),
     (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, "input_ids"),

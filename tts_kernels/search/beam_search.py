@@ -13,7 +13,10 @@ same padding, same ``sequences_scores`` and ``beam_indices``), but:
   sequences are rebuilt from back-pointers at the end instead of gathering whole
   sequences every step;
 * the KV cache of every layer is reordered with one ``kv_reorder_`` call, which
-  copies only rows whose parent changed;
+  copies only rows whose parent changed; with ``cache="paged"`` the keys and values live in a
+  :class:`~tts_kernels.cache.PagedKVCache` (through :mod:`tts_kernels.models.hf_paged`): the
+  fork to ``B*K`` rows shares the prompt's blocks and a beam step permutes block-table rows,
+  so no history is copied at all;
 * the host looks at the stop condition every ``sync_every`` steps only.
 
 Why stopping late is safe (``sync_every > 1``): ``generate()`` stops after the first
@@ -219,9 +222,11 @@ def _prepare_mask(input_ids, attention_mask, eos, pad) -> torch.Tensor:
 # ----------------------------------------------------------------------------- model plumbing
 
 class _Decoder:
-    """Calls the model the way generate() does for a plain decoder-only LM, one DynamicCache."""
+    """Calls the model the way generate() does for a plain decoder-only LM, one DynamicCache
+    (or, ``paged=True``, one PagedCache with the model's attention set to ``"tts_paged"``)."""
 
-    def __init__(self, model, mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, mask: torch.Tensor, max_new_tokens: int, paged: bool = False, block_size: int = 16,
+                 num_beams: int = 1):
         from transformers import DynamicCache
 
         params = _forward_params(model)
@@ -238,17 +243,31 @@ class _Decoder:
             raise TypeError(f"{type(model).__name__} keeps its own kind of cache, not a DynamicCache; "
                             "beam_search does not support it")
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        self.cache = DynamicCache(config=cfg)
+        self.paged = paged
+        B, L = mask.shape
+        if paged:
+            from ..models.hf_paged import PagedCache
+
+            # Room for every beam's full sequence (an upper bound: blocks shared by beams count once),
+            # plus one copy-on-write tail per beam; the B prompt rows live beside their B*K forks briefly.
+            per_seq = -(-(L + max_new_tokens) // block_size)
+            self.cache = PagedCache(model, batch_size=B, num_blocks=B * num_beams * (per_seq + 1) + B * per_seq,
+                                    block_size=block_size, max_seqs=B * (num_beams + 1),
+                                    max_seq_len=L + max_new_tokens)
+        else:
+            self.cache = DynamicCache(config=cfg)
         self.extra = {"use_cache": True}
         if "logits_to_keep" in params:
             self.extra["logits_to_keep"] = 1
-        B, L = mask.shape
         # generate(): positions from the mask (cumsum - 1, 0 at pads), then +1 per step.
         self.use_pos = "position_ids" in params
         pos = mask.long().cumsum(-1) - 1
         self.pos = pos.masked_fill(mask == 0, 0)
         # generate() drops an all-ones mask (the model then builds a plain causal mask).
         self.use_mask = "attention_mask" in params and not bool(mask.all())
+        if paged and self.use_mask:
+            self.cache.set_attention_mask(mask)  # pads are never stored, so no mask is passed to the model
+            self.use_mask = False
         self.mask = None
         if self.use_mask:
             self.mask = torch.ones(B, L + max_new_tokens, dtype=mask.dtype, device=mask.device)
@@ -267,7 +286,7 @@ class _Decoder:
 
     def fork(self, k: int) -> None:
         """B rows -> B*k rows (row b*k + j is beam j of item b), cache and the per-row inputs."""
-        self.cache.batch_repeat_interleave(k)
+        self.cache.batch_repeat_interleave(k)  # PagedCache: shares the prompt's blocks, copies nothing
         self.pos = self.pos[:, -1:].repeat_interleave(k, dim=0)
         if self.use_mask:
             self.mask = self.mask.repeat_interleave(k, dim=0)
@@ -292,7 +311,11 @@ class _Decoder:
 
     def reorder(self, flat_parents: torch.Tensor) -> None:
         """cache[i] <- cache[flat_parents[i]] for every layer: one kv_reorder_ call over all plain K/V tensors;
-        layers with other state (linear attention, quantised, ...) use their own reorder_cache."""
+        layers with other state (linear attention, quantised, ...) use their own reorder_cache.
+        PagedCache: one block-table permutation, no KV bytes move."""
+        if self.paged:
+            self.cache.reorder(flat_parents)
+            return
         tensors, seen = [], set()
         for layer in getattr(self.cache, "layers", []):
             if type(layer).reorder_cache is not _plain_reorder():
@@ -335,6 +358,8 @@ def beam_search(
     early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     sync_every: int = 4,
+    cache: str = "dense",
+    block_size: int = 16,
 ) -> BeamSearchOutput:
     """Beam search identical to ``model.generate(..., num_beams=num_beams, do_sample=False)``.
 
@@ -347,6 +372,11 @@ def beam_search(
     ``early_stopping``: ``True`` stops when ``num_beams`` hypotheses are finished, ``False``
     uses transformers' heuristic, ``"never"`` the canonical bound. ``sync_every``: the host
     reads the stop condition every this many steps (the result does not depend on it).
+    ``cache``: ``"dense"`` (a transformers ``DynamicCache``, reordered in place by ``kv_reorder_``)
+    or ``"paged"`` (a :class:`~tts_kernels.models.PagedCache` of ``block_size``-token blocks: forks
+    and beam steps copy no history; the model's attention is ``"tts_paged"`` for the call and is
+    restored after it; supported: models whose attention goes through transformers' attention
+    interface, e.g. Llama, Qwen2, Mistral, GPT-2). The result is the same either way.
 
     Returns :class:`BeamSearchOutput` with the ``num_return_sequences`` best hypotheses per
     prompt, best first. ``num_beams=1`` runs greedy search, like ``generate()``.
@@ -358,13 +388,40 @@ def beam_search(
     device = _model_device(model)
     if device is not None and input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+    if cache not in ("dense", "paged"):
+        raise ValueError(f"cache must be 'dense' or 'paged', got {cache!r}")
+    _check_int("block_size", block_size, 1)
     mask = _prepare_mask(input_ids, attention_mask, eos, pad)
-    with torch.no_grad():
-        dec = _Decoder(model, mask, max_new_tokens)
-        if num_beams == 1:
-            return _greedy(dec, input_ids, max_new_tokens, eos, pad, sync_every)
-        return _beams(dec, input_ids, num_beams, max_new_tokens, eos, pad, float(length_penalty), early_stopping,
-                      num_return_sequences, sync_every)
+    paged = cache == "paged"
+    restore = _use_paged_attention(model) if paged else None
+    try:
+        with torch.no_grad():
+            dec = _Decoder(model, mask, max_new_tokens, paged=paged, block_size=block_size, num_beams=num_beams)
+            try:
+                if num_beams == 1:
+                    return _greedy(dec, input_ids, max_new_tokens, eos, pad, sync_every)
+                return _beams(dec, input_ids, num_beams, max_new_tokens, eos, pad, float(length_penalty),
+                              early_stopping, num_return_sequences, sync_every)
+            finally:
+                if paged:
+                    dec.cache.free()
+    finally:
+        if restore is not None:
+            restore()
+
+
+def _use_paged_attention(model):
+    """Switch ``model`` to the ``"tts_paged"`` attention; returns the function that switches it back."""
+    from ..models.hf_paged import ATTN_IMPLEMENTATION, use_paged_attention
+
+    before = getattr(model.config, "_attn_implementation", None)
+    if before == ATTN_IMPLEMENTATION:
+        return None
+    use_paged_attention(model)
+    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        raise TypeError(f"{type(model).__name__} cannot switch to the 'tts_paged' attention (its attention does not "
+                        "go through transformers' AttentionInterface); use cache='dense'")
+    return lambda: model.set_attn_implementation(before)
 
 
 def _model_device(model) -> torch.device | None:

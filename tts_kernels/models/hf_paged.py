@@ -1,0 +1,385 @@
+"""transformers causal LMs with their keys and values in a :class:`~tts_kernels.cache.PagedKVCache`.
+
+Two public extension points of ``transformers`` do the work, so no model code is patched:
+
+* :class:`PagedCache`, a ``transformers.Cache``: maps the batch rows of a forward pass to
+  paged sequence ids (``seq_ids``, a device LongTensor) and appends each layer's new keys
+  and values to the pool in ``update``. Forking rows (best-of-N), reordering them (a beam
+  step) and freeing them touch block tables and reference counts only: no history is
+  copied (the one shared partial tail block is copied on the next append, copy-on-write).
+* the attention function ``"tts_paged"`` (registered with ``transformers.AttentionInterface``
+  and, for the dense mask, ``AttentionMaskInterface``): with a :class:`PagedCache` it reads
+  the history from the pool; with any other cache (``generate()``'s DynamicCache) it *is*
+  transformers' ``sdpa`` attention, so the same model runs both ways.
+
+Attention on the pool:
+
+* one new token per row (decode): ``paged_attention`` through the block tables, no dense
+  copy of the history (until that op lands in ``tts_kernels.ops``, a dense gather + sdpa
+  stands in, in :func:`_decode_attention` only);
+* several new tokens (prefill, or a chunk on top of history): the rows are gathered
+  densely and attended with an explicit causal mask built from the rows' lengths.
+
+Padding: only real tokens are stored. Before a left-padded forward, tell the cache which
+tokens are pads with :meth:`PagedCache.set_attention_mask`; they are skipped when appending
+(``PagedKVCache.append(start=...)``) and never attended. Each row's keys are then exactly its
+real tokens, so masks come from lengths alone, the sliding window (Mistral, Qwen2 with
+``use_sliding_window``) counts real tokens as the dense model's does, and no attention mask is
+needed when decoding. Positions: :meth:`PagedCache.position_ids` gives what ``generate()``
+uses (real-token index: ``cumsum(mask) - 1``).
+
+Usage::
+
+    model = use_paged_attention(model)               # model.set_attn_implementation("tts_paged")
+    cache = PagedCache(model, batch_size=1, num_blocks=256)
+    cache.set_attention_mask(mask)                   # only when the prompt batch is padded
+    out = model(ids, cache=cache, position_ids=cache.position_ids(ids.shape[1]), use_cache=True)
+    cache.repeat_interleave(8)                       # 8 children per row: no KV bytes move
+    ...
+    cache.reorder(parents)                           # beam step: row i <- row parents[i]
+    cache.free()
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "tts_paged"
+
+# The cache whose update() ran last on this thread, the layer and the key tensor it returned:
+# the model passes that exact tensor on to the attention function, which is how the attention
+# function knows the keys live in a pool (transformers hands it no cache argument).
+_ACTIVE = threading.local()
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+class PagedCache(Cache):
+    """A ``transformers.Cache`` over a :class:`~tts_kernels.cache.PagedKVCache`.
+
+    ``model_or_config``: the model (dtype and device are taken from its parameters) or its
+    config. ``batch_size`` rows are allocated at once; row ``i`` is paged sequence
+    ``seq_ids[i]``. ``num_blocks``, ``block_size``, ``max_seqs``, ``max_seq_len`` size the
+    pool (see ``PagedKVCache``); ``kv`` reuses an existing pool instead (several caches, e.g.
+    a policy's prompts of different batches, may share one).
+
+    ``get_seq_length()`` is the number of token positions the forwards so far covered,
+    padding included: what a ``DynamicCache`` reports for the same calls, kept on the host
+    so that no call reads the device. Per-row real lengths: :meth:`lengths`.
+    """
+
+    def __init__(self, model_or_config, *, batch_size: int = 1, num_blocks: int | None = None, block_size: int = 16,
+                 max_seqs: int | None = None, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                 device=None, kv=None):
+        super().__init__(layers=[])
+        config = getattr(model_or_config, "config", model_or_config)
+        if isinstance(model_or_config, torch.nn.Module):
+            p = next(model_or_config.parameters(), None)
+            if p is not None:
+                dtype = dtype or p.dtype
+                device = device if device is not None else p.device
+        cfg = _text_config(config)
+        self.num_layers = int(cfg.num_hidden_layers)
+        heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None) or [
+            "sliding_attention" if window is not None else "full_attention"] * self.num_layers
+        self._sliding = [t == "sliding_attention" for t in types]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if kv is None:
+            from ..cache import PagedKVCache
+
+            if num_blocks is None:
+                raise ValueError("num_blocks is required unless an existing pool is passed as kv")
+            sizes = {k: v for k, v in (("max_seqs", max_seqs), ("max_seq_len", max_seq_len)) if v is not None}
+            kv = PagedKVCache(self.num_layers, self.num_kv_heads, self.head_dim, num_blocks=num_blocks,
+                              block_size=block_size, dtype=dtype or torch.float32,
+                              device=device if device is not None else "cpu", **sizes)
+        else:
+            shape = tuple(kv.k_pool.shape)
+            if (shape[0], shape[2], shape[4]) != (self.num_layers, self.num_kv_heads, self.head_dim):
+                raise ValueError(f"kv pool shape {shape} does not fit the model: layers {self.num_layers}, "
+                                 f"kv heads {self.num_kv_heads}, head_dim {self.head_dim}")
+        self.kv = kv
+        self.seq_ids = kv.allocate(batch_size)
+        self._seen = 0            # token positions covered so far, padding included (host int)
+        self._mask = None         # 2-D mask for the next forward (set_attention_mask)
+        self._start = None        # [B] pads skipped at the head of the forward in progress
+
+    # ------------------------------------------------------------------ rows for the search drivers
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.seq_ids.shape[0])
+
+    def lengths(self) -> torch.Tensor:
+        """Real (stored) tokens per row, ``[B]`` int64 on the cache device."""
+        return self.kv.lengths(self.seq_ids)
+
+    def fork(self, rows: torch.Tensor) -> None:
+        """Re-batch: new row ``j`` continues old row ``rows[j]`` (any count, repeats allowed).
+
+        Shares the parents' blocks (copy-on-write) and frees the old rows' references: no
+        KV bytes move. ``rows``: int64 device tensor; nothing is read on the host.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.seq_ids.device)
+        self._settle()
+        new = self.kv.fork(self.seq_ids.index_select(0, rows))
+        self.kv.free(self.seq_ids)
+        self.seq_ids = new
+
+    def repeat_interleave(self, k: int) -> None:
+        """Row ``b`` becomes rows ``b*k .. b*k+k-1`` (beams or samples of one prompt)."""
+        self.fork(torch.arange(self.batch_size, device=self.seq_ids.device).repeat_interleave(k))
+
+    def reorder(self, parents: torch.Tensor) -> None:
+        """Beam step: row ``i`` takes row ``parents[i]``'s history (block-table rows move, no KV bytes)."""
+        parents = torch.as_tensor(parents, dtype=torch.long, device=self.seq_ids.device)
+        self._settle()
+        self.kv.reorder(self.seq_ids, self.seq_ids.index_select(0, parents))
+
+    def free(self) -> None:
+        """Return every row's blocks to the pool; the cache is then empty (batch size 0)."""
+        self._settle()
+        if self.seq_ids.numel():
+            self.kv.free(self.seq_ids)
+        self.seq_ids = self.seq_ids[:0]
+
+    def _settle(self) -> None:
+        # A forward pass that raised between its layer-0 and last-layer appends leaves a step open;
+        # its tokens never became visible, so abandoning it is all that is needed (no-op otherwise).
+        self.kv.abort_step()
+
+    # transformers' names for the same things (generate()-style code calls these)
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.reorder(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.fork(indices)
+
+    # ------------------------------------------------------------------ inputs of the next forward
+
+    def set_attention_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """Mark pads for the next forward only: its last ``t`` columns (``t`` new tokens per row),
+        0 = pad. Pads must come first in each row (left padding); they are neither stored nor
+        attended. ``None`` clears it."""
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != self.batch_size:
+                raise ValueError(f"attention_mask must be [batch={self.batch_size}, length], "
+                                 f"got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.to(self.seq_ids.device)
+        self._mask = attention_mask
+
+    def _pads(self, t: int) -> torch.Tensor | None:
+        if self._mask is None:
+            return None
+        if self._mask.shape[1] < t:
+            raise ValueError(f"attention_mask covers {self._mask.shape[1]} positions, the forward has {t}")
+        return (self._mask[:, -t:] == 0).sum(-1)
+
+    def position_ids(self, t: int) -> torch.Tensor:
+        """``[B, t]`` positions of the next forward's tokens, as ``generate()`` numbers them:
+        each row's real tokens continue from its length; pads get 0. (Reads the lengths, which
+        syncs on CUDA; a decode loop can instead keep its positions, +1 per step.)"""
+        ar = torch.arange(t, device=self.seq_ids.device)
+        pos = self.lengths()[:, None] + ar
+        pads = self._pads(t)
+        if pads is None:
+            return pos
+        return (pos - pads[:, None]).clamp(min=0)
+
+    # ------------------------------------------------------------------ transformers Cache protocol
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        B, _, t, _ = key_states.shape
+        if B != self.batch_size:
+            raise ValueError(f"the forward has batch {B} but the cache has {self.batch_size} rows")
+        if layer_idx == 0:
+            self._start = self._pads(t)
+            self._mask = None
+        self.kv.append(layer_idx, self.seq_ids, key_states, value_states, start=self._start)
+        if layer_idx == self.num_layers - 1:
+            self._seen += t
+        _ACTIVE.cur = (self, layer_idx, key_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # The dense-equivalent sizes, so the (unused) mask transformers builds has the usual shape.
+        return self._seen + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return list(self._sliding)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PagedCache cannot crop; fork the rows you want to keep instead")
+
+    def reset(self) -> None:
+        raise NotImplementedError("PagedCache cannot reset; free() it and make a new one")
+
+    def __repr__(self) -> str:
+        return (f"PagedCache(rows={self.batch_size}, layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, seen={self._seen})")
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def _decode_attention(cache: PagedCache, layer: int, query: torch.Tensor, scale: float,
+                      window: int | None) -> torch.Tensor:
+    """One query per row (the newest token) over the row's pool history: ``query [n, Hq, D]`` ->
+    ``[n, Hq, D]``. ``paged_attention`` reads the blocks in place; the dense fallback (when that op
+    is missing, or for float64, which it does not take) gathers the rows."""
+    paged = _paged_attention_op()
+    if paged is not None and query.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        k_cache, v_cache, tables, lens = cache.kv.layer_view(layer, cache.seq_ids)
+        return paged(query, k_cache, v_cache, tables, lens, scale=scale, sliding_window=window)
+    k, v = cache.kv.gather(layer, cache.seq_ids)
+    L = cache.kv.layer_view(layer, cache.seq_ids)[3].to(torch.long)[:, None]  # the new token is the last one
+    kidx = torch.arange(k.shape[2], device=k.device)
+    ok = kidx < L
+    if window is not None:
+        ok = ok & (kidx >= L - window)
+    out = F.scaled_dot_product_attention(query[:, :, None], k, v, attn_mask=ok[:, None, None, :], scale=scale,
+                                         enable_gqa=True)
+    return out[:, :, 0]
+
+
+_PAGED_OP = []
+
+
+def _paged_attention_op():
+    if not _PAGED_OP:
+        try:
+            from .. import paged_attention
+        except ImportError:
+            paged_attention = None
+        _PAGED_OP.append(paged_attention)
+    return _PAGED_OP[0]
+
+
+def _chunk_attention(cache: PagedCache, layer: int, query: torch.Tensor, scale: float,
+                     window: int | None) -> torch.Tensor:
+    """``t`` new tokens per row on top of each row's history: ``query [n, Hq, t, D]`` -> same.
+
+    Row ``i`` had ``before[i]`` tokens and stored ``t - start[i]`` new ones (its first
+    ``start[i]`` were pads). Real query ``j`` sits at position ``p = before[i] + j - start[i]``
+    and sees keys ``k <= p`` (and ``k > p - window``); a pad query sees key 0 only, to stay
+    finite (its output is never used)."""
+    k, v = cache.kv.gather(layer, cache.seq_ids)
+    n, _, t, _ = query.shape
+    dev = query.device
+    start = cache._start if cache._start is not None else torch.zeros(n, dtype=torch.long, device=dev)
+    # Lengths this layer holds now (the new tokens included) less the new real tokens; from the layer
+    # view, not PagedKVCache.lengths(), which reads the device on CUDA.
+    before = cache.kv.layer_view(layer, cache.seq_ids)[3].to(torch.long) - (t - start)
+    j = torch.arange(t, device=dev)
+    p = before[:, None] + j - start[:, None]                         # [n, t]
+    kidx = torch.arange(k.shape[2], device=dev)
+    ok = kidx <= p[..., None]                                        # [n, t, T]
+    if window is not None:
+        ok = ok & (kidx > p[..., None] - window)
+    pad_q = (j < start[:, None])[..., None]
+    ok = torch.where(pad_q, kidx == 0, ok)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=ok[:, None], scale=scale, enable_gqa=True)
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """The ``"tts_paged"`` attention function (transformers' attention-interface signature).
+
+    ``query [B, Hq, t, D]``; returns ``([B, t, Hq, D], None)``. With a :class:`PagedCache`
+    the keys and values come from its pool and ``attention_mask`` is ignored (the cache knows
+    every row's real tokens); otherwise this is transformers' ``sdpa`` attention."""
+    cur = getattr(_ACTIVE, "cur", None)
+    if cur is not None and cur[2] is not key and cur[1] == getattr(module, "layer_idx", None):
+        # The keys PagedCache.update returned hold only the new tokens; a model that changes them
+        # before attending would silently attend to those alone.
+        _ACTIVE.cur = None
+        raise RuntimeError(f"{type(module).__name__} passed attention other keys than PagedCache.update "
+                           "returned; this model cannot run on the paged cache")
+    if cur is None or cur[2] is not key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, **kwargs)
+    _ACTIVE.cur = None
+    cache, layer = cur[0], cur[1]
+    if softcap is not None or s_aux is not None:
+        raise NotImplementedError("tts_paged attention does not support logit soft-capping or attention sinks")
+    if dropout and module.training:
+        raise NotImplementedError("tts_paged attention is for inference; dropout is not supported")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    if query.shape[2] == 1 and cache._start is None:
+        out = _decode_attention(cache, layer, query[:, :, 0], scale, sliding_window)[:, None]
+    else:
+        out = _chunk_attention(cache, layer, query, scale, sliding_window).transpose(1, 2)
+    return out.contiguous(), None
+
+
+def _paged_mask(*args, **kwargs):
+    # The dense mask is only used when the cache is not a PagedCache (then this is sdpa's); a
+    # PagedCache needs none, and without padding or a long window transformers builds none here.
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"tts_paged"`` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _paged_mask)
+
+
+def use_paged_attention(model):
+    """Set ``model`` (a transformers causal LM) to the ``"tts_paged"`` attention; returns it.
+
+    The model then attends from a :class:`PagedCache` when given one as ``cache=`` (or
+    ``past_key_values=``), and runs exactly as with ``attn_implementation="sdpa"`` otherwise
+    (``generate()``, no cache). Also works at load time after :func:`register`:
+    ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="tts_paged")``.
+    """
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+register()
