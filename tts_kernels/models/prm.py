@@ -121,9 +121,14 @@ class HFPRM:
             ends.append(len(ids) - 1)
         return ids, ends
 
-    def start(self, prompts: list[str], *, agg: str = "last") -> "PRMSession":
-        """A session with one row per prompt, the prompts prefilled once."""
-        return PRMSession(self, [self.encode_prompt(p) for p in prompts], agg)
+    def start(self, prompts: list[str], *, agg: str = "last", rows: int | None = None,
+              max_new_tokens: int = 256) -> "PRMSession":
+        """A session with one row per prompt, the prompts prefilled once.
+
+        ``rows`` (default: the prompts) and ``max_new_tokens`` (step tokens a row will add in
+        all) size the KV pool when ``num_blocks`` was not given.
+        """
+        return PRMSession(self, [self.encode_prompt(p) for p in prompts], agg, rows or len(prompts), max_new_tokens)
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[list[str]], *, agg: str = "last") -> "PRMScores":
@@ -131,11 +136,12 @@ class HFPRM:
         all completions' steps in one chunk forward."""
         if len(completions) != len(prompts):
             raise ValueError(f"completions has {len(completions)} rows, prompts {len(prompts)}")
-        session = self.start(prompts, agg=agg)
+        steps = [split_steps(c, self.step_separator) for cs in completions for c in cs]
+        longest = max((len(self.encode_steps(s)[0]) for s in steps), default=0)
+        session = self.start(prompts, agg=agg, rows=len(steps), max_new_tokens=longest)
         try:
             rows = torch.tensor([i for i, c in enumerate(completions) for _ in c], dtype=torch.long)
             session.fork(rows.to(self.device))
-            steps = [split_steps(c, self.step_separator) for cs in completions for c in cs]
             step_scores = session.add_steps(steps)
             flat = [[float(x) for x in row[: len(st)]] for row, st in zip(step_scores.tolist(), steps)]
             out, i = [], 0
@@ -157,14 +163,16 @@ class PRMScores:
 class PRMSession:
     """Rows of candidates under a PRM: each row holds its cached history and running aggregate."""
 
-    def __init__(self, prm: HFPRM, prompt_ids: list[list[int]], agg: str):
+    def __init__(self, prm: HFPRM, prompt_ids: list[list[int]], agg: str, rows: int, max_new_tokens: int):
         self.prm = prm
         dev = prm.device
         P = len(prompt_ids)
         longest = max((len(p) for p in prompt_ids), default=0)
-        blocks = prm.num_blocks or max(64, 4 * P * (longest // prm.block_size + 2))
-        self.cache = PagedCache(prm.model, batch_size=P, num_blocks=blocks, block_size=prm.block_size,
-                                max_seqs=max(1024, 4 * P))
+        B = prm.block_size
+        # The prompts once, then per row at most one copied partial block plus its new tokens.
+        blocks = prm.num_blocks or (P * (longest // B + 1) + rows * (max_new_tokens // B + 2) + 8)
+        self.cache = PagedCache(prm.model, batch_size=P, num_blocks=blocks, block_size=B,
+                                max_seqs=max(2 * rows + P, 16))
         self.agg = agg
         self.aggregate, self.count = init_aggregate(P, agg, device=dev)
         self.tokens = 0
@@ -215,7 +223,7 @@ class PRMSession:
         self.cache.set_attention_mask(mask)
         pos_ids = self.cache.position_ids(t)
         self.cache.set_attention_mask(mask)  # position_ids() does not consume it; update() does
-        out = self.prm.base(input_ids=batch, past_key_values=self.cache, position_ids=pos_ids, use_cache=True)
+        out = self.prm.base(input_ids=batch, cache=self.cache, position_ids=pos_ids, use_cache=True)
         self.tokens += sum(len(x) for x in ids)
         if ends is None:
             return torch.empty(R, 0, device=dev)

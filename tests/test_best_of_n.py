@@ -1,0 +1,126 @@
+"""best_of_n over a tiny random Llama policy and PRM: exact against transformers where it must be."""
+import pytest
+import torch
+from tiny_models import char_tokenizer, tiny_llama
+from transformers import DynamicCache, LlamaForTokenClassification
+
+from tts_kernels import sample
+from tts_kernels.models.policy import HFPolicy
+from tts_kernels.models.prm import HFPRM
+from tts_kernels.search.best_of_n import best_of_n, sample_completions
+
+PROMPTS = ["Q: 12+30?\nA:", "Q: 2*3+1?\n\nA: let"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+    return HFPolicy(tiny_llama(3), tok)
+
+
+@pytest.fixture(scope="module")
+def prm(tok):
+    return HFPRM(tiny_llama(4, cls=LlamaForTokenClassification, num_labels=2), tok, head="classifier")
+
+
+def test_greedy_equals_generate(policy, tok):
+    texts, ids, fins, _ = sample_completions(policy, PROMPTS, 3, max_new_tokens=12, temperature=0.0)
+    for p, prompt in enumerate(PROMPTS):
+        x = torch.tensor([tok(prompt).input_ids])
+        ref = policy.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
+                                    eos_token_id=policy.eos_token_ids, pad_token_id=0)[0, x.shape[1]:].tolist()
+        for j in range(3):
+            assert ids[p][j] == ref[: len(ids[p][j])] and (fins[p][j] == "eos" or len(ids[p][j]) == 12)
+
+
+def test_sampled_tokens_equal_a_dense_loop(policy, tok):
+    # The same sampling op and randomness over transformers' own dense cache, row layout
+    # [prompt0 x n, prompt1 x n], no EOS within the budget: the tokens must be identical.
+    n, T, seed = 4, 10, 11
+    eos_before = policy.eos_token_ids
+    policy.eos_token_ids = []
+    try:
+        _, ids, _, used = sample_completions(policy, PROMPTS, n, max_new_tokens=T, temperature=0.8, top_p=0.9,
+                                             top_k=20, seed=seed)
+    finally:
+        policy.eos_token_ids = eos_before
+    model = policy.model
+    for p, prompt in enumerate(PROMPTS):
+        x = torch.tensor([tok(prompt).input_ids]).repeat(n, 1)
+        cache = DynamicCache(config=model.config)
+        logits = model(x, past_key_values=cache, use_cache=True).logits[:, -1]
+        got = []
+        for step in range(T):
+            # Rows p*n .. p*n+n-1 of the batch: sample on the full layout so row indices match.
+            full = torch.zeros(len(PROMPTS) * n, logits.shape[1])
+            full[p * n:(p + 1) * n] = logits
+            t, _ = sample(full, temperature=0.8, top_p=0.9, top_k=20, seed=torch.tensor(seed),
+                          offset=torch.tensor(step))
+            t = t[p * n:(p + 1) * n]
+            got.append(t)
+            logits = model(t[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+        got = torch.stack(got, 1).tolist()
+        assert [ids[p][j] for j in range(n)] == got
+    assert used == sum(len(tok(q).input_ids) for q in PROMPTS) + len(PROMPTS) * n * (T - 1)
+
+
+def test_eos_and_stop_strings(policy, tok):
+    # One row, a fixed seed: the same sample every time, up to where EOS or a stop cuts it.
+    kw = dict(max_new_tokens=16, temperature=1.0, seed=5)
+    _, ids, _, _ = sample_completions(policy, PROMPTS[:1], 1, **kw)
+    seq = ids[0][0]
+    k = next(i for i in range(3, len(seq)) if seq[i] not in seq[:i] and seq[i] not in policy.eos_token_ids)
+    before = policy.eos_token_ids
+    policy.eos_token_ids = [seq[k]]
+    try:
+        texts, ids, fins, used = sample_completions(policy, PROMPTS[:1], 1, sync_every=3, **kw)
+        assert ids[0][0] == seq[: k + 1] and fins[0] == ["eos"]
+        assert texts[0][0] == tok.decode(seq[:k])  # EOS not in the text
+        # The row runs until the host looks after its EOS (after steps 2, 5, 8, ...) and then leaves
+        # the batch: one decode after every sampled step before that look.
+        decodes = -(-(k + 1) // 3) * 3 - 1
+        assert used == len(tok(PROMPTS[0]).input_ids) + decodes
+    finally:
+        policy.eos_token_ids = before
+    stop = tok.decode(seq[1:3])
+    texts, ids, fins, _ = sample_completions(policy, PROMPTS[:1], 1, stop=[stop], sync_every=2, **kw)
+    full = tok.decode([t for t in seq if t not in policy.eos_token_ids])
+    assert fins[0] == ["stop"] and texts[0][0] == full[: full.find(stop) + len(stop)]
+
+
+def test_best_of_n_selection_and_counts(policy, prm, tok):
+    res = best_of_n(policy, prm, PROMPTS, 5, max_new_tokens=20, temperature=1.0, seed=3, agg="min",
+                    extract=lambda t: t[:1] or None)  # a toy extractor: the first character
+    assert len(res.candidates) == 2 and all(len(c) == 5 for c in res.candidates)
+    again = prm.score(PROMPTS, [[c.text for c in row] for row in res.candidates], agg="min")
+    torch.testing.assert_close(res.scores.flatten(), again.aggregate)
+    assert res.prm_tokens == again.tokens
+    for p in range(2):
+        scores = res.scores[p]
+        assert res.best_index[p] == int(torch.argmax(torch.nan_to_num(scores, nan=-1e9)))
+        answers = [c.answer for c in res.candidates[p]]
+        counts = {a: answers.count(a) for a in answers if a is not None}
+        if counts:
+            top = max(counts.values())
+            assert res.majority[p] == next(a for a in answers if counts.get(a) == top)
+    again2 = best_of_n(policy, prm, PROMPTS, 5, max_new_tokens=20, temperature=1.0, seed=3, agg="min",
+                       extract=lambda t: t[:1] or None)
+    assert [[c.text for c in r] for r in again2.candidates] == [[c.text for c in r] for r in res.candidates]
+    other = best_of_n(policy, None, PROMPTS, 5, max_new_tokens=20, temperature=1.0, seed=4)
+    assert [[c.text for c in r] for r in other.candidates] != [[c.text for c in r] for r in res.candidates]
+    assert torch.isnan(other.scores).all() and other.prm_tokens == 0
+
+
+def test_bad_arguments(policy):
+    with pytest.raises(ValueError, match="prompts"):
+        best_of_n(policy, None, "one prompt", 2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="n must be"):
+        best_of_n(policy, None, PROMPTS, 0, max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop must be"):
+        best_of_n(policy, None, PROMPTS, 2, max_new_tokens=4, stop="\n")
+    with pytest.raises(ValueError, match="top_p"):
+        best_of_n(policy, None, PROMPTS, 2, max_new_tokens=4, top_p=0.0)

@@ -1,0 +1,117 @@
+"""``HFPolicy``: a transformers causal LM as the policy of a search, on the paged KV cache.
+
+The search drivers talk to a policy through a small protocol, so any object with
+the same methods works:
+
+* ``policy.tokenizer`` (``__call__``/``decode`` like a transformers tokenizer),
+  ``policy.eos_token_ids`` (list of ints), ``policy.device``;
+* ``policy.start(prompt_ids: list[list[int]], *, rows_hint, max_new_tokens) -> session``:
+  prefill every prompt once;
+* ``session.logits`` — ``[rows, V]`` next-token logits of every row;
+* ``session.fork(rows)`` — new row ``j`` continues row ``rows[j]`` (device LongTensor,
+  repeats allowed; histories are shared, not copied);
+* ``session.decode(tokens)`` — append one token per row (``[rows]`` device LongTensor),
+  update ``session.logits``;
+* ``session.free()``.
+
+``HFPolicy`` implements it over a :class:`~tts_kernels.models.PagedCache`: prompts are
+left-padded and prefilled in one forward that stores only real tokens and computes
+logits for the last position only; forks share blocks; a decode step keeps each row's
+position on the device (no sync).
+"""
+from __future__ import annotations
+
+import torch
+
+from .hf_paged import PagedCache, use_paged_attention
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+class HFPolicy:
+    """A transformers causal LM (switched to ``"tts_paged"`` attention) with its tokenizer.
+
+    ``block_size``: tokens per KV block. ``num_blocks``: pool size (default: sized per
+    session from the prompts, the number of rows and ``max_new_tokens``).
+    ``eos_token_ids``: default from the model's generation config, else the tokenizer.
+    """
+
+    def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
+                 eos_token_ids: list[int] | None = None):
+        self.model = use_paged_attention(model)
+        self.tokenizer = tokenizer
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def start(self, prompt_ids: list[list[int]], *, rows_hint: int | None = None,
+              max_new_tokens: int = 0) -> "PolicySession":
+        return PolicySession(self, prompt_ids, rows_hint or len(prompt_ids), max_new_tokens)
+
+
+class PolicySession:
+    """Rows of sequences under a policy: their paged history, positions and next-token logits."""
+
+    def __init__(self, policy: HFPolicy, prompt_ids: list[list[int]], rows_hint: int, max_new_tokens: int):
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt must have at least one token")
+        self.policy = policy
+        dev = policy.device
+        P = len(prompt_ids)
+        t = max(len(p) for p in prompt_ids)
+        B = policy.block_size
+        # Prompts once, then at most one partial + the new tokens' blocks per row.
+        blocks = policy.num_blocks or (P * (t // B + 1) + rows_hint * (max_new_tokens // B + 2) + 8)
+        self.cache = PagedCache(policy.model, batch_size=P, num_blocks=blocks, block_size=B,
+                                max_seqs=max(2 * rows_hint + P, 16))
+        pad = policy.tokenizer.pad_token_id or 0
+        ids = torch.full((P, t), pad, dtype=torch.long)
+        mask = torch.zeros(P, t, dtype=torch.long)
+        for i, p in enumerate(prompt_ids):  # host-side packing of token lists
+            ids[i, t - len(p):] = torch.tensor(p)
+            mask[i, t - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        self.cache.set_attention_mask(mask)
+        pos = self.cache.position_ids(t)
+        self.cache.set_attention_mask(mask)
+        with torch.no_grad():
+            out = policy.model(input_ids=ids, cache=self.cache, position_ids=pos, use_cache=True,
+                               logits_to_keep=1)
+        self.logits = out.logits[:, -1]
+        self.positions = mask.sum(1)  # next position of each row (device)
+        self.tokens = int(sum(len(p) for p in prompt_ids))  # tokens run through the model
+
+    @property
+    def rows(self) -> int:
+        return self.cache.batch_size
+
+    def fork(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.logits.device)
+        self.cache.fork(rows)
+        self.logits = self.logits.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.policy.model(input_ids=tokens[:, None], cache=self.cache,
+                                position_ids=self.positions[:, None], use_cache=True)
+        self.positions = self.positions + 1
+        self.logits = out.logits[:, -1]
+        self.tokens += tokens.shape[0]
+        return self.logits
+
+    def free(self) -> None:
+        self.cache.free()
