@@ -19,6 +19,7 @@ def test_bench_quick_writes_table(tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     ops = [r["op"] for r in data["rows"]]
     assert ops.count("beam_topk") == 2 and "kv_reorder_" in ops  # fp32 and bf16, and the cache reorder
+    assert any(op.startswith("sample") for op in ops)
     for r in data["rows"]:
         assert r["peer_ms"] > 0 and r["ours_ms"] > 0 and r["ratio"] > 0 and r["gbs"] > 0
     with open(tmp_path / "bench.csv") as f:

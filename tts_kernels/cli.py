@@ -45,6 +45,8 @@ def bench(args) -> int:
     from . import _ext
     from .bench import beam_topk as bt
     from .bench import kv_reorder as kv
+    from .bench import paged_attention as pa
+    from .bench import sample as sp
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows: list[dict] = []
@@ -67,11 +69,23 @@ def bench(args) -> int:
         for backend in backends:
             section(f"beam_topk[{backend}]", dev, bt.run, shapes=shapes, backends=(backend,), rounds=rounds)
         section("kv_reorder_", dev, kv.run, rounds=rounds)
+        pa_kw = dict(shapes=pa.CPU_SHAPES[:1], shared_shapes=[], dtypes=("fp32",)) if args.quick else {}
+        section("paged_attention", dev, pa.run, rounds=rounds, **pa_kw)
+        sp_kw = dict(shapes=[(4, 128256)], dtypes=("fp32",), iters=3) if args.quick else {}
+        section("sample", dev, sp.run, rounds=rounds, **sp_kw)
+    from .bench import kv_fork as kf
+
+    for dev in devices:
+        section("kv_fork", dev, kf.run, quick=args.quick, with_model=not args.skip_search)
     if not args.skip_search:
         from .bench import beam_search as bs
 
         for dev in devices:
             section("beam_search", dev, bs.run, quick=args.quick)
+        from .bench import best_of_n as bon
+
+        for dev in devices:  # one N (benchmarks/bench_best_of_n.py runs N = 16 and 64)
+            section("best_of_n", dev, bon.run, quick=args.quick, n_values=(64,), rounds=1)
     print_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +112,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", default="bench_out", help="directory for bench.json and bench.csv")
     b.add_argument("--quick", action="store_true", help="one shape per op, fewer rounds")
     b.add_argument("--cpu-only", action="store_true")
-    b.add_argument("--skip-search", action="store_true", help="skip the end-to-end beam_search benchmark")
+    b.add_argument("--skip-search", action="store_true",
+                   help="skip the end-to-end benchmarks (beam_search, best_of_n, best-of-N set-up)")
     b.set_defaults(fn=bench)
     d = sub.add_parser("demo", help="the main job: token beam search on a small model, checked against generate()")
     d.add_argument("--out", default="demo_out")
