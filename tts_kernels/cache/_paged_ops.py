@@ -229,7 +229,7 @@ class StepPlan:
 def plan_step(st: PagedState, ids: torch.Tensor, t: int, start: torch.Tensor | None, max_seq_len: int,
               *, compact: bool) -> tuple[torch.Tensor, dict]:
     """Check phase of a step's first append. Returns (error word, everything the commit needs)."""
-    P, NB, S, MB = st.block_size, st.num_blocks, st.max_seqs, st.max_blocks
+    P, NB, MB = st.block_size, st.num_blocks, st.max_blocks
     dev = ids.device
     n = ids.shape[0]
     err, ids = check_ids(st, ids, distinct=True)
@@ -285,7 +285,6 @@ def plan_step(st: PagedState, ids: torch.Tensor, t: int, start: torch.Tensor | N
 def commit_step(st: PagedState, plan: dict, ok: torch.Tensor) -> StepPlan:
     NB, S = st.num_blocks, st.max_seqs
     ids, take, newb, copy = plan["ids"], plan["take"], plan["newb"], plan["copy"]
-    n = ids.shape[0]
     st.n_free -= torch.where(ok, plan["k"], 0)
     st.refs.index_put_((torch.where(ok & take, newb, NB).flatten(),), torch.ones_like(newb).flatten())
     st.refs.index_add_(0, torch.where(ok & copy, plan["b_old"], NB), torch.full_like(plan["b_old"], -1))

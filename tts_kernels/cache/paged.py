@@ -247,7 +247,8 @@ class PagedKVCache:
         ids = self._ids("seq_ids", seq_ids)
         parents = self._ids("parent_ids", parent_ids)
         if parents.shape != ids.shape:
-            raise ValueError(f"parent_ids has shape {tuple(parents.shape)}, seq_ids {tuple(ids.shape)}; they must match")
+            raise ValueError(f"parent_ids has shape {tuple(parents.shape)}, seq_ids {tuple(ids.shape)}; "
+                             "they must match")
         if self.backend == "cpp":
             err = torch.ops.tts.paged_reorder_(self._state_list, ids, parents)
             self._raise_if(err & 255, "reorder", "seq_ids")

@@ -101,7 +101,8 @@ def weighted_vote(answer_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch
     _check_answers(answer_ids)
     check_tensor("scores", scores, ndim=2, dtypes=_FLOAT_DTYPES)
     if scores.shape != answer_ids.shape:
-        raise ValueError(f"scores has shape {tuple(scores.shape)}, answer_ids {tuple(answer_ids.shape)}; they must match")
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, answer_ids {tuple(answer_ids.shape)}; "
+                         "they must match")
     check_same_device(answer_ids=answer_ids, scores=scores)
     return _vote(answer_ids, scores)
 

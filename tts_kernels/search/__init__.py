@@ -1,4 +1,7 @@
 """Search drivers: whole test-time-compute searches built from the fused ops."""
+from .answers import answer_ids, extract_answer
 from .beam_search import FROM_MODEL, BeamSearchOutput, beam_search
+from .best_of_n import BestOfNResult, Candidate, best_of_n, sample_completions
 
-__all__ = ["FROM_MODEL", "BeamSearchOutput", "beam_search"]
+__all__ = ["FROM_MODEL", "BeamSearchOutput", "beam_search", "BestOfNResult", "Candidate", "best_of_n",
+           "sample_completions", "answer_ids", "extract_answer"]
