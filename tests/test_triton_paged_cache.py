@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _child() -> None:
@@ -95,17 +92,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from interpreter_child import run_interpreter_child  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def child_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"interpreter child failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreter_child(__file__)
 
 
 def test_kernel_is_interpreted(child_results):
