@@ -41,6 +41,7 @@ Usage::
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 import torch
@@ -138,6 +139,16 @@ class PagedCache(Cache):
         new = self.kv.fork(self.seq_ids.index_select(0, rows))
         self.kv.free(self.seq_ids)
         self.seq_ids = new
+
+    def spawn(self, rows: torch.Tensor) -> "PagedCache":
+        """A new cache over the same pool whose row ``j`` continues this cache's row ``rows[j]``;
+        this cache is unchanged (histories shared, copy-on-write). Free it when done."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.seq_ids.device)
+        self._settle()
+        other = copy.copy(self)
+        other.seq_ids = self.kv.fork(self.seq_ids.index_select(0, rows))
+        other._mask = other._start = other._before = None
+        return other
 
     def repeat_interleave(self, k: int) -> None:
         """Row ``b`` becomes rows ``b*k .. b*k+k-1`` (beams or samples of one prompt)."""
@@ -350,7 +361,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if dropout and module.training:
         raise NotImplementedError("tts_paged attention is for inference; dropout is not supported")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if query.shape[2] == 1 and cache._start is None:
+    # One token per row. A row whose token is a pad (start = 1: a search driver pausing rows
+    # without a sync) stored nothing; its query attends its unchanged history and is ignored.
+    if query.shape[2] == 1:
         out = _decode_attention(cache, layer, query[:, :, 0], scale, sliding_window)[:, None]
     else:
         out = _chunk_attention(cache, layer, query, scale, sliding_window).transpose(1, 2)

@@ -21,6 +21,8 @@ position on the device (no sync).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .hf_paged import PagedCache, use_paged_attention
@@ -98,6 +100,17 @@ class PolicySession:
     def rows(self) -> int:
         return self.cache.batch_size
 
+    def clone(self, rows: torch.Tensor) -> "PolicySession":
+        """A second session over the same KV pool continuing ``rows`` of this one (which is unchanged),
+        e.g. for throw-away rollouts. Its ``tokens`` count starts at 0."""
+        rows = rows.to(self.logits.device)
+        other = copy.copy(self)
+        other.cache = self.cache.spawn(rows)
+        other.logits = self.logits.index_select(0, rows)
+        other.positions = self.positions.index_select(0, rows)
+        other.tokens = 0
+        return other
+
     def fork(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.logits.device)
         self.cache.fork(rows)
@@ -105,11 +118,24 @@ class PolicySession:
         self.positions = self.positions.index_select(0, rows)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens [rows]`` and compute the next logits.
+
+        ``active [rows]`` bool (optional, on the device): rows where it is False append
+        nothing and keep their logits and position (they still ride along in the batch:
+        pausing them needs no host sync).
+        """
+        if active is not None:
+            self.cache.set_attention_mask(active.to(torch.long)[:, None])
         out = self.policy.model(input_ids=tokens[:, None], cache=self.cache,
                                 position_ids=self.positions[:, None], use_cache=True)
-        self.positions = self.positions + 1
-        self.logits = out.logits[:, -1]
+        logits = out.logits[:, -1]
+        if active is None:
+            self.positions = self.positions + 1
+            self.logits = logits
+        else:
+            self.positions = self.positions + active
+            self.logits = torch.where(active[:, None], logits, self.logits)
         self.tokens += tokens.shape[0]
         return self.logits
 

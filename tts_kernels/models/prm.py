@@ -29,6 +29,7 @@ step but the last.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,17 @@ class PRMSession:
     @property
     def rows(self) -> int:
         return self.cache.batch_size
+
+    def clone(self, rows: torch.Tensor) -> "PRMSession":
+        """A second session over the same KV pool continuing ``rows`` of this one (unchanged);
+        its ``tokens`` count starts at 0."""
+        rows = rows.to(self.aggregate.device)
+        other = copy.copy(self)
+        other.cache = self.cache.spawn(rows)
+        other.aggregate = self.aggregate.index_select(0, rows)
+        other.count = self.count.index_select(0, rows)
+        other.tokens = 0
+        return other
 
     def fork(self, rows: torch.Tensor) -> None:
         """New row ``j`` continues row ``rows[j]`` (history shared, aggregate copied)."""

@@ -1,0 +1,322 @@
+"""Step-level searches guided by a PRM: ``prm_beam_search`` and ``dvts``.
+
+Semantics follow huggingface/search-and-learn (Snell et al., arXiv 2408.03314), read
+for their meaning only; the waste is removed:
+
+* all prompts run together in one batch (there: one prompt at a time);
+* a beam's history stays in the paged KV cache and is forked, never re-prefilled
+  (there: every beam's full text is resubmitted to the engine each step);
+* the PRM keeps its own forked cache and scores only each new step (there: every
+  full prefix is re-scored each step);
+* a step ends on the device (``steps.DelimiterMatcher``), and selection runs on the
+  device (``topk_per_group`` / ``select_best``); the host looks once per step to
+  detokenize the new steps (the PRM needs their text) and rebuild the batch.
+
+Differences, on purpose: a step ends at the end of the token that completes the
+delimiter (never inside a token); and with ``lookahead`` the rolled-out steps are
+greedy, as there.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.select import majority_vote, select_best, topk_per_group, weighted_vote
+from .answers import answer_ids, extract_answer
+from .steps import DelimiterMatcher, sample_steps
+
+
+@dataclass
+class StepCandidate:
+    """A finished beam / subtree: its text, steps, per-step PRM scores and aggregate score."""
+
+    text: str
+    steps: list[str]
+    step_scores: list[float]
+    score: float
+    finish: str  # "eos", "length" (no delimiter within max_step_tokens), "empty", "final" (last iteration)
+    answer: str | None = None
+
+
+@dataclass
+class StepSearchResult:
+    completed: list[list[StepCandidate]]  # per prompt, in completion order
+    best: list[StepCandidate | None]  # best aggregate score per prompt
+    best_answer: list[str | None]
+    majority: list[str | None]
+    weighted: list[str | None]
+    compute: dict = field(default_factory=dict)  # token counts (see _Search.compute)
+
+
+class _Search:
+    """Rows (beams) of all prompts under the policy and the PRM, with their host-side texts."""
+
+    def __init__(self, policy, prm, prompts, *, agg, seed, temperature, top_p, top_k, step_delimiter,
+                 max_step_tokens, max_final_tokens, num_iterations, rows, look_every):
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        self.policy, self.prm_model = policy, prm
+        self.tok = policy.tokenizer
+        self.eos = list(policy.eos_token_ids)
+        self.eos_set = set(self.eos)
+        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        self.look_every = look_every
+        self.max_step_tokens, self.max_final_tokens = max_step_tokens, max_final_tokens
+        prompt_ids = [policy.encode(p) for p in prompts]
+        budget = max_step_tokens * max(num_iterations - 1, 0) + max_final_tokens
+        self.pol = policy.start(prompt_ids, rows_hint=rows, max_new_tokens=budget)
+        self.prm = prm.start(list(prompts), agg=agg, rows=rows, max_new_tokens=budget + 8 * num_iterations)
+        V = self.pol.logits.shape[1]
+        self.matcher = DelimiterMatcher(self.tok, step_delimiter, V, device=self.pol.logits.device)
+        self.P = len(prompts)
+        self.owner = list(range(self.P))  # prompt of each row
+        self.texts = [""] * self.P
+        self.steps: list[list[str]] = [[] for _ in range(self.P)]
+        self.step_scores: list[list[float]] = [[] for _ in range(self.P)]
+        self.offset = 0
+        self.generated = 0  # tokens sampled and kept
+        self.forward_rows = 0  # decode rows run (paused rows included)
+        self.prefill = self.pol.tokens
+        self.prm_extra = 0  # PRM tokens of lookahead rollouts
+
+    @property
+    def rows(self) -> int:
+        return len(self.owner)
+
+    def fork(self, rows: list[int]) -> None:
+        idx = torch.tensor(rows, dtype=torch.long, device=self.pol.logits.device)
+        self.pol.fork(idx)
+        self.prm.fork(idx)
+        for name in ("owner", "texts", "steps", "step_scores"):
+            old = getattr(self, name)
+            setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
+
+    def step(self, last: bool) -> tuple[list[str], list[str | None]]:
+        """Every row samples one step (to the end on the last iteration) and the PRM scores it.
+
+        Returns the step texts and, per row, why it finished (``None``: it goes on).
+        """
+        limit = self.max_final_tokens if last else self.max_step_tokens
+        st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
+                          offset=self.offset, look_every=self.look_every, **self.sampling)
+        self.offset += limit
+        self.forward_rows += st.forward_rows
+        ids, texts = self._decode(st)  # one host look per step: the PRM needs the steps' text
+        eos, delim = st.eos.tolist(), st.delimited.tolist()
+        finish = []
+        for r, text in enumerate(texts):
+            self.generated += len(ids[r])
+            if eos[r]:
+                finish.append("eos")
+            elif text == "":
+                finish.append("empty")
+            elif last:
+                finish.append("final")
+            elif not delim[r]:
+                finish.append("length")
+            else:
+                finish.append(None)
+        scores = self.prm.add_steps([[t] if t else [] for t in texts])
+        first = scores[:, 0].tolist() if scores.shape[1] else [float("nan")] * self.rows
+        for r, text in enumerate(texts):
+            if text:
+                self.texts[r] += text
+                self.steps[r].append(text)
+                self.step_scores[r].append(first[r])
+        return texts, finish
+
+    def _decode(self, st) -> tuple[list[list[int]], list[str]]:
+        toks = st.tokens.tolist()
+        ids = [[t for t in row if t >= 0] for row in toks]
+        texts = [self.tok.decode([t for t in row if t not in self.eos_set], skip_special_tokens=True) for row in ids]
+        return ids, texts
+
+    def lookahead_scores(self, finish: list[str | None], steps: int) -> torch.Tensor:
+        """Aggregate scores after rolling each unfinished row out ``steps`` more greedy steps.
+
+        The rollouts run on clones of the rows (sharing their cached history; the rows
+        themselves are untouched) and are thrown away; only their scores are kept.
+        """
+        scores = self.prm.aggregate.clone()
+        live = [r for r, f in enumerate(finish) if f is None]
+        if not live:
+            return scores
+        idx = torch.tensor(live, dtype=torch.long, device=scores.device)
+        pol, prm = self.pol.clone(idx), self.prm.clone(idx)
+        try:
+            done = [False] * len(live)
+            for _ in range(steps):
+                st = sample_steps(pol, max_tokens=self.max_step_tokens, eos_ids=self.eos, matcher=self.matcher,
+                                  temperature=0.0, seed=0, offset=0, look_every=self.look_every)
+                self.forward_rows += st.forward_rows
+                ids, texts = self._decode(st)
+                eos, delim = st.eos.tolist(), st.delimited.tolist()
+                for j in range(len(live)):
+                    if done[j]:
+                        texts[j] = ""  # a finished rollout adds nothing more
+                        continue
+                    self.generated += len(ids[j])
+                    if eos[j] or not delim[j] or not texts[j]:
+                        done[j] = True
+                prm.add_steps([[t] if t else [] for t in texts])
+                if all(done):
+                    break
+            scores[idx] = prm.aggregate
+            self.prm_extra += prm.tokens
+        finally:
+            pol.free()
+            prm.free()
+        return scores
+
+    def candidate(self, r: int, score: float, finish: str, extract) -> StepCandidate:
+        if not self.steps[r]:
+            score = float("nan")  # nothing was scored (EOS first): never preferred (NaN ranks lowest)
+        return StepCandidate(text=self.texts[r], steps=list(self.steps[r]), step_scores=list(self.step_scores[r]),
+                             score=score, finish=finish, answer=extract(self.texts[r]))
+
+    def compute(self) -> dict:
+        return {"policy_prefill_tokens": self.prefill, "policy_generated_tokens": self.generated,
+                "policy_decode_rows": self.forward_rows, "prm_tokens": self.prm.tokens + self.prm_extra}
+
+    def free(self) -> None:
+        self.pol.free()
+        self.prm.free()
+
+
+def _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens):
+    for name, v in (("n", n), ("beam_width", beam_width), ("num_iterations", num_iterations),
+                    ("max_step_tokens", max_step_tokens), ("max_final_tokens", max_final_tokens)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if n % beam_width:
+        raise ValueError(f"n ({n}) must be a multiple of beam_width ({beam_width})")
+
+
+def _select(completed: list[list[StepCandidate]], device) -> tuple:
+    """Best aggregate, majority and weighted answers over each prompt's completed candidates."""
+    P = len(completed)
+    width = max((len(c) for c in completed), default=0) or 1
+    scores = torch.full((P, width), float("nan"), device=device)
+    answers = [[None] * width for _ in range(P)]
+    for p, cands in enumerate(completed):
+        for j, c in enumerate(cands):
+            scores[p, j] = c.score
+            answers[p][j] = c.answer
+    aids = answer_ids(answers, device=device)
+    best = select_best(scores).tolist()
+    maj_a, maj_i = majority_vote(aids)
+    w_a, w_i = weighted_vote(aids, scores)
+    maj_a, maj_i, w_a, w_i = maj_a.tolist(), maj_i.tolist(), w_a.tolist(), w_i.tolist()
+    best_c = [completed[p][best[p]] if completed[p] else None for p in range(P)]
+    return (best_c, [c.answer if c else None for c in best_c],
+            [answers[p][maj_i[p]] if maj_a[p] >= 0 else None for p in range(P)],
+            [answers[p][w_i[p]] if w_a[p] >= 0 else None for p in range(P)])
+
+
+@torch.no_grad()
+def prm_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
+                    step_delimiter: str = "\n\n", max_step_tokens: int = 256, max_final_tokens: int | None = None,
+                    lookahead: int = 0, agg: str = "last", temperature: float = 0.8, top_p: float = 1.0,
+                    top_k: int = 0, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+                    look_every: int = 8) -> StepSearchResult:
+    """Step-level beam search with a PRM (search-and-learn semantics; see the module docstring).
+
+    ``n`` beams per prompt; each iteration every beam samples one step (up to and including
+    ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens``, or an
+    empty step) are completed; the others are scored by the PRM on their new step and the
+    best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
+    turn) back to ``n`` beams; on the last iteration beams generate to the end (up to
+    ``max_final_tokens``, default ``max_step_tokens``). The answer is the completed beam with
+    the best aggregate score; majority and weighted votes are over all completed beams.
+    """
+    max_final_tokens = max_final_tokens or max_step_tokens
+    _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
+    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
+        raise ValueError(f"lookahead must be an int >= 0, got {lookahead!r}")
+    keep = n // beam_width
+    s = _Search(policy, prm, prompts, agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                step_delimiter=step_delimiter, max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens,
+                num_iterations=num_iterations, rows=len(prompts) * n, look_every=look_every)
+    completed: list[list[StepCandidate]] = [[] for _ in range(s.P)]
+    try:
+        s.fork([p for p in range(s.P) for _ in range(n)])
+        for it in range(num_iterations):
+            last = it == num_iterations - 1
+            _, finish = s.step(last)
+            agg_scores = s.prm.aggregate
+            agg_h = agg_scores.tolist()
+            for r, f in enumerate(finish):
+                if f is not None:
+                    completed[s.owner[r]].append(s.candidate(r, agg_h[r], f, extract))
+            if last:
+                break
+            # Rows come in blocks of n per live prompt: the best `keep` unfinished rows of each,
+            # ranked by their aggregate, or by that of their greedy rollout with lookahead.
+            rank = s.lookahead_scores(finish, lookahead) if lookahead else agg_scores
+            live = torch.tensor([f is None for f in finish], device=agg_scores.device)
+            grid = torch.where(live, rank, float("-inf")).view(-1, n)
+            values, idx = topk_per_group(grid, keep)
+            values, idx = values.tolist(), idx.tolist()
+            rows = []
+            for g in range(len(idx)):
+                survivors = [g * n + j for v, j in zip(values[g], idx[g]) if v > float("-inf")]
+                if survivors:  # duplicated in turn back to n beams
+                    rows += [survivors[i % len(survivors)] for i in range(n)]
+            if not rows:
+                break
+            s.fork(rows)
+        compute = s.compute()
+    finally:
+        s.free()
+    best, best_answer, majority, weighted = _select(completed, policy.device)
+    return StepSearchResult(completed=completed, best=best, best_answer=best_answer, majority=majority,
+                            weighted=weighted, compute=compute)
+
+
+@torch.no_grad()
+def dvts(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
+         step_delimiter: str = "\n\n", max_step_tokens: int = 256, max_final_tokens: int | None = None,
+         agg: str = "last", temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+         extract: Callable[[str], str | None] = extract_answer, look_every: int = 8) -> StepSearchResult:
+    """Diverse verifier tree search: ``n // beam_width`` independent subtrees per prompt.
+
+    Each iteration every live subtree samples ``beam_width`` candidate next steps, the PRM
+    scores them, and the subtree continues with the best one (by aggregate score, ties to
+    the first); a subtree ends when its chosen step ends with EOS, is empty, has no
+    delimiter within ``max_step_tokens``, or on the last iteration (which generates to the
+    end). Returns every subtree's final candidate; the answer by best aggregate score and
+    by weighted vote (and majority).
+    """
+    max_final_tokens = max_final_tokens or max_step_tokens
+    _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
+    subtrees = n // beam_width
+    s = _Search(policy, prm, prompts, agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                step_delimiter=step_delimiter, max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens,
+                num_iterations=num_iterations, rows=len(prompts) * n, look_every=look_every)
+    completed: list[list[StepCandidate]] = [[] for _ in range(s.P)]
+    try:
+        s.fork([p for p in range(s.P) for _ in range(subtrees * beam_width)])
+        for it in range(num_iterations):
+            last = it == num_iterations - 1
+            _, finish = s.step(last)
+            agg_scores = s.prm.aggregate
+            best = select_best(agg_scores.view(-1, beam_width)).tolist()  # per subtree, on the device
+            agg_h = agg_scores.tolist()
+            rows = []
+            for g, b in enumerate(best):
+                r = g * beam_width + b
+                if finish[r] is not None:
+                    completed[s.owner[r]].append(s.candidate(r, agg_h[r], finish[r], extract))
+                else:
+                    rows += [r] * beam_width
+            if not rows:
+                break
+            s.fork(rows)
+        compute = s.compute()
+    finally:
+        s.free()
+    best_c, best_answer, majority, weighted = _select(completed, policy.device)
+    return StepSearchResult(completed=completed, best=best_c, best_answer=best_answer, majority=majority,
+                            weighted=weighted, compute=compute)

@@ -1,0 +1,138 @@
+"""Sampling one reasoning step per row, with the step end found on the device.
+
+Step-level searches (PRM beam search, DVTS) let every row generate until its text
+contains the step delimiter (``"\\n\\n"``), EOS, or a token limit. Tools built on an
+inference server do this with stop strings checked on detokenized text on the host
+every token. Here the check is a table lookup on the device:
+
+:class:`DelimiterMatcher` precomputes, for every token ``v`` and every state ``s``
+(how many characters of the delimiter the text so far ends with), the state after
+appending ``v``'s text (Knuth-Morris-Pratt over the token's characters); state
+``len(delimiter)`` means the delimiter has appeared. A decode step then does
+``state = table[state, token]``: no detokenization and no host sync. A token whose
+text continues past the delimiter (``"\\n\\nThe"``) ends the step with it (steps end on
+token boundaries; the text is never cut inside a token).
+
+Token texts are ``tokenizer.decode([v])``, i.e. each token decoded alone; for byte-level
+BPE a token holding part of a multi-byte character decodes to U+FFFD, which never
+matches an ASCII delimiter, so the table is exact for ASCII delimiters.
+
+:func:`sample_steps` runs the decode loop for one step of every row: rows that
+finished their step are paused in place (they append nothing and keep their logits;
+see ``PolicySession.decode(active=...)``) and the host looks every ``look_every``
+tokens only to stop early when no row is still generating.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.sample import sample
+
+
+def _kmp_failure(pat: str) -> list[int]:
+    fail = [0] * len(pat)
+    k = 0
+    for i in range(1, len(pat)):
+        while k and pat[i] != pat[k]:
+            k = fail[k - 1]
+        if pat[i] == pat[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+def _advance(state: int, text: str, pat: str, fail: list[int]) -> int:
+    d = len(pat)
+    for ch in text:
+        while state and pat[state] != ch:
+            state = fail[state - 1]
+        if pat[state] == ch:
+            state += 1
+        if state == d:
+            return d
+    return state
+
+
+@functools.lru_cache(maxsize=8)
+def _table(token_texts: tuple[str, ...], delimiter: str) -> torch.Tensor:
+    fail = _kmp_failure(delimiter)
+    d = len(delimiter)
+    rows = [[_advance(s, t, delimiter, fail) for t in token_texts] for s in range(d)]
+    rows.append([d] * len(token_texts))  # matched stays matched
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+class DelimiterMatcher:
+    """Device table ``[len(delimiter) + 1, V]`` of delimiter-match states (see the module docstring)."""
+
+    def __init__(self, tokenizer, delimiter: str, vocab_size: int, device=None):
+        if not isinstance(delimiter, str) or not delimiter:
+            raise ValueError("step_delimiter must be a non-empty string")
+        texts = tuple(tokenizer.decode([v]) for v in range(vocab_size))
+        self.delimiter = delimiter
+        self.done = len(delimiter)
+        self.table = _table(texts, delimiter).to(device)
+
+    def start(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, dtype=torch.int64, device=self.table.device)
+
+    def step(self, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.table[state, tokens]
+
+
+@dataclass
+class Steps:
+    """One step of every row: ``tokens [rows, max]`` (-1 past the step), counts, and how each ended."""
+
+    tokens: torch.Tensor
+    counts: torch.Tensor  # [rows] tokens in the step (an EOS counts)
+    eos: torch.Tensor  # [rows] bool: ended with EOS
+    delimited: torch.Tensor  # [rows] bool: ended with the delimiter
+    forward_rows: int  # rows run through the policy (paused rows included)
+
+
+@torch.no_grad()
+def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
+                 temperature=1.0, top_p=1.0, top_k=0, seed: int = 0, offset: int = 0,
+                 look_every: int = 8) -> Steps:
+    """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
+
+    Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
+    The EOS token is not fed to the model (the row is finished); the delimiter's token is
+    (the next step continues after it).
+    """
+    R = session.rows
+    dev = session.logits.device
+    buf = torch.full((R, max_tokens), -1, dtype=torch.long, device=dev)
+    active = torch.ones(R, dtype=torch.bool, device=dev)
+    eos_hit = torch.zeros(R, dtype=torch.bool, device=dev)
+    delim = torch.zeros(R, dtype=torch.bool, device=dev)
+    counts = torch.zeros(R, dtype=torch.long, device=dev)
+    state = matcher.start(R) if matcher is not None else None
+    eos = torch.tensor(eos_ids or [-1], device=dev)
+    seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
+    forward_rows = 0
+    for t in range(max_tokens):
+        tok, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed_t,
+                        offset=offset + t)
+        buf[:, t] = torch.where(active, tok, -1)
+        counts += active
+        is_eos = torch.isin(tok, eos) & active
+        if matcher is not None:
+            state = torch.where(active, matcher.step(state, tok), state)
+            ends = (state == matcher.done) & active
+        else:
+            ends = torch.zeros_like(active)
+        feed = active & ~is_eos
+        eos_hit |= is_eos
+        delim |= ends & ~is_eos
+        active = feed & ~ends
+        # Rows ending their step now still feed its last token: their history must hold the whole step.
+        session.decode(tok, active=feed)
+        forward_rows += R
+        if t == max_tokens - 1 or ((t + 1) % look_every == 0 and not bool(active.any())):
+            break  # (the host looks every look_every tokens)
+    return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows)
