@@ -108,7 +108,7 @@ def test_dvts_one_candidate_per_subtree(models):
     policy, prm = models
     n, bw = 8, 4
     res = dvts(policy, prm, PROMPTS, n=n, beam_width=bw, num_iterations=4, agg="last", **KW)
-    for p, cands in enumerate(res.completed):
+    for cands in res.completed:
         assert len(cands) == n // bw
         for c in cands:
             assert (c.score != c.score) if not c.steps else c.score == pytest.approx(c.step_scores[-1], abs=1e-6)
