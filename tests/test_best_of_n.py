@@ -124,3 +124,35 @@ def test_bad_arguments(policy):
         best_of_n(policy, None, PROMPTS, 2, max_new_tokens=4, stop="\n")
     with pytest.raises(ValueError, match="top_p"):
         best_of_n(policy, None, PROMPTS, 2, max_new_tokens=4, top_p=0.0)
+
+
+def test_compute_accounting_by_hand(policy, prm, tok):
+    # No EOS: every row runs all T steps. Policy: prompts prefilled once (causal keys L(L+1)/2),
+    # then T-1 decodes of R = P*n rows, the row at position L+s attending L+s+1 keys. PRM: each
+    # prompt once, then each completion's tokens on top of its prompt.
+    n, T = 3, 6
+    before = policy.eos_token_ids
+    policy.eos_token_ids = []
+    try:
+        res = best_of_n(policy, prm, PROMPTS, n, max_new_tokens=T, seed=0)
+    finally:
+        policy.eos_token_ids = before
+    from tts_kernels.models.prm import split_steps
+    from tts_kernels.search.accounting import count_flops
+
+    L = [len(tok(p).input_ids) for p in PROMPTS]
+    c = res.compute
+    assert c.policy_prefill_tokens == sum(L)
+    assert c.policy_generated_tokens == len(PROMPTS) * n * T
+    tokens = sum(L) + len(PROMPTS) * n * (T - 1)
+    keys = sum(x * (x + 1) // 2 for x in L) + sum(n * (x + s + 1) for x in L for s in range(T - 1))
+    assert c.policy_flops == count_flops(policy.model, tokens, keys)
+    Lp = [len(prm.encode_prompt(p)) for p in PROMPTS]
+    prm_keys = sum(x * (x + 1) // 2 for x in Lp)
+    for p, row in enumerate(res.candidates):
+        for cand in row:
+            m = len(prm.encode_steps(split_steps(cand.text))[0])
+            prm_keys += m * Lp[p] + m * (m + 1) // 2
+    assert c.prm_tokens == res.prm_tokens
+    assert c.prm_flops == count_flops(prm.base, res.prm_tokens, prm_keys)
+    assert c.total_flops == c.policy_flops + c.prm_flops > 0

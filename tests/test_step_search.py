@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import char_tokenizer, tiny_llama
+from tiny_models import biased_policy_model, char_tokenizer, tiny_llama
 from transformers import LlamaForTokenClassification
 
 from tts_kernels.models import HFPRM, HFPolicy
@@ -52,17 +52,6 @@ def test_matcher_finds_the_first_token_completing_the_delimiter(delimiter):
         assert got == want, (seq, got, want)
 
 
-def biased_policy_model(tok, delimiter="e", bias=3.0, eos_bias=-1.0):
-    """A random char-level Llama whose LM head favours the delimiter (steps of ~6 characters)
-    and disfavours EOS, so searches run several iterations."""
-    model = tiny_llama(3)
-    b = torch.zeros(model.config.vocab_size)
-    b[tok.convert_tokens_to_ids(delimiter)] = bias
-    b[tok.eos_token_id] = eos_bias
-    model.lm_head.bias = torch.nn.Parameter(b)
-    return model
-
-
 @pytest.fixture(scope="module")
 def models():
     tok = char_tokenizer()
@@ -101,7 +90,7 @@ def test_beam_search_invariants(models):
     again = prm_beam_search(policy, prm, PROMPTS, n=6, beam_width=3, num_iterations=4, agg="min", **KW)
     assert [[c.text for c in cs] for cs in again.completed] == [[c.text for c in cs] for cs in res.completed]
     comp = res.compute
-    assert comp["policy_prefill_tokens"] == sum(len(policy.encode(p)) for p in PROMPTS)
+    assert comp.policy_prefill_tokens == sum(len(policy.encode(p)) for p in PROMPTS)
 
 
 def test_dvts_one_candidate_per_subtree(models):
@@ -137,7 +126,7 @@ def test_lookahead_rolls_out_without_keeping_the_rollout(models):
     for cands in look.completed:
         for c in cands:
             assert c.text == "".join(c.steps)
-    assert look.compute["prm_tokens"] > base.compute["prm_tokens"]
-    assert look.compute["policy_prefill_tokens"] == base.compute["policy_prefill_tokens"]
+    assert look.compute.prm_tokens > base.compute.prm_tokens
+    assert look.compute.policy_prefill_tokens == base.compute.policy_prefill_tokens
     with pytest.raises(ValueError, match="lookahead"):
         prm_beam_search(policy, prm, PROMPTS, n=4, beam_width=2, num_iterations=2, lookahead=-1)

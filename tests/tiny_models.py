@@ -35,3 +35,14 @@ def tiny_llama(seed=0, cls=None, **kw):
     torch.manual_seed(seed)
     model = (cls or LlamaForCausalLM)(llama_config(**kw)).eval()
     return model
+
+
+def biased_policy_model(tok, delimiter="e", bias=3.0, eos_bias=-1.0):
+    """A random char-level Llama whose LM head favours the delimiter (steps of ~6 characters)
+    and disfavours EOS, so searches run several iterations."""
+    model = tiny_llama(3)
+    b = torch.zeros(model.config.vocab_size)
+    b[tok.convert_tokens_to_ids(delimiter)] = bias
+    b[tok.eos_token_id] = eos_bias
+    model.lm_head.bias = torch.nn.Parameter(b)
+    return model

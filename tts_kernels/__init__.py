@@ -9,6 +9,8 @@ Public API:
 - :func:`prm_score` — PRM head at step ends, folded into running aggregates (last/min/prod/mean).
 - :func:`select_best`, :func:`majority_vote`, :func:`weighted_vote`, :func:`topk_per_group` —
   selection and voting over ``[B, N]`` candidates.
+- :func:`allocate_budget`, :func:`expected_coverage` — compute-optimal split of a sample budget over
+  prompts (exact greedy on the concave coverage objective; a host-side planning op).
 - :mod:`tts_kernels.cache` — :class:`~tts_kernels.cache.PagedKVCache`, the block pool with
   copy-on-write forks.
 - :mod:`tts_kernels.search` — search drivers (``beam_search``, with ``cache="paged"`` on the paged
@@ -19,7 +21,9 @@ Public API:
 """
 from . import _ext, cache, search
 from .ops import (
+    allocate_budget,
     beam_topk,
+    expected_coverage,
     kv_reorder_,
     majority_vote,
     paged_attention,
@@ -34,4 +38,5 @@ __version__ = "0.1.0"
 HAS_C = _ext.HAS_C
 
 __all__ = ["beam_topk", "kv_reorder_", "paged_attention", "sample", "prm_score", "select_best", "majority_vote",
-           "weighted_vote", "topk_per_group", "cache", "search", "HAS_C", "__version__"]
+           "weighted_vote", "topk_per_group", "allocate_budget", "expected_coverage", "cache", "search", "HAS_C",
+           "__version__"]

@@ -95,6 +95,9 @@ class PolicySession:
         self.logits = out.logits[:, -1]
         self.positions = mask.sum(1)  # next position of each row (device)
         self.tokens = int(sum(len(p) for p in prompt_ids))  # tokens run through the model
+        # Keys attended, summed over those tokens (for the FLOP estimate): causal prefill, then
+        # one more key per row per decode (a device tensor: no sync; read when reporting).
+        self.keys = torch.tensor(sum(len(p) * (len(p) + 1) // 2 for p in prompt_ids), device=dev)
 
     @property
     def rows(self) -> int:
@@ -109,6 +112,7 @@ class PolicySession:
         other.logits = self.logits.index_select(0, rows)
         other.positions = self.positions.index_select(0, rows)
         other.tokens = 0
+        other.keys = torch.zeros((), dtype=torch.long, device=self.logits.device)
         return other
 
     def fork(self, rows: torch.Tensor) -> None:
@@ -127,6 +131,7 @@ class PolicySession:
         """
         if active is not None:
             self.cache.set_attention_mask(active.to(torch.long)[:, None])
+        self.keys = self.keys + (self.positions + 1).sum()
         out = self.policy.model(input_ids=tokens[:, None], cache=self.cache,
                                 position_ids=self.positions[:, None], use_cache=True)
         logits = out.logits[:, -1]

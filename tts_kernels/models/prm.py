@@ -149,7 +149,8 @@ class HFPRM:
             for cs in completions:
                 out.append(flat[i: i + len(cs)])
                 i += len(cs)
-            return PRMScores(step_scores=out, aggregate=session.aggregate.clone(), tokens=session.tokens)
+            return PRMScores(step_scores=out, aggregate=session.aggregate.clone(), tokens=session.tokens,
+                             keys=session.keys)
         finally:
             session.free()
 
@@ -159,6 +160,7 @@ class PRMScores:
     step_scores: list  # [P][n][steps] floats
     aggregate: torch.Tensor  # [total candidates] float32, in prompt-major order
     tokens: int  # tokens the PRM processed
+    keys: int = 0  # keys attended, summed over those tokens (attention part of the FLOP estimate)
 
 
 class PRMSession:
@@ -177,6 +179,8 @@ class PRMSession:
         self.agg = agg
         self.aggregate, self.count = init_aggregate(P, agg, device=dev)
         self.tokens = 0
+        self.keys = 0  # keys attended, summed over the tokens run (for the FLOP estimate)
+        self._lens = [0] * P  # host: tokens cached per row (known from what was sent)
         self._forward(prompt_ids, None)
 
     @property
@@ -191,13 +195,15 @@ class PRMSession:
         other.cache = self.cache.spawn(rows)
         other.aggregate = self.aggregate.index_select(0, rows)
         other.count = self.count.index_select(0, rows)
-        other.tokens = 0
+        other.tokens = other.keys = 0
+        other._lens = [self._lens[r] for r in rows.tolist()]
         return other
 
     def fork(self, rows: torch.Tensor) -> None:
         """New row ``j`` continues row ``rows[j]`` (history shared, aggregate copied)."""
         rows = rows.to(self.aggregate.device)
         self.cache.fork(rows)
+        self._lens = [self._lens[r] for r in rows.tolist()]
         self.aggregate = self.aggregate.index_select(0, rows)
         self.count = self.count.index_select(0, rows)
 
@@ -237,6 +243,9 @@ class PRMSession:
         self.cache.set_attention_mask(mask)  # position_ids() does not consume it; update() does
         out = self.prm.base(input_ids=batch, cache=self.cache, position_ids=pos_ids, use_cache=True)
         self.tokens += sum(len(x) for x in ids)
+        for r, x in enumerate(ids):
+            self.keys += len(x) * self._lens[r] + len(x) * (len(x) + 1) // 2
+            self._lens[r] += len(x)
         if ends is None:
             return torch.empty(R, 0, device=dev)
         hidden = out.last_hidden_state

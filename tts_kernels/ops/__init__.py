@@ -1,4 +1,5 @@
 from . import _fake  # noqa: F401  (registers the fake kernels)
+from .allocate import allocate_budget, expected_coverage
 from .attention import paged_attention
 from .beam import beam_topk
 from .kv import kv_reorder_
@@ -7,4 +8,4 @@ from .sample import sample
 from .select import majority_vote, select_best, topk_per_group, weighted_vote
 
 __all__ = ["beam_topk", "kv_reorder_", "paged_attention", "sample", "prm_score", "select_best", "majority_vote",
-           "weighted_vote", "topk_per_group"]
+           "weighted_vote", "topk_per_group", "allocate_budget", "expected_coverage"]

@@ -34,6 +34,7 @@ import torch
 
 from ..ops.sample import sample
 from ..ops.select import majority_vote, select_best, weighted_vote
+from .accounting import Compute, count_flops
 from .answers import answer_ids, extract_answer
 
 
@@ -58,6 +59,7 @@ class BestOfNResult:
     weighted: list[str | None]
     policy_tokens: int
     prm_tokens: int
+    compute: Compute | None = None  # prefill / generated / PRM tokens and the FLOP estimate
 
 
 def _check(prompts, n, max_new_tokens, sync_every, stop):
@@ -75,8 +77,11 @@ def _check(prompts, n, max_new_tokens, sync_every, stop):
 @torch.no_grad()
 def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens: int, temperature=1.0,
                        top_p=1.0, top_k=0, min_p=0.0, stop: Sequence[str] | None = None, seed: int = 0,
-                       sync_every: int = 8):
-    """``n`` sampled completions per prompt: ``(texts [P][n], token ids [P][n], finish [P][n], policy tokens)``."""
+                       sync_every: int = 8, stats: dict | None = None):
+    """``n`` sampled completions per prompt: ``(texts [P][n], token ids [P][n], finish [P][n], policy tokens)``.
+
+    ``stats`` (a dict, optional) receives ``prefill`` (prompt tokens) and ``keys`` (keys
+    attended, summed over every token run: the attention part of the FLOP estimate)."""
     _check(prompts, n, max_new_tokens, sync_every, stop)
     tok = policy.tokenizer
     P = len(prompts)
@@ -122,6 +127,9 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
             # find them); their tokens are not recorded.
             session.decode(tokens)
         policy_tokens = session.tokens
+        if stats is not None:
+            stats["keys"] = int(session.keys)
+            stats["prefill"] = sum(len(policy.encode(p)) for p in prompts)
     finally:
         session.free()
     eos_ids = eos_set(policy)
@@ -174,9 +182,10 @@ def best_of_n(policy, prm, prompts: Sequence[str], n: int, *, max_new_tokens: in
         extract: answer of a completion text (default: ``\\boxed{X}`` / ``The answer is X``).
         sync_every: decode steps between host looks (stop checks and dropping finished rows).
     """
+    stats: dict = {}
     texts, ids, fins, policy_tokens = sample_completions(
         policy, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, stop=stop, seed=seed, sync_every=sync_every)
+        min_p=min_p, stop=stop, seed=seed, sync_every=sync_every, stats=stats)
     P = len(prompts)
     answers = [[extract(t) for t in row] for row in texts]
     dev = policy.device
@@ -185,9 +194,10 @@ def best_of_n(policy, prm, prompts: Sequence[str], n: int, *, max_new_tokens: in
         scored = prm.score(list(prompts), texts, agg=agg)
         scores = scored.aggregate.reshape(P, n).to(dev)
         step_scores, prm_tokens = scored.step_scores, scored.tokens
+        prm_flops = count_flops(prm.base, prm_tokens, scored.keys) if hasattr(prm, "base") else 0.0
     else:
         scores = torch.full((P, n), float("nan"), device=dev)
-        step_scores, prm_tokens = [[[] for _ in range(n)] for _ in range(P)], 0
+        step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
     best = select_best(scores)
     maj_ans, maj_idx = majority_vote(aids)
     w_ans, w_idx = weighted_vote(aids, scores)
@@ -201,4 +211,7 @@ def best_of_n(policy, prm, prompts: Sequence[str], n: int, *, max_new_tokens: in
         best_of_n=[answers[p][best_h[p]] for p in range(P)],
         majority=[answers[p][maj_h[p]] if maj_a[p] >= 0 else None for p in range(P)],
         weighted=[answers[p][w_h[p]] if w_a[p] >= 0 else None for p in range(P)],
-        policy_tokens=policy_tokens, prm_tokens=prm_tokens)
+        policy_tokens=policy_tokens, prm_tokens=prm_tokens,
+        compute=Compute(policy_prefill_tokens=stats["prefill"],
+                        policy_generated_tokens=sum(len(x) for row in ids for x in row), prm_tokens=prm_tokens,
+                        policy_flops=count_flops(policy.model, policy_tokens, stats["keys"]), prm_flops=prm_flops))

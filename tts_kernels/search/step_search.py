@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.select import majority_vote, select_best, topk_per_group, weighted_vote
+from .accounting import Compute, count_flops
 from .answers import answer_ids, extract_answer
 from .steps import DelimiterMatcher, sample_steps
 
@@ -47,7 +48,7 @@ class StepSearchResult:
     best_answer: list[str | None]
     majority: list[str | None]
     weighted: list[str | None]
-    compute: dict = field(default_factory=dict)  # token counts (see _Search.compute)
+    compute: Compute = field(default_factory=Compute)  # tokens and the FLOP estimate (see _Search.compute)
 
 
 class _Search:
@@ -80,6 +81,7 @@ class _Search:
         self.forward_rows = 0  # decode rows run (paused rows included)
         self.prefill = self.pol.tokens
         self.prm_extra = 0  # PRM tokens of lookahead rollouts
+        self.keys_extra = self.prm_keys_extra = 0  # keys attended by the rollouts (FLOP estimate)
 
     @property
     def rows(self) -> int:
@@ -165,6 +167,8 @@ class _Search:
                     break
             scores[idx] = prm.aggregate
             self.prm_extra += prm.tokens
+            self.keys_extra += int(pol.keys)
+            self.prm_keys_extra += prm.keys
         finally:
             pol.free()
             prm.free()
@@ -176,9 +180,15 @@ class _Search:
         return StepCandidate(text=self.texts[r], steps=list(self.steps[r]), step_scores=list(self.step_scores[r]),
                              score=score, finish=finish, answer=extract(self.texts[r]))
 
-    def compute(self) -> dict:
-        return {"policy_prefill_tokens": self.prefill, "policy_generated_tokens": self.generated,
-                "policy_decode_rows": self.forward_rows, "prm_tokens": self.prm.tokens + self.prm_extra}
+    def compute(self) -> Compute:
+        """Prompt tokens prefilled, tokens sampled (rollouts included), PRM tokens, and FLOPs of every
+        forward row actually run (paused rows ride along in decode batches and are counted)."""
+        prm_tokens = self.prm.tokens + self.prm_extra
+        policy_flops = count_flops(self.policy.model, self.prefill + self.forward_rows,
+                                   int(self.pol.keys) + self.keys_extra)
+        prm_flops = count_flops(self.prm_model.base, prm_tokens, self.prm.keys + self.prm_keys_extra)
+        return Compute(policy_prefill_tokens=self.prefill, policy_generated_tokens=self.generated,
+                       prm_tokens=prm_tokens, policy_flops=policy_flops, prm_flops=prm_flops)
 
     def free(self) -> None:
         self.pol.free()
