@@ -14,7 +14,10 @@ for their meaning only; the waste is removed:
 
 Differences, on purpose: a step ends at the end of the token that completes the
 delimiter (never inside a token); and with ``lookahead`` the rolled-out steps are
-greedy, as there.
+greedy, as there. A step's text is what it adds to the decoded completion
+(``decode(completion + step)`` minus ``decode(completion)``), so tokenizers whose
+decode depends on context (SentencePiece's leading spaces) give the same text as
+decoding the whole completion.
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ class _Search:
         self.P = len(prompts)
         self.owner = list(range(self.P))  # prompt of each row
         self.texts = [""] * self.P
+        self.ids: list[list[int]] = [[] for _ in range(self.P)]  # completion token ids (EOS dropped)
         self.steps: list[list[str]] = [[] for _ in range(self.P)]
         self.step_scores: list[list[float]] = [[] for _ in range(self.P)]
         self.offset = 0
@@ -91,7 +95,7 @@ class _Search:
         idx = torch.tensor(rows, dtype=torch.long, device=self.pol.logits.device)
         self.pol.fork(idx)
         self.prm.fork(idx)
-        for name in ("owner", "texts", "steps", "step_scores"):
+        for name in ("owner", "texts", "ids", "steps", "step_scores"):
             old = getattr(self, name)
             setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
 
@@ -105,7 +109,7 @@ class _Search:
                           offset=self.offset, look_every=self.look_every, **self.sampling)
         self.offset += limit
         self.forward_rows += st.forward_rows
-        ids, texts = self._decode(st)  # one host look per step: the PRM needs the steps' text
+        ids, texts = self._decode(st, self.ids, self.texts)  # one host look per step: the PRM needs the text
         eos, delim = st.eos.tolist(), st.delimited.tolist()
         finish = []
         for r, text in enumerate(texts):
@@ -123,16 +127,24 @@ class _Search:
         scores = self.prm.add_steps([[t] if t else [] for t in texts])
         first = scores[:, 0].tolist() if scores.shape[1] else [float("nan")] * self.rows
         for r, text in enumerate(texts):
+            self.ids[r] += [t for t in ids[r] if t not in self.eos_set]
             if text:
                 self.texts[r] += text
                 self.steps[r].append(text)
                 self.step_scores[r].append(first[r])
         return texts, finish
 
-    def _decode(self, st) -> tuple[list[list[int]], list[str]]:
+    def _decode(self, st, base_ids: list[list[int]], base_texts: list[str]) -> tuple[list[list[int]], list[str]]:
+        """Each row's step tokens, and the text the step adds to the row's decoded completion
+        (``base_ids`` / ``base_texts``: the completion so far)."""
         toks = st.tokens.tolist()
         ids = [[t for t in row if t >= 0] for row in toks]
-        texts = [self.tok.decode([t for t in row if t not in self.eos_set], skip_special_tokens=True) for row in ids]
+        texts = []
+        for j, row in enumerate(ids):
+            kept = [t for t in row if t not in self.eos_set]
+            full = self.tok.decode(base_ids[j] + kept, skip_special_tokens=True)
+            prev = base_texts[j]
+            texts.append(full[len(prev):] if full.startswith(prev) else self.tok.decode(kept, skip_special_tokens=True))
         return ids, texts
 
     def lookahead_scores(self, finish: list[str | None], steps: int) -> torch.Tensor:
@@ -149,17 +161,20 @@ class _Search:
         pol, prm = self.pol.clone(idx), self.prm.clone(idx)
         try:
             done = [False] * len(live)
+            base_ids, base_texts = [list(self.ids[r]) for r in live], [self.texts[r] for r in live]
             for _ in range(steps):
                 st = sample_steps(pol, max_tokens=self.max_step_tokens, eos_ids=self.eos, matcher=self.matcher,
                                   temperature=0.0, seed=0, offset=0, look_every=self.look_every)
                 self.forward_rows += st.forward_rows
-                ids, texts = self._decode(st)
+                ids, texts = self._decode(st, base_ids, base_texts)
                 eos, delim = st.eos.tolist(), st.delimited.tolist()
                 for j in range(len(live)):
                     if done[j]:
                         texts[j] = ""  # a finished rollout adds nothing more
                         continue
                     self.generated += len(ids[j])
+                    base_ids[j] += [t for t in ids[j] if t not in self.eos_set]
+                    base_texts[j] += texts[j]
                     if eos[j] or not delim[j] or not texts[j]:
                         done[j] = True
                 prm.add_steps([[t] if t else [] for t in texts])

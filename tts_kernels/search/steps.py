@@ -57,6 +57,12 @@ def _advance(state: int, text: str, pat: str, fail: list[int]) -> int:
 
 
 @functools.lru_cache(maxsize=8)
+def token_texts(tokenizer, vocab_size: int) -> tuple[str, ...]:
+    """Every token decoded alone (cached per tokenizer: decoding a 128k vocabulary takes ~1 s)."""
+    return tuple(tokenizer.decode([v]) for v in range(vocab_size))
+
+
+@functools.lru_cache(maxsize=8)
 def _table(token_texts: tuple[str, ...], delimiter: str) -> torch.Tensor:
     fail = _kmp_failure(delimiter)
     d = len(delimiter)
@@ -71,7 +77,7 @@ class DelimiterMatcher:
     def __init__(self, tokenizer, delimiter: str, vocab_size: int, device=None):
         if not isinstance(delimiter, str) or not delimiter:
             raise ValueError("step_delimiter must be a non-empty string")
-        texts = tuple(tokenizer.decode([v]) for v in range(vocab_size))
+        texts = token_texts(tokenizer, vocab_size)
         self.delimiter = delimiter
         self.done = len(delimiter)
         self.table = _table(texts, delimiter).to(device)
