@@ -1,10 +1,8 @@
 """compute_optimal: never over budget, allocation from allocate_budget, a strategy per level."""
 import pytest
 import torch
-from tiny_models import biased_policy_model, char_tokenizer, tiny_llama
-from transformers import LlamaForTokenClassification
+from tiny_models import search_models
 
-from tts_kernels.models import HFPRM, HFPolicy
 from tts_kernels.ops.allocate import allocate_budget
 from tts_kernels.search.compute_optimal import compute_optimal, default_plan
 
@@ -15,10 +13,7 @@ KW = dict(max_new_tokens=10, max_step_tokens=8, num_iterations=2, step_delimiter
 
 @pytest.fixture(scope="module")
 def models():
-    tok = char_tokenizer()
-    policy = HFPolicy(biased_policy_model(tok), tok)
-    prm = HFPRM(tiny_llama(4, cls=LlamaForTokenClassification, num_labels=2), tok, head="classifier")
-    return policy, prm
+    return search_models()
 
 
 @pytest.mark.parametrize("budget", [8, 9, 21, 40])

@@ -5,10 +5,8 @@ import random
 
 import pytest
 import torch
-from tiny_models import biased_policy_model, char_tokenizer, tiny_llama
-from transformers import LlamaForTokenClassification
+from tiny_models import search_models
 
-from tts_kernels.models import HFPRM, HFPolicy
 from tts_kernels.search.step_search import dvts, prm_beam_search
 from tts_kernels.search.steps import DelimiterMatcher
 
@@ -54,10 +52,7 @@ def test_matcher_finds_the_first_token_completing_the_delimiter(delimiter):
 
 @pytest.fixture(scope="module")
 def models():
-    tok = char_tokenizer()
-    policy = HFPolicy(biased_policy_model(tok), tok)
-    prm = HFPRM(tiny_llama(4, cls=LlamaForTokenClassification, num_labels=2), tok, head="classifier")
-    return policy, prm
+    return search_models()
 
 
 KW = dict(step_delimiter="e", max_step_tokens=12, max_final_tokens=10, temperature=1.0, seed=2)

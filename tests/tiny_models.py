@@ -46,3 +46,15 @@ def biased_policy_model(tok, delimiter="e", bias=3.0, eos_bias=-1.0):
     b[tok.eos_token_id] = eos_bias
     model.lm_head.bias = torch.nn.Parameter(b)
     return model
+
+
+def search_models():
+    """(policy, PRM) for search tests: the biased char-level policy and a 2-class token-classifier PRM."""
+    from transformers import LlamaForTokenClassification
+
+    from tts_kernels.models import HFPRM, HFPolicy
+
+    tok = char_tokenizer()
+    policy = HFPolicy(biased_policy_model(tok), tok)
+    prm = HFPRM(tiny_llama(4, cls=LlamaForTokenClassification, num_labels=2), tok, head="classifier")
+    return policy, prm

@@ -240,6 +240,32 @@ def _select(completed: list[list[StepCandidate]], device) -> tuple:
             [answers[p][w_i[p]] if w_a[p] >= 0 else None for p in range(P)])
 
 
+def _run(policy, prm, prompts, *, n, num_iterations, step_delimiter, max_step_tokens, max_final_tokens, agg,
+         temperature, top_p, top_k, seed, extract, look_every, choose) -> StepSearchResult:
+    """The loop both searches share: ``n`` rows per prompt; each iteration every row samples one
+    step and the PRM scores it; ``choose(s, finish, last, completed)`` records finished rows and
+    returns the rows to continue with (host list of row indices, forked for the next iteration)."""
+    s = _Search(policy, prm, prompts, agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                step_delimiter=step_delimiter, max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens,
+                num_iterations=num_iterations, rows=len(prompts) * n, look_every=look_every)
+    completed: list[list[StepCandidate]] = [[] for _ in range(s.P)]
+    try:
+        s.fork([p for p in range(s.P) for _ in range(n)])
+        for it in range(num_iterations):
+            last = it == num_iterations - 1
+            _, finish = s.step(last)
+            rows = choose(s, finish, last, completed)
+            if last or not rows:
+                break
+            s.fork(rows)
+        compute = s.compute()
+    finally:
+        s.free()
+    best, best_answer, majority, weighted = _select(completed, policy.device)
+    return StepSearchResult(completed=completed, best=best, best_answer=best_answer, majority=majority,
+                            weighted=weighted, compute=compute)
+
+
 @torch.no_grad()
 def prm_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
                     step_delimiter: str = "\n\n", max_step_tokens: int = 256, max_final_tokens: int | None = None,
@@ -253,51 +279,41 @@ def prm_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: 
     empty step) are completed; the others are scored by the PRM on their new step and the
     best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
     turn) back to ``n`` beams; on the last iteration beams generate to the end (up to
-    ``max_final_tokens``, default ``max_step_tokens``). The answer is the completed beam with
-    the best aggregate score; majority and weighted votes are over all completed beams.
+    ``max_final_tokens``, default ``max_step_tokens``). With ``lookahead > 0`` the ranking
+    score is that of each beam rolled out ``lookahead`` more greedy steps (not kept). The
+    answer is the completed beam with the best aggregate score; majority and weighted votes
+    are over all completed beams.
     """
     max_final_tokens = max_final_tokens or max_step_tokens
     _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
     if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
         raise ValueError(f"lookahead must be an int >= 0, got {lookahead!r}")
     keep = n // beam_width
-    s = _Search(policy, prm, prompts, agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-                step_delimiter=step_delimiter, max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens,
-                num_iterations=num_iterations, rows=len(prompts) * n, look_every=look_every)
-    completed: list[list[StepCandidate]] = [[] for _ in range(s.P)]
-    try:
-        s.fork([p for p in range(s.P) for _ in range(n)])
-        for it in range(num_iterations):
-            last = it == num_iterations - 1
-            _, finish = s.step(last)
-            agg_scores = s.prm.aggregate
-            agg_h = agg_scores.tolist()
-            for r, f in enumerate(finish):
-                if f is not None:
-                    completed[s.owner[r]].append(s.candidate(r, agg_h[r], f, extract))
-            if last:
-                break
-            # Rows come in blocks of n per live prompt: the best `keep` unfinished rows of each,
-            # ranked by their aggregate, or by that of their greedy rollout with lookahead.
-            rank = s.lookahead_scores(finish, lookahead) if lookahead else agg_scores
-            live = torch.tensor([f is None for f in finish], device=agg_scores.device)
-            grid = torch.where(live, rank, float("-inf")).view(-1, n)
-            values, idx = topk_per_group(grid, keep)
-            values, idx = values.tolist(), idx.tolist()
-            rows = []
-            for g in range(len(idx)):
-                survivors = [g * n + j for v, j in zip(values[g], idx[g]) if v > float("-inf")]
-                if survivors:  # duplicated in turn back to n beams
-                    rows += [survivors[i % len(survivors)] for i in range(n)]
-            if not rows:
-                break
-            s.fork(rows)
-        compute = s.compute()
-    finally:
-        s.free()
-    best, best_answer, majority, weighted = _select(completed, policy.device)
-    return StepSearchResult(completed=completed, best=best, best_answer=best_answer, majority=majority,
-                            weighted=weighted, compute=compute)
+
+    def choose(s, finish, last, completed):
+        agg_scores = s.prm.aggregate
+        agg_h = agg_scores.tolist()
+        for r, f in enumerate(finish):
+            if f is not None:
+                completed[s.owner[r]].append(s.candidate(r, agg_h[r], f, extract))
+        if last:
+            return []
+        # Rows come in blocks of n per live prompt: the best `keep` unfinished rows of each,
+        # ranked by their aggregate, or by that of their greedy rollout with lookahead.
+        rank = s.lookahead_scores(finish, lookahead) if lookahead else agg_scores
+        live = torch.tensor([f is None for f in finish], device=agg_scores.device)
+        values, idx = topk_per_group(torch.where(live, rank, float("-inf")).view(-1, n), keep)
+        values, idx = values.tolist(), idx.tolist()
+        rows = []
+        for g in range(len(idx)):
+            survivors = [g * n + j for v, j in zip(values[g], idx[g]) if v > float("-inf")]
+            if survivors:  # duplicated in turn back to n beams
+                rows += [survivors[i % len(survivors)] for i in range(n)]
+        return rows
+
+    return _run(policy, prm, prompts, n=n, num_iterations=num_iterations, step_delimiter=step_delimiter,
+                max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens, agg=agg, temperature=temperature,
+                top_p=top_p, top_k=top_k, seed=seed, extract=extract, look_every=look_every, choose=choose)
 
 
 @torch.no_grad()
@@ -316,32 +332,20 @@ def dvts(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_it
     """
     max_final_tokens = max_final_tokens or max_step_tokens
     _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
-    subtrees = n // beam_width
-    s = _Search(policy, prm, prompts, agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-                step_delimiter=step_delimiter, max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens,
-                num_iterations=num_iterations, rows=len(prompts) * n, look_every=look_every)
-    completed: list[list[StepCandidate]] = [[] for _ in range(s.P)]
-    try:
-        s.fork([p for p in range(s.P) for _ in range(subtrees * beam_width)])
-        for it in range(num_iterations):
-            last = it == num_iterations - 1
-            _, finish = s.step(last)
-            agg_scores = s.prm.aggregate
-            best = select_best(agg_scores.view(-1, beam_width)).tolist()  # per subtree, on the device
-            agg_h = agg_scores.tolist()
-            rows = []
-            for g, b in enumerate(best):
-                r = g * beam_width + b
-                if finish[r] is not None:
-                    completed[s.owner[r]].append(s.candidate(r, agg_h[r], finish[r], extract))
-                else:
-                    rows += [r] * beam_width
-            if not rows:
-                break
-            s.fork(rows)
-        compute = s.compute()
-    finally:
-        s.free()
-    best_c, best_answer, majority, weighted = _select(completed, policy.device)
-    return StepSearchResult(completed=completed, best=best_c, best_answer=best_answer, majority=majority,
-                            weighted=weighted, compute=compute)
+
+    def choose(s, finish, last, completed):
+        agg_scores = s.prm.aggregate
+        best = select_best(agg_scores.view(-1, beam_width)).tolist()  # per subtree, on the device
+        agg_h = agg_scores.tolist()
+        rows = []
+        for g, b in enumerate(best):
+            r = g * beam_width + b
+            if finish[r] is not None:
+                completed[s.owner[r]].append(s.candidate(r, agg_h[r], finish[r], extract))
+            else:
+                rows += [r] * beam_width
+        return rows
+
+    return _run(policy, prm, prompts, n=n, num_iterations=num_iterations, step_delimiter=step_delimiter,
+                max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens, agg=agg, temperature=temperature,
+                top_p=top_p, top_k=top_k, seed=seed, extract=extract, look_every=look_every, choose=choose)
