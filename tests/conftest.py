@@ -5,3 +5,11 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def child_results(request):
+    """Verdicts of the test module run as a script under ``TRITON_INTERPRET=1`` (tests/child_process.py)."""
+    from child_process import run_interpreter_child
+
+    return run_interpreter_child(request.module.__file__)

@@ -1,8 +1,6 @@
 """The build: one source list, CMake library, schema agreement, the no-extension fallback."""
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +8,10 @@ import torch
 
 from tts_kernels import _ext
 
+from child_process import run_py
 from source_list import listed_sources
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_py(code, **env):
-    e = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, cwd=ROOT, timeout=300)
 
 
 def test_source_list_covers_csrc():

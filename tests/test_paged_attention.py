@@ -1,10 +1,6 @@
 """paged_attention: the reference against dense SDPA, the CPU kernel against the
 reference (odd sizes, GQA ratios, block sizes, windows, dtypes, shared prefixes),
 opcheck, torch.compile and bad input."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +9,9 @@ import tts_kernels
 from tts_kernels import paged_attention
 from tts_kernels.reference import paged_attention_ref
 
+from child_process import run_py
 from paged_checks import TOL, dense_attention, make_case, make_shared_case
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = list(TOL)
 
 # n, H, Hkv, D, P, lens: GQA ratios 1, 4, 7, 8; head_dim 64, 40, 128, 24;
@@ -175,8 +171,7 @@ def test_fallback_without_extension():
         "assert torch.equal(a, paged_attention_ref(q, kc, vc, bt, L, sliding_window=5)) and torch.equal(a, b)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, TTS_KERNELS_NO_EXT="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    res = run_py(code, TTS_KERNELS_NO_EXT="1")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 

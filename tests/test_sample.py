@@ -1,9 +1,5 @@
 """sample: the CPU kernel against the reference, the distribution, determinism, bad input."""
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +7,9 @@ import torch
 from tts_kernels import sample
 from tts_kernels.reference import philox4x32_ref, sample_ref, sample_uniform_ref
 
+from child_process import run_py
 from sample_checks import LOGITS, SETTINGS, chi2_test, draw_counts, exact_probs
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # logprob = (x - m) - log Z: x - m is exact, log Z differs by the order of the sum
 # over up to 1.5e5 kept terms and by exp's last bits (the CPU kernel's polynomial
@@ -364,6 +360,5 @@ def test_fallback_without_extension():
         "assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, TTS_KERNELS_NO_EXT="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    res = run_py(code, TTS_KERNELS_NO_EXT="1")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr

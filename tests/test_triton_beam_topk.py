@@ -15,12 +15,8 @@ path), NaN, all -inf rows, temperature, strided rows, exact ties.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
-from pathlib import Path
 
 
 # name, B, K, V, C, temperature, extra
@@ -85,26 +81,24 @@ def _child() -> None:
     import tts_kernels
     from tts_kernels.triton import beam_topk as bt
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from beam_checks import check_selection
+    from child_process import record, report
 
     kinds = {type(bt._beam_partial_kernel).__name__, type(bt._beam_merge_kernel).__name__}
     results = {"_interpreted": kinds == {"InterpretedFunction"}, "_kinds": sorted(kinds)}
+
+    def run_case(B, K, V, C, T, extra):
+        logits, beam_scores = _make_case(torch, B, K, V, extra)
+        if extra.get("api"):
+            out = tts_kernels.beam_topk(logits, beam_scores, C, T, backend="triton")
+        else:
+            out = bt.beam_topk_triton(logits, beam_scores, C, T, num_splits=extra.get("splits"))
+        check_selection(out, logits, beam_scores, C, T)
+
     for i, (name, B, K, V, C, T, extra) in enumerate(CASES):
         torch.manual_seed(1000 + i)
-        t0 = time.perf_counter()
-        try:
-            logits, beam_scores = _make_case(torch, B, K, V, extra)
-            if extra.get("api"):
-                out = tts_kernels.beam_topk(logits, beam_scores, C, T, backend="triton")
-            else:
-                out = bt.beam_topk_triton(logits, beam_scores, C, T, num_splits=extra.get("splits"))
-            check_selection(out, logits, beam_scores, C, T)
-            verdict = "ok"
-        except Exception:  # reported by the parent's test of this case
-            verdict = traceback.format_exc()
-        results[name] = {"verdict": verdict, "seconds": round(time.perf_counter() - t0, 2)}
-    print("RESULTS " + json.dumps(results))
+        record(results, name, run_case, B, K, V, C, T, extra)
+    report(results)
 
 
 if __name__ == "__main__":
@@ -117,14 +111,6 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-
-from interpreter_child import run_interpreter_child  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def child_results():
-    return run_interpreter_child(__file__)
-
 
 def test_kernels_are_interpreted(child_results):
     assert child_results["_interpreted"], f"TRITON_INTERPRET=1 did not take effect: {child_results['_kinds']}"

@@ -9,12 +9,8 @@ variants are compiled for sm_90 below without a GPU.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
-from pathlib import Path
 
 
 # name, (n, H, Hkv, D, P, lens), window, extra
@@ -51,46 +47,41 @@ def _child() -> None:
     from tts_kernels.reference import paged_attention_ref
     from tts_kernels.triton import paged_attention as pa
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from child_process import record, report
     from paged_checks import TOL, make_case, make_shared_case
 
     kinds = {type(pa._paged_attn_kernel).__name__, type(pa._prefix_attn_kernel).__name__}
     results = {"_interpreted": kinds == {"InterpretedFunction"}, "_kinds": sorted(kinds)}
     tol = TOL[torch.float32]
+
+    def plain_case(k, shape, window, extra):
+        n, H, Hkv, D, P, lens = shape
+        q, kc, vc, bt, L = make_case(n, H, Hkv, D, P, lens, gen=torch.Generator().manual_seed(100 + k))
+        scale = extra.get("scale", D ** -0.5)
+        if extra.get("strided"):
+            wide = torch.full((n, bt.shape[1] + 5), 3, dtype=torch.int32)
+            wide[:, 2:2 + bt.shape[1]] = bt
+            bt_in = wide[:, 2:2 + bt.shape[1]]
+        else:
+            bt_in = bt
+        if extra.get("api"):
+            out = tts_kernels.paged_attention(q, kc, vc, bt_in, L, sliding_window=window, backend="triton")
+        else:
+            out = pa.paged_attention_triton(q, kc, vc, bt_in, L, scale, window)
+        torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, bt, L, scale, window), **tol)
+
+    def shared_case(k, groups, H, Hkv, D, P, window, extra):
+        q, kc, vc, bt, L, pre = make_shared_case(groups, H, Hkv, D, P, gen=torch.Generator().manual_seed(k))
+        pre = pre + extra.get("prefix_shift", 0)
+        out = tts_kernels.paged_attention(q, kc, vc, bt, L, sliding_window=window, prefix_lens=pre,
+                                          backend="triton")
+        torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, bt, L, None, window), **tol)
+
     for k, (name, shape, window, extra) in enumerate(CASES):
-        t0 = time.perf_counter()
-        try:
-            n, H, Hkv, D, P, lens = shape
-            q, kc, vc, bt, L = make_case(n, H, Hkv, D, P, lens, gen=torch.Generator().manual_seed(100 + k))
-            scale = extra.get("scale", D ** -0.5)
-            if extra.get("strided"):
-                wide = torch.full((n, bt.shape[1] + 5), 3, dtype=torch.int32)
-                wide[:, 2:2 + bt.shape[1]] = bt
-                bt_in = wide[:, 2:2 + bt.shape[1]]
-            else:
-                bt_in = bt
-            if extra.get("api"):
-                out = tts_kernels.paged_attention(q, kc, vc, bt_in, L, sliding_window=window, backend="triton")
-            else:
-                out = pa.paged_attention_triton(q, kc, vc, bt_in, L, scale, window)
-            torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, bt, L, scale, window), **tol)
-            verdict = "ok"
-        except Exception:  # reported by the parent's test of this case
-            verdict = traceback.format_exc()
-        results[name] = {"verdict": verdict, "seconds": round(time.perf_counter() - t0, 2)}
+        record(results, name, plain_case, k, shape, window, extra)
     for k, (name, groups, (H, Hkv, D, P), window, extra) in enumerate(SHARED_CASES):
-        t0 = time.perf_counter()
-        try:
-            q, kc, vc, bt, L, pre = make_shared_case(groups, H, Hkv, D, P, gen=torch.Generator().manual_seed(k))
-            pre = pre + extra.get("prefix_shift", 0)
-            out = tts_kernels.paged_attention(q, kc, vc, bt, L, sliding_window=window, prefix_lens=pre,
-                                              backend="triton")
-            torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, bt, L, None, window), **tol)
-            verdict = "ok"
-        except Exception:
-            verdict = traceback.format_exc()
-        results[name] = {"verdict": verdict, "seconds": round(time.perf_counter() - t0, 2)}
-    print("RESULTS " + json.dumps(results))
+        record(results, name, shared_case, k, groups, H, Hkv, D, P, window, extra)
+    report(results)
 
 
 if __name__ == "__main__":
@@ -103,14 +94,6 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-
-from interpreter_child import run_interpreter_child  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def child_results():
-    return run_interpreter_child(__file__)
-
 
 def test_kernels_are_interpreted(child_results):
     assert child_results["_interpreted"], f"TRITON_INTERPRET=1 did not take effect: {child_results['_kinds']}"

@@ -9,10 +9,8 @@ mid-block, step every child, and compare every sequence with what was written.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 
 
 
@@ -24,14 +22,9 @@ def _child() -> None:
     from tts_kernels.cache import _paged_ops as ops
     from tts_kernels.triton import paged_cache as tpc
 
-    results = {"_interpreted": type(tpc._copy_blocks_kernel).__name__ == "InterpretedFunction"}
+    from child_process import record, report
 
-    def case(name, fn):
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
+    results = {"_interpreted": type(tpc._copy_blocks_kernel).__name__ == "InterpretedFunction"}
 
     def kernel_vs_indexing():
         torch.manual_seed(0)
@@ -78,9 +71,9 @@ def _child() -> None:
                 assert torch.equal(k[r, :, :6], hist[layer][0][0]) and torch.equal(k[r, :, 6:], new[layer][0][r])
                 assert torch.equal(v[r, :, :6], hist[layer][1][0]) and torch.equal(v[r, :, 6:], new[layer][1][r])
 
-    case("kernel_vs_indexing", kernel_vs_indexing)
-    case("deferred_cache_cow", deferred_cache_cow)
-    print("RESULTS " + json.dumps(results))
+    record(results, "kernel_vs_indexing", kernel_vs_indexing)
+    record(results, "deferred_cache_cow", deferred_cache_cow)
+    report(results)
 
 
 if __name__ == "__main__":
@@ -92,21 +85,13 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from interpreter_child import run_interpreter_child  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def child_results():
-    return run_interpreter_child(__file__)
-
-
 def test_kernel_is_interpreted(child_results):
     assert child_results["_interpreted"]
 
 
 @pytest.mark.parametrize("name", ["kernel_vs_indexing", "deferred_cache_cow"])
 def test_case(child_results, name):
-    assert child_results[name] == "ok", child_results[name]
+    assert child_results[name]["verdict"] == "ok", child_results[name]["verdict"]
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])

@@ -8,11 +8,8 @@ except two single-row cases at V = 50257.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 
@@ -142,19 +139,15 @@ def _child() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
 
+    from child_process import record, report
+
     from tts_kernels.triton import sample as st
 
     results = {"_interpreted": type(st._sample_kernel).__name__ == "InterpretedFunction"}
     for i, (name, fn) in enumerate(CASES.items()):
         torch.manual_seed(2000 + i)
-        t0 = time.perf_counter()
-        try:
-            fn(torch, st)
-            verdict = "ok"
-        except Exception:  # reported by the parent's test of this case
-            verdict = traceback.format_exc()
-        results[name] = {"verdict": verdict, "seconds": round(time.perf_counter() - t0, 2)}
-    print("RESULTS " + json.dumps(results))
+        record(results, name, fn, torch, st)
+    report(results)
 
 
 if __name__ == "__main__":
@@ -167,14 +160,6 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-
-from interpreter_child import run_interpreter_child  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def child_results():
-    return run_interpreter_child(__file__)
-
 
 def test_kernel_is_interpreted(child_results):
     assert child_results["_interpreted"], "TRITON_INTERPRET=1 did not take effect"
