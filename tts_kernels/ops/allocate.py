@@ -15,13 +15,12 @@ device. ``expected_coverage`` is a plain device op with no host read.
 """
 from __future__ import annotations
 
-import operator
 import struct
 import sys
 
 import torch
 
-from ._validate import check_same_device, check_tensor
+from ._validate import check_int, check_same_device, check_tensor
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -29,18 +28,6 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Counts are handled as float64 inside the threshold search (floor of a
 # quotient), so they must be integers that float64 represents exactly.
 MAX_BUDGET = 2**53
-
-
-def _int_arg(name: str, value, *, minimum: int = 0) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
 
 
 # Order-preserving map between finite/infinite float64 values and integers, so
@@ -144,10 +131,10 @@ def allocate_budget(p: torch.Tensor, budget: int, *, n_min: int = 1, n_max: int 
     check_tensor("p", p, dtypes=_FLOAT_DTYPES)
     if p.dim() != 1:
         raise ValueError(f"p must be a 1-D tensor of per-prompt probabilities [P], got shape {tuple(p.shape)}")
-    budget = _int_arg("budget", budget)
-    n_min = _int_arg("n_min", n_min)
+    budget = check_int("budget", budget)
+    n_min = check_int("n_min", n_min)
     if n_max is not None:
-        n_max = _int_arg("n_max", n_max)
+        n_max = check_int("n_max", n_max)
         if n_max < n_min:
             raise ValueError(f"n_max must be >= n_min, got n_max={n_max} < n_min={n_min}")
     if not isinstance(spend_all, bool):

@@ -23,10 +23,11 @@ step is the case ``t = 1``.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from dataclasses import dataclass
 
 from torch import nn
+
+from ..ops._validate import check_int
 
 __all__ = ["Compute", "model_flops_per_token", "attention_flops", "causal_context_sum", "FlopCounter",
            "count_flops"]
@@ -190,18 +191,6 @@ def _attention_config(model_or_config):
     return model_or_config
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
-
-
 def _attention_flops_per_key(config) -> float:
     return 4.0 * _field(config, "num_hidden_layers") * _field(config, "num_attention_heads") * _head_dim(config)
 
@@ -216,8 +205,8 @@ def attention_flops(model_or_config, query_tokens: int, context_tokens_sum: int)
     shares K/V storage, not this work). For causal attention use :func:`causal_context_sum`;
     a sliding window or a tree mask is the caller's count.
     """
-    q = _count("query_tokens", query_tokens)
-    keys = _count("context_tokens_sum", context_tokens_sum)
+    q = check_int("query_tokens", query_tokens)
+    keys = check_int("context_tokens_sum", context_tokens_sum)
     if keys < q:
         raise ValueError(f"context_tokens_sum must be >= query_tokens (each query attends at least itself), "
                          f"got {keys} < {q}")
@@ -227,8 +216,8 @@ def attention_flops(model_or_config, query_tokens: int, context_tokens_sum: int)
 def causal_context_sum(new_tokens: int, past_tokens: int = 0) -> int:
     """Keys attended by ``new_tokens`` appended after ``past_tokens`` cached ones, causally:
     ``sum_{j=1..new} (past + j) = new * past + new (new + 1) / 2``."""
-    t = _count("new_tokens", new_tokens)
-    past = _count("past_tokens", past_tokens)
+    t = check_int("new_tokens", new_tokens)
+    past = check_int("past_tokens", past_tokens)
     return t * past + t * (t + 1) // 2
 
 
@@ -244,8 +233,8 @@ class FlopCounter:
 
     def count(self, tokens: int, context_sum: int) -> float:
         """FLOPs of a forward over ``tokens`` query tokens attending ``context_sum`` keys in all."""
-        t = _count("tokens", tokens)
-        keys = _count("context_sum", context_sum)
+        t = check_int("tokens", tokens)
+        keys = check_int("context_sum", context_sum)
         if keys < t:
             raise ValueError(f"context_sum must be >= tokens (each token attends at least itself), got {keys} < {t}")
         return self.flops_per_token * t + self.flops_per_key * keys
