@@ -94,7 +94,8 @@ class PolicySession:
                                logits_to_keep=1)
         self.logits = out.logits[:, -1]
         self.positions = mask.sum(1)  # next position of each row (device)
-        self.tokens = int(sum(len(p) for p in prompt_ids))  # tokens run through the model
+        self.prefill_tokens = int(sum(len(p) for p in prompt_ids))  # prompt tokens prefilled
+        self.tokens = self.prefill_tokens  # tokens run through the model (decode rows added later)
         # Keys attended, summed over those tokens (for the FLOP estimate): causal prefill, then
         # one more key per row per decode (a device tensor: no sync; read when reporting).
         self.keys = torch.tensor(sum(len(p) * (len(p) + 1) // 2 for p in prompt_ids), device=dev)
@@ -111,7 +112,7 @@ class PolicySession:
         other.cache = self.cache.spawn(rows)
         other.logits = self.logits.index_select(0, rows)
         other.positions = self.positions.index_select(0, rows)
-        other.tokens = 0
+        other.tokens = other.prefill_tokens = 0
         other.keys = torch.zeros((), dtype=torch.long, device=self.logits.device)
         return other
 

@@ -129,7 +129,7 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
         policy_tokens = session.tokens
         if stats is not None:
             stats["keys"] = int(session.keys)
-            stats["prefill"] = sum(len(policy.encode(p)) for p in prompts)
+            stats["prefill"] = session.prefill_tokens
     finally:
         session.free()
     eos_ids = eos_set(policy)

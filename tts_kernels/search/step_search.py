@@ -83,7 +83,6 @@ class _Search:
         self.offset = 0
         self.generated = 0  # tokens sampled and kept
         self.forward_rows = 0  # decode rows run (paused rows included)
-        self.prefill = self.pol.tokens
         self.prm_extra = 0  # PRM tokens of lookahead rollouts
         self.keys_extra = self.prm_keys_extra = 0  # keys attended by the rollouts (FLOP estimate)
 
@@ -199,10 +198,10 @@ class _Search:
         """Prompt tokens prefilled, tokens sampled (rollouts included), PRM tokens, and FLOPs of every
         forward row actually run (paused rows ride along in decode batches and are counted)."""
         prm_tokens = self.prm.tokens + self.prm_extra
-        policy_flops = count_flops(self.policy.model, self.prefill + self.forward_rows,
+        policy_flops = count_flops(self.policy.model, self.pol.prefill_tokens + self.forward_rows,
                                    int(self.pol.keys) + self.keys_extra)
         prm_flops = count_flops(self.prm_model.base, prm_tokens, self.prm.keys + self.prm_keys_extra)
-        return Compute(policy_prefill_tokens=self.prefill, policy_generated_tokens=self.generated,
+        return Compute(policy_prefill_tokens=self.pol.prefill_tokens, policy_generated_tokens=self.generated,
                        prm_tokens=prm_tokens, policy_flops=policy_flops, prm_flops=prm_flops)
 
     def free(self) -> None:
