@@ -214,16 +214,14 @@ def reorder(st: PagedState, ids: torch.Tensor, parents: torch.Tensor, ok: torch.
 
 @dataclass
 class StepPlan:
-    """What the first append of a step decided: where each new token goes, and the CoW copies."""
+    """What the first append of a step decided: where each new token goes, and the CoW copies
+    (``copy_*`` are None when the C++ backend already made the copies)."""
 
-    ids: torch.Tensor        # [n] sequence ids (clamped)
     blk: torch.Tensor        # [n, t] destination block per new-token slot (trash block when masked)
     slot: torch.Tensor       # [n, t] destination slot within the block
-    copy_src: torch.Tensor   # [c] blocks to copy from (copy-on-write), all layers
-    copy_dst: torch.Tensor   # [c] their fresh private copies
-    copy_mask: torch.Tensor | None  # [c] bool when copies are masked rather than compacted (CUDA)
-    new_lens: torch.Tensor   # [n] lengths once the step is committed
-    num_new_blocks: torch.Tensor  # 0-dim: blocks taken from the pool by this step
+    copy_src: torch.Tensor | None = None   # [c] blocks to copy from (copy-on-write), all layers
+    copy_dst: torch.Tensor | None = None   # [c] their fresh private copies
+    copy_mask: torch.Tensor | None = None  # [c] bool when copies are masked rather than compacted (CUDA)
 
 
 def plan_step(st: PagedState, ids: torch.Tensor, t: int, start: torch.Tensor | None, max_seq_len: int,
@@ -302,8 +300,7 @@ def commit_step(st: PagedState, plan: dict, ok: torch.Tensor) -> StepPlan:
         sel = mask.nonzero().squeeze(1)  # host read: used on CPU only, where it costs nothing
         src, cdst, mask = src[sel], cdst[sel], None
     blk = torch.where(ok, plan["blk"], NB)
-    return StepPlan(ids=ids, blk=blk, slot=plan["slot"], copy_src=src, copy_dst=cdst, copy_mask=mask,
-                    new_lens=plan["L1"], num_new_blocks=torch.where(ok, plan["k"], 0))
+    return StepPlan(blk=blk, slot=plan["slot"], copy_src=src, copy_dst=cdst, copy_mask=mask)
 
 
 def copy_blocks(st: PagedState, plan: StepPlan) -> None:

@@ -294,8 +294,7 @@ class PagedKVCache:
             blk, slot, err = torch.ops.tts.paged_begin_step_(self._state_list, self._st.k_pool, self._st.v_pool,
                                                              ids, start, t, self.max_seq_len)
             self._raise_if(err, "append", "seq_ids")
-            step = ops.StepPlan(ids=ids, blk=blk, slot=slot, copy_src=None, copy_dst=None, copy_mask=None,
-                                new_lens=None, num_new_blocks=None)
+            step = ops.StepPlan(blk=blk, slot=slot)
             self._step = dict(plan=step, n=n, t=t, next_layer=0, ids_arg=seq_ids, start=start)
         elif layer == 0:
             err, plan = ops.plan_step(self._st, ids, t, start, self.max_seq_len, compact=self.strict)
