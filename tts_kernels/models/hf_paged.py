@@ -51,6 +51,8 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..ops.attention import KV_DTYPES, paged_attention
+
 ATTN_IMPLEMENTATION = "tts_paged"
 
 # The cache whose update() ran last on this thread, the layer and the key tensor it returned:
@@ -281,12 +283,11 @@ class PagedCache(Cache):
 def _decode_attention(cache: PagedCache, layer: int, query: torch.Tensor, scale: float,
                       window: int | None) -> torch.Tensor:
     """One query per row (the newest token) over the row's pool history: ``query [n, Hq, D]`` ->
-    ``[n, Hq, D]``. ``paged_attention`` reads the blocks in place; the dense fallback (when that op
-    is missing, or for float64, which it does not take) gathers the rows."""
-    paged = _paged_attention_op()
-    if paged is not None and query.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    ``[n, Hq, D]``. ``paged_attention`` reads the blocks in place; the dense fallback (for float64,
+    which it does not take) gathers the rows."""
+    if query.dtype in KV_DTYPES:
         k_cache, v_cache, tables, lens = cache.kv.layer_view(layer, cache.seq_ids)
-        return paged(query, k_cache, v_cache, tables, lens, scale=scale, sliding_window=window)
+        return paged_attention(query, k_cache, v_cache, tables, lens, scale=scale, sliding_window=window)
     k, v = cache.kv.gather(layer, cache.seq_ids)
     L = cache.kv.layer_view(layer, cache.seq_ids)[3].to(torch.long)[:, None]  # the new token is the last one
     kidx = torch.arange(k.shape[2], device=k.device)
@@ -296,19 +297,6 @@ def _decode_attention(cache: PagedCache, layer: int, query: torch.Tensor, scale:
     out = F.scaled_dot_product_attention(query[:, :, None], k, v, attn_mask=ok[:, None, None, :], scale=scale,
                                          enable_gqa=True)
     return out[:, :, 0]
-
-
-_PAGED_OP = []
-
-
-def _paged_attention_op():
-    if not _PAGED_OP:
-        try:
-            from .. import paged_attention
-        except ImportError:
-            paged_attention = None
-        _PAGED_OP.append(paged_attention)
-    return _PAGED_OP[0]
 
 
 def _chunk_attention(cache: PagedCache, layer: int, query: torch.Tensor, scale: float,
