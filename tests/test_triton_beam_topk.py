@@ -112,6 +112,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from child_process import compile_for_hopper  # noqa: E402
+
 def test_kernels_are_interpreted(child_results):
     assert child_results["_interpreted"], f"TRITON_INTERPRET=1 did not take effect: {child_results['_kinds']}"
 
@@ -148,30 +150,12 @@ _SIGNATURES = {
 def test_kernels_compile_for_hopper():
     """The interpreter does not run Triton's compiler (constexpr globals, typing of
     loop-carried values, int64 sorts, lowering); compile to sm_90 cubin without a GPU."""
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as exc:  # pragma: no cover - layout of triton internals
-        pytest.skip(f"triton's compiler API moved: {exc}")
-    import triton
-
     from tts_kernels.triton import beam_topk as bt
 
-    if type(bt._beam_partial_kernel).__name__ == "InterpretedFunction":
-        pytest.skip("TRITON_INTERPRET=1 in this process: the kernels are not compilable objects")
     for name, dt, consts, warps in _AOT_VARIANTS:
         sig = {k: v.format(dt=dt) for k, v in _SIGNATURES[name].items()}
         sig.update({k: "constexpr" for k in consts})
-        try:
-            kernel = triton.compile(
-                ASTSource(getattr(bt, name), sig, consts),
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": warps, "enable_fp_fusion": False},
-            )
-        except RuntimeError as exc:
-            if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
-                pytest.skip(f"no ptxas for triton: {exc}")
-            raise
+        kernel = compile_for_hopper(getattr(bt, name), sig, consts, num_warps=warps, enable_fp_fusion=False)
         assert "cubin" in kernel.asm, name
         if consts.get("APPLY_T"):
             # x / T must be a true division (an approximate one changes rankings).
