@@ -1,0 +1,172 @@
+"""The bundled task: multi-step arithmetic word problems with step-by-step solutions.
+
+A problem is a start value and a chain of additions and subtractions told as a short
+story; its solution writes one equation per operation, steps separated by a blank
+line, and ends with ``The answer is N``::
+
+    Ava has 12 pens. Ava buys 7 more. Ava gives 5 away. How many pens does Ava have now?
+
+    12 + 7 = 19
+
+    19 - 5 = 14
+
+    The answer is 14
+
+Difficulty is the number of operations (``num_ops``) and the largest operand
+(``max_operand``); :data:`LEVELS` names five settings from easy to hard.
+
+Splits are disjoint by construction: a problem belongs to ``"test"`` when a hash of
+its question text falls in a fixed fifth of the hash space, else to ``"train"``, and
+each split's generator only yields its own problems. The same seed gives the same
+problems on every machine (``random.Random``, no global state).
+
+:func:`check_steps` labels every step of any solution text automatically: a step is
+good when it and every step before it are right (the equation's left operand is the
+running value, its operator and right operand are the problem's next operation, its
+result is the true result; the final step states the true answer). That is the
+Math-Shepherd hard label under a perfect completer: a prefix is good iff a correct
+continuation of it reaches the right answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+STEP_SEPARATOR = "\n\n"
+
+NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ian", "Jo", "Kai", "Lea", "Max", "Nia",
+         "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara")
+ITEMS = ("apples", "pens", "coins", "stamps", "marbles", "books", "shells", "cards", "beads", "cookies")
+ADD = ("{name} buys {n} more.", "{name} finds {n} more.", "{name} gets {n} more.", "{name} wins {n} more.")
+SUB = ("{name} gives {n} away.", "{name} loses {n}.", "{name} sells {n}.", "{name} eats {n}.")
+
+# level -> (num_ops, max_operand)
+LEVELS = {1: (2, 9), 2: (3, 20), 3: (3, 50), 4: (4, 50), 5: (5, 99)}
+
+_TEST_FRACTION = 5  # one problem in five (by hash of its question) is a test problem
+_EQ = re.compile(r"^\s*(\d+) ([+-]) (\d+) = (\d+)\s*$")
+_ANS = re.compile(r"^\s*The answer is (\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: ``question`` (the prompt text), ``start`` value, ``ops`` as ``(sign, operand)``."""
+
+    question: str
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    level: int = 0
+
+    @property
+    def values(self) -> list[int]:
+        """Running values: the start, then after each operation."""
+        out = [self.start]
+        for sign, n in self.ops:
+            out.append(out[-1] + n if sign == "+" else out[-1] - n)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values[-1]
+
+    @property
+    def prompt(self) -> str:
+        """What the policy and the PRM see before the solution."""
+        return self.question + STEP_SEPARATOR
+
+    @property
+    def steps(self) -> list[str]:
+        """The reference solution's steps (without separators)."""
+        v = self.values
+        eqs = [f"{v[i]} {s} {n} = {v[i + 1]}" for i, (s, n) in enumerate(self.ops)]
+        return eqs + [f"The answer is {self.answer}"]
+
+    @property
+    def solution(self) -> str:
+        return STEP_SEPARATOR.join(self.steps)
+
+    @property
+    def split(self) -> str:
+        return split_of(self.question)
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha1(self.question.encode()).hexdigest()[:12]
+
+
+def split_of(question: str) -> str:
+    """``"test"`` or ``"train"``: fixed by a hash of the question text, so the splits never share a problem."""
+    h = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "little")
+    return "test" if h % _TEST_FRACTION == 0 else "train"
+
+
+def make_problem(rng: random.Random, num_ops: int, max_operand: int, level: int = 0) -> Problem:
+    """One random problem with ``num_ops`` operations and operands in ``1..max_operand``
+    (running values never go below zero)."""
+    if not isinstance(num_ops, int) or num_ops < 1:
+        raise ValueError(f"num_ops must be an int >= 1, got {num_ops!r}")
+    if not isinstance(max_operand, int) or max_operand < 1:
+        raise ValueError(f"max_operand must be an int >= 1, got {max_operand!r}")
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start = rng.randint(1, max_operand)
+    value, ops, text = start, [], [f"{name} has {start} {item}."]
+    for _ in range(num_ops):
+        sign = "+" if value == 0 or rng.random() < 0.5 else "-"
+        n = rng.randint(1, max_operand if sign == "+" else min(max_operand, value))
+        value = value + n if sign == "+" else value - n
+        ops.append((sign, n))
+        text.append(rng.choice(ADD if sign == "+" else SUB).format(name=name, n=n))
+    text.append(f"How many {item} does {name} have now?")
+    return Problem(question=" ".join(text), start=start, ops=tuple(ops), level=level)
+
+
+def generate(n: int, *, seed: int, split: str = "train", levels=tuple(LEVELS)) -> list[Problem]:
+    """``n`` distinct problems of ``split`` (``"train"``/``"test"``), levels drawn uniformly from ``levels``.
+
+    Deterministic in ``seed``; the two splits never share a question."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not levels or any(lv not in LEVELS for lv in levels):
+        raise ValueError(f"levels must be a non-empty subset of {sorted(LEVELS)}, got {levels!r}")
+    rng = random.Random(f"tts-arith/{split}/{seed}")
+    out, seen = [], set()
+    while len(out) < n:
+        lv = rng.choice(tuple(levels))
+        p = make_problem(rng, *LEVELS[lv], level=lv)
+        if p.split == split and p.question not in seen:
+            seen.add(p.question)
+            out.append(p)
+    return out
+
+
+def check_steps(problem: Problem, solution: str) -> list[bool]:
+    """Automatic per-step labels of ``solution`` (any text, e.g. a sampled one): step ``k`` is good
+    iff steps ``1..k`` are all right (see the module docstring). Steps are split on blank lines;
+    a step after the final answer, or a missing or extra equation, is bad."""
+    steps = [s for s in solution.split(STEP_SEPARATOR) if s.strip()]
+    values = problem.values
+    labels, ok = [], True
+    for k, step in enumerate(steps):
+        if ok:
+            if k < len(problem.ops):
+                m = _EQ.match(step)
+                sign, n = problem.ops[k]
+                ok = bool(m) and (int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))) == (
+                    values[k], sign, n, values[k + 1])
+            else:
+                m = _ANS.match(step)
+                ok = k == len(problem.ops) and bool(m) and int(m.group(1)) == problem.answer
+        labels.append(ok)
+    return labels
+
+
+def grade(prediction: str | None, problem: Problem) -> bool:
+    """Exact integer compare of an extracted answer with the problem's answer."""
+    if prediction is None:
+        return False
+    try:
+        return int(str(prediction).strip()) == problem.answer
+    except ValueError:
+        return False
