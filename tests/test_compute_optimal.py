@@ -22,6 +22,10 @@ def test_never_over_budget_and_allocation_is_optimal(models, budget):
     res = compute_optimal(policy, prm, PROMPTS, budget=budget, pilot_n=2, levels=2, beam_width=2, seed=1, **KW)
     assert res.samples_spent <= budget
     assert res.samples_spent == 2 * len(PROMPTS) + sum(r.n for r in res.prompts)
+    # The Compute record sums the pilot's and every search's records.
+    assert res.compute.prm_tokens == res.tokens["prm"] > 0
+    assert res.compute.policy_prefill_tokens >= sum(len(policy.encode(p)) for p in PROMPTS)
+    assert res.compute.policy_flops > 0 and res.compute.prm_flops > 0
     p = torch.tensor([r.p for r in res.prompts], dtype=torch.float64)
     alloc = allocate_budget(p, budget - 8, n_min=0).tolist()
     for r, a in zip(res.prompts, alloc):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.allocate import allocate_budget
+from .accounting import Compute
 from .best_of_n import best_of_n
 from .step_search import dvts, prm_beam_search
 
@@ -52,6 +53,7 @@ class ComputeOptimalResult:
     samples_spent: int
     budget: int
     tokens: dict = field(default_factory=dict)
+    compute: Compute = field(default_factory=Compute)  # pilot + every search run, tokens and FLOPs
 
     @property
     def answers(self) -> list[str | None]:
@@ -114,6 +116,7 @@ def compute_optimal(policy, prm, prompts: Sequence[str], *, budget: int, pilot_n
     pilot = best_of_n(policy, prm, prompts, pilot_n, max_new_tokens=max_new_tokens, temperature=temperature,
                       top_p=top_p, agg=agg, seed=seed, **kw)
     tokens = {"policy": pilot.policy_tokens, "prm": pilot.prm_tokens}
+    compute = pilot.compute
     mean = torch.nan_to_num(pilot.scores.float(), nan=0.0).mean(1).cpu()
     agree = []
     for row in pilot.candidates:
@@ -145,6 +148,7 @@ def compute_optimal(policy, prm, prompts: Sequence[str], *, budget: int, pilot_n
             answers = res.weighted
             tokens["policy"] += res.policy_tokens
             tokens["prm"] += res.prm_tokens
+            compute = compute + res.compute
         else:
             search = prm_beam_search if strat == "prm_beam_search" else dvts
             res = search(policy, prm, sub, n=n, beam_width=bw, num_iterations=num_iterations,
@@ -154,9 +158,10 @@ def compute_optimal(policy, prm, prompts: Sequence[str], *, budget: int, pilot_n
             answers = res.best_answer if strat == "prm_beam_search" else res.weighted
             tokens["policy"] += res.compute.policy_prefill_tokens + res.compute.policy_generated_tokens
             tokens["prm"] += res.compute.prm_tokens
+            compute = compute + res.compute
         for j, i in enumerate(idx):
             reports[i].strategy, reports[i].n = strat, n
             reports[i].answer = answers[j] if answers[j] is not None else reports[i].pilot_answer
         spent += n * len(idx)
     assert spent <= budget, (spent, budget)  # by construction: allocation sums to <= the rest, rounded down
-    return ComputeOptimalResult(prompts=reports, samples_spent=spent, budget=budget, tokens=tokens)
+    return ComputeOptimalResult(prompts=reports, samples_spent=spent, budget=budget, tokens=tokens, compute=compute)
