@@ -76,8 +76,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "hf": ["transformers>=4.56"],
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.56", "triton>=3.0"],
+        # the bundled models, `tts-kernels demo` and `eval` (tables, plot, math-verify grading), the training script
+        "demo": ["transformers>=4.56", "tokenizers>=0.20", "safetensors", "tqdm", "matplotlib>=3.7", "math-verify>=0.9"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "tokenizers>=0.20", "triton>=3.0",
+                 "matplotlib>=3.7", "math-verify>=0.9"],
     },
+    package_data={"tts_kernels.models": ["bundled/*/*.json", "bundled/*/*.safetensors"]},
     ext_modules=extensions(),
     cmdclass=cmdclass(),
     entry_points={"console_scripts": ["tts-kernels=tts_kernels.cli:main"]},

@@ -1,0 +1,67 @@
+"""The bundled models: a small and a larger policy and a PRM for the arithmetic task.
+
+They were trained by ``python -m tts_kernels.models.train`` (settings, seed, losses and
+time in each folder's ``training.json``) and ship in the package as transformers model
+folders (``config.json``, ``model.safetensors``, tokenizer files), so plain
+``from_pretrained(path)`` loads them too::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(bundled.path("policy-small"))
+    model = AutoModelForCausalLM.from_pretrained(bundled.path("policy-small"))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import arith
+
+ROOT = Path(__file__).resolve().parent / "bundled"
+NAMES = ("policy-small", "policy-large", "prm")
+TEST_SEED = 1234  # the held-out problems the demo and `eval` use by default
+
+
+def path(name: str, root: str | Path | None = None) -> Path:
+    """Folder of a bundled model (``"policy-small"``, ``"policy-large"`` or ``"prm"``)."""
+    if name not in NAMES:
+        raise ValueError(f"name must be one of {NAMES}, got {name!r}")
+    p = Path(root or ROOT) / name
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"no bundled model at {p}; train one with `python -m tts_kernels.models.train`")
+    return p
+
+
+def load_tokenizer(name: str = "policy-small", root=None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path(name, root))
+
+
+def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.float32):
+    """An :class:`~tts_kernels.models.HFPolicy` over ``policy-{size}`` (``"small"`` or ``"large"``)."""
+    from transformers import AutoModelForCausalLM
+
+    from .policy import HFPolicy
+
+    if size not in ("small", "large"):
+        raise ValueError(f"size must be 'small' or 'large', got {size!r}")
+    p = path(f"policy-{size}", root)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
+    return HFPolicy(model, load_tokenizer(f"policy-{size}", root))
+
+
+def load_prm(*, device="cpu", root=None, dtype=torch.float32):
+    """An :class:`~tts_kernels.models.HFPRM` (2-class token classifier read at each step's last token)."""
+    from transformers import AutoModelForTokenClassification
+
+    from .prm import HFPRM
+
+    p = path("prm", root)
+    model = AutoModelForTokenClassification.from_pretrained(p, dtype=dtype).to(device).eval()
+    return HFPRM(model, load_tokenizer("prm", root), head="classifier", step_separator=arith.STEP_SEPARATOR)
+
+
+def test_problems(n: int = 100, *, seed: int = TEST_SEED, levels=tuple(arith.LEVELS)) -> list[arith.Problem]:
+    """The held-out problems (``"test"`` split): never seen in training."""
+    return arith.generate(n, seed=seed, split="test", levels=levels)

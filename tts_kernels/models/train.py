@@ -1,0 +1,263 @@
+"""Train the bundled models: ``python -m tts_kernels.models.train [--out DIR] [--seed 0]``.
+
+Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--help``):
+
+1. **Tokenizer**: byte-level BPE (``tokenizers``) on generated problems, digits kept one
+   per token, a blank line always one token; saved as a transformers fast tokenizer
+   (``AutoTokenizer.from_pretrained``) in every model folder.
+2. **policy-small** (3 layers) and **policy-large** (4 layers, more steps): transformers
+   Llama causal LMs trained on reference solutions of :mod:`~tts_kernels.models.arith`
+   train problems (loss on the solution tokens only). The small one is trained briefly on
+   purpose: right often but far from always at greedy decoding, so search has room to
+   help. (Arithmetic is learnt in a sudden jump somewhere between ~700 and ~1000 steps at
+   these sizes; a wider 256-unit model at 1200 steps had not made it yet, hence the shapes.)
+3. **prm**: a Llama token classifier (2 classes) initialised from policy-large's
+   transformer, trained at step ends on solutions *sampled* from policy-small (with
+   ``tts_kernels``' own batched sampler) plus reference solutions, each step labelled
+   automatically by :func:`~tts_kernels.models.arith.check_steps` (Math-Shepherd style:
+   good iff the prefix can still reach the right answer), never by hand.
+
+Each folder holds ``config.json``, ``model.safetensors`` (weights stored in bfloat16:
+``from_pretrained(..., dtype=torch.float32)`` widens them), the tokenizer files and a
+``training.json`` with the settings, seed, final losses and time. Same seed, same
+machine type: same weights (one process, ``torch.manual_seed``, deterministic data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import arith
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+
+# Model shapes: (hidden, intermediate, layers, heads). Small enough to train on 2 CPU cores.
+SHAPES = {"policy-small": (128, 352, 3, 4), "policy-large": (128, 352, 4, 4)}
+VOCAB_SIZE = 512
+MAX_POSITIONS = 256
+
+
+def build_tokenizer(texts):
+    """Byte-level BPE with digits split one per token and ``"\\n\\n"`` isolated; BOS added by the
+    post-processor for ``add_special_tokens=True``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n\n"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, show_progress=False,
+                                  special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=MAX_POSITIONS)
+
+
+def llama_config(tokenizer, shape, **kw):
+    from transformers import LlamaConfig
+
+    h, inter, layers, heads = shape
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=MAX_POSITIONS,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kw)
+
+
+def policy_example(tokenizer, problem) -> tuple[list[int], list[int]]:
+    """Token ids and per-position targets (-100: no loss) of ``prompt + solution + EOS``. The prompt and
+    the solution are tokenized apart, as a search sees them (prompt prefilled, solution generated)."""
+    prompt = tokenizer(problem.prompt).input_ids
+    sol = tokenizer(problem.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = prompt + sol
+    return ids, [-100] * len(prompt) + sol
+
+
+def prm_example(tokenizer, prompt: str, steps: list[str], labels: list[bool]) -> tuple[list[int], list[int]]:
+    """PRM input as :class:`~tts_kernels.models.HFPRM` builds it (prompt with BOS, each step tokenized
+    alone) with each step's label at its last token."""
+    ids = tokenizer(prompt).input_ids
+    targets = [-100] * len(ids)
+    for step, good in zip(steps, labels):
+        s = tokenizer(step, add_special_tokens=False).input_ids
+        ids += s
+        targets += [-100] * (len(s) - 1) + [int(good)]
+    return ids, targets
+
+
+def corrupted_solution(problem, rng: random.Random) -> list[str]:
+    """A reference solution with one slip (a result or an operand off by 1-3) whose later steps
+    carry on correctly from the wrong value: the error a PRM must catch where it happens."""
+    k = rng.randrange(len(problem.ops))
+    v, steps = problem.start, []
+    for i, (sign, n) in enumerate(problem.ops):
+        a = v
+        if i == k and rng.random() < 0.5:
+            n = n + rng.choice((-1, 1)) * rng.randint(1, 3) if n > 3 else n + rng.randint(1, 3)
+        v = a + n if sign == "+" else a - n
+        if i == k and n == problem.ops[i][1]:
+            v += rng.choice((-1, 1)) * rng.randint(1, 3)
+        steps.append(f"{a} {sign} {n} = {v}")
+    steps.append(f"The answer is {v}")
+    return [s + arith.STEP_SEPARATOR for s in steps[:-1]] + [steps[-1]]
+
+
+def _batch(examples, pad_id):
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    tgt = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        tgt[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, tgt, mask
+
+
+def train_loop(model, examples, *, steps: int, batch_size: int, lr: float, pad_id: int, seed: int, causal: bool,
+               log_every: int = 50, desc: str = "") -> float:
+    """AdamW, linear warm-up then cosine decay; returns the mean loss of the last ``log_every`` steps.
+    Causal LMs predict ``targets[t + 1]`` from position ``t`` (targets are aligned with the ids)."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    recent, t0 = [], time.perf_counter()
+    for step in range(steps):
+        ids, tgt, mask = _batch(rng.sample(examples, batch_size), pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if causal:
+            logits, tgt = logits[:, :-1], tgt[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                                                 ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        recent = (recent + [loss.item()])[-log_every:]
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"  {desc} step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    model.eval()
+    return sum(recent) / len(recent)
+
+
+def save(model, tokenizer, path: Path, info: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(path)
+    (path / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+@torch.no_grad()
+def sampled_prm_data(policy_model, tokenizer, problems, *, samples: int, temperature: float, seed: int,
+                     max_new_tokens: int):
+    """PRM examples from ``samples`` sampled solutions per problem, labelled by ``check_steps``."""
+    from ..search.best_of_n import sample_completions
+    from .policy import HFPolicy
+    from .prm import split_steps
+
+    policy = HFPolicy(policy_model, tokenizer)
+    out, good, total = [], 0, 0
+    chunk = 64
+    for i in range(0, len(problems), chunk):
+        part = problems[i: i + chunk]
+        texts, _, _, _ = sample_completions(policy, [p.prompt for p in part], samples, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, seed=seed + i)
+        for p, row in zip(part, texts):
+            for text in row:
+                steps = split_steps(text, arith.STEP_SEPARATOR)
+                if not steps:
+                    continue
+                labels = arith.check_steps(p, text)
+                out.append(prm_example(tokenizer, p.prompt, steps, labels))
+                good += sum(labels)
+                total += len(labels)
+    return out, good / max(total, 1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tts_kernels.models.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(BUNDLED), help="where the model folders go (default: the package's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-problems", type=int, default=40000)
+    ap.add_argument("--small-steps", type=int, default=750)
+    ap.add_argument("--large-steps", type=int, default=1100)
+    ap.add_argument("--prm-steps", type=int, default=400)
+    ap.add_argument("--prm-problems", type=int, default=1024, help="train problems whose sampled solutions label the PRM")
+    ap.add_argument("--prm-samples", type=int, default=4, help="sampled solutions per PRM problem")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import LlamaForCausalLM, LlamaForTokenClassification
+
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    problems = arith.generate(args.train_problems, seed=args.seed, split="train")
+    tokenizer = build_tokenizer([p.prompt + p.solution for p in problems])
+    print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
+    examples = [policy_example(tokenizer, p) for p in problems]
+    common = dict(seed=args.seed, train_problems=args.train_problems, batch_size=args.batch_size,
+                  torch=torch.__version__, threads=torch.get_num_threads())
+
+    models = {}
+    for name, steps, lr in (("policy-small", args.small_steps, 3e-3), ("policy-large", args.large_steps, 3e-3)):
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(llama_config(tokenizer, SHAPES[name], attn_implementation="sdpa"))
+        loss = train_loop(model, examples, steps=steps, batch_size=args.batch_size, lr=lr,
+                          pad_id=tokenizer.pad_token_id, seed=args.seed, causal=True, desc=name)
+        models[name] = model
+        save(model, tokenizer, out / name, dict(common, shape=SHAPES[name], steps=steps, lr=lr, final_loss=loss,
+                                                 seconds=round(time.perf_counter() - t0, 1)))
+        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, loss {loss:.4f}, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    t0 = time.perf_counter()
+    prm_problems = problems[: args.prm_problems]
+    data, good_frac = sampled_prm_data(models["policy-small"], tokenizer, prm_problems, samples=args.prm_samples,
+                                       temperature=1.0, seed=args.seed, max_new_tokens=96)
+    # Plus reference solutions and reference solutions with one slip, labelled by the same checker.
+    rng = random.Random(args.seed)
+    ref = []
+    for p in problems[args.prm_problems: 2 * args.prm_problems]:
+        for steps in ([s + arith.STEP_SEPARATOR for s in p.steps[:-1]] + [p.steps[-1]], corrupted_solution(p, rng)):
+            ref.append(prm_example(tokenizer, p.prompt, steps, arith.check_steps(p, "".join(steps))))
+    print(f"prm data: {len(data)} sampled solutions ({good_frac:.0%} good steps) + {len(ref)} reference and "
+          f"one-slip solutions, {time.perf_counter() - t0:.0f} s", flush=True)
+    torch.manual_seed(args.seed)
+    prm = LlamaForTokenClassification(llama_config(tokenizer, SHAPES["policy-large"], num_labels=2,
+                                                   attn_implementation="sdpa"))
+    prm.model.load_state_dict(models["policy-large"].model.state_dict())
+    loss = train_loop(prm, data + ref, steps=args.prm_steps, batch_size=args.batch_size, lr=1e-3,
+                      pad_id=tokenizer.pad_token_id, seed=args.seed + 1, causal=False, desc="prm")
+    save(prm, tokenizer, out / "prm", dict(common, shape=SHAPES["policy-large"], init="policy-large",
+                                           steps=args.prm_steps, lr=1e-3, final_loss=loss,
+                                           prm_problems=args.prm_problems, prm_samples=args.prm_samples,
+                                           good_step_fraction=good_frac, seconds=round(time.perf_counter() - t0, 1)))
+    print(f"prm: loss {loss:.4f}; all done in {time.perf_counter() - t_start:.0f} s -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
