@@ -27,9 +27,41 @@ def test_bench_quick_writes_table(tmp_path):
     assert "ratio" in res.stdout and "kv_reorder_" in res.stdout
 
 
-def test_demo_quick_matches_generate(tmp_path):
-    res = run_cli("demo", "--quick", "--out", str(tmp_path))
+def test_check_quick_matches_generate(tmp_path):
+    res = run_cli("check", "--quick", "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads((tmp_path / "demo.json").read_text())
+    data = json.loads((tmp_path / "check.json").read_text())
     assert data["beam_search_identical"] is True
     assert "identical to transformers generate(): sequences True, scores True" in res.stdout
+
+
+def test_demo_reduced_end_to_end(tmp_path):
+    res = run_cli("demo", "--problems", "3", "--budgets", "1,4", "--no-progress", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    searches = ["majority", "best_of_n", "weighted_best_of_n", "prm_beam_search", "dvts", "compute_optimal",
+                "adaptive_best_of_n"]
+    # 3 problems x (greedy small, greedy large, 7 searches x 2 budgets)
+    assert len(lines) == 3 * (2 + 2 * len(searches))
+    assert {(x["model"], x["strategy"], x["budget"]) for x in lines} == (
+        {("small", "greedy", 1), ("large", "greedy", 1)} | {("small", s, b) for s in searches for b in (1, 4)})
+    for x in lines:
+        assert x["correct"] == (x["prediction"] is not None and int(x["prediction"]) == x["answer"])
+        if x["strategy"] in ("majority", "best_of_n", "weighted_best_of_n"):
+            assert len(x["answers"]) == x["budget"] == len(x["scores"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["rows"]) == 2 + 2 * len(searches)
+    for row in summary["rows"]:
+        assert row["correct"] == sum(x["correct"] for x in lines if (x["model"], x["strategy"], x["budget"]) ==
+                                     (row["model"], row["strategy"], row["budget"]))
+        assert row["flops_per_problem"] > 0 and row["policy_tokens_per_problem"] > 0
+        assert row["samples_per_problem"] <= row["budget"]
+    assert summary["findings"] and "what this run shows" in res.stdout and "accuracy" in res.stdout
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_bad_flags(tmp_path):
+    res = run_cli("demo", "--budgets", "4,x", "--out", str(tmp_path))
+    assert res.returncode != 0 and "--budgets" in res.stderr
+    res = run_cli("demo", "--strategies", "mcts", "--out", str(tmp_path))
+    assert res.returncode != 0 and "mcts" in res.stderr

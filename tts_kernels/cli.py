@@ -1,5 +1,7 @@
-"""`tts-kernels` console command: ``bench`` (every op benchmark this machine supports)
-and ``demo`` (the main job on the bundled default)."""
+"""`tts-kernels` console command: ``demo`` (the main job: test-time scaling on the bundled
+models), ``bench`` (every op benchmark this machine supports), ``check`` (beam search
+against transformers ``generate()``, best-of-N against the transformers recipe) and ``eval`` (a
+strategy at several budgets over a dataset, sharded over torchrun ranks, resumable)."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +107,18 @@ def demo(args) -> int:
     return demo_main(args)
 
 
+def check(args) -> int:
+    from .check import main as check_main
+
+    return check_main(args)
+
+
+def evaluate(args) -> int:
+    from .evaluate import main as eval_main
+
+    return eval_main(args)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="tts-kernels", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -115,10 +129,21 @@ def main(argv=None) -> int:
     b.add_argument("--skip-search", action="store_true",
                    help="skip the end-to-end benchmarks (beam_search, best_of_n, best-of-N set-up)")
     b.set_defaults(fn=bench)
-    d = sub.add_parser("demo", help="the main job: token beam search on a small model, checked against generate()")
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--quick", action="store_true")
+    from .demo import add_arguments
+
+    d = sub.add_parser("demo", help="the main job: test-time scaling of every strategy on the bundled models")
+    add_arguments(d)
     d.set_defaults(fn=demo)
+    c = sub.add_parser("check", help="beam search checked against transformers generate(), best-of-N vs its recipe")
+    c.add_argument("--out", default="check_out")
+    c.add_argument("--quick", action="store_true")
+    c.set_defaults(fn=check)
+    from . import evaluate as ev
+
+    e = sub.add_parser("eval", help="a strategy at several budgets over a dataset: sharded over torchrun ranks, "
+                                    "resumable", description=ev.__doc__.split("\n\n")[0])
+    ev.add_arguments(e)
+    e.set_defaults(fn=evaluate)
     args = ap.parse_args(argv)
     return args.fn(args)
 
