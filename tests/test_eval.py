@@ -1,0 +1,233 @@
+"""`tts-kernels eval`: sharded runs equal one process, killed runs resume to the same results, bad input is refused.
+
+Runs are small (6 bundled problems in chunks of 2, budgets 1 and 2, majority and weighted
+best-of-N sharing one sampling run). Single-process runs go through ``cli.main`` in this
+process (on one thread, as torchrun gives each rank); the 2-rank and killed runs are child
+processes.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tts_kernels import cli
+from tts_kernels.eval_data import MAX_REPORTED, DatasetError, load_jsonl
+from tts_kernels.evaluate import STOP_ENV, chunk_seed
+from tts_kernels.models import arith, bundled
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--strategy", "majority,weighted_best_of_n", "--budgets", "1,2", "--limit", "6", "--chunk-size", "2",
+          "--no-progress"]
+RECORDS_PER_CHUNK = 2 * 2 * 2  # problems x strategies x budgets
+
+
+def run_here(out, *extra) -> int:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main(["eval", "--out", str(out), *COMMON, *extra])
+    finally:
+        torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_child(out, *extra, nproc=1, env=None) -> subprocess.CompletedProcess:
+    launch = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port())]
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([*launch, "-m", "tts_kernels", "eval", "--out", str(out), *COMMON, *extra],
+                          capture_output=True, text=True, cwd=ROOT, env=e, timeout=300)
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def keys(records) -> list[tuple]:
+    return [(r["id"], r["strategy"], r["budget"]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process run."""
+    out = tmp_path_factory.mktemp("eval") / "reference"
+    assert run_here(out) == 0
+    return out
+
+
+def test_reference_run_writes_every_record(reference):
+    recs = lines(reference / "results.jsonl")
+    problems = bundled.test_problems(100)[:6]
+    # dataset order, then strategy, then budget; one line each, nothing twice
+    assert keys(recs) == [(p.id, s, b) for p in problems for s in ("majority", "weighted_best_of_n") for b in (1, 2)]
+    for r in recs:
+        p = problems[r["index"]]
+        assert r["answer"] == p.answer and r["correct"] == arith.grade(r["prediction"], p)
+    for r in recs:
+        assert len(r["answers"]) == len(r["scores"]) == r["budget"]
+        assert all(isinstance(s, float) for s in r["scores"])  # weighted runs the PRM, majority shares its samples
+        cc = r["chunk_compute"]
+        assert r["policy_flops"] == cc["policy_flops"] / cc["problems"] > 0 and r["prm_tokens"] > 0
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["problems"] == 6 and summary["problems_this_run"] == 6
+    for row in summary["rows"]:
+        mine = [r for r in recs if (r["strategy"], r["budget"]) == (row["strategy"], row["budget"])]
+        assert row["correct"] == sum(r["correct"] for r in mine)
+        assert row["flops_per_problem"] == pytest.approx(sum(r["policy_flops"] + r["prm_flops"] for r in mine) / 6)
+    assert (reference / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_ranks_equal_one_rank(reference, tmp_path):
+    res = run_child(tmp_path, nproc=2)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
+    parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert parts == ["rank-0-of-2.jsonl", "rank-1-of-2.jsonl"]
+    done = {p: [r["chunk_done"] for r in lines(tmp_path / "parts" / p) if "chunk_done" in r] for p in parts}
+    assert done == {"rank-0-of-2.jsonl": [0, 2], "rank-1-of-2.jsonl": [1]}
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    assert "eval (all ranks)" not in res.stdout and "accuracy" in res.stdout  # the table, printed once
+
+
+def test_killed_run_resumes_to_the_same_results(reference, tmp_path):
+    stop = RECORDS_PER_CHUNK + 3  # dies 3 records into the second chunk
+    res = run_child(tmp_path, env={STOP_ENV: str(stop)})
+    assert res.returncode == 3, res.stdout + res.stderr
+    part = tmp_path / "parts" / "rank-0-of-1.jsonl"
+    killed = lines(part)
+    assert len(killed) == stop + 1 and [r["chunk_done"] for r in killed if "chunk_done" in r] == [0]
+    assert not (tmp_path / "results.jsonl").exists()
+
+    assert run_here(tmp_path) == 0
+    assert (tmp_path / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
+    resumed = lines(part)  # the stray lines of the killed chunk are gone, chunk 0 was not redone
+    assert [r["chunk_done"] for r in resumed if "chunk_done" in r] == [0, 1, 2]
+    recs = [r for r in resumed if "chunk_done" not in r]
+    assert len(recs) == 3 * RECORDS_PER_CHUNK and len(set(keys(recs))) == len(recs)
+    assert resumed[:RECORDS_PER_CHUNK + 1] == killed[:RECORDS_PER_CHUNK + 1]
+    assert json.loads((tmp_path / "summary.json").read_text())["problems_this_run"] == 4
+
+    assert run_here(tmp_path) == 0  # complete: nothing redone, same results
+    assert lines(part) == resumed
+    assert (tmp_path / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
+
+
+def test_one_rank_run_resumed_by_two_ranks(reference, tmp_path):
+    res = run_child(tmp_path, env={STOP_ENV: str(RECORDS_PER_CHUNK + 1)})
+    assert res.returncode == 3, res.stdout + res.stderr
+    res = run_child(tmp_path, nproc=2)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming: 2 problems done, 4 to do" in res.stdout
+    assert (tmp_path / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
+
+
+def test_changed_config_is_refused(reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = (out / "results.jsonl").read_text()
+    assert run_here(out, "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "seed: 0 in" in err and "1 now" in err and "new --out" in err
+    assert run_here(out, "--chunk-size", "3", "--limit", "5") == 2
+    err = capsys.readouterr().err
+    assert "chunk_size: 2 in" in err and "dataset.limit: 6 in" in err
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": p.id, "problem": p.prompt, "answer": p.answer}) + "\n"
+                            for p in bundled.test_problems(6)))
+    assert run_here(out, "--data", str(data)) == 2
+    assert "dataset.sha256" in capsys.readouterr().err
+    assert (out / "results.jsonl").read_text() == before  # nothing mixed in
+
+    (out / "config.json").unlink()
+    assert run_here(out) == 2
+    assert "has part files but no config.json" in capsys.readouterr().err
+
+
+def test_changed_dataset_file_is_refused(tmp_path, capsys):
+    data, out = tmp_path / "data.jsonl", tmp_path / "out"
+    data.write_text(json.dumps({"problem": bundled.test_problems(1)[0].prompt, "answer": "\\frac{4}{2}"}) + "\n")
+    assert run_here(out, "--data", str(data), "--strategy", "majority", "--budgets", "1") == 0
+    assert json.loads((out / "config.json").read_text())["grader"] == "math-verify"  # auto: a LaTeX answer
+    data.write_text(data.read_text().replace("frac{4}{2}", "frac{6}{2}"))
+    assert run_here(out, "--data", str(data), "--strategy", "majority", "--budgets", "1") == 2
+    assert "dataset.sha256" in capsys.readouterr().err
+
+
+BAD = [
+    '{"id": "a", "problem": "1 + 1?", "answer": "2"}',
+    'not json',
+    '{"id": "b", "problem": "2 + 2?"}',
+    '[1, 2]',
+    '{"id": "a", "problem": "dup", "answer": 1}',
+    '',
+    '{"problem": "", "answer": 3}',
+    '{"problem": "no id", "answer": "\\\\frac{1}{2}"}',
+]
+
+
+def test_bad_dataset_lines_are_reported_with_line_numbers(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(BAD) + "\n")
+    with pytest.raises(DatasetError) as e:
+        load_jsonl(data)
+    msg = str(e.value)
+    assert "5 malformed lines" in msg and "--skip-bad" in msg
+    assert "line 2: bad JSON" in msg and "line 3: missing field 'answer'" in msg
+    assert "line 4: not a JSON object" in msg and "line 5: duplicate id 'a' (first on line 1)" in msg
+    assert "line 7: field 'problem' must be a non-empty string" in msg and "line 8" not in msg
+    # the CLI refuses before any work: no output directory at all
+    assert run_here(tmp_path / "out", "--data", str(data)) == 2
+    assert "line 2: bad JSON" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    got = load_jsonl(data, skip_bad=True)
+    assert [(p.id, p.line, p.index) for p in got.problems] == [("a", 1, 0), (7, 8, 1)]  # no id: 0-based line index
+    assert [n for n, _ in got.skipped] == [2, 3, 4, 5, 7]
+    with pytest.raises(DatasetError, match="missing field 'question'"):
+        load_jsonl(data, problem_field="question")
+    with pytest.raises(DatasetError, match="no problems to evaluate"):
+        load_jsonl(data, problem_field="question", skip_bad=True)
+
+
+def test_many_bad_lines_are_capped(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("{\n" * (MAX_REPORTED + 5))
+    msg = str(pytest.raises(DatasetError, load_jsonl, data).value)
+    assert f"{MAX_REPORTED + 5} malformed lines" in msg and f"line {MAX_REPORTED}:" in msg
+    assert f"line {MAX_REPORTED + 1}:" not in msg and "... and 5 more" in msg
+
+
+def test_skip_bad_and_prm_beam_search(tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    probs = bundled.test_problems(2)
+    data.write_text("\n".join([json.dumps({"q": probs[0].prompt, "a": probs[0].answer, "key": "p0"}), "{oops",
+                               json.dumps({"q": probs[1].prompt, "a": str(probs[1].answer), "key": "p1"})]) + "\n")
+    out = tmp_path / "out"
+    assert run_here(out, "--data", str(data), "--problem-field", "q", "--answer-field", "a", "--id-field", "key",
+                    "--skip-bad", "--strategy", "prm_beam_search", "--budgets", "2") == 0
+    cap = capsys.readouterr()
+    assert "skipping" in cap.err and "line 2: bad JSON" in cap.err
+    assert "prm_beam_search" in cap.out and "problems/s" in cap.out
+    recs = lines(out / "results.jsonl")
+    assert keys(recs) == [("p0", "prm_beam_search", 2), ("p1", "prm_beam_search", 2)]
+    assert all(r["prm_flops"] > 0 and len(r["answers"]) == len(r["scores"]) >= 1 for r in recs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_lines"][0]["line"] == 2 and summary["config"]["grader"] == "integer"
+    assert summary["rows"][0]["correct"] == sum(r["correct"] for r in recs)
+
+
+def test_chunk_seeds_differ_and_are_stable():
+    seeds = [chunk_seed(0, c) for c in range(100)] + [chunk_seed(1, c) for c in range(100)]
+    assert len(set(seeds)) == 200 and all(0 <= s < 2 ** 31 for s in seeds)
+    assert chunk_seed(0, 1) != chunk_seed(1, 0) and chunk_seed(3, 4) == chunk_seed(3, 4)

@@ -1,0 +1,436 @@
+"""`tts-kernels eval`: a strategy at several budgets over a problem set, sharded over ranks, resumable.
+
+    tts-kernels eval --out DIR [--data FILE.jsonl] [--strategy weighted_best_of_n] [--budgets 1,4,16]
+                     [--policy PATH] [--prm PATH] [--limit K] [--seed S] [--device cpu|cuda] ...
+    torchrun --nproc_per_node N -m tts_kernels eval --out DIR ...
+
+Without ``--data`` it runs the first 100 bundled held-out arithmetic problems (``--limit K``: the
+first K) with the bundled small policy and PRM. With several nodes, ``--out`` must be on a
+filesystem every node sees (rank 0 merges all ranks' part files). Datasets: :mod:`tts_kernels.eval_data`; graders: :mod:`tts_kernels.grading`.
+
+Same results for any number of ranks, and after any number of restarts. The sampler's
+random stream depends on a row's place in its batch, so a problem's outputs depend on its
+batch-mates. Problems are therefore run in fixed chunks of ``--chunk-size`` consecutive
+problems (part of the config), chunk ``c`` with seed :func:`chunk_seed` ``(S, c)``, every
+strategy and budget of a chunk before any of its records is written. A 1-rank run, an
+N-rank run and a resumed run compute exactly the same batches; which rank runs a chunk
+does not matter (the chunks still to do are dealt round-robin over the ranks).
+
+Nothing lost. Rank ``r`` of ``w`` appends to ``DIR/parts/rank-r-of-w.jsonl``: one flushed line
+per record, then a ``{"chunk_done": c, ...}`` line that commits the chunk, then fsync. A chunk
+is complete when its commit line follows all its records. On start every rank rewrites its own
+part file without incomplete chunks (what a kill left), then rank 0 reads all part files (of
+any world size, so a run can resume with a different number of ranks) and deals out the
+chunks not complete. At the end rank 0 merges the first complete copy of every chunk into
+``DIR/results.jsonl`` (dataset order, then strategy, then budget), writes ``DIR/summary.json``
+and ``DIR/scaling.png`` and prints the table. ``DIR/config.json`` (strategies, budgets, seed,
+chunk size, search settings, device type, model and dataset hashes, fields, limit, grader) is
+written by the first run; a later run with any of these changed is refused
+(:class:`ConfigMismatch`). Part files: :mod:`tts_kernels.eval_parts`.
+
+Per-record compute: a chunk's :class:`~tts_kernels.search.Compute` is spent on its problems
+together (shared prefill, batched decoding), so each record carries an even share of it
+(``policy_tokens``, ``prm_tokens``, ``policy_flops``, ``prm_flops``, ``samples``: chunk total /
+problems in the chunk) and the chunk's totals in ``chunk_compute``. Sums over a run are exact.
+
+Test hook: ``TTS_EVAL_STOP_AFTER=K`` makes a process exit (status 3, like a kill) right after
+writing its K-th record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .eval_data import DatasetError, bundled_dataset, load_jsonl
+from .eval_parts import CommitTail, expected_keys, repair, scan
+from .grading import GRADERS, get_grader, grader_name
+
+STOP_ENV = "TTS_EVAL_STOP_AFTER"
+BUNDLED_PROBLEMS = 100  # default held-out set; `--limit K` takes its first K (K > 100: more of the same stream)
+FORMAT = 1  # of config.json and the part files
+COMPUTE_FIELDS = ("policy_prefill_tokens", "policy_generated_tokens", "prm_tokens", "policy_flops", "prm_flops")
+
+
+class ConfigMismatch(RuntimeError):
+    """``--out`` holds a run with another configuration (or is not an eval directory)."""
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The sampling seed of chunk ``chunk`` in a run with ``--seed seed`` (a 31-bit hash of both,
+    so chunks of nearby seeds do not share streams the way ``seed + chunk`` would)."""
+    return int.from_bytes(hashlib.sha256(f"tts-eval/{seed}/{chunk}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def add_arguments(ap) -> None:
+    from .search.strategies import STRATEGIES
+
+    ap.add_argument("--out", required=True, help="directory for results.jsonl, summary.json, scaling.png (resumable)")
+    ap.add_argument("--data", default=None, help="JSONL dataset (default: the bundled held-out arithmetic problems)")
+    ap.add_argument("--strategy", default="weighted_best_of_n",
+                    help=f"one of {', '.join(STRATEGIES)} (or a comma list); default weighted_best_of_n")
+    ap.add_argument("--budgets", default="1,4,16", help="samples (or beams) per problem, comma list (default 1,4,16)")
+    ap.add_argument("--policy", default=None, help="policy model folder (default: the bundled policy-small)")
+    ap.add_argument("--prm", default=None, help="PRM folder, a 2-label token classifier (default: the bundled prm)")
+    ap.add_argument("--problem-field", default="problem", help="dataset field sent to the policy as is")
+    ap.add_argument("--answer-field", default="answer")
+    ap.add_argument("--id-field", default="id", help="dataset id field (missing: the 0-based line index)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first K problems")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--grader", default="auto",
+                    help=f"{', '.join(GRADERS)} or module:function (auto: integer if every answer is one)")
+    ap.add_argument("--chunk-size", type=int, default=8, help="problems per batch; part of the config (default 8)")
+    ap.add_argument("--skip-bad", action="store_true", help="skip malformed dataset lines instead of stopping")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------- distributed
+
+class _Dist:
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owned = False
+        if device == "cuda":
+            self.device = torch.device(f"cuda:{self.local_rank}" if self.world > 1 else "cuda")
+            if self.world > 1:
+                torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+            self.owned = True
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self):
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- config
+
+def _digest(folder: Path) -> str:
+    """sha256 of a model folder's config, tokenizer and weights (each file's name, then its bytes)."""
+    h = hashlib.sha256()
+    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
+                   or p.name in ("config.json", "tokenizer.json"))
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config(out: Path, cfg: dict) -> None:
+    """Refuse ``out`` when its ``config.json`` differs from ``cfg`` (``"info"`` is not compared)."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise ConfigMismatch(f"{out} has part files but no config.json: not a resumable eval directory; "
+                             f"use a new --out")
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigMismatch(f"cannot read {path}: {exc}; use a new --out") from exc
+    a = _flatten({k: v for k, v in old.items() if k != "info"})
+    b = _flatten({k: v for k, v in json.loads(json.dumps(cfg)).items() if k != "info"})
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    if diff:
+        lines = [f"  {k}: {a.get(k, '<absent>')!r} in {path}, {b.get(k, '<absent>')!r} now" for k in diff]
+        raise ConfigMismatch(f"{out} holds a run with a different configuration:\n" + "\n".join(lines)
+                             + "\nresume with the same dataset, models and flags, or use a new --out")
+
+
+# ---------------------------------------------------------------- work
+
+def _load_models(policy_path: Path, prm_path: Path | None, device, settings):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .models import HFPRM, HFPolicy
+
+    hf_logging.disable_progress_bar()  # its loading bars would cut through the eval bars
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device).eval()
+    policy = HFPolicy(model, AutoTokenizer.from_pretrained(policy_path))
+    prm = None
+    if prm_path is not None:
+        m = AutoModelForTokenClassification.from_pretrained(prm_path, dtype=torch.float32).to(device).eval()
+        prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head="classifier",
+                    step_separator=settings.step_delimiter)
+    return policy, prm
+
+
+def _score(s):
+    return None if s is None or (isinstance(s, float) and math.isnan(s)) else float(s)
+
+
+def run_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed: int, grader):
+    """Records (in problem, strategy, budget order) and the commit line of chunk ``c``."""
+    from .search.strategies import run_strategies
+
+    prompts = [p.prompt for p in probs]
+    runs, seconds, greedy = {}, {}, None
+    for b in budgets:
+        t0 = time.perf_counter()
+        names = [s for s in strategies if s != "greedy"]
+        got = {} if not names else run_strategies(names, policy, prm, prompts, b, settings=settings,
+                                                  seed=chunk_seed(seed, c))
+        if "greedy" in strategies:  # the budget does not change greedy decoding: run it once per chunk
+            greedy = greedy or run_strategies(["greedy"], policy, None, prompts, 1, settings=settings)["greedy"]
+            got["greedy"] = greedy
+        seconds[str(b)] = round(time.perf_counter() - t0, 4)
+        runs.update({(s, b): got[s] for s in strategies})
+    P, records = len(probs), []
+    for i, p in enumerate(probs):
+        for s in strategies:
+            for b in budgets:
+                run = runs[(s, b)]
+                o, comp = run.outcomes[i], dataclasses.asdict(run.compute)
+                rec = {"id": p.id, "index": p.index, "chunk": c, "strategy": s, "budget": b,
+                       "prediction": o.prediction, "answer": p.answer, "correct": bool(grader(o.prediction, p.answer)),
+                       "answers": list(o.answers), "scores": [_score(x) for x in o.scores],
+                       "samples": run.samples / P,
+                       "policy_tokens": (comp["policy_prefill_tokens"] + comp["policy_generated_tokens"]) / P,
+                       "prm_tokens": comp["prm_tokens"] / P, "policy_flops": comp["policy_flops"] / P,
+                       "prm_flops": comp["prm_flops"] / P,
+                       "chunk_compute": {**comp, "samples": run.samples, "problems": P}}
+                if o.info:
+                    rec["info"] = o.info
+                records.append(rec)
+    return records, {"chunk_done": c, "problems": P, "records": len(records), "seconds": seconds}
+
+
+def _parse_args(args):
+    from .demo import _budgets
+    from .search.strategies import NEEDS_PRM, STRATEGIES
+
+    budgets = _budgets(args.budgets)
+    strategies = list(dict.fromkeys(s.strip() for s in args.strategy.split(",") if s.strip()))
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if not strategies or bad:
+        raise SystemExit(f"--strategy: unknown {bad or strategies}; choose from {', '.join(STRATEGIES)}")
+    for name in ("limit", "chunk_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    return strategies, budgets, any(s in NEEDS_PRM for s in strategies)
+
+
+def main(args) -> int:
+    """The ``eval`` command (module docstring); 2 on a bad dataset or a mismatched ``--out``."""
+    rank = int(os.environ.get("RANK", "0"))
+    dist = None
+    try:
+        dist = _Dist(args.device)
+        return _run(args, dist)
+    except (DatasetError, ConfigMismatch, FileNotFoundError) as exc:
+        if rank == 0:
+            print(f"tts-kernels eval: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _run(args, dist: _Dist) -> int:
+    from tqdm.auto import tqdm
+
+    from . import __version__
+    from .models import bundled
+    from .search.strategies import SearchSettings
+
+    t_start = time.perf_counter()
+    strategies, budgets, needs_prm = _parse_args(args)
+    if args.data:
+        data = load_jsonl(args.data, problem_field=args.problem_field, answer_field=args.answer_field,
+                          id_field=args.id_field, skip_bad=args.skip_bad, limit=args.limit)
+    else:
+        data = bundled_dataset(max(BUNDLED_PROBLEMS, args.limit or 0), args.limit)
+    rank0 = dist.rank == 0
+    if data.skipped and rank0:
+        from .eval_data import describe_bad
+
+        print(f"skipping {describe_bad(data.skipped, data.source)}", file=sys.stderr)
+    try:
+        grader = get_grader(args.grader, [p.answer for p in data.problems])
+    except (ValueError, ImportError) as exc:
+        raise SystemExit(f"--grader: {exc}") from None
+    policy_path = Path(args.policy) if args.policy else bundled.path("policy-small")
+    prm_path = (Path(args.prm) if args.prm else bundled.path("prm")) if needs_prm else None
+    for p in (policy_path, prm_path):
+        if p is not None and not (p / "config.json").is_file():
+            raise FileNotFoundError(f"no model folder (config.json) at {p}")
+    settings = SearchSettings()
+    cfg = {"format": FORMAT, "strategies": strategies, "budgets": budgets, "seed": args.seed,
+           "chunk_size": args.chunk_size, "settings": dataclasses.asdict(settings), "device": args.device,
+           "dtype": "float32", "grader": grader_name(grader), "policy_sha256": _digest(policy_path),
+           "prm_sha256": _digest(prm_path) if prm_path else None,
+           "dataset": {"sha256": data.sha256, "problems": len(data.problems), "problem_field": args.problem_field,
+                       "answer_field": args.answer_field, "id_field": args.id_field, "limit": args.limit,
+                       "skip_bad": args.skip_bad},
+           "info": {"dataset": data.source, "policy": str(policy_path), "prm": str(prm_path) if prm_path else None,
+                    "tts_kernels": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    out = Path(args.out)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    if rank0 and not (out / "config.json").exists() and not any(parts.glob("rank-*.jsonl")):
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=1) + "\n")
+        os.replace(tmp, out / "config.json")
+    dist.barrier()
+    check_config(out, cfg)  # every rank refuses alike, so none is left waiting
+
+    chunks = [data.problems[i:i + args.chunk_size] for i in range(0, len(data.problems), args.chunk_size)]
+    expected = expected_keys(chunks, strategies, budgets)
+    mine_path = parts / f"rank-{dist.rank}-of-{dist.world}.jsonl"
+    repair(mine_path, expected)
+    todo = None
+    if rank0:
+        complete = scan(parts, expected)
+        todo = [c for c in range(len(chunks)) if c not in complete]
+        done_before = sum(len(chunks[c]) for c in complete)
+        print(f"tts-kernels eval: {len(data.problems)} problems ({data.source}), {', '.join(strategies)} at budgets "
+              f"{budgets}, {dist.world} rank{'s' if dist.world > 1 else ''}, device {args.device}"
+              + (f"; resuming: {done_before} problems done, {len(data.problems) - done_before} to do"
+                 if complete else ""), flush=True)
+    todo = dist.broadcast(todo)
+    mine = todo[dist.rank::dist.world]
+    t_work = time.perf_counter()
+    total = len(data.problems)
+    tail = CommitTail(parts)
+    bar = tqdm(total=total if rank0 else sum(len(chunks[c]) for c in mine), unit="problem", position=dist.local_rank,
+               desc="eval (all ranks)" if rank0 and dist.world > 1 else ("eval" if rank0 else f"rank {dist.rank}"),
+               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+    if rank0:
+        bar.update(tail.problems())
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    written = 0
+    if mine:
+        policy, prm = _load_models(policy_path, prm_path, dist.device, settings)
+        with open(mine_path, "a", encoding="utf-8") as f:
+            for c in mine:
+                records, commit = run_chunk(c, chunks[c], strategies, budgets, policy, prm, settings, args.seed, grader)
+                for rec in records:
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                    written += 1
+                    if written == stop_after:  # the test hook: die like a killed process
+                        os.fsync(f.fileno())
+                        os._exit(3)
+                f.write(json.dumps(commit) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(tail.problems() - bar.n if rank0 else len(chunks[c]))
+    if dist.world > 1:  # rank 0 keeps its bar moving while the others finish
+        work = torch.distributed.barrier(async_op=True)
+        while rank0 and not work.is_completed():
+            time.sleep(0.5)
+            bar.update(tail.problems() - bar.n)
+        work.wait()
+    if not rank0:
+        bar.close()
+        return 0
+    bar.update(tail.problems() - bar.n)
+    bar.close()
+    work_s = time.perf_counter() - t_work
+    done_now = sum(len(chunks[c]) for c in todo)
+    _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path, dist.world,
+            {"wall_seconds": round(time.perf_counter() - t_start, 2), "work_seconds": round(work_s, 2),
+             "problems_this_run": done_now, "problems_per_second": round(done_now / work_s, 4) if done_now else None},
+            data.skipped)
+    return 0
+
+
+def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path, world, timing, skipped):
+    """Rank 0: merge the parts into results.jsonl, then summary.json, the table and scaling.png."""
+    from .cli import machine_info
+    from .demo import print_summary, summarize
+
+    complete = scan(parts, expected)
+    missing = [c for c in range(len(chunks)) if c not in complete]
+    if missing:
+        raise RuntimeError(f"chunks {missing[:10]} are not complete in {parts} after every rank finished")
+    tmp = out / "results.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for c in range(len(chunks)):
+            for rec in complete[c][0]:
+                f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, out / "results.jsonl")
+    n = sum(len(ch) for ch in chunks)
+    model = policy_path.name
+    runs = []
+    for s in strategies:
+        for b in budgets:
+            recs = [r for c in range(len(chunks)) for r in complete[c][0] if r["strategy"] == s and r["budget"] == b]
+            firsts = {r["chunk"]: r["chunk_compute"] for r in reversed(recs)}  # one per chunk: its totals
+            comp = {k: sum(cc[k] for cc in firsts.values()) for k in COMPUTE_FIELDS}
+            seconds = sum(complete[c][1]["seconds"][str(b)] for c in range(len(chunks))) / len(strategies)
+            runs.append({"model": model, "strategy": s, "budget": b, "correct": sum(r["correct"] for r in recs),
+                         "samples": sum(cc["samples"] for cc in firsts.values()), "compute": comp, "seconds": seconds})
+    rows = summarize(runs, n)
+    print()
+    print_summary(rows)
+    print(f"\n{n} problems; this run: {timing['problems_this_run']} problems in {timing['work_seconds']:.1f} s on "
+          f"{world} rank{'s' if world > 1 else ''}" + (f" = {timing['problems_per_second']:.3f} problems/s"
+                                                       if timing["problems_per_second"] else ""))
+    plot(rows, out / "scaling.png")
+    summary = {"machine": machine_info(), "problems": n, "world_size": world, **timing, "config": cfg,
+               "skipped_lines": [{"line": ln, "why": why} for ln, why in skipped], "rows": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'scaling.png'}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against budget and against FLOPs per problem, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in dict.fromkeys(r["strategy"] for r in rows):
+        pts = sorted((r["budget"], r["flops_per_problem"], r["accuracy"]) for r in rows if r["strategy"] == s)
+        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=s)
+        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=s)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("budget (samples or beams per problem)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("FLOPs per problem (policy + PRM, measured)")
+    for ax in axes:
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"tts-kernels eval: {rows[0]['model']} policy, {rows[0]['problems']} problems")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
