@@ -204,6 +204,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prm-steps", type=int, default=400)
     ap.add_argument("--prm-problems", type=int, default=1024, help="train problems whose sampled solutions label the PRM")
     ap.add_argument("--prm-samples", type=int, default=4, help="sampled solutions per PRM problem")
+    ap.add_argument("--prm-lr", type=float, default=3e-3)
+    ap.add_argument("--prm-only", action="store_true",
+                    help="train only the PRM, from the policies already in --out (saved weights are what the full "
+                         "run holds in memory too: save() rounds them to bfloat16 in place)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
@@ -221,7 +225,12 @@ def main(argv=None) -> int:
                   torch=torch.__version__, threads=torch.get_num_threads())
 
     models = {}
+    if args.prm_only:
+        for name in ("policy-small", "policy-large"):
+            models[name] = LlamaForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
     for name, steps, lr in (("policy-small", args.small_steps, 3e-3), ("policy-large", args.large_steps, 3e-3)):
+        if args.prm_only:
+            break
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(llama_config(tokenizer, SHAPES[name], attn_implementation="sdpa"))
@@ -249,10 +258,10 @@ def main(argv=None) -> int:
     prm = LlamaForTokenClassification(llama_config(tokenizer, SHAPES["policy-large"], num_labels=2,
                                                    attn_implementation="sdpa"))
     prm.model.load_state_dict(models["policy-large"].model.state_dict())
-    loss = train_loop(prm, data + ref, steps=args.prm_steps, batch_size=args.batch_size, lr=1e-3,
+    loss = train_loop(prm, data + ref, steps=args.prm_steps, batch_size=args.batch_size, lr=args.prm_lr,
                       pad_id=tokenizer.pad_token_id, seed=args.seed + 1, causal=False, desc="prm")
     save(prm, tokenizer, out / "prm", dict(common, shape=SHAPES["policy-large"], init="policy-large",
-                                           steps=args.prm_steps, lr=1e-3, final_loss=loss,
+                                           steps=args.prm_steps, lr=args.prm_lr, final_loss=loss,
                                            prm_problems=args.prm_problems, prm_samples=args.prm_samples,
                                            good_step_fraction=good_frac, seconds=round(time.perf_counter() - t0, 1)))
     print(f"prm: loss {loss:.4f}; all done in {time.perf_counter() - t_start:.0f} s -> {out}", flush=True)
