@@ -25,7 +25,7 @@ SEARCHES = ("majority", "best_of_n", "weighted_best_of_n", "prm_beam_search", "d
             "adaptive_best_of_n")
 
 
-def _budgets(text: str) -> list[int]:
+def parse_budgets(text: str) -> list[int]:
     try:
         out = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
@@ -162,7 +162,7 @@ def main(args) -> int:
     from .models import arith, bundled
     from .search.strategies import SearchSettings, run_strategies
 
-    budgets = _budgets(args.budgets)
+    budgets = parse_budgets(args.budgets)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in strategies if s not in SEARCHES]
     if bad:

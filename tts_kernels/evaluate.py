@@ -230,10 +230,10 @@ def run_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed: i
 
 
 def _parse_args(args):
-    from .demo import _budgets
+    from .demo import parse_budgets
     from .search.strategies import NEEDS_PRM, STRATEGIES
 
-    budgets = _budgets(args.budgets)
+    budgets = parse_budgets(args.budgets)
     strategies = list(dict.fromkeys(s.strip() for s in args.strategy.split(",") if s.strip()))
     bad = [s for s in strategies if s not in STRATEGIES]
     if not strategies or bad:

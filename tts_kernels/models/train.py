@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prm-steps", type=int, default=400)
     ap.add_argument("--prm-problems", type=int, default=1024, help="train problems whose sampled solutions label the PRM")
     ap.add_argument("--prm-samples", type=int, default=4, help="sampled solutions per PRM problem")
-    ap.add_argument("--prm-lr", type=float, default=3e-3)
+    ap.add_argument("--prm-lr", type=float, default=1e-3)
     ap.add_argument("--prm-only", action="store_true",
                     help="train only the PRM, from the policies already in --out (saved weights are what the full "
                          "run holds in memory too: save() rounds them to bfloat16 in place)")
