@@ -149,3 +149,11 @@ def test_train_script_runs_small(tmp_path):
     assert policy.model.config.num_hidden_layers == 3 and prm.model.config.num_labels == 2
     info = json.loads((tmp_path / "prm" / "training.json").read_text())
     assert info["steps"] == 2 and info["prm_problems"] == 8
+    # --prm-only retrains the PRM from the saved policies and leaves them alone.
+    weights = (tmp_path / "policy-large" / "model.safetensors").read_bytes()
+    res = subprocess.run(cmd + ["--prm-only", "--prm-steps", "3", "--prm-lr", "2e-3"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "policy-large" / "model.safetensors").read_bytes() == weights
+    info = json.loads((tmp_path / "prm" / "training.json").read_text())
+    assert info["steps"] == 3 and info["lr"] == 2e-3
