@@ -120,26 +120,25 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot_scaling(curves: list[dict], path: Path, title: str, references: list[dict] = ()) -> None:
+    """Accuracy against budget and against FLOPs per problem: one line per strategy of ``curves`` (in
+    order of first appearance), each row of ``references`` (greedy runs) a horizontal line and a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    searches = [s for s in SEARCHES if any(r["strategy"] == s for r in rows)]
-    for s in searches:
-        pts = sorted((r["budget"], r["flops_per_problem"], r["accuracy"]) for r in rows
-                     if r["strategy"] == s and r["model"] == "small")
+    for s in dict.fromkeys(r["strategy"] for r in curves):
+        pts = sorted((r["budget"], r["flops_per_problem"], r["accuracy"]) for r in curves if r["strategy"] == s)
         axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=s)
         axes[1].plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=s)
-    for r in rows:
-        if r["strategy"] == "greedy":
-            style = dict(color="gray" if r["model"] == "small" else "black", linestyle="--" if r["model"] == "small"
-                         else ":", label=f"{r['model']} policy, greedy")
-            axes[0].axhline(r["accuracy"], **style)
-            axes[1].axhline(r["accuracy"], **style)
-            axes[1].plot([r["flops_per_problem"]], [r["accuracy"]], marker="*", markersize=12, color=style["color"])
+    for r in references:
+        style = dict(color="gray" if r["model"] == "small" else "black", linestyle="--" if r["model"] == "small"
+                     else ":", label=f"{r['model']} policy, greedy")
+        axes[0].axhline(r["accuracy"], **style)
+        axes[1].axhline(r["accuracy"], **style)
+        axes[1].plot([r["flops_per_problem"]], [r["accuracy"]], marker="*", markersize=12, color=style["color"])
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("budget (samples or beams per problem)")
     axes[1].set_xscale("log")
@@ -149,10 +148,19 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("tts-kernels demo: small policy + bundled PRM on held-out arithmetic problems")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """The demo's plot: the small policy's searches as curves, greedy runs as reference lines."""
+    order = {s: i for i, s in enumerate(SEARCHES)}
+    curves = sorted((r for r in rows if r["model"] == "small" and r["strategy"] in order),
+                    key=lambda r: order[r["strategy"]])
+    plot_scaling(curves, path, "tts-kernels demo: small policy + bundled PRM on held-out arithmetic problems",
+                 references=[r for r in rows if r["strategy"] == "greedy"])
 
 
 def main(args) -> int:

@@ -411,26 +411,6 @@ def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path,
 
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against budget and against FLOPs per problem, one line per strategy."""
-    import matplotlib
+    from .demo import plot_scaling
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in dict.fromkeys(r["strategy"] for r in rows):
-        pts = sorted((r["budget"], r["flops_per_problem"], r["accuracy"]) for r in rows if r["strategy"] == s)
-        axes[0].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=s)
-        axes[1].plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=s)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("budget (samples or beams per problem)")
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("FLOPs per problem (policy + PRM, measured)")
-    for ax in axes:
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"tts-kernels eval: {rows[0]['model']} policy, {rows[0]['problems']} problems")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_scaling(rows, path, f"tts-kernels eval: {rows[0]['model']} policy, {rows[0]['problems']} problems")
