@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
-from tts_kernels.models import arith, bundled
+from tts_kernels.models import arith, bundled, split_steps
 from tts_kernels.models.train import policy_example, prm_example
 from tts_kernels.search import best_of_n
 
@@ -97,14 +97,22 @@ def test_policy_greedy_equals_generate_and_solves_problems():
 
 
 @torch.no_grad()
-def test_prm_scores_steps_like_a_full_forward_and_prefers_right_steps():
-    prm = bundled.load_prm()
+def _score_reference_and_one_slip(prm):
+    """PRM scores (aggregate ``min``) of 8 held-out reference solutions and of each with its first
+    result off by one: ``(problems, one-slip texts, PRMScores)``."""
     probs = bundled.test_problems(8, levels=(1, 2, 3))
     wrong = [p.solution.replace(f"= {p.values[1]}\n", f"= {p.values[1] + 1}\n", 1) for p in probs]
     scored = prm.score([p.prompt for p in probs], [[p.solution, w] for p, w in zip(probs, wrong)], agg="min")
+    return probs, wrong, scored
+
+
+@torch.no_grad()
+def test_prm_scores_steps_like_a_full_forward():
+    prm = bundled.load_prm()
+    probs, wrong, scored = _score_reference_and_one_slip(prm)
     for p, w, rows in zip(probs, wrong, scored.step_scores):
         for text, got in zip((p.solution, w), rows):
-            steps = [s + "\n\n" for s in text.split("\n\n")[:-1]] + [text.split("\n\n")[-1]]
+            steps = split_steps(text)
             ids, tgt = prm_example(prm.tokenizer, p.prompt, steps, [True] * len(steps))
             ends = [i for i, t in enumerate(tgt) if t >= 0]
             logits = prm.model(input_ids=torch.tensor([ids])).logits[0, ends].float()
@@ -116,10 +124,7 @@ def test_prm_scores_steps_like_a_full_forward_and_prefers_right_steps():
                    "~ the entropy of its 23% good-step label rate); strict, so a fixed PRM turns this red")
 @torch.no_grad()
 def test_prm_prefers_right_steps():
-    prm = bundled.load_prm()
-    probs = bundled.test_problems(8, levels=(1, 2, 3))
-    wrong = [p.solution.replace(f"= {p.values[1]}\n", f"= {p.values[1] + 1}\n", 1) for p in probs]
-    scored = prm.score([p.prompt for p in probs], [[p.solution, w] for p, w in zip(probs, wrong)], agg="min")
+    probs, _, scored = _score_reference_and_one_slip(bundled.load_prm())
     agg = scored.aggregate.view(len(probs), 2)
     assert (agg[:, 0] > agg[:, 1] + 0.05).sum() >= 6  # the reference beats its one-slip twin, by a margin
 

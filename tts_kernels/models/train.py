@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from . import arith
+from .prm import split_steps
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
@@ -172,7 +173,6 @@ def sampled_prm_data(policy_model, tokenizer, problems, *, samples: int, tempera
     """PRM examples from ``samples`` sampled solutions per problem, labelled by ``check_steps``."""
     from ..search.best_of_n import sample_completions
     from .policy import HFPolicy
-    from .prm import split_steps
 
     policy = HFPolicy(policy_model, tokenizer)
     out, good, total = [], 0, 0
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     ref = []
     for p in problems[args.prm_problems: 2 * args.prm_problems]:
-        for steps in ([s + arith.STEP_SEPARATOR for s in p.steps[:-1]] + [p.steps[-1]], corrupted_solution(p, rng)):
+        for steps in (split_steps(p.solution, arith.STEP_SEPARATOR), corrupted_solution(p, rng)):
             ref.append(prm_example(tokenizer, p.prompt, steps, arith.check_steps(p, "".join(steps))))
     print(f"prm data: {len(data)} sampled solutions ({good_frac:.0%} good steps) + {len(ref)} reference and "
           f"one-slip solutions, {time.perf_counter() - t0:.0f} s", flush=True)
