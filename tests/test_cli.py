@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,8 +37,10 @@ def test_check_quick_matches_generate(tmp_path):
     assert "identical to transformers generate(): sequences True, scores True" in res.stdout
 
 
-def test_demo_reduced_end_to_end(tmp_path):
-    res = run_cli("demo", "--problems", "3", "--budgets", "1,4", "--no-progress", "--out", str(tmp_path))
+@pytest.mark.parametrize("verifier", ["likelihood", "prm"])
+def test_demo_reduced_end_to_end(tmp_path, verifier):
+    res = run_cli("demo", "--problems", "3", "--budgets", "1,4", "--no-progress", "--out", str(tmp_path),
+                  "--verifier", verifier)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     searches = ["majority", "best_of_n", "weighted_best_of_n", "prm_beam_search", "dvts", "compute_optimal",
@@ -50,6 +54,7 @@ def test_demo_reduced_end_to_end(tmp_path):
         if x["strategy"] in ("majority", "best_of_n", "weighted_best_of_n"):
             assert len(x["answers"]) == x["budget"] == len(x["scores"])
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["verifier"] == verifier and f"verifier {verifier}" in res.stdout
     assert len(summary["rows"]) == 2 + 2 * len(searches)
     for row in summary["rows"]:
         assert row["correct"] == sum(x["correct"] for x in lines if (x["model"], x["strategy"], x["budget"]) ==
@@ -65,3 +70,5 @@ def test_demo_bad_flags(tmp_path):
     assert res.returncode != 0 and "--budgets" in res.stderr
     res = run_cli("demo", "--strategies", "mcts", "--out", str(tmp_path))
     assert res.returncode != 0 and "mcts" in res.stderr
+    res = run_cli("demo", "--verifier", "orm", "--out", str(tmp_path))
+    assert res.returncode != 0 and "--verifier" in res.stderr

@@ -148,6 +148,9 @@ def test_changed_config_is_refused(reference, tmp_path, capsys):
                             for p in bundled.test_problems(6)))
     assert run_here(out, "--data", str(data)) == 2
     assert "dataset.sha256" in capsys.readouterr().err
+    assert run_here(out, "--prm-head", "likelihood") == 2
+    err = capsys.readouterr().err
+    assert "prm_head: 'classifier' in" in err and "prm_sha256" in err
     assert (out / "results.jsonl").read_text() == before  # nothing mixed in
 
     (out / "config.json").unlink()
@@ -225,6 +228,15 @@ def test_skip_bad_and_prm_beam_search(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_lines"][0]["line"] == 2 and summary["config"]["grader"] == "integer"
     assert summary["rows"][0]["correct"] == sum(r["correct"] for r in recs)
+
+
+def test_likelihood_verifier(tmp_path):
+    out = tmp_path / "out"
+    assert run_here(out, "--prm-head", "likelihood", "--strategy", "best_of_n", "--budgets", "2", "--limit", "2") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["prm_head"] == "likelihood" and cfg["info"]["prm"].endswith("policy-large")
+    recs = lines(out / "results.jsonl")
+    assert len(recs) == 2 and all(r["prm_flops"] > 0 and 0 <= min(r["scores"]) <= 1 for r in recs)
 
 
 def test_chunk_seeds_differ_and_are_stable():

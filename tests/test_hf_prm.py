@@ -1,7 +1,7 @@
 """HFPRM: the three PRM head families on the paged cache against a plain full-sequence forward."""
 import pytest
 import torch
-from tiny_models import char_tokenizer, tiny_llama
+from tiny_models import biased_policy_model, char_tokenizer, tiny_llama
 from transformers import LlamaForTokenClassification
 
 from tts_kernels.models.prm import HFPRM, split_steps
@@ -19,6 +19,12 @@ def dense_scores(prm, prompt, completion):
     p_ids = prm.encode_prompt(prompt)
     full = torch.tensor([p_ids + ids])
     with torch.no_grad():
+        if prm.head_kind == "likelihood":  # log p of each completion token under the LM, reduced over the prefix
+            logp = prm.model(full).logits[0].float().log_softmax(-1)
+            n = len(p_ids)
+            tok_lp = logp[n - 1:-1].gather(-1, full[0, n:, None])[:, 0]
+            red = {"min": torch.min, "sum": torch.sum, "mean": torch.mean}[prm.reduce]
+            return [float(red(tok_lp[: e + 1]).exp()) for e in ends]
         if prm.head_kind == "label_token":
             logits = prm.model(full).logits[0]
             good, bad = prm.weight_ids
@@ -29,8 +35,10 @@ def dense_scores(prm, prompt, completion):
         return [float(torch.softmax(logits[len(p_ids) + e], 0)[prm.positive_class]) for e in ends]
 
 
-def make(kind):
+def make(kind, reduce="min"):
     tok = char_tokenizer()
+    if kind == "likelihood":  # an LM head with a bias, to cover it
+        return HFPRM(biased_policy_model(tok, bias=1.0), tok, head="likelihood", reduce=reduce)
     if kind == "label_token":
         prm = HFPRM(tiny_llama(1), tok, head="label_token", step_tag="#", good_token="+", bad_token="-")
         prm.weight_ids = (tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-"))
@@ -40,10 +48,11 @@ def make(kind):
     return HFPRM(model, tok, head=kind, step_tag="\x0b" if kind == "classifier" else None)
 
 
-@pytest.mark.parametrize("kind", ["label_token", "classifier", "value"])
+@pytest.mark.parametrize("kind", ["label_token", "classifier", "value", "likelihood", "likelihood-sum",
+                                  "likelihood-mean"])
 @pytest.mark.parametrize("agg", ["last", "min", "prod", "mean"])
 def test_scores_match_full_forward(kind, agg):
-    prm = make(kind)
+    prm = make(*kind.split("-"))
     out = prm.score(PROMPTS, COMPLETIONS, agg=agg)
     flat = []
     for p, (prompt, cs) in enumerate(zip(PROMPTS, COMPLETIONS)):
@@ -62,8 +71,9 @@ def test_scores_match_full_forward(kind, agg):
     assert out.tokens == n_prompt + n_steps
 
 
-def test_incremental_steps_equal_one_pass():
-    prm = make("classifier")
+@pytest.mark.parametrize("kind", ["classifier", "likelihood"])
+def test_incremental_steps_equal_one_pass(kind):
+    prm = make(kind)
     completion = COMPLETIONS[0][0]
     steps = split_steps(completion)
     s = prm.start(PROMPTS[:1], agg="min")
@@ -95,3 +105,25 @@ def test_bad_configuration():
         HFPRM(tiny_llama(), tok, head="classifier")
     with pytest.raises(ValueError, match="needs 1 output"):
         HFPRM(tiny_llama(cls=LlamaForTokenClassification, num_labels=2), tok, head="value")
+    with pytest.raises(ValueError, match="reduce must be"):
+        HFPRM(tiny_llama(), tok, head="likelihood", reduce="max")
+    with pytest.raises(ValueError, match="step_tag"):
+        HFPRM(tiny_llama(), tok, head="likelihood", step_tag="#")
+    with pytest.raises(ValueError, match="lm_head"):
+        HFPRM(tiny_llama(cls=LlamaForTokenClassification, num_labels=2), tok, head="likelihood")
+
+
+def test_likelihood_clone_continues_rows():
+    # A clone of some rows scores their next steps as the original rows would.
+    prm = make("likelihood", "mean")
+    steps = split_steps(COMPLETIONS[0][1])
+    s = prm.start(PROMPTS[:1], agg="last")
+    s.fork(torch.tensor([0, 0, 0]))
+    s.add_steps([steps[:1], steps[:2], []])
+    c = s.clone(torch.tensor([1, 0]))
+    got = c.add_steps([steps[2:], steps[1:]])
+    want = dense_scores(prm, PROMPTS[0], COMPLETIONS[0][1])
+    torch.testing.assert_close(got[0, :1], torch.tensor(want[2:]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1, :2], torch.tensor(want[1:]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.aggregate, torch.tensor([want[-1], want[-1]]), rtol=1e-4, atol=1e-5)
+    s.free()

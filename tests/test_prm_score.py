@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from tts_kernels.ops.prm import AGGREGATES, init_aggregate, label_token_head, prm_score
-from tts_kernels.reference import prm_score_ref
+from tts_kernels.ops.prm import (AGGREGATES, LIKELIHOOD_REDUCES, init_aggregate, init_likelihood_state,
+                                 label_token_head, prefix_likelihood, prm_score)
+from tts_kernels.reference import prefix_likelihood_ref, prm_score_ref
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # head dot products over F=48
 
@@ -100,3 +101,70 @@ def test_bad_input():
         prm_score(x, pos, w, aggregate=a0[:2], count=c0)
     with pytest.raises(ValueError, match="good_token_id"):
         label_token_head(torch.randn(10, 4), 10, 0)
+
+
+def likelihood_case(n=6, T=11, S=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(n, T, generator=g) * 4
+    lp[:, :3] = float("nan")  # left padding
+    lp[1, :] = float("nan")  # a row with no token this time
+    pos = torch.sort(torch.randint(3, T, (n, S), generator=g), 1).values
+    pos[0] = -1  # a row with no step
+    pos[2, -1] = -1
+    pos[3, -1] = T + 2  # out of range counts as none
+    return lp.to(dtype), pos
+
+
+@pytest.mark.parametrize("reduce", LIKELIHOOD_REDUCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 11, 4), (7, 1, 1), (9, 33, 5)])
+def test_prefix_likelihood_matches_reference(reduce, dtype, shape):
+    n, T, S = shape
+    lp, pos = likelihood_case(n, max(T, 4), S, dtype, seed=T)
+    state = init_likelihood_state(n)
+    state[0][4:] = -torch.rand(n - 4) * 3  # rows that already had tokens
+    state[1][4:] = state[0][4:] * 2
+    state[2][4:] = 5
+    got, got_state = prefix_likelihood(lp, pos, state, reduce=reduce)
+    want, want_state = prefix_likelihood_ref(lp.float(), pos, state, reduce=reduce)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
+    for a, b in zip(got_state, want_state):
+        torch.testing.assert_close(a, b)
+    assert torch.isnan(got[0]).all() and not torch.isnan(got[5]).any()
+
+
+@pytest.mark.parametrize("reduce", LIKELIHOOD_REDUCES)
+def test_prefix_likelihood_in_chunks_equals_one_call(reduce):
+    lp, pos = likelihood_case(T=14)
+    n = lp.shape[0]
+    _, (m, s, c) = prefix_likelihood(lp, pos, init_likelihood_state(n), reduce=reduce)
+    half = torch.where(pos < 8, pos, -1), torch.where(pos >= 8, pos - 8, -1)
+    a, st = prefix_likelihood(lp[:, :8], half[0], init_likelihood_state(n), reduce=reduce)
+    b, (m2, s2, c2) = prefix_likelihood(lp[:, 8:], half[1], st, reduce=reduce)
+    one, _ = prefix_likelihood(lp, pos, init_likelihood_state(n), reduce=reduce)
+    torch.testing.assert_close(torch.where(pos < 8, a, b), one, equal_nan=True)
+    torch.testing.assert_close((m2, s2, c2), (m, s, c))
+
+
+def test_prefix_likelihood_compiles_without_graph_breaks():
+    lp, pos = likelihood_case()
+    st = init_likelihood_state(lp.shape[0])
+    f = torch.compile(lambda lp, p, a, b, c: prefix_likelihood(lp, p, (a, b, c), reduce="mean"), fullgraph=True)
+    torch.testing.assert_close(f(lp, pos, *st)[0], prefix_likelihood(lp, pos, st, reduce="mean")[0], equal_nan=True)
+
+
+def test_prefix_likelihood_bad_input():
+    lp, pos = likelihood_case()
+    st = init_likelihood_state(lp.shape[0])
+    with pytest.raises(ValueError, match="reduce must be"):
+        prefix_likelihood(lp, pos, st, reduce="max")
+    with pytest.raises(TypeError, match="token_logp must be floating"):
+        prefix_likelihood(lp.long(), pos, st)
+    with pytest.raises(TypeError, match="positions"):
+        prefix_likelihood(lp, pos.float(), st)
+    with pytest.raises(ValueError, match="positions has"):
+        prefix_likelihood(lp, pos[:2], st)
+    with pytest.raises(ValueError, match="state must be"):
+        prefix_likelihood(lp, pos, st[:2])
+    with pytest.raises(ValueError, match="run_count has"):
+        prefix_likelihood(lp, pos, (st[0], st[1], st[2][:2]))

@@ -43,6 +43,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default=None, help="folder with policy-small, policy-large, prm (default: bundled)")
+    ap.add_argument("--verifier", default="likelihood", choices=("likelihood", "prm"),
+                    help="what scores steps: policy-large's likelihood of them (default) or the trained PRM")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -154,12 +156,15 @@ def plot_scaling(curves: list[dict], path: Path, title: str, references: list[di
     plt.close(fig)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+VERIFIER_TITLES = {"likelihood": "policy-large likelihood as verifier", "prm": "bundled PRM"}
+
+
+def plot(rows: list[dict], path: Path, verifier: str = "likelihood") -> None:
     """The demo's plot: the small policy's searches as curves, greedy runs as reference lines."""
     order = {s: i for i, s in enumerate(SEARCHES)}
     curves = sorted((r for r in rows if r["model"] == "small" and r["strategy"] in order),
                     key=lambda r: order[r["strategy"]])
-    plot_scaling(curves, path, "tts-kernels demo: small policy + bundled PRM on held-out arithmetic problems",
+    plot_scaling(curves, path, f"tts-kernels demo: small policy + {VERIFIER_TITLES[verifier]}, held-out problems",
                  references=[r for r in rows if r["strategy"] == "greedy"])
 
 
@@ -185,10 +190,10 @@ def main(args) -> int:
     prompts = [p.prompt for p in problems]
     small = bundled.load_policy("small", device=device, root=args.models)
     large = bundled.load_policy("large", device=device, root=args.models)
-    prm = bundled.load_prm(device=device, root=args.models)
+    prm = bundled.load_verifier(args.verifier, device=device, root=args.models)
     settings = SearchSettings()
-    print(f"tts-kernels demo: {len(problems)} held-out problems, budgets {budgets}, device {device}, "
-          f"threads {torch.get_num_threads()}", flush=True)
+    print(f"tts-kernels demo: {len(problems)} held-out problems, budgets {budgets}, verifier {args.verifier}, "
+          f"device {device}, threads {torch.get_num_threads()}", flush=True)
 
     plan = [("small", ["greedy"], 1), ("large", ["greedy"], 1)]
     # The three sampling strategies share one best-of-N run (and its time); the others run alone.
@@ -224,11 +229,11 @@ def main(args) -> int:
     print("\nwhat this run shows:")
     for n in notes:
         print(f"  - {n}")
-    plot(rows, out / "scaling.png")
+    plot(rows, out / "scaling.png", args.verifier)
     total = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(
         {"machine": machine_info(), "problems": len(problems), "budgets": budgets, "strategies": strategies,
-         "settings": settings.__dict__, "seed": args.seed, "seconds": round(total, 1), "rows": rows,
+         "verifier": args.verifier, "settings": settings.__dict__, "seed": args.seed, "seconds": round(total, 1), "rows": rows,
          "findings": notes}, indent=1) + "\n")
     print(f"\nwrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'scaling.png'} ({total:.0f} s)")
     return 0

@@ -78,7 +78,12 @@ def add_arguments(ap) -> None:
                     help=f"one of {', '.join(STRATEGIES)} (or a comma list); default weighted_best_of_n")
     ap.add_argument("--budgets", default="1,4,16", help="samples (or beams) per problem, comma list (default 1,4,16)")
     ap.add_argument("--policy", default=None, help="policy model folder (default: the bundled policy-small)")
-    ap.add_argument("--prm", default=None, help="PRM folder, a 2-label token classifier (default: the bundled prm)")
+    ap.add_argument("--prm", default=None,
+                    help="verifier folder: a 2-label token classifier for --prm-head classifier (default: the bundled "
+                         "prm), a causal LM for --prm-head likelihood (default: the bundled policy-large)")
+    ap.add_argument("--prm-head", default="classifier", choices=("classifier", "likelihood"),
+                    help="how --prm scores a step: its 2-class head at the step's end, or its likelihood of the "
+                         "prefix (min token log-prob; HFPRM head='likelihood')")
     ap.add_argument("--problem-field", default="problem", help="dataset field sent to the policy as is")
     ap.add_argument("--answer-field", default="answer")
     ap.add_argument("--id-field", default="id", help="dataset id field (missing: the 0-based line index)")
@@ -172,7 +177,7 @@ def check_config(out: Path, cfg: dict) -> None:
 
 # ---------------------------------------------------------------- work
 
-def _load_models(policy_path: Path, prm_path: Path | None, device, settings):
+def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm_head: str = "classifier"):
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -183,9 +188,9 @@ def _load_models(policy_path: Path, prm_path: Path | None, device, settings):
     policy = HFPolicy(model, AutoTokenizer.from_pretrained(policy_path))
     prm = None
     if prm_path is not None:
-        m = AutoModelForTokenClassification.from_pretrained(prm_path, dtype=torch.float32).to(device).eval()
-        prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head="classifier",
-                    step_separator=settings.step_delimiter)
+        auto = AutoModelForCausalLM if prm_head == "likelihood" else AutoModelForTokenClassification
+        m = auto.from_pretrained(prm_path, dtype=torch.float32).to(device).eval()
+        prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head=prm_head, step_separator=settings.step_delimiter)
     return policy, prm
 
 
@@ -285,7 +290,8 @@ def _run(args, dist: _Dist) -> int:
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"--grader: {exc}") from None
     policy_path = Path(args.policy) if args.policy else bundled.path("policy-small")
-    prm_path = (Path(args.prm) if args.prm else bundled.path("prm")) if needs_prm else None
+    default_prm = bundled.path("policy-large" if args.prm_head == "likelihood" else "prm")
+    prm_path = (Path(args.prm) if args.prm else default_prm) if needs_prm else None
     for p in (policy_path, prm_path):
         if p is not None and not (p / "config.json").is_file():
             raise FileNotFoundError(f"no model folder (config.json) at {p}")
@@ -293,7 +299,7 @@ def _run(args, dist: _Dist) -> int:
     cfg = {"format": FORMAT, "strategies": strategies, "budgets": budgets, "seed": args.seed,
            "chunk_size": args.chunk_size, "settings": dataclasses.asdict(settings), "device": args.device,
            "dtype": "float32", "grader": grader_name(grader), "policy_sha256": _digest(policy_path),
-           "prm_sha256": _digest(prm_path) if prm_path else None,
+           "prm_sha256": _digest(prm_path) if prm_path else None, "prm_head": args.prm_head if prm_path else None,
            "dataset": {"sha256": data.sha256, "problems": len(data.problems), "problem_field": args.problem_field,
                        "answer_field": args.answer_field, "id_field": args.id_field, "limit": args.limit,
                        "skip_bad": args.skip_bad},
@@ -335,7 +341,7 @@ def _run(args, dist: _Dist) -> int:
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     written = 0
     if mine:
-        policy, prm = _load_models(policy_path, prm_path, dist.device, settings)
+        policy, prm = _load_models(policy_path, prm_path, dist.device, settings, args.prm_head)
         with open(mine_path, "a", encoding="utf-8") as f:
             for c in mine:
                 records, commit = run_chunk(c, chunks[c], strategies, budgets, policy, prm, settings, args.seed, grader)

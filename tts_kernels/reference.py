@@ -212,6 +212,32 @@ PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
 
 
+def prefix_likelihood_ref(token_logp, positions, state, *, reduce="min"):
+    """Plain-loop meaning of :func:`tts_kernels.ops.prm.prefix_likelihood`: per row, walk the tokens,
+    keep every log-probability seen; at a step end score ``exp(min | mean | sum)`` of them."""
+    run_min, run_sum, run_count = state
+    n, T = token_logp.shape
+    scores = torch.full(positions.shape, float("nan"))
+    new = ([], [], [])
+    for i in range(n):
+        seen_min, seen_sum, seen_n = float(run_min[i]), float(run_sum[i]), int(run_count[i])
+        at = {}
+        for t in range(T):
+            v = float(token_logp[i, t])
+            if not math.isnan(v):
+                seen_min, seen_sum, seen_n = min(seen_min, v), seen_sum + v, seen_n + 1
+            at[t] = (seen_min, seen_sum, seen_n)
+        for s, e in enumerate(positions[i].tolist()):
+            if 0 <= e < T:
+                m, tot, c = at[e]
+                f = {"min": m, "sum": tot, "mean": tot / max(c, 1)}[reduce]
+                scores[i, s] = math.exp(min(f, 0.0))
+        for lst, v in zip(new, (seen_min, seen_sum, seen_n)):
+            lst.append(v)
+    return scores, (torch.tensor(new[0], dtype=torch.float32), torch.tensor(new[1], dtype=torch.float32),
+                    torch.tensor(new[2], dtype=torch.int64))
+
+
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b`` in [0, 2**32).
 

@@ -62,6 +62,30 @@ def load_prm(*, device="cpu", root=None, dtype=torch.float32):
     return HFPRM(model, load_tokenizer("prm", root), head="classifier", step_separator=arith.STEP_SEPARATOR)
 
 
+VERIFIERS = ("likelihood", "prm")
+
+
+def load_verifier(kind: str = "likelihood", *, device="cpu", root=None, dtype=torch.float32, reduce: str = "min"):
+    """The step verifier a search uses, as an :class:`~tts_kernels.models.HFPRM`.
+
+    * ``"prm"``: the trained PRM (:func:`load_prm`);
+    * ``"likelihood"``: policy-large reading the steps: a step scores ``exp`` of the ``reduce``
+      (``"min"``/``"mean"``/``"sum"``) of its prefix's token log-probabilities (``head="likelihood"``).
+      No training beyond the policy's: a stronger model's surprise at a weaker one's steps.
+    """
+    if kind == "prm":
+        return load_prm(device=device, root=root, dtype=dtype)
+    if kind != "likelihood":
+        raise ValueError(f"kind must be one of {VERIFIERS}, got {kind!r}")
+    from transformers import AutoModelForCausalLM
+
+    from .prm import HFPRM
+
+    model = AutoModelForCausalLM.from_pretrained(path("policy-large", root), dtype=dtype).to(device).eval()
+    return HFPRM(model, load_tokenizer("policy-large", root), head="likelihood", reduce=reduce,
+                 step_separator=arith.STEP_SEPARATOR)
+
+
 def test_problems(n: int = 100, *, seed: int = TEST_SEED, levels=tuple(arith.LEVELS)) -> list[arith.Problem]:
     """The held-out problems (``"test"`` split): never seen in training."""
     return arith.generate(n, seed=seed, split="test", levels=levels)

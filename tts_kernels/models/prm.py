@@ -13,6 +13,13 @@ and all are supported (``head=``):
 * ``"value"`` — a scalar head (Skywork style; ``*ForTokenClassification`` with 1 label):
   sigmoid.
 
+And one verifier that is not a trained PRM head (``head="likelihood"``): a causal LM's own
+likelihood of the text, e.g. a stronger policy reading a weaker one's steps. A step scores
+``exp(f)`` of the log-probabilities of every solution token up to its end (``reduce``:
+``"min"`` token, ``"mean"`` = geometric-mean token probability, ``"sum"`` = prefix
+probability; :func:`~tts_kernels.ops.prm.prefix_likelihood`), so like a Math-Shepherd label
+a step's score covers its whole prefix. The prompt's tokens are not scored.
+
 Incremental scoring: a :class:`PRMSession` prefills each prompt once into the PRM's own
 paged KV cache, forks it per candidate (no KV bytes move), and each
 :meth:`PRMSession.add_steps` call runs only the new steps' tokens through the model
@@ -34,10 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.prm import init_aggregate, label_token_head, prm_score
+from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, init_likelihood_state, label_token_head,
+                       prefix_likelihood, prm_score)
 from .hf_paged import PagedCache, use_paged_attention
 
-HEADS = ("label_token", "classifier", "value")
+HEADS = ("label_token", "classifier", "value", "likelihood")
 
 
 def split_steps(text: str, separator: str = "\n\n") -> list[str]:
@@ -59,24 +67,33 @@ class HFPRM:
     """A transformers model as a PRM.
 
     Args:
-        model: a causal LM (``head="label_token"``) or a ``*ForTokenClassification`` model
-            with 2 labels (``"classifier"``) or 1 label (``"value"``). It is switched to the
-            ``"tts_paged"`` attention (runs as sdpa without a paged cache).
+        model: a causal LM (``head="label_token"`` or ``"likelihood"``) or a
+            ``*ForTokenClassification`` model with 2 labels (``"classifier"``) or 1 label
+            (``"value"``). It is switched to the ``"tts_paged"`` attention (runs as sdpa without a
+            paged cache).
         tokenizer: its tokenizer.
-        head: ``"label_token"``, ``"classifier"`` or ``"value"``.
+        head: ``"label_token"``, ``"classifier"``, ``"value"`` or ``"likelihood"``.
         step_separator: splits completions into steps.
         step_tag: text appended after every step, scored at its last token (e.g. Math-Shepherd's
             ``" ки"``, Qwen-PRM's ``"<extra_0>"``); ``None``: score each step's last token.
         good_token, bad_token: label tokens of a label-token PRM (single tokens).
         positive_class: the class whose probability is the score (2-class heads).
+        reduce: ``head="likelihood"`` only: ``"min"``, ``"mean"`` or ``"sum"`` of the token
+            log-probabilities of the prefix (see the module docstring). The LM head is applied
+            as a plain linear layer (no logit soft-capping or scaling).
         num_blocks, block_size: the PRM's paged KV pool (default: sized per session).
     """
 
     def __init__(self, model, tokenizer, *, head: str = "classifier", step_separator: str = "\n\n",
                  step_tag: str | None = None, good_token: str | None = None, bad_token: str | None = None,
-                 positive_class: int = 1, num_blocks: int | None = None, block_size: int = 16):
+                 positive_class: int = 1, reduce: str = "min", num_blocks: int | None = None,
+                 block_size: int = 16):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if reduce not in LIKELIHOOD_REDUCES:
+            raise ValueError(f"reduce must be one of {LIKELIHOOD_REDUCES}, got {reduce!r}")
+        if head == "likelihood" and step_tag is not None:
+            raise ValueError("step_tag has no meaning for head='likelihood' (the tag's own tokens would be scored)")
         if not step_separator:
             raise ValueError("step_separator must be a non-empty string")
         self.model = use_paged_attention(model)
@@ -85,6 +102,7 @@ class HFPRM:
         self.step_separator = step_separator
         self.step_tag = step_tag
         self.positive_class = positive_class
+        self.reduce = reduce
         self.num_blocks, self.block_size = num_blocks, block_size
         self.base = model.base_model
         if head == "label_token":
@@ -95,6 +113,11 @@ class HFPRM:
                 raise ValueError("head='label_token' needs a causal LM with an output embedding (lm_head)")
             good, bad = _token_id(tokenizer, good_token, "good_token"), _token_id(tokenizer, bad_token, "bad_token")
             self.weight, self.bias, self.positive_class = label_token_head(lm_head.weight, good, bad), None, 1
+        elif head == "likelihood":
+            lm_head = model.get_output_embeddings()
+            if not isinstance(lm_head, torch.nn.Linear):
+                raise ValueError("head='likelihood' needs a causal LM with an output embedding (lm_head)")
+            self.weight, self.bias = lm_head.weight, lm_head.bias
         else:
             score = getattr(model, "score", None) or getattr(model, "classifier", None)
             if not isinstance(score, torch.nn.Linear):
@@ -110,6 +133,12 @@ class HFPRM:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def flop_module(self) -> torch.nn.Module:
+        """What one scored token runs through, for FLOP accounting: the transformer, plus the full LM
+        head for ``"likelihood"`` (a label-token head applies only two of its rows: not counted)."""
+        return self.model if self.head_kind == "likelihood" else self.base
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt).input_ids
@@ -178,6 +207,10 @@ class PRMSession:
                                 max_seqs=max(2 * rows + P, 16))
         self.agg = agg
         self.aggregate, self.count = init_aggregate(P, agg, device=dev)
+        self.likelihood = prm.head_kind == "likelihood"
+        if self.likelihood:  # running token log-prob state, and each row's last hidden state (predicts its next token)
+            self.lik_state = init_likelihood_state(P, device=dev)
+            self.last_hidden = torch.zeros(P, prm.weight.shape[1], device=dev, dtype=prm.weight.dtype)
         self.tokens = 0
         self.keys = 0  # keys attended, summed over the tokens run (for the FLOP estimate)
         self._lens = [0] * P  # host: tokens cached per row (known from what was sent)
@@ -195,6 +228,9 @@ class PRMSession:
         other.cache = self.cache.spawn(rows)
         other.aggregate = self.aggregate.index_select(0, rows)
         other.count = self.count.index_select(0, rows)
+        if self.likelihood:
+            other.lik_state = tuple(t.index_select(0, rows) for t in self.lik_state)
+            other.last_hidden = self.last_hidden.index_select(0, rows)
         other.tokens = other.keys = 0
         other._lens = [self._lens[r] for r in rows.tolist()]
         return other
@@ -206,6 +242,9 @@ class PRMSession:
         self._lens = [self._lens[r] for r in rows.tolist()]
         self.aggregate = self.aggregate.index_select(0, rows)
         self.count = self.count.index_select(0, rows)
+        if self.likelihood:
+            self.lik_state = tuple(t.index_select(0, rows) for t in self.lik_state)
+            self.last_hidden = self.last_hidden.index_select(0, rows)
 
     @torch.no_grad()
     def add_steps(self, steps: list[list[str]]) -> torch.Tensor:
@@ -246,13 +285,40 @@ class PRMSession:
         for r, x in enumerate(ids):
             self.keys += len(x) * self._lens[r] + len(x) * (len(x) + 1) // 2
             self._lens[r] += len(x)
+        hidden = out.last_hidden_state
+        if self.likelihood:
+            return self._likelihood(hidden, batch, mask, ids, positions, S, scored=ends is not None)
         if ends is None:
             return torch.empty(R, 0, device=dev)
-        hidden = out.last_hidden_state
         scores, self.aggregate, self.count = prm_score(
             hidden, positions, self.prm.weight, self.prm.bias, aggregate=self.aggregate, count=self.count,
             agg=self.agg, positive_class=self.prm.positive_class)
         return scores[:, :S]
+
+    def _likelihood(self, hidden, batch, mask, ids, positions, S, *, scored: bool) -> torch.Tensor:
+        """Log-probability of every new token (predicted by the hidden state before it: the row's
+        last one for its first new token), folded by :func:`prefix_likelihood`. The prompt prefill
+        (``scored=False``) only records each row's last hidden state."""
+        R, t = batch.shape
+        dev = hidden.device
+        nonempty = torch.tensor([len(x) > 0 for x in ids], device=dev)
+        if scored:
+            first = torch.tensor([t - len(x) for x in ids], device=dev)  # left padding: a row's first new token
+            shifted = torch.cat([hidden[:, :1], hidden[:, :-1]], 1)
+            is_first = torch.arange(t, device=dev)[None, :] == first[:, None]
+            pred = torch.where(is_first[..., None], self.last_hidden[:, None, :].to(hidden.dtype), shifted)
+            W, b = self.prm.weight, self.prm.bias
+            lp = torch.empty(R, t, device=dev)
+            step = max(1, (1 << 24) // max(1, t * W.shape[0]))  # rows per chunk: at most ~16M logits at once
+            for r0 in range(0, R, step):
+                z = torch.nn.functional.linear(pred[r0: r0 + step].to(W.dtype), W, b).float()
+                lp[r0: r0 + step] = z.gather(-1, batch[r0: r0 + step, :, None]).squeeze(-1) - z.logsumexp(-1)
+            lp = torch.where(mask.bool(), lp, float("nan"))
+            scores, self.lik_state = prefix_likelihood(lp, positions, self.lik_state, reduce=self.prm.reduce)
+            valid = (positions >= 0) & (positions < t)
+            self.aggregate, self.count = fold_step_scores(scores, valid, self.aggregate, self.count, self.agg)
+        self.last_hidden = torch.where(nonempty[:, None], hidden[:, -1].to(self.last_hidden.dtype), self.last_hidden)
+        return scores[:, :S] if scored else torch.empty(R, 0, device=dev)
 
     def free(self) -> None:
         self.cache.free()

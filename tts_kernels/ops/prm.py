@@ -33,6 +33,10 @@ Rows with no valid step keep their aggregate and count. The start of a fold is
 no host read, so a search loop calls it every step without a sync. ``x`` may be
 hidden states (then ``weight`` is the head) or already logits over two labels /
 classes (then pass ``weight=None`` and ``x [n, T, C]``).
+
+A fourth kind of verifier needs no head: a causal LM's own likelihood of the text
+(:func:`prefix_likelihood`, running min / sum / count of token log-probabilities per
+row); its step scores fold with the same :func:`fold_step_scores` as the heads'.
 """
 from __future__ import annotations
 
@@ -126,10 +130,17 @@ def prm_score(x: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor | N
         p = torch.sigmoid(z[..., positive_class] - z[..., 1 - positive_class])
     step_scores = torch.where(valid, p, float("nan"))
 
+    new, count = fold_step_scores(p, valid, aggregate, count, agg)
+    return step_scores, new, count
+
+
+def fold_step_scores(p: torch.Tensor, valid: torch.Tensor, aggregate: torch.Tensor, count: torch.Tensor,
+                     agg: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold the valid step scores ``p [n, S]`` (in order) into ``(aggregate, count)``."""
     k = valid.sum(1)
     has = k > 0
     if agg == "last":
-        last_pos = torch.where(valid, torch.arange(valid.shape[1], device=x.device), -1).max(1).values
+        last_pos = torch.where(valid, torch.arange(valid.shape[1], device=p.device), -1).max(1).values
         last = p.gather(1, last_pos.clamp(min=0)[:, None]).squeeze(1)
         new = torch.where(has, last, aggregate)
     elif agg == "min":
@@ -139,4 +150,77 @@ def prm_score(x: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor | N
     else:  # mean
         total = aggregate.double() * count + torch.where(valid, p, 0.0).double().sum(1)
         new = torch.where(has, (total / (count + k).clamp(min=1)).float(), aggregate)
-    return step_scores, new.float(), count + k
+    return new.float(), count + k
+
+
+LIKELIHOOD_REDUCES = ("min", "mean", "sum")
+
+
+def init_likelihood_state(n: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Starting ``(run_min [n] float32 = +inf, run_sum [n] float32 = 0, run_count [n] int64 = 0)`` of
+    :func:`prefix_likelihood`: no token seen yet."""
+    return (torch.full((n,), float("inf"), device=device), torch.zeros(n, device=device),
+            torch.zeros(n, dtype=torch.int64, device=device))
+
+
+def prefix_likelihood(token_logp: torch.Tensor, positions: torch.Tensor, state, *, reduce: str = "min"):
+    """Step scores of a likelihood verifier: how likely a causal LM finds each candidate's text so far.
+
+    A step ending at new position ``e`` scores ``exp(f(l))`` where ``l`` are the log-probabilities
+    of every token the row has had (earlier calls, carried in ``state``, and this call's up to
+    ``e``) and ``f`` is ``reduce``: ``"min"`` (the least likely token), ``"mean"`` (the geometric
+    mean token probability) or ``"sum"`` (the probability of the whole prefix). So a step's score
+    covers its whole prefix, as a Math-Shepherd label does (a step is good iff it and all before
+    it are): fold with ``agg="last"``.
+
+    Args:
+        token_logp: ``[n, T]`` log-probability of each new token; NaN where a row has no token
+            (padding).
+        positions: ``[n, S]`` int64/int32 step-end indices into ``T``, increasing along a row;
+            ``-1`` (or out of range) for none.
+        state: ``(run_min, run_sum, run_count)`` from :func:`init_likelihood_state` or the
+            previous call.
+        reduce: ``"min"``, ``"mean"`` or ``"sum"``.
+
+    Returns ``(step_scores [n, S] float32, NaN where no step, new state)``: a handful of batched
+    tensor ops, no host read.
+    """
+    if reduce not in LIKELIHOOD_REDUCES:
+        raise ValueError(f"reduce must be one of {LIKELIHOOD_REDUCES}, got {reduce!r}")
+    check_tensor("token_logp", token_logp, ndim=2)
+    if not token_logp.dtype.is_floating_point:
+        raise TypeError(f"token_logp must be floating point, got {token_logp.dtype}")
+    check_tensor("positions", positions, ndim=2, dtypes=(torch.int64, torch.int32))
+    n, T = token_logp.shape
+    if positions.shape[0] != n:
+        raise ValueError(f"positions has {positions.shape[0]} rows, token_logp has {n}")
+    if not isinstance(state, (tuple, list)) or len(state) != 3:
+        raise ValueError("state must be (run_min, run_sum, run_count) from init_likelihood_state")
+    run_min, run_sum, run_count = state
+    for name, t, dt in (("run_min", run_min, (torch.float32,)), ("run_sum", run_sum, (torch.float32,)),
+                        ("run_count", run_count, (torch.int64,))):
+        check_tensor(name, t, ndim=1, dtypes=dt)
+        if t.shape[0] != n:
+            raise ValueError(f"{name} has {t.shape[0]} entries, token_logp has {n} rows")
+    check_same_device(token_logp=token_logp, positions=positions, run_min=run_min, run_sum=run_sum,
+                      run_count=run_count)
+
+    lp = token_logp.float()
+    has_tok = ~torch.isnan(lp)
+    if T:
+        cmin = torch.minimum(torch.where(has_tok, lp, float("inf")).cummin(1).values, run_min[:, None])
+        csum = run_sum[:, None] + torch.where(has_tok, lp, 0.0).cumsum(1)
+        ccnt = run_count[:, None] + has_tok.long().cumsum(1)
+    else:
+        cmin = run_min[:, None].expand(n, 1)
+        csum, ccnt = run_sum[:, None].expand(n, 1), run_count[:, None].expand(n, 1)
+    valid = (positions >= 0) & (positions < T)
+    idx = torch.where(valid, positions, 0).to(torch.int64)
+    if reduce == "min":
+        f = cmin.gather(1, idx)
+    elif reduce == "sum":
+        f = csum.gather(1, idx)
+    else:
+        f = csum.gather(1, idx) / ccnt.gather(1, idx).clamp(min=1)
+    step_scores = torch.where(valid, f.clamp(max=0.0).exp(), float("nan"))  # no token yet: 1
+    return step_scores, (cmin[:, -1].contiguous(), csum[:, -1].contiguous(), ccnt[:, -1].contiguous())

@@ -194,7 +194,7 @@ def best_of_n(policy, prm, prompts: Sequence[str], n: int, *, max_new_tokens: in
         scored = prm.score(list(prompts), texts, agg=agg)
         scores = scored.aggregate.reshape(P, n).to(dev)
         step_scores, prm_tokens = scored.step_scores, scored.tokens
-        prm_flops = count_flops(prm.base, prm_tokens, scored.keys) if hasattr(prm, "base") else 0.0
+        prm_flops = count_flops(prm.flop_module, prm_tokens, scored.keys) if hasattr(prm, "flop_module") else 0.0
     else:
         scores = torch.full((P, n), float("nan"), device=dev)
         step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0

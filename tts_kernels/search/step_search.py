@@ -200,7 +200,7 @@ class _Search:
         prm_tokens = self.prm.tokens + self.prm_extra
         policy_flops = count_flops(self.policy.model, self.pol.prefill_tokens + self.forward_rows,
                                    int(self.pol.keys) + self.keys_extra)
-        prm_flops = count_flops(self.prm_model.base, prm_tokens, self.prm.keys + self.prm_keys_extra)
+        prm_flops = count_flops(self.prm_model.flop_module, prm_tokens, self.prm.keys + self.prm_keys_extra)
         return Compute(policy_prefill_tokens=self.pol.prefill_tokens, policy_generated_tokens=self.generated,
                        prm_tokens=prm_tokens, policy_flops=policy_flops, prm_flops=prm_flops)
 
