@@ -37,10 +37,10 @@ def test_check_quick_matches_generate(tmp_path):
     assert "identical to transformers generate(): sequences True, scores True" in res.stdout
 
 
-@pytest.mark.parametrize("verifier", ["likelihood", "prm"])
-def test_demo_reduced_end_to_end(tmp_path, verifier):
+@pytest.mark.parametrize("verifier,chunk", [("likelihood", "20"), ("prm", "2")])  # 3 problems: 1 chunk, 2 chunks
+def test_demo_reduced_end_to_end(tmp_path, verifier, chunk):
     res = run_cli("demo", "--problems", "3", "--budgets", "1,4", "--no-progress", "--out", str(tmp_path),
-                  "--verifier", verifier)
+                  "--verifier", verifier, "--chunk-size", chunk)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     searches = ["majority", "best_of_n", "weighted_best_of_n", "prm_beam_search", "dvts", "compute_optimal",
@@ -70,5 +70,7 @@ def test_demo_bad_flags(tmp_path):
     assert res.returncode != 0 and "--budgets" in res.stderr
     res = run_cli("demo", "--strategies", "mcts", "--out", str(tmp_path))
     assert res.returncode != 0 and "mcts" in res.stderr
+    res = run_cli("demo", "--chunk-size", "0", "--out", str(tmp_path))
+    assert res.returncode != 0 and "--chunk-size" in res.stderr
     res = run_cli("demo", "--verifier", "orm", "--out", str(tmp_path))
     assert res.returncode != 0 and "--verifier" in res.stderr

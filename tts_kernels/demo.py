@@ -45,6 +45,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--models", default=None, help="folder with policy-small, policy-large, prm (default: bundled)")
     ap.add_argument("--verifier", default="likelihood", choices=("likelihood", "prm"),
                     help="what scores steps: policy-large's likelihood of them (default) or the trained PRM")
+    ap.add_argument("--chunk-size", type=int, default=20,
+                    help="problems per batch (default 20; peak memory ~3.8 GB at budget 64): memory grows with it "
+                         "times the budget; chunk c > 0 samples with seed + 7919 c")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -76,7 +79,7 @@ def print_summary(rows: list[dict], file=sys.stdout) -> None:
             print("  ".join("-" * w for w in widths), file=file)
 
 
-def findings(rows: list[dict]) -> list[str]:
+def findings(rows: list[dict], verifier: str = "prm") -> list[str]:
     """What the table shows, in sentences computed from it (whatever it turns out to be)."""
     out = []
     by = {(r["model"], r["strategy"], r["budget"]): r for r in rows}
@@ -101,7 +104,9 @@ def findings(rows: list[dict]) -> list[str]:
             f, r = min(reach, key=lambda x: x[0])
             out.append(f"small policy + search reaches the large policy's greedy accuracy ({large['accuracy']:.3f}): "
                        f"cheapest is {r['strategy']} at budget {r['budget']} ({r['accuracy']:.3f}, "
-                       f"{f / 1e6:.1f} MFLOP/problem vs {large['flops_per_problem'] / 1e6:.1f} for large greedy)")
+                       f"{f / 1e6:.1f} MFLOP/problem vs {large['flops_per_problem'] / 1e6:.1f} for large greedy)"
+                       + (" -- with the large policy itself judging the steps (its likelihood; its FLOPs counted)"
+                          if verifier == "likelihood" and r["strategy"] != "majority" else ""))
         else:
             best = max((r for r in rows if r["model"] == "small"), key=lambda r: r["accuracy"])
             out.append(f"small policy + search does NOT reach the large policy's greedy accuracy "
@@ -144,12 +149,12 @@ def plot_scaling(curves: list[dict], path: Path, title: str, references: list[di
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("budget (samples or beams per problem)")
     axes[1].set_xscale("log")
-    axes[1].set_xlabel("FLOPs per problem (policy + PRM, measured)")
+    axes[1].set_xlabel("FLOPs per problem (policy + verifier, measured)")
     for ax in axes:
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper left", ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,12 +173,32 @@ def plot(rows: list[dict], path: Path, verifier: str = "likelihood") -> None:
                  references=[r for r in rows if r["strategy"] == "greedy"])
 
 
+def run_chunked(names, policy, prm, prompts, budget, *, settings, seed: int, chunk_size: int) -> dict:
+    """``run_strategies`` over ``prompts`` in chunks of ``chunk_size`` (chunk ``c`` with seed ``seed + 7919 c``),
+    outcomes, samples and compute merged per strategy."""
+    from .search.strategies import run_strategies
+
+    merged = {}
+    for c, i in enumerate(range(0, len(prompts), chunk_size)):
+        got = run_strategies(names, policy, prm, prompts[i: i + chunk_size], budget, settings=settings,
+                             seed=seed + 7919 * c)
+        for name, run in got.items():
+            if name not in merged:
+                merged[name] = run
+                continue
+            m = merged[name]
+            m.outcomes += run.outcomes
+            m.samples += run.samples
+            m.compute = m.compute + run.compute
+    return merged
+
+
 def main(args) -> int:
     from tqdm.auto import tqdm
 
     from .cli import machine_info
     from .models import arith, bundled
-    from .search.strategies import SearchSettings, run_strategies
+    from .search.strategies import SearchSettings
 
     budgets = parse_budgets(args.budgets)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -182,6 +207,8 @@ def main(args) -> int:
         raise SystemExit(f"--strategies: unknown {bad}; choose from {', '.join(SEARCHES)}")
     if args.problems < 1:
         raise SystemExit(f"--problems must be >= 1, got {args.problems}")
+    if args.chunk_size < 1:
+        raise SystemExit(f"--chunk-size must be >= 1, got {args.chunk_size}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -207,7 +234,8 @@ def main(args) -> int:
             policy = small if model == "small" else large
             bar.set_postfix_str(f"{model} {'/'.join(names)} N={budget}")
             t0 = time.perf_counter()
-            got = run_strategies(names, policy, prm, prompts, budget, settings=settings, seed=args.seed)
+            got = run_chunked(names, policy, prm, prompts, budget, settings=settings, seed=args.seed,
+                              chunk_size=args.chunk_size)
             seconds = time.perf_counter() - t0  # a shared run's time is each of its strategies' time
             for name, run in got.items():
                 correct = 0
@@ -225,7 +253,7 @@ def main(args) -> int:
     rows = summarize(runs, len(problems))
     print()
     print_summary(rows)
-    notes = findings(rows)
+    notes = findings(rows, args.verifier)
     print("\nwhat this run shows:")
     for n in notes:
         print(f"  - {n}")
@@ -233,7 +261,7 @@ def main(args) -> int:
     total = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(
         {"machine": machine_info(), "problems": len(problems), "budgets": budgets, "strategies": strategies,
-         "verifier": args.verifier, "settings": settings.__dict__, "seed": args.seed, "seconds": round(total, 1), "rows": rows,
+         "verifier": args.verifier, "chunk_size": args.chunk_size, "settings": settings.__dict__, "seed": args.seed, "seconds": round(total, 1), "rows": rows,
          "findings": notes}, indent=1) + "\n")
     print(f"\nwrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'scaling.png'} ({total:.0f} s)")
     return 0

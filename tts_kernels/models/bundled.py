@@ -52,7 +52,10 @@ def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.flo
 
 
 def load_prm(*, device="cpu", root=None, dtype=torch.float32):
-    """An :class:`~tts_kernels.models.HFPRM` (2-class token classifier read at each step's last token)."""
+    """An :class:`~tts_kernels.models.HFPRM` (2-class token classifier read at each step's last token).
+
+    Known defect: it ranks right and wrong answers about at random; :func:`load_verifier` ``("likelihood")``
+    is the verifier that works."""
     from transformers import AutoModelForTokenClassification
 
     from .prm import HFPRM

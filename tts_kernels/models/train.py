@@ -15,7 +15,10 @@ Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--hel
    transformer, trained at step ends on solutions *sampled* from policy-small (with
    ``tts_kernels``' own batched sampler) plus reference solutions, each step labelled
    automatically by :func:`~tts_kernels.models.arith.check_steps` (Math-Shepherd style:
-   good iff the prefix can still reach the right answer), never by hand.
+   good iff the prefix can still reach the right answer), never by hand. Known defect: it
+   learns little more than the label base rate (it ranks the small policy's right and wrong
+   answers about at random), so the demo's default verifier is policy-large's likelihood
+   (``bundled.load_verifier``); ``benchmarks/RESULTS.md`` lists what was tried.
 
 Each folder holds ``config.json``, ``model.safetensors`` (weights stored in bfloat16:
 ``from_pretrained(..., dtype=torch.float32)`` widens them), the tokenizer files and a
