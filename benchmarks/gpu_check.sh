@@ -30,4 +30,6 @@ echo "== best-of-N end to end on CUDA"
 timeout 90 python benchmarks/bench_best_of_n.py --rounds 2 --device cuda --json "$OUT/best_of_n.json" 2>&1 | tail -5
 echo "== step-level searches on CUDA (quick)"
 timeout 90 python benchmarks/bench_step_search.py --quick --device cuda --json "$OUT/step_search.json" 2>&1 | tail -8
+echo "== likelihood verifier (HFPRM head=likelihood) on CUDA"
+timeout 60 python benchmarks/bench_likelihood.py --rounds 2 --device cuda --json "$OUT/likelihood.json" 2>&1 | tail -5
 echo "== done $(date -u)"

@@ -127,3 +127,12 @@ def test_likelihood_clone_continues_rows():
     torch.testing.assert_close(got[1, :2], torch.tensor(want[1:]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(c.aggregate, torch.tensor([want[-1], want[-1]]), rtol=1e-4, atol=1e-5)
     s.free()
+
+
+def test_likelihood_benchmark_agrees_with_the_full_forward_recipe():
+    # The benchmark's peer (full forward + full-vocabulary log_softmax per candidate) gives the same step
+    # scores (run() raises otherwise), and ours runs each prompt once.
+    from tts_kernels.bench.likelihood import run
+
+    (row,) = run(quick=True, rounds=1)
+    assert row["ours_tokens"] == row["peer_tokens"] - (4 - 1) * 2 * 16  # P=2 prompts of 16 tokens, N=4
