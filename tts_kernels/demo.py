@@ -36,6 +36,8 @@ def parse_budgets(text: str) -> list[int]:
 
 
 def add_arguments(ap) -> None:
+    from .models.bundled import VERIFIERS
+
     ap.add_argument("--out", default="demo_out", help="directory for results.jsonl, summary.json, scaling.png")
     ap.add_argument("--problems", type=int, default=40, help="held-out problems (default 40)")
     ap.add_argument("--budgets", default="1,4,16,64", help="samples per problem (default 1,4,16,64)")
@@ -43,7 +45,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default=None, help="folder with policy-small, policy-large, prm (default: bundled)")
-    ap.add_argument("--verifier", default="likelihood", choices=("likelihood", "prm"),
+    ap.add_argument("--verifier", default="likelihood", choices=VERIFIERS,
                     help="what scores steps: policy-large's likelihood of them (default) or the trained PRM")
     ap.add_argument("--chunk-size", type=int, default=20,
                     help="problems per batch (default 20; peak memory ~3.8 GB at budget 64): memory grows with it "
@@ -261,7 +263,7 @@ def main(args) -> int:
     total = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(
         {"machine": machine_info(), "problems": len(problems), "budgets": budgets, "strategies": strategies,
-         "verifier": args.verifier, "chunk_size": args.chunk_size, "settings": settings.__dict__, "seed": args.seed, "seconds": round(total, 1), "rows": rows,
-         "findings": notes}, indent=1) + "\n")
+         "verifier": args.verifier, "chunk_size": args.chunk_size, "settings": settings.__dict__, "seed": args.seed,
+         "seconds": round(total, 1), "rows": rows, "findings": notes}, indent=1) + "\n")
     print(f"\nwrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'scaling.png'} ({total:.0f} s)")
     return 0

@@ -80,13 +80,10 @@ def load_verifier(kind: str = "likelihood", *, device="cpu", root=None, dtype=to
         return load_prm(device=device, root=root, dtype=dtype)
     if kind != "likelihood":
         raise ValueError(f"kind must be one of {VERIFIERS}, got {kind!r}")
-    from transformers import AutoModelForCausalLM
-
     from .prm import HFPRM
 
-    model = AutoModelForCausalLM.from_pretrained(path("policy-large", root), dtype=dtype).to(device).eval()
-    return HFPRM(model, load_tokenizer("policy-large", root), head="likelihood", reduce=reduce,
-                 step_separator=arith.STEP_SEPARATOR)
+    large = load_policy("large", device=device, root=root, dtype=dtype)
+    return HFPRM(large.model, large.tokenizer, head="likelihood", reduce=reduce, step_separator=arith.STEP_SEPARATOR)
 
 
 def test_problems(n: int = 100, *, seed: int = TEST_SEED, levels=tuple(arith.LEVELS)) -> list[arith.Problem]:
