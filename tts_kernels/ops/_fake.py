@@ -1,7 +1,22 @@
-"""Fake (meta) kernels: output shapes for torch.compile / FakeTensor tracing."""
+"""Fake (meta) kernels: output shapes for torch.compile / FakeTensor tracing.
+
+Every schema of ``_ext.SCHEMAS`` has one here or a line in ``NO_FAKE`` saying
+why it cannot (tests/test_dispatch.py checks).
+"""
 from __future__ import annotations
 
 import torch
+
+# The PagedKVCache bookkeeping ops return an error word (schema `int`) that the host reads to decide what
+# to do next. A fake can only return a constant there, which would bake "no error" into a graph, and an
+# unbacked SymInt is refused ("could not extract specialized integer": the schema says int, not SymInt).
+_ERROR_WORD = "returns the error word (schema int) the host branches on; a fake could only fake 'no error'"
+NO_FAKE = {
+    "paged_fork_": _ERROR_WORD,
+    "paged_reorder_": _ERROR_WORD,
+    "paged_free_": _ERROR_WORD,
+    "paged_begin_step_": _ERROR_WORD + ", and blk/slot are undefined tensors when it is non-zero",
+}
 
 
 @torch.library.register_fake("tts::beam_topk")
