@@ -3,9 +3,15 @@
 When it cannot be loaded the same op schemas are defined here in Python with the
 plain-PyTorch references as their kernels, so every public function still returns
 correct results (slowly); one warning says so.
+
+Either way the schemas are defined once, here or in C++. The CUDA kernels that
+the build lacks (all of them without nvcc; ``sample`` and ``paged_attention``
+always) are registered from Python by ``ops/_dispatch.py`` on import of
+``tts_kernels.ops``, from the flags below.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -35,6 +41,17 @@ HAS_C = False
 HAS_CUDA_KERNELS = False
 LOAD_ERROR: str | None = None
 _fallback_lib = None
+
+
+def _find_triton() -> bool:
+    """Whether triton can be imported, found without importing it (that takes seconds)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a parent package fails, or a stub in sys.modules has no spec
+        return False
+
+
+HAS_TRITON = _find_triton()
 
 
 def _define_fallback() -> None:

@@ -1,4 +1,4 @@
-from . import _fake  # noqa: F401  (registers the fake kernels)
+from . import _dispatch, _fake  # noqa: F401  (register the Python CUDA kernels and the fake kernels)
 from .allocate import allocate_budget, expected_coverage
 from .attention import paged_attention
 from .beam import beam_topk

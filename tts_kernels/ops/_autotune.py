@@ -10,7 +10,7 @@ runs the op about 2 * (_WARMUP + _RUNS) extra times; every later call in the
 class is a dictionary lookup. Inside CUDA-graph capture or torch.compile
 tracing nothing is timed: an unseen class gets the C++ kernel.
 
-``TTS_KERNELS_BEAM_BACKEND=triton|cpp`` skips all of this (read in ops/beam.py).
+``TTS_KERNELS_BEAM_BACKEND=triton|cpp`` skips all of this (read in ops/_dispatch.py).
 """
 from __future__ import annotations
 
@@ -49,40 +49,34 @@ def _record_runs(fn) -> list:
 
 
 def _time_backends(logits: torch.Tensor, K: int, C: int) -> str:
-    from .. import _ext
+    from ._dispatch import kernel
 
     B = logits.shape[0] // K
     beam_scores = torch.zeros(B, K, device=logits.device, dtype=torch.float32)
-    runs = {}
-    if _ext.HAS_CUDA_KERNELS:
-        runs["cpp"] = _record_runs(lambda: torch.ops.tts.beam_topk(logits, beam_scores, C, 1.0))
+    runs = {"cpp": _record_runs(lambda: torch.ops.tts.beam_topk(logits, beam_scores, C, 1.0))}
     try:
-        from ..triton.beam_topk import beam_topk_triton
-
-        runs["triton"] = _record_runs(lambda: beam_topk_triton(logits, beam_scores, C, 1.0))
-    except Exception as exc:  # no Triton, or it failed to compile here: not a candidate
-        if not runs:
-            raise
+        triton_fn = kernel("beam_topk", "triton")
+        runs["triton"] = _record_runs(lambda: triton_fn(logits, beam_scores, C, 1.0))
+    except Exception as exc:  # Triton failed to import or compile here: not a candidate
         warnings.warn(f"beam_topk: Triton backend unavailable ({type(exc).__name__}: {exc}); using C++",
                       RuntimeWarning, stacklevel=4)
-    if not runs:
-        raise RuntimeError("beam_topk: neither the CUDA extension nor Triton is available for CUDA tensors")
     torch.cuda.synchronize(logits.device)  # the one host sync of a new shape class
     ms = {name: statistics.median(s.elapsed_time(e) for s, e in ev) for name, ev in runs.items()}
     return min(ms, key=ms.get)
 
 
 def pick_cuda_backend(logits: torch.Tensor, K: int, C: int) -> str:
-    """``"triton"`` or ``"cpp"``: the backend measured faster for this shape class."""
+    """``"triton"`` or ``"cpp"``: the backend measured faster for this shape class.
+
+    Called by ``beam_topk`` only when both exist (``_dispatch`` decided ``"tuned"``).
+    """
     key = _shape_class(logits, C)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
-    from .. import _ext
-
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         # Timing would sync (illegal while capturing) or run on fake tensors.
-        return "cpp" if _ext.HAS_CUDA_KERNELS else "triton"
+        return "cpp"
     choice = _time_backends(logits, K, C)
     _CHOICES[key] = choice
     return choice

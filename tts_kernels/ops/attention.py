@@ -1,8 +1,8 @@
 """``paged_attention``: decode attention of one new token per sequence over a paged KV cache.
 
 Validation happens here and never reads device data on CUDA (so it never
-syncs); the call then goes to the CPU C++ kernel (``torch.ops.tts.paged_attention``)
-or, for CUDA tensors, to the Triton kernel.
+syncs); the call then goes to ``torch.ops.tts.paged_attention``: the C++ kernel
+on CPU, the Triton kernel registered for CUDA (``_dispatch.py``).
 """
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import math
 
 import torch
 
-from .. import _ext
-from ..reference import paged_attention_ref
+from . import _dispatch
 from ._validate import check_same_device, check_tensor
 
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = _dispatch.OPS["paged_attention"].backends
 
 
 def _validate(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, prefix_lens) -> float:
@@ -128,29 +127,11 @@ def paged_attention(
     On CPU the needed block ids and the lengths are checked (``ValueError``); on
     CUDA that would need a host sync, so they are the caller's responsibility.
 
-    ``backend``: ``"auto"`` (CPU: the C++ kernel; CUDA: Triton), ``"reference"``,
-    ``"cpp"`` (CPU only) or ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+    ``backend``: ``"auto"`` (CPU: the C++ kernel; CUDA: Triton; the reference where
+    those are missing, logged once), ``"reference"``, ``"cpp"`` (CPU only) or
+    ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``);
+    ``TTS_KERNELS_BACKEND`` replaces ``"auto"`` (``tts_kernels/ops/_dispatch.py``).
     """
     scale = _validate(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, prefix_lens)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if query.device.type == "cuda":
-            backend = "triton"
-        else:
-            backend = "cpp" if _ext.HAS_C else "reference"
-    if backend == "reference":
-        return paged_attention_ref(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, prefix_lens)
-    if backend == "triton":
-        from ..triton.paged_attention import paged_attention_triton
-
-        return paged_attention_triton(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                                      prefix_lens)
-    if query.device.type != "cpu":
-        raise ValueError(f"backend='cpp' runs on CPU tensors only (paged_attention has no CUDA C++ kernel); "
-                         f"query is on {query.device}: use backend='triton' or 'auto'")
-    if not _ext.HAS_C:
-        raise RuntimeError("backend='cpp' needs the compiled extension tts_kernels._C, which did not load: "
-                           f"{_ext.LOAD_ERROR}")
-    return torch.ops.tts.paged_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                                         prefix_lens)
+    return _dispatch.call("paged_attention", query.device.type, backend, query, k_cache, v_cache, block_tables,
+                          seq_lens, scale, sliding_window, prefix_lens)

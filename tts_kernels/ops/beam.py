@@ -1,21 +1,20 @@
 """``beam_topk``: the fused beam-search expansion step.
 
-Validation happens here (never reading device data, so it never syncs), then the
-call goes to ``torch.ops.tts.beam_topk`` (CPU C++ or CUDA C++ kernel) or to the
-Triton kernel on CUDA, whichever was measured faster for that shape class.
+Validation happens here (never reading device data, so it never syncs), then
+``_dispatch`` picks the kernel: ``torch.ops.tts.beam_topk`` (CPU: C++; CUDA: the
+C++ kernel, or the Triton one registered for CUDA when the extension has no CUDA
+kernels), or, on CUDA with both, whichever was measured faster for that shape
+class (``_autotune.py``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .. import _ext
-from ..reference import beam_topk_ref
+from . import _dispatch
 from ._validate import check_same_device, check_tensor
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = _dispatch.OPS["beam_topk"].backends
 
 
 def _validate(logits, beam_scores, num_candidates, temperature) -> int:
@@ -65,36 +64,14 @@ def beam_topk(
 
     ``backend``: ``"auto"`` (default), ``"reference"``, ``"cpp"`` (the compiled
     kernel for the tensors' device) or ``"triton"`` (CUDA tensors, or CPU under
-    ``TRITON_INTERPRET=1``).
+    ``TRITON_INTERPRET=1``); ``TTS_KERNELS_BEAM_BACKEND`` or ``TTS_KERNELS_BACKEND``
+    replace ``"auto"`` (see ``tts_kernels/ops/_dispatch.py``).
     """
     C = _validate(logits, beam_scores, num_candidates, temperature)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    temperature = float(temperature)
-    if backend == "auto":
-        backend = _auto_backend(logits, beam_scores.shape[1], C)
-    if backend == "reference":
-        return beam_topk_ref(logits, beam_scores, C, temperature)
-    if backend == "triton":
-        from ..triton.beam_topk import beam_topk_triton
+    device_type = logits.device.type
+    choice = _dispatch.resolve("beam_topk", device_type, backend)
+    if choice == "tuned":
+        from ._autotune import pick_cuda_backend
 
-        return beam_topk_triton(logits, beam_scores, C, temperature)
-    if not _ext.HAS_C:
-        raise RuntimeError("backend='cpp' needs the compiled extension tts_kernels._C, which did not load: "
-                           f"{_ext.LOAD_ERROR}")
-    return torch.ops.tts.beam_topk(logits, beam_scores, C, temperature)
-
-
-def _auto_backend(logits: torch.Tensor, K: int, C: int) -> str:
-    if logits.device.type != "cuda":
-        return "cpp" if _ext.HAS_C else "reference"
-    forced = os.environ.get("TTS_KERNELS_BEAM_BACKEND")
-    if forced:
-        if forced not in ("triton", "cpp"):
-            raise ValueError(f"TTS_KERNELS_BEAM_BACKEND must be 'triton' or 'cpp', got {forced!r}")
-        return forced
-    if not _ext.HAS_CUDA_KERNELS:
-        return "triton"
-    from ._autotune import pick_cuda_backend
-
-    return pick_cuda_backend(logits, K, C)
+        choice = pick_cuda_backend(logits, beam_scores.shape[1], C)
+    return _dispatch.run("beam_topk", device_type, choice, logits, beam_scores, C, float(temperature))

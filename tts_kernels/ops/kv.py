@@ -5,8 +5,7 @@ from typing import Sequence
 
 import torch
 
-from .. import _ext
-from ..reference import kv_reorder_ref
+from . import _dispatch
 from ._validate import check_same_device, check_tensor
 
 
@@ -37,11 +36,7 @@ def kv_reorder_(caches: Sequence[torch.Tensor], parents: torch.Tensor, *, backen
         lo, hi = int(parents.min()), int(parents.max())
         if lo < 0 or hi >= n:
             raise ValueError(f"parents values must be in [0, {n - 1}], got range [{lo}, {hi}]")
-    if backend not in ("auto", "reference", "cpp"):
-        raise ValueError(f"backend must be 'auto', 'reference' or 'cpp', got {backend!r}")
-    if not caches:
-        return
-    if backend == "reference" or (backend == "auto" and not _ext.HAS_C):
-        kv_reorder_ref(caches, parents)
-        return
-    torch.ops.tts.kv_reorder_(list(caches), parents)
+    device_type = parents.device.type
+    choice = _dispatch.resolve("kv_reorder_", device_type, backend)
+    if caches:
+        _dispatch.run("kv_reorder_", device_type, choice, list(caches), parents)

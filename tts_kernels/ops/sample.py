@@ -4,7 +4,8 @@ counter-based randomness (see :func:`tts_kernels.reference.sample_ref` for the m
 Validation happens here and never reads tensor data (so it never syncs): Python
 numbers are range-checked; tensors are checked for dtype, shape and device, and
 the kernels give every value a defined meaning (see ``sample_ref``). Then the
-call goes to ``torch.ops.tts.sample`` (CPU C++) or, on CUDA, to the Triton kernel.
+call goes to ``torch.ops.tts.sample``: the C++ kernel on CPU, the Triton kernel
+registered for CUDA (``_dispatch.py``).
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import math
 
 import torch
 
-from .. import _ext
-from ..reference import sample_op_ref
+from . import _dispatch
 from ._validate import check_tensor
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = _dispatch.OPS["sample"].backends
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -96,21 +96,10 @@ def sample(
     distribution (0 for greedy rows; a row without a finite logit gives token 0
     and -inf). Exact rules: :func:`tts_kernels.reference.sample_ref`.
 
-    ``backend``: ``"auto"`` (default), ``"reference"``, ``"cpp"`` (CPU C++) or
-    ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+    ``backend``: ``"auto"`` (default: C++ on CPU, Triton on CUDA, the reference
+    where those are missing, logged once), ``"reference"``, ``"cpp"`` (CPU C++) or
+    ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``);
+    ``TTS_KERNELS_BACKEND`` replaces ``"auto"`` (``tts_kernels/ops/_dispatch.py``).
     """
     scalars, tensors = _validate(logits, temperature, top_k, top_p, min_p, seed, offset)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if logits.device.type == "cuda" else ("cpp" if _ext.HAS_C else "reference")
-    if backend == "reference":
-        return sample_op_ref(logits, *scalars, *tensors)
-    if backend == "triton":
-        from ..triton.sample import sample_triton
-
-        return sample_triton(logits, *scalars, *tensors)
-    if not _ext.HAS_C:
-        raise RuntimeError("backend='cpp' needs the compiled extension tts_kernels._C, which did not load: "
-                           f"{_ext.LOAD_ERROR}")
-    return torch.ops.tts.sample(logits, *scalars, *tensors)
+    return _dispatch.call("sample", logits.device.type, backend, logits, *scalars, *tensors)
