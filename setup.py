@@ -81,9 +81,9 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "tokenizers>=0.20", "triton>=3.0",
                  "matplotlib>=3.7", "math-verify>=0.9"],
     },
-    package_data={"tts_kernels.models": ["bundled/*/*.json", "bundled/*/*.safetensors"]},
+    package_data={"tts_kernels.bundled": ["weights/*/*.json", "weights/*/*.safetensors"]},
     ext_modules=extensions(),
     cmdclass=cmdclass(),
-    entry_points={"console_scripts": ["tts-kernels=tts_kernels.cli:main"]},
+    entry_points={"console_scripts": ["tts-kernels=tts_kernels.apps.cli:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

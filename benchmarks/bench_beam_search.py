@@ -10,7 +10,7 @@ import argparse
 import json
 
 from tts_kernels.bench.beam_search import profile, run
-from tts_kernels.cli import machine_info, print_table
+from tts_kernels.apps.report import machine_info, print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

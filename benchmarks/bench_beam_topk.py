@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tts_kernels.bench.beam_topk import run
-from tts_kernels.cli import print_table
+from tts_kernels.apps.report import print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -13,7 +13,7 @@ import argparse
 import json
 
 from tts_kernels.bench.kv_fork import run
-from tts_kernels.cli import machine_info, print_table
+from tts_kernels.apps.report import machine_info, print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

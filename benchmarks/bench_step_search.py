@@ -53,8 +53,13 @@ def _bias_delimiter(model) -> None:
     model.lm_head = biased.to(head.weight.device)
 
 
+def _candidates(res):
+    """Completed candidates per prompt: ours return a SearchResult, the baseline its own record."""
+    return res.candidates if hasattr(res, "candidates") else res.completed
+
+
 def _key(res):
-    return [[(c.text, c.finish) for c in cs] for cs in res.completed]
+    return [[(c.text, c.finish) for c in cs] for cs in _candidates(res)]
 
 
 def run(device="cpu", quick: bool = False, *, n_values=(16, 64), num_prompts: int = 8, prompt_len: int = 128,
@@ -94,7 +99,8 @@ def run(device="cpu", quick: bool = False, *, n_values=(16, 64), num_prompts: in
                 peer_fn, ours_fn = fns[algo]
                 for n in n_values:
                     kw = dict(n=n, beam_width=beam_width, num_iterations=num_iterations, step_delimiter=delimiter,
-                              max_step_tokens=max_step_tokens, temperature=temperature, seed=seed)
+                              max_step_tokens=max_step_tokens, max_new_tokens=max_step_tokens,
+                              temperature=temperature, seed=seed)
                     res = {}
                     # Warm-up: ours in full (cheap), the peer on one prompt with few beams.
                     ours_fn(policy, prm, prompts, **kw)
@@ -115,9 +121,9 @@ def run(device="cpu", quick: bool = False, *, n_values=(16, 64), num_prompts: in
                             times[name].append(ms)
                     same = _key(res["peer"]) == _key(res["ours"])
                     assert same, f"{algo} n={n}: the peer and ours made different choices"
-                    steps = [len(c.steps) for cs in res["ours"].completed for c in cs]
+                    steps = [len(c.steps) for cs in res["ours"].candidates for c in cs]
                     finishes = {}
-                    for cs in res["ours"].completed:
+                    for cs in res["ours"].candidates:
                         for c in cs:
                             finishes[c.finish] = finishes.get(c.finish, 0) + 1
                     peer_ms, ours_ms = min(times["peer"]), min(times["ours"])

@@ -38,14 +38,49 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from tts_kernels import sample
 from tts_kernels.ops.prm import init_aggregate, prm_score
+from tts_kernels.search import Candidate
 from tts_kernels.search.answers import extract_answer
-from tts_kernels.search.step_search import StepCandidate, StepSearchResult, _check, _select
+
+
+@dataclass
+class BaselineResult:
+    """Every prompt's completed candidates, in completion order, and the answers picked from them
+    three ways (plain Python, as search-and-learn does): best score, majority, weighted vote."""
+
+    completed: list[list[Candidate]]
+    best: list[Candidate | None]
+    best_answer: list[str | None]
+    majority: list[str | None]
+    weighted: list[str | None]
+    compute: dict
+
+
+def _select(completed: list[list[Candidate]]):
+    """Best aggregate (NaN lowest, ties to the first), majority and weighted answers (NaN weighs 0;
+    ties to the answer seen first; candidates without an answer do not vote), per prompt."""
+    best, best_answer, majority, weighted = [], [], [], []
+    for cands in completed:
+        top = None
+        for c in cands:
+            if top is None or _key(c.score) > _key(top.score):
+                top = c
+        best.append(top)
+        best_answer.append(top.answer if top else None)
+        for out, weigh in ((majority, lambda c: 1.0), (weighted, lambda c: 0.0 if c.score != c.score else c.score)):
+            total: dict[str, float] = {}
+            for c in cands:
+                if c.answer is not None:
+                    total[c.answer] = total.get(c.answer, 0.0) + weigh(c)
+            # max() keeps the first of equal totals, and dicts keep first-seen order.
+            out.append(max(total, key=total.get) if total else None)
+    return best, best_answer, majority, weighted
 
 
 def counts(compute) -> dict:
@@ -169,56 +204,60 @@ class _Baseline:
                                  positive_class=self.prm.positive_class)
         beam.step_scores, beam.score = scores[0].tolist(), a.item()
 
-    def candidate(self, beam: _Beam, finish: str, extract) -> StepCandidate:
+    def candidate(self, beam: _Beam, finish: str, extract) -> Candidate:
         text = "".join(beam.steps)
-        return StepCandidate(text=text, steps=list(beam.steps), step_scores=list(beam.step_scores),
-                             score=beam.score, finish=finish, answer=extract(text))
+        return Candidate(text=text, answer=extract(text), score=beam.score, finish=finish, steps=list(beam.steps),
+                         step_scores=list(beam.step_scores))
 
     def compute(self) -> dict:
         return dict(self.counts, emulation_ms=self.emulation * 1e3)
 
 
-def _setup(policy, prm, prompts, n, beam_width, num_iterations, max_step_tokens, max_final_tokens, kw):
-    max_final_tokens = max_final_tokens or max_step_tokens
-    _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
+def _setup(policy, prm, prompts, n, beam_width, num_iterations, max_step_tokens, max_new_tokens, kw):
+    for name, v in (("n", n), ("beam_width", beam_width), ("num_iterations", num_iterations),
+                    ("max_step_tokens", max_step_tokens), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if n % beam_width:
+        raise ValueError(f"n ({n}) must be a multiple of beam_width ({beam_width})")
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
-    return _Baseline(policy, prm, **kw), max_final_tokens
+    return _Baseline(policy, prm, **kw)
 
 
-def _offsets(num_iterations, max_step_tokens, max_final_tokens):
+def _offsets(num_iterations, max_step_tokens, max_new_tokens):
     """Offset and token limit of each iteration (ours: the offset grows by each step's limit)."""
     out, off = [], 0
     for it in range(num_iterations):
-        limit = max_final_tokens if it == num_iterations - 1 else max_step_tokens
+        limit = max_new_tokens if it == num_iterations - 1 else max_step_tokens
         out.append((off, limit))
         off += limit
     return out
 
 
 @torch.no_grad()
-def baseline_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
-                         step_delimiter: str = "\n\n", max_step_tokens: int = 256,
-                         max_final_tokens: int | None = None, lookahead: int = 0, agg: str = "last",
-                         temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                         extract: Callable[[str], str | None] = extract_answer,
-                         look_every: int = 8) -> StepSearchResult:
-    """Search-and-learn-style PRM beam search (see the module docstring); same arguments and result as ours."""
+def baseline_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int = 4, num_iterations: int = 8,
+                         step_delimiter: str = "\n\n", max_step_tokens: int = 24, max_new_tokens: int = 96,
+                         lookahead: int = 0, agg: str = "last", temperature: float = 0.8, top_p: float = 1.0,
+                         top_k: int = 0, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+                         sync_every: int = 8) -> BaselineResult:
+    """Search-and-learn-style PRM beam search (see the module docstring); the arguments are ours
+    (``tts_kernels.search.Settings`` names and defaults), the answers picked by its own code."""
     if lookahead:
         raise NotImplementedError("lookahead > 0 is not implemented")
-    s, max_final_tokens = _setup(policy, prm, prompts, n, beam_width, num_iterations, max_step_tokens,
-                                 max_final_tokens, dict(agg=agg, seed=seed, temperature=temperature, top_p=top_p,
-                                                        top_k=top_k, step_delimiter=step_delimiter))
+    s = _setup(policy, prm, prompts, n, beam_width, num_iterations, max_step_tokens, max_new_tokens,
+               dict(agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                    step_delimiter=step_delimiter))
     keep = n // beam_width
-    plan = _offsets(num_iterations, max_step_tokens, max_final_tokens)
+    plan = _offsets(num_iterations, max_step_tokens, max_new_tokens)
     live_iters: list[int] = []  # per finished prompt: the iterations at which it was live
-    completed: list[list[StepCandidate]] = []
+    completed: list[list[Candidate]] = []
     for prompt in prompts:
         p = len(live_iters)
         prompt_ids = policy.encode(prompt)
         prm_ids = prm.encode_prompt(prompt)
         beams = [_Beam(prompt_ids) for _ in range(n)]
-        done: list[StepCandidate] = []
+        done: list[Candidate] = []
         it_live = 0
         for it, (offset, limit) in enumerate(plan):
             last = it == num_iterations - 1
@@ -240,29 +279,27 @@ def baseline_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_wi
             beams = [beams[survivors[i % len(survivors)]].copy() for i in range(n)]
         live_iters.append(it_live)
         completed.append(done)
-    best, best_answer, majority, weighted = _select(completed, policy.device)
-    return StepSearchResult(completed=completed, best=best, best_answer=best_answer, majority=majority,
-                            weighted=weighted, compute=s.compute())
+    return BaselineResult(completed, *_select(completed), compute=s.compute())
 
 
 @torch.no_grad()
-def baseline_dvts(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
-                  step_delimiter: str = "\n\n", max_step_tokens: int = 256, max_final_tokens: int | None = None,
+def baseline_dvts(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int = 4, num_iterations: int = 8,
+                  step_delimiter: str = "\n\n", max_step_tokens: int = 24, max_new_tokens: int = 96,
                   agg: str = "last", temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                  extract: Callable[[str], str | None] = extract_answer, look_every: int = 8) -> StepSearchResult:
-    """Search-and-learn-style DVTS (see the module docstring); same arguments and result as ours."""
-    s, max_final_tokens = _setup(policy, prm, prompts, n, beam_width, num_iterations, max_step_tokens,
-                                 max_final_tokens, dict(agg=agg, seed=seed, temperature=temperature, top_p=top_p,
-                                                        top_k=top_k, step_delimiter=step_delimiter))
+                  extract: Callable[[str], str | None] = extract_answer, sync_every: int = 8) -> BaselineResult:
+    """Search-and-learn-style DVTS (see the module docstring); arguments as :func:`baseline_beam_search`."""
+    s = _setup(policy, prm, prompts, n, beam_width, num_iterations, max_step_tokens, max_new_tokens,
+               dict(agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                    step_delimiter=step_delimiter))
     subtrees = n // beam_width
-    plan = _offsets(num_iterations, max_step_tokens, max_final_tokens)
+    plan = _offsets(num_iterations, max_step_tokens, max_new_tokens)
     live_counts: list[list[int]] = []  # per finished prompt: live subtrees at each iteration
-    completed: list[list[StepCandidate]] = []
+    completed: list[list[Candidate]] = []
     for prompt in prompts:
         prompt_ids = policy.encode(prompt)
         prm_ids = prm.encode_prompt(prompt)
         trees = [_Beam(prompt_ids) for _ in range(subtrees)]  # each live subtree's chosen history
-        done: list[StepCandidate] = []
+        done: list[Candidate] = []
         counts = []
         for it, (offset, limit) in enumerate(plan):
             if not trees:
@@ -286,6 +323,4 @@ def baseline_dvts(policy, prm, prompts: Sequence[str], *, n: int, beam_width: in
             trees = nxt
         live_counts.append(counts)
         completed.append(done)
-    best_c, best_answer, majority, weighted = _select(completed, policy.device)
-    return StepSearchResult(completed=completed, best=best_c, best_answer=best_answer, majority=majority,
-                            weighted=weighted, compute=s.compute())
+    return BaselineResult(completed, *_select(completed), compute=s.compute())

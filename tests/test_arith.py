@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_kernels.models import arith
+from tts_kernels.bundled import arith
 from tts_kernels.search import extract_answer
 
 
@@ -39,7 +39,7 @@ def test_difficulty_controls_steps_and_operands(level):
         assert 1 <= p.start <= max_operand and all(1 <= n <= max_operand for _, n in p.ops)
         assert min(p.values) >= 0
         assert len(p.steps) == num_ops + 1 and p.steps[-1] == f"The answer is {p.answer}"
-        assert p.solution.count(arith.STEP_SEPARATOR) == num_ops
+        assert p.solution.count(arith.STEP_DELIMITER) == num_ops
         assert extract_answer(p.solution) == str(p.answer)
 
 

@@ -28,6 +28,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from tts_kernels.search import FROM_MODEL, beam_search  # noqa: E402
 
 bs_mod = importlib.import_module("tts_kernels.search.beam_search")  # the module, not the function
+steps_mod = importlib.import_module("tts_kernels.search.beam_steps")  # the search loop
+dec_mod = importlib.import_module("tts_kernels.models.hf_decoding")  # the model plumbing (cache reorders)
 
 hf_logging.set_verbosity_error()
 EOS, EOS2 = 5, 7
@@ -354,13 +356,13 @@ def test_prefills_prompt_once_then_one_token_per_beam():
 def test_one_kv_reorder_per_step(monkeypatch):
     model = tiny("gpt2", bias=((EOS, -40.0),))
     calls = []
-    real = bs_mod.kv_reorder_
+    real = dec_mod.kv_reorder_
 
     def counting(tensors, parents, **kw):
         calls.append((len(tensors), tuple(parents.shape)))
         return real(tensors, parents, **kw)
 
-    monkeypatch.setattr(bs_mod, "kv_reorder_", counting)
+    monkeypatch.setattr(dec_mod, "kv_reorder_", counting)
     B, K, N = 2, 3, 6
     beam_search(model, prompts(model, B, 4, 0), num_beams=K, max_new_tokens=N, eos_token_id=EOS, pad_token_id=None)
     layers = model.config.n_layer
@@ -386,7 +388,7 @@ def test_paged_mode_moves_block_tables_not_kv(monkeypatch):
 
     monkeypatch.setattr(hf_paged.PagedCache, "reorder", reorder)
     monkeypatch.setattr(hf_paged.PagedCache, "free", free)
-    monkeypatch.setattr(bs_mod, "kv_reorder_", lambda *a, **k: calls.__setitem__("kv_reorder_", 1))
+    monkeypatch.setattr(dec_mod, "kv_reorder_", lambda *a, **k: calls.__setitem__("kv_reorder_", 1))
     B, K, N = 2, 3, 6
     beam_search(model, prompts(model, B, 5, 0), num_beams=K, max_new_tokens=N, eos_token_id=EOS, pad_token_id=None,
                 cache="paged", block_size=2)
@@ -398,14 +400,14 @@ def test_paged_mode_moves_block_tables_not_kv(monkeypatch):
 def test_host_reads_are_rare(monkeypatch):
     # The loop may read device data only for the stop check every sync_every steps (plus the end).
     model = tiny("llama")
-    here = bs_mod.__file__
+    here = {bs_mod.__file__, steps_mod.__file__, dec_mod.__file__}
     reads = []
 
     def counted(name):
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, **k):
-            if sys._getframe(1).f_code.co_filename == here:
+            if sys._getframe(1).f_code.co_filename in here:
                 reads.append(name)
             return real(self, *a, **k)
         return wrapper

@@ -7,6 +7,7 @@ from transformers import DynamicCache, LlamaForTokenClassification
 from tts_kernels import sample
 from tts_kernels.models.policy import HFPolicy
 from tts_kernels.models.prm import HFPRM
+from tts_kernels.search import select_candidates
 from tts_kernels.search.best_of_n import best_of_n, sample_completions
 
 PROMPTS = ["Q: 12+30?\nA:", "Q: 2*3+1?\n\nA: let"]
@@ -92,38 +93,51 @@ def test_eos_and_stop_strings(policy, tok):
     assert fins[0] == ["stop"] and texts[0][0] == full[: full.find(stop) + len(stop)]
 
 
+def _scores(res):
+    return torch.tensor([[c.score for c in row] for row in res.candidates])
+
+
 def test_best_of_n_selection_and_counts(policy, prm, tok):
-    res = best_of_n(policy, prm, PROMPTS, 5, max_new_tokens=20, temperature=1.0, seed=3, agg="min",
+    res = best_of_n(policy, prm, PROMPTS, n=5, max_new_tokens=20, temperature=1.0, seed=3, agg="min",
                     extract=lambda t: t[:1] or None)  # a toy extractor: the first character
     assert len(res.candidates) == 2 and all(len(c) == 5 for c in res.candidates)
     again = prm.score(PROMPTS, [[c.text for c in row] for row in res.candidates], agg="min")
-    torch.testing.assert_close(res.scores.flatten(), again.aggregate)
-    assert res.prm_tokens == again.tokens
+    torch.testing.assert_close(_scores(res).flatten(), again.aggregate)
+    assert res.compute.prm_tokens == again.tokens
+    majority = select_candidates(res.candidates, "majority")[1]
     for p in range(2):
-        scores = res.scores[p]
-        assert res.best_index[p] == int(torch.argmax(torch.nan_to_num(scores, nan=-1e9)))
+        scores = _scores(res)[p]
+        assert res.chosen[p] == int(torch.argmax(torch.nan_to_num(scores, nan=-1e9)))
+        assert res.predictions[p] == res.candidates[p][res.chosen[p]].answer
         answers = [c.answer for c in res.candidates[p]]
         counts = {a: answers.count(a) for a in answers if a is not None}
         if counts:
             top = max(counts.values())
-            assert res.majority[p] == next(a for a in answers if counts.get(a) == top)
-    again2 = best_of_n(policy, prm, PROMPTS, 5, max_new_tokens=20, temperature=1.0, seed=3, agg="min",
-                       extract=lambda t: t[:1] or None)
+            assert majority[p] == next(a for a in answers if counts.get(a) == top)
+    again2 = best_of_n(policy, prm, PROMPTS, n=5, max_new_tokens=20, temperature=1.0, seed=3, agg="min",
+                       extract=lambda t: t[:1] or None, select="majority")
     assert [[c.text for c in r] for r in again2.candidates] == [[c.text for c in r] for r in res.candidates]
-    other = best_of_n(policy, None, PROMPTS, 5, max_new_tokens=20, temperature=1.0, seed=4)
+    assert again2.predictions == majority
+    other = best_of_n(policy, None, PROMPTS, n=5, max_new_tokens=20, temperature=1.0, seed=4, select="majority")
     assert [[c.text for c in r] for r in other.candidates] != [[c.text for c in r] for r in res.candidates]
-    assert torch.isnan(other.scores).all() and other.prm_tokens == 0
+    assert torch.isnan(_scores(other)).all() and other.compute.prm_tokens == 0
 
 
 def test_bad_arguments(policy):
     with pytest.raises(ValueError, match="prompts"):
-        best_of_n(policy, None, "one prompt", 2, max_new_tokens=4)
+        best_of_n(policy, None, "one prompt", n=2, max_new_tokens=4, select="majority")
     with pytest.raises(ValueError, match="n must be"):
-        best_of_n(policy, None, PROMPTS, 0, max_new_tokens=4)
+        best_of_n(policy, None, PROMPTS, n=0, max_new_tokens=4, select="majority")
     with pytest.raises(ValueError, match="stop must be"):
-        best_of_n(policy, None, PROMPTS, 2, max_new_tokens=4, stop="\n")
+        best_of_n(policy, None, PROMPTS, n=2, max_new_tokens=4, stop="\n", select="majority")
     with pytest.raises(ValueError, match="top_p"):
-        best_of_n(policy, None, PROMPTS, 2, max_new_tokens=4, top_p=0.0)
+        best_of_n(policy, None, PROMPTS, n=2, max_new_tokens=4, top_p=0.0, select="majority")
+    with pytest.raises(ValueError, match="needs a verifier"):
+        best_of_n(policy, None, PROMPTS, n=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="select must be"):
+        best_of_n(policy, None, PROMPTS, n=2, max_new_tokens=4, select="first")
+    with pytest.raises(TypeError, match="unknown setting"):
+        best_of_n(policy, None, PROMPTS, n=2, max_tokens=4, select="majority")
 
 
 def test_compute_accounting_by_hand(policy, prm, tok):
@@ -134,10 +148,10 @@ def test_compute_accounting_by_hand(policy, prm, tok):
     before = policy.eos_token_ids
     policy.eos_token_ids = []
     try:
-        res = best_of_n(policy, prm, PROMPTS, n, max_new_tokens=T, seed=0)
+        res = best_of_n(policy, prm, PROMPTS, n=n, max_new_tokens=T, seed=0)
     finally:
         policy.eos_token_ids = before
-    from tts_kernels.models.prm import split_steps
+    from tts_kernels.models.text import split_steps
     from tts_kernels.search.accounting import count_flops
 
     L = [len(tok(p).input_ids) for p in PROMPTS]
@@ -153,6 +167,6 @@ def test_compute_accounting_by_hand(policy, prm, tok):
         for cand in row:
             m = len(prm.encode_steps(split_steps(cand.text))[0])
             prm_keys += m * Lp[p] + m * (m + 1) // 2
-    assert c.prm_tokens == res.prm_tokens
-    assert c.prm_flops == count_flops(prm.base, res.prm_tokens, prm_keys)
+    assert c.prm_flops == count_flops(prm.base, c.prm_tokens, prm_keys)
+    assert res.info["policy_forward_tokens"] == tokens
     assert c.total_flops == c.policy_flops + c.prm_flops > 0

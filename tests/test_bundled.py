@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
-from tts_kernels.models import arith, bundled, split_steps
-from tts_kernels.models.train import policy_example, prm_example
+from tts_kernels import bundled
+from tts_kernels.bundled import arith
+from tts_kernels.bundled.train import policy_example, prm_example
+from tts_kernels.models import split_steps
 from tts_kernels.search import best_of_n
 
 TEXTS = ["Ava has 12 pens. Ava buys 7 more.\n\n", "12 + 7 = 19\n\n19 - 5 = 14\n\nThe answer is 14",
@@ -63,7 +65,7 @@ def test_folders_load_with_from_pretrained():
 def test_path_errors(tmp_path):
     with pytest.raises(ValueError, match="name"):
         bundled.path("policy-medium")
-    with pytest.raises(FileNotFoundError, match="models.train"):
+    with pytest.raises(FileNotFoundError, match="bundled.train"):
         bundled.path("prm", root=tmp_path)
     with pytest.raises(ValueError, match="size"):
         bundled.load_policy("medium")
@@ -79,7 +81,8 @@ def test_held_out_problems_are_test_split():
 def test_policy_greedy_equals_generate_and_solves_problems():
     policy = bundled.load_policy("small")
     probs = bundled.test_problems(6)
-    res = best_of_n(policy, None, [p.prompt for p in probs], 1, max_new_tokens=96, temperature=0.0)
+    res = best_of_n(policy, None, [p.prompt for p in probs], n=1, max_new_tokens=96, temperature=0.0,
+                    select="majority")
     tok = policy.tokenizer
     for p, row in zip(probs, res.candidates):
         ids = tok(p.prompt, return_tensors="pt").input_ids
@@ -91,9 +94,9 @@ def test_policy_greedy_equals_generate_and_solves_problems():
     # The two policies are trained: each solves some of these held-out problems greedily.
     probs = bundled.test_problems(30, levels=(1, 2))
     for size in ("small", "large"):
-        res = best_of_n(bundled.load_policy(size), None, [p.prompt for p in probs], 1, max_new_tokens=96,
-                        temperature=0.0)
-        assert sum(arith.grade(a, p) for a, p in zip(res.majority, probs)) >= 10
+        res = best_of_n(bundled.load_policy(size), None, [p.prompt for p in probs], n=1, max_new_tokens=96,
+                        temperature=0.0, select="majority")
+        assert sum(arith.grade(a, p) for a, p in zip(res.predictions, probs)) >= 10
 
 
 @torch.no_grad()
@@ -137,7 +140,7 @@ def test_verifier_ranks_right_answers_above_wrong_ones(kind):
     # The verifier's job in the demo: among the small policy's own samples for a problem, right answers
     # score higher than wrong ones (pairs within a problem; measured 0.84 likelihood, 0.53 trained PRM).
     probs = bundled.test_problems(32, seed=99)
-    res = best_of_n(bundled.load_policy("small"), bundled.load_verifier(kind), [p.prompt for p in probs], 8,
+    res = best_of_n(bundled.load_policy("small"), bundled.load_verifier(kind), [p.prompt for p in probs], n=8,
                     max_new_tokens=96, temperature=0.8, seed=0)
     pairs = []
     for p, cands in zip(probs, res.candidates):
@@ -172,7 +175,7 @@ def test_training_examples_align_with_how_searches_tokenize(tok):
 
 def test_train_script_runs_small(tmp_path):
     # The real run takes ~20 minutes; this checks the pipeline end to end at toy sizes.
-    cmd = [sys.executable, "-m", "tts_kernels.models.train", "--out", str(tmp_path), "--train-problems", "300",
+    cmd = [sys.executable, "-m", "tts_kernels.bundled.train", "--out", str(tmp_path), "--train-problems", "300",
            "--small-steps", "2", "--large-steps", "2", "--prm-steps", "2", "--prm-problems", "8",
            "--prm-samples", "2", "--batch-size", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

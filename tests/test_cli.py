@@ -74,3 +74,21 @@ def test_demo_bad_flags(tmp_path):
     assert res.returncode != 0 and "--chunk-size" in res.stderr
     res = run_cli("demo", "--verifier", "orm", "--out", str(tmp_path))
     assert res.returncode != 0 and "--verifier" in res.stderr
+
+
+def test_demo_and_eval_share_the_verifier_and_strategies_flags():
+    from tts_kernels.apps import cli
+    from tts_kernels.search import STRATEGIES
+
+    sub = next(a for a in cli.parser()._actions if a.dest == "cmd").choices
+
+    def option(cmd, flag):
+        return next(a for a in sub[cmd]._actions if flag in a.option_strings)
+
+    demo_v, eval_v = option("demo", "--verifier"), option("eval", "--verifier")
+    assert demo_v.choices == eval_v.choices and demo_v.default == eval_v.default == "likelihood"
+    assert option("demo", "--strategies").dest == option("eval", "--strategies").dest == "strategies"
+    # Every registered strategy but greedy (the reference line) runs in the demo by default.
+    assert option("demo", "--strategies").default.split(",") == [s for s in STRATEGIES if s != "greedy"]
+    args = cli.parser().parse_args(["eval", "--out", "x", "--strategy", "dvts", "--prm", "folder"])
+    assert args.strategies == "dvts" and args.verifier_model == "folder"  # the old spellings still parse

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tts_kernels import cli
-from tts_kernels.eval_data import MAX_REPORTED, DatasetError, load_jsonl
-from tts_kernels.evaluate import STOP_ENV, chunk_seed
-from tts_kernels.models import arith, bundled
+from tts_kernels import bundled
+from tts_kernels.apps import cli
+from tts_kernels.apps.eval_data import MAX_REPORTED, DatasetError, load_jsonl
+from tts_kernels.apps.evaluate import STOP_ENV, chunk_seed
+from tts_kernels.bundled import arith
+from tts_kernels.search import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--strategy", "majority,weighted_best_of_n", "--budgets", "1,2", "--limit", "6", "--chunk-size", "2",
+COMMON = ["--strategies", "majority,weighted_best_of_n", "--budgets", "1,2", "--limit", "6", "--chunk-size", "2",
           "--no-progress"]
 RECORDS_PER_CHUNK = 2 * 2 * 2  # problems x strategies x budgets
 
@@ -148,10 +150,18 @@ def test_changed_config_is_refused(reference, tmp_path, capsys):
                             for p in bundled.test_problems(6)))
     assert run_here(out, "--data", str(data)) == 2
     assert "dataset.sha256" in capsys.readouterr().err
-    assert run_here(out, "--prm-head", "likelihood") == 2
+    assert run_here(out, "--verifier", "prm") == 2
     err = capsys.readouterr().err
-    assert "prm_head: 'classifier' in" in err and "prm_sha256" in err
+    assert "prm_head: 'likelihood' in" in err and "prm_sha256" in err
     assert (out / "results.jsonl").read_text() == before  # nothing mixed in
+
+    # A folder written before a search setting existed: that setting at its default is no change.
+    cfg = json.loads((out / "config.json").read_text())
+    for added in ("lookahead", "stop", "top_k"):
+        assert cfg["settings"].pop(added) == Settings().as_dict()[added]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert run_here(out) == 0
+    assert (out / "results.jsonl").read_text() == before
 
     (out / "config.json").unlink()
     assert run_here(out) == 2
@@ -161,10 +171,10 @@ def test_changed_config_is_refused(reference, tmp_path, capsys):
 def test_changed_dataset_file_is_refused(tmp_path, capsys):
     data, out = tmp_path / "data.jsonl", tmp_path / "out"
     data.write_text(json.dumps({"problem": bundled.test_problems(1)[0].prompt, "answer": "\\frac{4}{2}"}) + "\n")
-    assert run_here(out, "--data", str(data), "--strategy", "majority", "--budgets", "1") == 0
+    assert run_here(out, "--data", str(data), "--strategies", "majority", "--budgets", "1") == 0
     assert json.loads((out / "config.json").read_text())["grader"] == "math-verify"  # auto: a LaTeX answer
     data.write_text(data.read_text().replace("frac{4}{2}", "frac{6}{2}"))
-    assert run_here(out, "--data", str(data), "--strategy", "majority", "--budgets", "1") == 2
+    assert run_here(out, "--data", str(data), "--strategies", "majority", "--budgets", "1") == 2
     assert "dataset.sha256" in capsys.readouterr().err
 
 
@@ -218,7 +228,7 @@ def test_skip_bad_and_prm_beam_search(tmp_path, capsys):
                                json.dumps({"q": probs[1].prompt, "a": str(probs[1].answer), "key": "p1"})]) + "\n")
     out = tmp_path / "out"
     assert run_here(out, "--data", str(data), "--problem-field", "q", "--answer-field", "a", "--id-field", "key",
-                    "--skip-bad", "--strategy", "prm_beam_search", "--budgets", "2") == 0
+                    "--skip-bad", "--strategies", "prm_beam_search", "--budgets", "2") == 0
     cap = capsys.readouterr()
     assert "skipping" in cap.err and "line 2: bad JSON" in cap.err
     assert "prm_beam_search" in cap.out and "problems/s" in cap.out
@@ -230,11 +240,14 @@ def test_skip_bad_and_prm_beam_search(tmp_path, capsys):
     assert summary["rows"][0]["correct"] == sum(r["correct"] for r in recs)
 
 
-def test_likelihood_verifier(tmp_path):
-    out = tmp_path / "out"
-    assert run_here(out, "--prm-head", "likelihood", "--strategy", "best_of_n", "--budgets", "2", "--limit", "2") == 0
-    cfg = json.loads((out / "config.json").read_text())
+def test_verifier_choice(reference, tmp_path):
+    # The default (as in demo) is policy-large's likelihood; --verifier prm is the trained classifier PRM.
+    cfg = json.loads((reference / "config.json").read_text())
     assert cfg["prm_head"] == "likelihood" and cfg["info"]["prm"].endswith("policy-large")
+    out = tmp_path / "out"
+    assert run_here(out, "--verifier", "prm", "--strategies", "best_of_n", "--budgets", "2", "--limit", "2") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["prm_head"] == "classifier" and cfg["info"]["prm"].endswith("prm")
     recs = lines(out / "results.jsonl")
     assert len(recs) == 2 and all(r["prm_flops"] > 0 and 0 <= min(r["scores"]) <= 1 for r in recs)
 
@@ -243,3 +256,15 @@ def test_chunk_seeds_differ_and_are_stable():
     seeds = [chunk_seed(0, c) for c in range(100)] + [chunk_seed(1, c) for c in range(100)]
     assert len(set(seeds)) == 200 and all(0 <= s < 2 ** 31 for s in seeds)
     assert chunk_seed(0, 1) != chunk_seed(1, 0) and chunk_seed(3, 4) == chunk_seed(3, 4)
+
+
+def test_greedy_and_a_step_search_together(tmp_path):
+    # greedy runs once per chunk whatever the budget; the others at each budget.
+    out = tmp_path / "out"
+    assert run_here(out, "--strategies", "greedy,dvts", "--budgets", "1,2", "--limit", "2") == 0
+    recs = lines(out / "results.jsonl")
+    assert keys(recs) == [(p.id, s, b) for p in bundled.test_problems(2) for s in ("greedy", "dvts") for b in (1, 2)]
+    greedy = [r for r in recs if r["strategy"] == "greedy"]
+    assert all(r["samples"] == 1 and r["prm_tokens"] == 0 and len(r["answers"]) == 1 for r in greedy)
+    assert [r["prediction"] for r in greedy if r["budget"] == 1] == [r["prediction"] for r in greedy
+                                                                       if r["budget"] == 2]

@@ -1,7 +1,7 @@
 """Graders: exact integers for the bundled task, math-verify equivalence for LaTeX answers, pluggable."""
 import pytest
 
-from tts_kernels.grading import IntegerGrader, MathVerifyGrader, as_integer, get_grader, grader_name
+from tts_kernels.apps.grading import IntegerGrader, MathVerifyGrader, as_integer, get_grader, grader_name
 
 
 @pytest.fixture(scope="module")
@@ -61,5 +61,5 @@ def test_get_grader_plugin():
     assert g("3", 5) is True and g("4", 5) is False
     assert grader_name(g) == f"{__name__}:parity_grader"
     with pytest.raises(ValueError, match="cannot load grader"):
-        get_grader("tts_kernels.grading:no_such_grader")
+        get_grader("tts_kernels.apps.grading:no_such_grader")
     assert grader_name(get_grader("integer")) == "integer"

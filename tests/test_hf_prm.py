@@ -15,7 +15,7 @@ COMPLETIONS = [
 
 def dense_scores(prm, prompt, completion):
     """What a PRM user does without us: one forward over the whole text, read every step end."""
-    ids, ends = prm.encode_steps(split_steps(completion, prm.step_separator))
+    ids, ends = prm.encode_steps(split_steps(completion, prm.step_delimiter))
     p_ids = prm.encode_prompt(prompt)
     full = torch.tensor([p_ids + ids])
     with torch.no_grad():

@@ -55,16 +55,16 @@ def models():
     return search_models()
 
 
-KW = dict(step_delimiter="e", max_step_tokens=12, max_final_tokens=10, temperature=1.0, seed=2)
+KW = dict(step_delimiter="e", max_step_tokens=12, max_new_tokens=10, temperature=1.0, seed=2)
 
 
 def test_beam_search_invariants(models):
     policy, prm = models
     res = prm_beam_search(policy, prm, PROMPTS, n=6, beam_width=3, num_iterations=4, agg="min", **KW)
-    finishes = {c.finish for cs in res.completed for c in cs}
+    finishes = {c.finish for cs in res.candidates for c in cs}
     assert "length" in finishes or "final" in finishes
-    assert any(len(c.steps) > 1 for cs in res.completed for c in cs), "no beam lived past one step"
-    for p, cands in enumerate(res.completed):
+    assert any(len(c.steps) > 1 for cs in res.candidates for c in cs), "no beam lived past one step"
+    for p, cands in enumerate(res.candidates):
         assert cands, "every prompt completes something"
         for c in cands:
             assert c.text == "".join(c.steps)
@@ -81,9 +81,9 @@ def test_beam_search_invariants(models):
         fresh.add_steps([c.steps for c in scored])  # all steps at once, from the prompt
         torch.testing.assert_close(fresh.aggregate, torch.tensor([c.score for c in scored]), atol=1e-4, rtol=1e-4)
         fresh.free()
-        assert res.best[p].score == max(c.score for c in scored)
+        assert res.best[p].score == max(c.score for c in scored)  # select="best"
     again = prm_beam_search(policy, prm, PROMPTS, n=6, beam_width=3, num_iterations=4, agg="min", **KW)
-    assert [[c.text for c in cs] for cs in again.completed] == [[c.text for c in cs] for cs in res.completed]
+    assert [[c.text for c in cs] for cs in again.candidates] == [[c.text for c in cs] for cs in res.candidates]
     comp = res.compute
     assert comp.policy_prefill_tokens == sum(len(policy.encode(p)) for p in PROMPTS)
 
@@ -92,11 +92,11 @@ def test_dvts_one_candidate_per_subtree(models):
     policy, prm = models
     n, bw = 8, 4
     res = dvts(policy, prm, PROMPTS, n=n, beam_width=bw, num_iterations=4, agg="last", **KW)
-    for cands in res.completed:
+    for cands in res.candidates:
         assert len(cands) == n // bw
         for c in cands:
             assert (c.score != c.score) if not c.steps else c.score == pytest.approx(c.step_scores[-1], abs=1e-6)
-    assert any(len(c.steps) > 1 for cs in res.completed for c in cs)
+    assert any(len(c.steps) > 1 for cs in res.candidates for c in cs)
 
 
 def test_bad_arguments(models):
@@ -118,7 +118,7 @@ def test_lookahead_rolls_out_without_keeping_the_rollout(models):
                            **KW)
     # The first iteration samples the same steps either way (same seed, same layout); what is kept
     # differs only through the ranking, and rollouts never leak into the kept text.
-    for cands in look.completed:
+    for cands in look.candidates:
         for c in cands:
             assert c.text == "".join(c.steps)
     assert look.compute.prm_tokens > base.compute.prm_tokens

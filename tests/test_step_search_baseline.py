@@ -3,7 +3,8 @@
 Same seed, same offsets, same row indices: both must make the same choices, so they
 return the same completed candidates (texts, steps, finish reasons) with the same PRM
 scores (ours scores each step once on a forked cache, the baseline re-scores full
-prefixes from scratch: equal up to float rounding).
+prefixes from scratch: equal up to float rounding), and pick the same answers: ours with
+the device selection ops (``select_candidates``), the baseline with its own plain Python.
 
 The tiny char-level policy gets a bias on the delimiter's logit so that steps of a few
 characters end by the delimiter often, and by the token limit sometimes.
@@ -22,6 +23,7 @@ from step_search_baseline import baseline_beam_search, baseline_dvts, counts  # 
 
 from tts_kernels.models.policy import HFPolicy  # noqa: E402
 from tts_kernels.models.prm import HFPRM  # noqa: E402
+from tts_kernels.search import select_candidates  # noqa: E402
 from tts_kernels.search.step_search import dvts, prm_beam_search  # noqa: E402
 
 DELIM = " "
@@ -44,37 +46,40 @@ def models():
     return policy, prm
 
 
-def _same(ours, base):
-    assert len(ours.completed) == len(base.completed)
-    for a_list, b_list in zip(ours.completed, base.completed):
+def _same(ours, base, rule):
+    assert len(ours.candidates) == len(base.completed)
+    for a_list, b_list in zip(ours.candidates, base.completed):
         assert [(c.text, c.steps, c.finish) for c in a_list] == [(c.text, c.steps, c.finish) for c in b_list]
         for a, b in zip(a_list, b_list):
             assert len(a.step_scores) == len(b.step_scores)
             assert all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(a.step_scores, b.step_scores))
             assert (math.isnan(a.score) and math.isnan(b.score)) or math.isclose(a.score, b.score, abs_tol=1e-4)
             assert a.answer == b.answer
-    assert ours.best_answer == base.best_answer
-    assert ours.majority == base.majority
-    assert ours.weighted == base.weighted
-    assert [c.text if c else None for c in ours.best] == [c.text if c else None for c in base.best]
+    assert ours.predictions == {"best": base.best_answer, "weighted": base.weighted}[rule]
+    assert select_candidates(ours.candidates, "best")[1] == base.best_answer
+    assert select_candidates(ours.candidates, "majority")[1] == base.majority
+    assert select_candidates(ours.candidates, "weighted")[1] == base.weighted
+    best = [None if i is None else cs[i] for i, cs in zip(select_candidates(ours.candidates, "best")[0],
+                                                           ours.candidates)]
+    assert [c.text if c else None for c in best] == [c.text if c else None for c in base.best]
 
 
 def _finishes(res):
-    return {c.finish for cs in res.completed for c in cs}
+    return {c.finish for cs in res.candidates for c in cs}
 
 
 @pytest.mark.parametrize("agg", ["last", "min"])
 def test_beam_search_matches_baseline(models, agg):
     policy, prm = models
-    kw = dict(n=8, beam_width=2, num_iterations=4, step_delimiter=DELIM, max_step_tokens=8, agg=agg,
-              temperature=1.0, seed=3)
+    kw = dict(n=8, beam_width=2, num_iterations=4, step_delimiter=DELIM, max_step_tokens=8, max_new_tokens=8,
+              agg=agg, temperature=1.0, seed=3)
     ours = prm_beam_search(policy, prm, PROMPTS, **kw)
     base = baseline_beam_search(policy, prm, PROMPTS, **kw)
-    _same(ours, base)
+    _same(ours, base, "best")
     # The configuration exercises what it should: several iterations, delimiter and length ends.
-    assert max(len(c.steps) for cs in ours.completed for c in cs) >= 3
+    assert max(len(c.steps) for cs in ours.candidates for c in cs) >= 3
     assert {"length", "final"} <= _finishes(ours)
-    for cs in ours.completed:
+    for cs in ours.candidates:
         # Each prompt completes at most n beams per iteration, and its last iteration completes all n
         # (or the prompt died earlier because no beam was left to keep).
         assert 0 < len(cs)
@@ -98,26 +103,27 @@ def test_beam_search_matches_baseline(models, agg):
 def test_dvts_matches_baseline(models):
     policy, prm = models
     n, bw, iters = 8, 4, 3
-    kw = dict(n=n, beam_width=bw, num_iterations=iters, step_delimiter=DELIM, max_step_tokens=16, temperature=1.0,
-              seed=11)
+    kw = dict(n=n, beam_width=bw, num_iterations=iters, step_delimiter=DELIM, max_step_tokens=16, max_new_tokens=16,
+              temperature=1.0, seed=11)
     ours = dvts(policy, prm, PROMPTS, **kw)
     base = baseline_dvts(policy, prm, PROMPTS, **kw)
-    _same(ours, base)
-    for cs in ours.completed:
+    _same(ours, base, "weighted")
+    for cs in ours.candidates:
         assert len(cs) == n // bw  # every subtree ends exactly once
         for c in cs:
             assert c.text == "".join(c.steps) and 1 <= len(c.steps) <= iters
             assert math.isclose(c.score, c.step_scores[-1], abs_tol=1e-6)
             if c.finish == "final":
                 assert len(c.steps) == iters
-    assert max(len(c.steps) for cs in ours.completed for c in cs) == iters
+    assert max(len(c.steps) for cs in ours.candidates for c in cs) == iters
     assert counts(ours.compute)["policy_generated_tokens"] == counts(base.compute)["policy_generated_tokens"]
 
 
 def test_different_seed_changes_choices(models):
     """A control: the agreement above is not vacuous (other seeds give other samples)."""
     policy, prm = models
-    kw = dict(n=4, beam_width=2, num_iterations=2, step_delimiter=DELIM, max_step_tokens=8, temperature=1.0)
+    kw = dict(n=4, beam_width=2, num_iterations=2, step_delimiter=DELIM, max_step_tokens=8, max_new_tokens=8,
+              temperature=1.0)
     a = prm_beam_search(policy, prm, PROMPTS[:1], seed=0, **kw)
     b = baseline_beam_search(policy, prm, PROMPTS[:1], seed=1, **kw)
-    assert [c.text for c in a.completed[0]] != [c.text for c in b.completed[0]]
+    assert [c.text for c in a.candidates[0]] != [c.text for c in b.completed[0]]

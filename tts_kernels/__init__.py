@@ -13,12 +13,21 @@ Public API:
   prompts (exact greedy on the concave coverage objective; a host-side planning op).
 - :mod:`tts_kernels.cache` — :class:`~tts_kernels.cache.PagedKVCache`, the block pool with
   copy-on-write forks.
-- :mod:`tts_kernels.search` — search drivers (``beam_search``, with ``cache="paged"`` on the paged
-  KV cache; ``best_of_n`` with PRM selection and voting).
+- :mod:`tts_kernels.search` — every search behind one entry point: ``search.run(strategy, policy,
+  verifier, prompts, budget=N)`` over a registry (``search.STRATEGIES``), one ``SearchResult``;
+  the policy/verifier protocols; the drivers (``best_of_n``, ``prm_beam_search``, ``dvts``,
+  ``compute_optimal``, and ``beam_search``, the ``generate()`` drop-in).
 - :mod:`tts_kernels.models` — transformers models on the paged KV cache (``PagedCache``, the
-  ``"tts_paged"`` attention, ``HFPolicy``, ``HFPRM``); imported on demand (it imports transformers).
+  ``"tts_paged"`` attention, ``HFPolicy``, ``HFPRM``); loaded on first use (they import transformers).
+- :mod:`tts_kernels.bundled` — the bundled task, tiny models and their trainer.
+- :mod:`tts_kernels.apps` — the ``tts-kernels`` command: ``demo``, ``eval``, ``check``, ``bench``.
 - :mod:`tts_kernels.reference` — plain-PyTorch meaning of every op.
+
+Layers import downward only (kernels < cache < models < search < bundled < bench, apps);
+``tests/test_layering.py`` checks it. The design notes are in ``docs/``.
 """
+from importlib import metadata as _metadata
+
 from . import _ext, cache, search
 from .ops import (
     allocate_budget,
@@ -34,7 +43,10 @@ from .ops import (
     weighted_vote,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("tts-kernels")  # the one version string: setup.py's, via the metadata
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 HAS_C = _ext.HAS_C
 
 __all__ = ["beam_topk", "kv_reorder_", "paged_attention", "sample", "prm_score", "select_best", "majority_vote",

@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from .. import _ext
+from ..search import beam_search
 from .timing import _sync
 
 
@@ -53,9 +55,6 @@ def run(device="cpu", quick: bool = False, *, batch: int | None = None, prompt_l
     ``AssertionError`` if the outputs differ.
     """
     from transformers.utils import logging as hf_logging
-
-    from .. import _ext
-    from ..search import beam_search
 
     device = torch.device(device)
     B = batch or (2 if quick else 4)
@@ -128,8 +127,6 @@ def profile(device="cpu", quick: bool = False, row_limit: int = 15, **kw) -> str
     """torch.profiler table (self CPU time) of one beam_search call and one generate() call."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
-
-    from ..search import beam_search
 
     device = torch.device(device)
     B = kw.get("batch") or (2 if quick else 4)

@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from ..search.best_of_n import best_of_n
 from .timing import _sync
 
 VOCAB = 32000
@@ -77,7 +78,6 @@ def run(device="cpu", quick: bool = False, *, n_values=(16, 64), prompt_len: int
 
     from ..models.policy import HFPolicy
     from ..models.prm import HFPRM
-    from ..search.best_of_n import best_of_n
 
     if quick:
         n_values, prompt_len, max_new_tokens, hidden, layers = (8,), 64, 8, 128, 2
@@ -105,7 +105,7 @@ def run(device="cpu", quick: bool = False, *, n_values=(16, 64), prompt_len: int
                                         top_p)
 
                 def ours():
-                    res["ours"] = best_of_n(policy, prm, prompt_text, n, max_new_tokens=max_new_tokens,
+                    res["ours"] = best_of_n(policy, prm, prompt_text, n=n, max_new_tokens=max_new_tokens,
                                             temperature=temperature, top_p=top_p, seed=0)
 
                 times = {"peer": [], "ours": []}
@@ -129,7 +129,7 @@ def run(device="cpu", quick: bool = False, *, n_values=(16, 64), prompt_len: int
                     "peer_ms": peer_ms, "ours_ms": ours_ms, "ratio": peer_ms / ours_ms,
                     "gbs": None, "floor_pct": None,
                     "peer_tokens": {"policy": peer_policy_tokens, "prm": peer_prm_tokens},
-                    "ours_tokens": {"policy": r.policy_tokens, "prm": r.prm_tokens},
+                    "ours_tokens": {"policy": r.info["policy_forward_tokens"], "prm": r.compute.prm_tokens},
                     "rounds_ms": times,
                     "median_ms": {k: statistics.median(v) for k, v in times.items()},
                 })

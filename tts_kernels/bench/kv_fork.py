@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..cache import PagedKVCache
 from .kv_reorder import beam_parents
 from .timing import compare
 
@@ -38,8 +39,6 @@ def _row(op, shape, dtype, device, peer, res, peer_bytes, ours_bytes, **extra) -
 def beam_step_case(T: int, *, K: int = 8, layers: int = 8, heads: int = 8, D: int = 64, block_size: int = 16,
                    dtype=torch.float32, device="cpu", rounds: int = 5, iters: int = 10) -> dict:
     from transformers import DynamicCache
-
-    from ..cache import PagedKVCache
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)

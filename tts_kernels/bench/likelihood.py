@@ -71,7 +71,7 @@ def run(*, device="cpu", quick=False, rounds=None, shapes=None) -> list[dict]:
     model, _ = make_models(hidden=hidden, layers=layers, vocab=vocab)
     model = model.to(device)
     tok = make_tokenizer(vocab)
-    prm = HFPRM(model, tok, head="likelihood", reduce="min", step_separator="\n")
+    prm = HFPRM(model, tok, head="likelihood", reduce="min", step_delimiter="\n")
     shapes = shapes or ([(2, 4, 16, 3, 8)] if quick else [(2, 16, 64, 4, 16), (2, 64, 64, 4, 16), (4, 16, 192, 4, 16)])
     rows = []
     for P, N, prompt_len, steps, step_len in shapes:

@@ -1,16 +1,40 @@
-"""Model adapters: transformers models on the paged KV cache.
+"""Model adapters: transformers models on the paged KV cache, as search policies and verifiers.
 
 - :mod:`.hf_paged` — ``PagedCache`` (a transformers ``Cache`` over ``PagedKVCache``) and the
   ``"tts_paged"`` attention;
-- :mod:`.policy` — ``HFPolicy``: a causal LM as a search policy (the policy protocol);
-- :mod:`.prm` — ``HFPRM``: label-token, classifier and value-head PRMs, scored incrementally.
+- :mod:`.policy` — ``HFPolicy``: a causal LM as a search :class:`~tts_kernels.search.Policy`;
+- :mod:`.prm` — ``HFPRM``: label-token, classifier, value-head and likelihood verifiers, scored
+  incrementally (a search :class:`~tts_kernels.search.Verifier`);
+- :mod:`.hf_decoding` — calling a causal LM as ``generate()`` does (the token-level beam search);
+- :mod:`.text` — how a completion splits into steps (no transformers import).
 
-Importing this package imports ``transformers`` and registers the ``"tts_paged"``
-attention implementation with it.
+The names below load on first use: importing this package (or :mod:`.text`) does not import
+``transformers``; touching ``HFPolicy``, ``HFPRM`` or ``PagedCache`` imports it and registers the
+``"tts_paged"`` attention implementation with it.
 """
-from .hf_paged import ATTN_IMPLEMENTATION, PagedCache, paged_attention_forward, register, use_paged_attention
-from .policy import HFPolicy, PolicySession
-from .prm import HFPRM, PRMScores, PRMSession, split_steps
+from __future__ import annotations
 
-__all__ = ["ATTN_IMPLEMENTATION", "PagedCache", "paged_attention_forward", "register", "use_paged_attention",
-           "HFPolicy", "PolicySession", "HFPRM", "PRMScores", "PRMSession", "split_steps"]
+import importlib
+
+_EXPORTS = {
+    "ATTN_IMPLEMENTATION": "hf_paged", "PagedCache": "hf_paged", "paged_attention_forward": "hf_paged",
+    "register": "hf_paged", "use_paged_attention": "hf_paged",
+    "HFPolicy": "policy", "PolicySession": "policy",
+    "HFPRM": "prm", "PRMScores": "prm", "PRMSession": "prm",
+    "split_steps": "text",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -51,6 +51,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..cache import PagedKVCache
 from ..ops.attention import KV_DTYPES, paged_attention
 
 ATTN_IMPLEMENTATION = "tts_paged"
@@ -101,8 +102,6 @@ class PagedCache(Cache):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if kv is None:
-            from ..cache import PagedKVCache
-
             if num_blocks is None:
                 raise ValueError("num_blocks is required unless an existing pool is passed as kv")
             sizes = {k: v for k, v in (("max_seqs", max_seqs), ("max_seq_len", max_seq_len)) if v is not None}

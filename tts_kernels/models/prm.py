@@ -31,8 +31,10 @@ the whole prefix. Search drivers fork and reorder the session's rows with their 
 How text becomes tokens: the prompt is tokenized once (with special tokens); each step
 is tokenized on its own and followed by ``step_tag`` when one is set (its last token is
 where the step is scored), else scored at the step's own last token. Steps are the
-pieces of a completion split on ``step_separator``, which stays at the end of every
-step but the last.
+pieces of a completion split on ``step_delimiter`` (:func:`~tts_kernels.models.text.split_steps`),
+which stays at the end of every step but the last. The searches split text themselves, with
+``Settings.step_delimiter``, and hand the verifier steps (:meth:`HFPRM.score_steps`,
+:meth:`PRMSession.add_steps`); ``step_delimiter`` here serves :meth:`HFPRM.score`.
 """
 from __future__ import annotations
 
@@ -44,16 +46,9 @@ import torch
 from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, init_likelihood_state, label_token_head,
                        prefix_likelihood, prm_score)
 from .hf_paged import PagedCache, use_paged_attention
+from .text import split_steps
 
 HEADS = ("label_token", "classifier", "value", "likelihood")
-
-
-def split_steps(text: str, separator: str = "\n\n") -> list[str]:
-    """Steps of a completion: pieces between separators, the separator kept at the end of each
-    step but the last; empty pieces dropped."""
-    parts = text.split(separator)
-    steps = [p + separator for p in parts[:-1]] + [parts[-1]]
-    return [s for s in steps if s.strip()]
 
 
 def _token_id(tokenizer, token: str, name: str) -> int:
@@ -73,7 +68,8 @@ class HFPRM:
             paged cache).
         tokenizer: its tokenizer.
         head: ``"label_token"``, ``"classifier"``, ``"value"`` or ``"likelihood"``.
-        step_separator: splits completions into steps.
+        step_delimiter: splits completions into steps in :meth:`score` (the searches pass steps
+            split by their own ``Settings.step_delimiter``).
         step_tag: text appended after every step, scored at its last token (e.g. Math-Shepherd's
             ``" ки"``, Qwen-PRM's ``"<extra_0>"``); ``None``: score each step's last token.
         good_token, bad_token: label tokens of a label-token PRM (single tokens).
@@ -84,7 +80,7 @@ class HFPRM:
         num_blocks, block_size: the PRM's paged KV pool (default: sized per session).
     """
 
-    def __init__(self, model, tokenizer, *, head: str = "classifier", step_separator: str = "\n\n",
+    def __init__(self, model, tokenizer, *, head: str = "classifier", step_delimiter: str = "\n\n",
                  step_tag: str | None = None, good_token: str | None = None, bad_token: str | None = None,
                  positive_class: int = 1, reduce: str = "min", num_blocks: int | None = None,
                  block_size: int = 16):
@@ -94,12 +90,12 @@ class HFPRM:
             raise ValueError(f"reduce must be one of {LIKELIHOOD_REDUCES}, got {reduce!r}")
         if head == "likelihood" and step_tag is not None:
             raise ValueError("step_tag has no meaning for head='likelihood' (the tag's own tokens would be scored)")
-        if not step_separator:
-            raise ValueError("step_separator must be a non-empty string")
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
         self.model = use_paged_attention(model)
         self.tokenizer = tokenizer
         self.head_kind = head
-        self.step_separator = step_separator
+        self.step_delimiter = step_delimiter
         self.step_tag = step_tag
         self.positive_class = positive_class
         self.reduce = reduce
@@ -162,21 +158,31 @@ class HFPRM:
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[list[str]], *, agg: str = "last") -> "PRMScores":
-        """Score every completion of every prompt: prompts prefilled once, forked per completion,
-        all completions' steps in one chunk forward."""
+        """Score every completion of every prompt, split into steps by ``step_delimiter``
+        (:meth:`score_steps`)."""
         if len(completions) != len(prompts):
             raise ValueError(f"completions has {len(completions)} rows, prompts {len(prompts)}")
-        steps = [split_steps(c, self.step_separator) for cs in completions for c in cs]
-        longest = max((len(self.encode_steps(s)[0]) for s in steps), default=0)
-        session = self.start(prompts, agg=agg, rows=len(steps), max_new_tokens=longest)
+        return self.score_steps(prompts, [[split_steps(c, self.step_delimiter) for c in cs] for cs in completions],
+                                agg=agg)
+
+    @torch.no_grad()
+    def score_steps(self, prompts: list[str], steps: list[list[list[str]]], *, agg: str = "last") -> "PRMScores":
+        """Score whole candidates given as steps (``steps[p][c]``: the step texts of candidate ``c``
+        of prompt ``p``): prompts prefilled once, forked per candidate, all candidates' steps in one
+        chunk forward."""
+        if len(steps) != len(prompts):
+            raise ValueError(f"steps has {len(steps)} rows, prompts {len(prompts)}")
+        flat = [st for cs in steps for st in cs]
+        longest = max((len(self.encode_steps(st)[0]) for st in flat), default=0)
+        session = self.start(prompts, agg=agg, rows=len(flat), max_new_tokens=longest)
         try:
-            rows = torch.tensor([i for i, c in enumerate(completions) for _ in c], dtype=torch.long)
+            rows = torch.tensor([i for i, cs in enumerate(steps) for _ in cs], dtype=torch.long)
             session.fork(rows.to(self.device))
-            step_scores = session.add_steps(steps)
-            flat = [[float(x) for x in row[: len(st)]] for row, st in zip(step_scores.tolist(), steps)]
+            step_scores = session.add_steps(flat)
+            scores = [[float(x) for x in row[: len(st)]] for row, st in zip(step_scores.tolist(), flat)]
             out, i = [], 0
-            for cs in completions:
-                out.append(flat[i: i + len(cs)])
+            for cs in steps:
+                out.append(scores[i: i + len(cs)])
                 i += len(cs)
             return PRMScores(step_scores=out, aggregate=session.aggregate.clone(), tokens=session.tokens,
                              keys=session.keys)

@@ -1,9 +1,11 @@
-"""Best-of-N with a PRM, majority and weighted voting, on the paged KV cache.
+"""Best-of-N with a verifier, majority and weighted voting, on the paged KV cache.
 
-``best_of_n(policy, prm, prompts, n, ...)`` samples ``n`` completions per prompt and
-picks one per prompt three ways: the best PRM aggregate (best-of-N), the most
-frequent answer (majority vote), and the answer with the largest summed PRM score
-(weighted best-of-N). What it does differently from the usual transformers recipe
+``best_of_n(policy, verifier, prompts, n=N, select=...)`` samples ``N`` completions per
+prompt and picks one per prompt by ``select``: the best verifier aggregate (``"best"``,
+best-of-N), the most frequent answer (``"majority"``), or the answer with the largest
+summed score (``"weighted"``). The registered strategies ``best_of_n``, ``majority`` and
+``weighted_best_of_n`` are these three rules; run together (``search.run_together``) they
+share one sampling run (:func:`sampling_results`). What it does differently from the usual transformers recipe
 (``generate(do_sample=True, num_return_sequences=n)`` then one PRM forward per full
 candidate):
 
@@ -13,65 +15,41 @@ candidate):
   counter-based randomness, offsets advanced on the device): no host sync per token;
 * the host looks every ``sync_every`` steps, to stop rows at EOS or a stop string and
   drop finished rows from the batch (so they cost nothing afterwards);
-* the PRM prefills each prompt once too, forks per candidate and runs only the
-  completions' tokens (:class:`~tts_kernels.models.HFPRM`);
+* the verifier prefills each prompt once too, forks per candidate and runs only the
+  completions' tokens (:class:`~tts_kernels.models.HFPRM`); the completions are split into
+  steps by ``settings.step_delimiter``, the same steps every search scores;
 * selection and voting are device ops over ``[P, n]``.
 
 Randomness: the tokens are a pure function of (``seed``, the prompts, the sampling
 parameters, ``sync_every``): the row layout after dropping finished rows is part of
 the counter, so a different ``sync_every`` gives a different (equally valid) sample.
 
-Token accounting is exact: ``policy_tokens`` counts every token the policy model ran
-(prompts once each, one per live row per decode step, including rows that finished
-since the last look), ``prm_tokens`` every token the PRM ran.
+Token accounting is exact: ``info["policy_forward_tokens"]`` counts every token the policy
+model ran (prompts once each, one per live row per decode step, including rows that
+finished since the last look; the policy FLOPs are computed from it), ``compute.prm_tokens``
+every token the verifier ran.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from ..models.text import split_steps
 from ..ops.sample import sample
-from ..ops.select import majority_vote, select_best, weighted_vote
 from .accounting import Compute, count_flops
-from .answers import answer_ids, extract_answer
-
-
-@dataclass
-class Candidate:
-    text: str
-    token_ids: list[int]
-    finish: str  # "eos", "stop" or "length"
-    answer: str | None
-    step_scores: list[float] = field(default_factory=list)
-    score: float = float("nan")  # PRM aggregate
-
-
-@dataclass
-class BestOfNResult:
-    candidates: list[list[Candidate]]  # [P][n]
-    scores: torch.Tensor  # [P, n] PRM aggregates (NaN without a PRM)
-    answer_ids: torch.Tensor  # [P, n] per-row answer ids (-1: none)
-    best_index: list[int]  # best-of-N: candidate with the best aggregate
-    best_of_n: list[str | None]  # its answer
-    majority: list[str | None]
-    weighted: list[str | None]
-    policy_tokens: int
-    prm_tokens: int
-    compute: Compute | None = None  # prefill / generated / PRM tokens and the FLOP estimate
+from .answers import extract_answer
+from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
+from .settings import Settings, resolve
+from .validate import check_int, check_prompts
 
 
 def _check(prompts, n, max_new_tokens, sync_every, stop):
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings")
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be strings")
-    for name, v, lo in (("n", n, 1), ("max_new_tokens", max_new_tokens, 1), ("sync_every", sync_every, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    check_prompts(prompts)
+    for name, v in (("n", n), ("max_new_tokens", max_new_tokens), ("sync_every", sync_every)):
+        check_int(name, v, 1)
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
-        raise ValueError("stop must be a list of non-empty strings")
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
 
 
 @torch.no_grad()
@@ -163,55 +141,82 @@ def _rows_tokens(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
     return [[t for t in row if t >= 0 and t not in eos] for row in rows]
 
 
-def best_of_n(policy, prm, prompts: Sequence[str], n: int, *, max_new_tokens: int, temperature=1.0, top_p=1.0,
-              top_k=0, min_p=0.0, stop: Sequence[str] | None = None, agg: str = "last", seed: int = 0,
-              extract: Callable[[str], str | None] = extract_answer, sync_every: int = 8) -> BestOfNResult:
-    """Sample ``n`` completions per prompt, score them with ``prm``, and select.
+def _check_select(select: str, verifier) -> None:
+    if select not in SELECT_RULES:
+        raise ValueError(f"select must be one of {SELECT_RULES}, got {select!r}")
+    if select != "majority" and verifier is None:
+        raise ValueError(f"select={select!r} needs a verifier (only 'majority' runs without one)")
+
+
+def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings, seed: int,
+                     extract: Callable[[str], str | None]) -> tuple[list[list[Candidate]], Compute, int]:
+    """``n`` sampled candidates per prompt, split into steps by ``settings.step_delimiter`` and
+    scored by ``verifier`` when it is not ``None``: ``(candidates [P][n], compute, policy forward
+    tokens)``. The shared first half of every sampling strategy."""
+    s = settings
+    stats: dict = {}
+    texts, ids, fins, forward_tokens = sample_completions(
+        policy, prompts, n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        min_p=s.min_p, stop=list(s.stop) or None, seed=seed, sync_every=s.sync_every, stats=stats)
+    P = len(prompts)
+    steps = [[split_steps(t, s.step_delimiter) for t in row] for row in texts]
+    if verifier is not None:
+        scored = verifier.score_steps(list(prompts), steps, agg=s.agg)
+        scores = scored.aggregate.reshape(P, n).tolist()
+        step_scores, prm_tokens = scored.step_scores, scored.tokens
+        prm_flops = count_flops(verifier.flop_module, prm_tokens, int(scored.keys))
+    else:
+        scores = [[float("nan")] * n for _ in range(P)]
+        step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
+    cands = [[Candidate(text=texts[p][j], answer=extract(texts[p][j]), score=scores[p][j], finish=fins[p][j],
+                        steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j])
+              for j in range(n)] for p in range(P)]
+    compute = Compute(policy_prefill_tokens=stats["prefill"], policy_generated_tokens=sum(len(x) for r in ids for x in r),
+                      prm_tokens=prm_tokens, policy_flops=count_flops(policy.model, forward_tokens, stats["keys"]),
+                      prm_flops=prm_flops)
+    return cands, compute, forward_tokens
+
+
+def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int, settings: Settings, seed: int,
+                     extract) -> dict[str, SearchResult]:
+    """One sampling run shared by several selection rules: ``rules`` maps a result name to its rule
+    (``"best"``, ``"majority"``, ``"weighted"``); every result has the same candidates and compute."""
+    cands, compute, forward = sample_and_score(policy, verifier, prompts, n=n, settings=settings, seed=seed,
+                                               extract=extract)
+    out = {}
+    for name, rule in rules.items():
+        chosen, answers = select_candidates(cands, rule, policy.device)
+        out[name] = SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
+                                 compute=compute, samples=n * len(prompts), info={"policy_forward_tokens": forward})
+    return out
+
+
+@torch.no_grad()
+def best_of_n(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "best",
+              settings: Settings | None = None, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+              **overrides) -> SearchResult:
+    """Sample ``n`` completions per prompt, score them with ``verifier``, pick one per prompt.
 
     Args:
-        policy: an :class:`~tts_kernels.models.HFPolicy` (or any object with its protocol).
-        prm: an :class:`~tts_kernels.models.HFPRM` (or any object with ``score(prompts,
-            completions, agg=) -> (step_scores, aggregate, tokens)``), or ``None`` for
-            majority voting only.
+        policy: a :class:`~tts_kernels.search.protocols.Policy` (e.g. :class:`~tts_kernels.models.HFPolicy`).
+        verifier: a :class:`~tts_kernels.search.protocols.Verifier` (e.g. :class:`~tts_kernels.models.HFPRM`),
+            or ``None`` (``select="majority"`` only; candidates are then not scored).
         prompts: ``P`` prompt strings.
         n: samples per prompt.
-        max_new_tokens, temperature, top_p, top_k, min_p: sampling (see :func:`tts_kernels.sample`).
-        stop: strings that end a completion (kept in its text), besides EOS.
-        agg: how step scores fold into a candidate's score: ``last``, ``min``, ``prod``, ``mean``.
+        select: ``"best"`` (best-of-N: the best aggregate score), ``"majority"`` (the most frequent
+            answer) or ``"weighted"`` (the answer with the largest summed score).
+        settings: :class:`~tts_kernels.search.Settings`; keyword ``overrides`` change single fields
+            (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``max_new_tokens``, ``stop``, ``agg``,
+            ``step_delimiter``, ``sync_every`` are read).
         seed: the sampling seed.
-        extract: answer of a completion text (default: ``\\boxed{X}`` / ``The answer is X``).
-        sync_every: decode steps between host looks (stop checks and dropping finished rows).
+        extract: the answer of a completion text (default: ``\\boxed{X}`` / ``The answer is X``).
+
+    Returns a :class:`~tts_kernels.search.SearchResult`; ``info["policy_forward_tokens"]`` counts
+    every token position the policy ran.
     """
-    stats: dict = {}
-    texts, ids, fins, policy_tokens = sample_completions(
-        policy, prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=min_p, stop=stop, seed=seed, sync_every=sync_every, stats=stats)
-    P = len(prompts)
-    answers = [[extract(t) for t in row] for row in texts]
-    dev = policy.device
-    aids = answer_ids(answers, device=dev)
-    if prm is not None:
-        scored = prm.score(list(prompts), texts, agg=agg)
-        scores = scored.aggregate.reshape(P, n).to(dev)
-        step_scores, prm_tokens = scored.step_scores, scored.tokens
-        prm_flops = count_flops(prm.flop_module, prm_tokens, scored.keys) if hasattr(prm, "flop_module") else 0.0
-    else:
-        scores = torch.full((P, n), float("nan"), device=dev)
-        step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
-    best = select_best(scores)
-    maj_ans, maj_idx = majority_vote(aids)
-    w_ans, w_idx = weighted_vote(aids, scores)
-    best_h, maj_h, w_h = best.tolist(), maj_idx.tolist(), w_idx.tolist()
-    maj_a, w_a = maj_ans.tolist(), w_ans.tolist()
-    scores_h = scores.tolist()
-    cands = [[Candidate(text=texts[p][j], token_ids=ids[p][j], finish=fins[p][j], answer=answers[p][j],
-                        step_scores=step_scores[p][j], score=scores_h[p][j]) for j in range(n)] for p in range(P)]
-    return BestOfNResult(
-        candidates=cands, scores=scores, answer_ids=aids, best_index=best_h,
-        best_of_n=[answers[p][best_h[p]] for p in range(P)],
-        majority=[answers[p][maj_h[p]] if maj_a[p] >= 0 else None for p in range(P)],
-        weighted=[answers[p][w_h[p]] if w_a[p] >= 0 else None for p in range(P)],
-        policy_tokens=policy_tokens, prm_tokens=prm_tokens,
-        compute=Compute(policy_prefill_tokens=stats["prefill"],
-                        policy_generated_tokens=sum(len(x) for row in ids for x in row), prm_tokens=prm_tokens,
-                        policy_flops=count_flops(policy.model, policy_tokens, stats["keys"]), prm_flops=prm_flops))
+    s = resolve(settings, overrides)
+    check_prompts(prompts)
+    check_int("n", n, 1)
+    _check_select(select, verifier)
+    return sampling_results({"best_of_n": select}, policy, verifier, list(prompts), n=n, settings=s, seed=seed,
+                            extract=extract)["best_of_n"]

@@ -22,58 +22,35 @@ decoding the whole completion.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.select import majority_vote, select_best, topk_per_group, weighted_vote
+from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
-from .answers import answer_ids, extract_answer
+from .answers import extract_answer
+from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
+from .settings import Settings, resolve
 from .steps import DelimiterMatcher, sample_steps
-
-
-@dataclass
-class StepCandidate:
-    """A finished beam / subtree: its text, steps, per-step PRM scores and aggregate score."""
-
-    text: str
-    steps: list[str]
-    step_scores: list[float]
-    score: float
-    finish: str  # "eos", "length" (no delimiter within max_step_tokens), "empty", "final" (last iteration)
-    answer: str | None = None
-
-
-@dataclass
-class StepSearchResult:
-    completed: list[list[StepCandidate]]  # per prompt, in completion order
-    best: list[StepCandidate | None]  # best aggregate score per prompt
-    best_answer: list[str | None]
-    majority: list[str | None]
-    weighted: list[str | None]
-    compute: Compute = field(default_factory=Compute)  # tokens and the FLOP estimate (see _Search.compute)
+from .validate import check_int, check_prompts
 
 
 class _Search:
     """Rows (beams) of all prompts under the policy and the PRM, with their host-side texts."""
 
-    def __init__(self, policy, prm, prompts, *, agg, seed, temperature, top_p, top_k, step_delimiter,
-                 max_step_tokens, max_final_tokens, num_iterations, rows, look_every):
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
+    def __init__(self, policy, prm, prompts, s: Settings, *, seed: int, rows: int):
         self.policy, self.prm_model = policy, prm
         self.tok = policy.tokenizer
         self.eos = list(policy.eos_token_ids)
         self.eos_set = set(self.eos)
-        self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        self.look_every = look_every
-        self.max_step_tokens, self.max_final_tokens = max_step_tokens, max_final_tokens
+        self.sampling = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed)
+        self.sync_every = s.sync_every
+        self.max_step_tokens, self.max_final_tokens = s.max_step_tokens, s.max_new_tokens
         prompt_ids = [policy.encode(p) for p in prompts]
-        budget = max_step_tokens * max(num_iterations - 1, 0) + max_final_tokens
+        budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens
         self.pol = policy.start(prompt_ids, rows_hint=rows, max_new_tokens=budget)
-        self.prm = prm.start(list(prompts), agg=agg, rows=rows, max_new_tokens=budget + 8 * num_iterations)
+        self.prm = prm.start(list(prompts), agg=s.agg, rows=rows, max_new_tokens=budget + 8 * s.num_iterations)
         V = self.pol.logits.shape[1]
-        self.matcher = DelimiterMatcher(self.tok, step_delimiter, V, device=self.pol.logits.device)
+        self.matcher = DelimiterMatcher(self.tok, s.step_delimiter, V, device=self.pol.logits.device)
         self.P = len(prompts)
         self.owner = list(range(self.P))  # prompt of each row
         self.texts = [""] * self.P
@@ -105,7 +82,7 @@ class _Search:
         """
         limit = self.max_final_tokens if last else self.max_step_tokens
         st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
-                          offset=self.offset, look_every=self.look_every, **self.sampling)
+                          offset=self.offset, sync_every=self.sync_every, **self.sampling)
         self.offset += limit
         self.forward_rows += st.forward_rows
         ids, texts = self._decode(st, self.ids, self.texts)  # one host look per step: the PRM needs the text
@@ -163,7 +140,7 @@ class _Search:
             base_ids, base_texts = [list(self.ids[r]) for r in live], [self.texts[r] for r in live]
             for _ in range(steps):
                 st = sample_steps(pol, max_tokens=self.max_step_tokens, eos_ids=self.eos, matcher=self.matcher,
-                                  temperature=0.0, seed=0, offset=0, look_every=self.look_every)
+                                  temperature=0.0, seed=0, offset=0, sync_every=self.sync_every)
                 self.forward_rows += st.forward_rows
                 ids, texts = self._decode(st, base_ids, base_texts)
                 eos, delim = st.eos.tolist(), st.delimited.tolist()
@@ -188,11 +165,11 @@ class _Search:
             prm.free()
         return scores
 
-    def candidate(self, r: int, score: float, finish: str, extract) -> StepCandidate:
+    def candidate(self, r: int, score: float, finish: str, extract) -> Candidate:
         if not self.steps[r]:
             score = float("nan")  # nothing was scored (EOS first): never preferred (NaN ranks lowest)
-        return StepCandidate(text=self.texts[r], steps=list(self.steps[r]), step_scores=list(self.step_scores[r]),
-                             score=score, finish=finish, answer=extract(self.texts[r]))
+        return Candidate(text=self.texts[r], answer=extract(self.texts[r]), score=score, finish=finish,
+                         steps=list(self.steps[r]), step_scores=list(self.step_scores[r]))
 
     def compute(self) -> Compute:
         """Prompt tokens prefilled, tokens sampled (rollouts included), PRM tokens, and FLOPs of every
@@ -209,97 +186,82 @@ class _Search:
         self.prm.free()
 
 
-def _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens):
-    for name, v in (("n", n), ("beam_width", beam_width), ("num_iterations", num_iterations),
-                    ("max_step_tokens", max_step_tokens), ("max_final_tokens", max_final_tokens)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if n % beam_width:
-        raise ValueError(f"n ({n}) must be a multiple of beam_width ({beam_width})")
+def _check(name: str, verifier, prompts, n: int, select: str, s: Settings) -> list[str]:
+    if verifier is None:
+        raise ValueError(f"{name} needs a verifier (it scores every step)")
+    prompts = check_prompts(prompts)
+    check_int("n", n, 1)
+    if n % s.beam_width:
+        raise ValueError(f"n ({n}) must be a multiple of beam_width ({s.beam_width})")
+    if select not in SELECT_RULES:
+        raise ValueError(f"select must be one of {SELECT_RULES}, got {select!r}")
+    if s.stop:
+        raise ValueError(f"stop={list(s.stop)!r}: stop strings apply to the sampling strategies only; a step-level "
+                         "search ends steps at step_delimiter and completions at EOS or max_new_tokens")
+    return prompts
 
 
-def _select(completed: list[list[StepCandidate]], device) -> tuple:
-    """Best aggregate, majority and weighted answers over each prompt's completed candidates."""
-    P = len(completed)
-    width = max((len(c) for c in completed), default=0) or 1
-    scores = torch.full((P, width), float("nan"), device=device)
-    answers = [[None] * width for _ in range(P)]
-    for p, cands in enumerate(completed):
-        for j, c in enumerate(cands):
-            scores[p, j] = c.score
-            answers[p][j] = c.answer
-    aids = answer_ids(answers, device=device)
-    best = select_best(scores).tolist()
-    maj_a, maj_i = majority_vote(aids)
-    w_a, w_i = weighted_vote(aids, scores)
-    maj_a, maj_i, w_a, w_i = maj_a.tolist(), maj_i.tolist(), w_a.tolist(), w_i.tolist()
-    best_c = [completed[p][best[p]] if completed[p] else None for p in range(P)]
-    return (best_c, [c.answer if c else None for c in best_c],
-            [answers[p][maj_i[p]] if maj_a[p] >= 0 else None for p in range(P)],
-            [answers[p][w_i[p]] if w_a[p] >= 0 else None for p in range(P)])
-
-
-def _run(policy, prm, prompts, *, n, num_iterations, step_delimiter, max_step_tokens, max_final_tokens, agg,
-         temperature, top_p, top_k, seed, extract, look_every, choose) -> StepSearchResult:
+def _run(policy, prm, prompts, *, n: int, s: Settings, seed: int, choose) -> tuple[list[list[Candidate]], Compute]:
     """The loop both searches share: ``n`` rows per prompt; each iteration every row samples one
-    step and the PRM scores it; ``choose(s, finish, last, completed)`` records finished rows and
+    step and the PRM scores it; ``choose(search, finish, last, completed)`` records finished rows and
     returns the rows to continue with (host list of row indices, forked for the next iteration)."""
-    s = _Search(policy, prm, prompts, agg=agg, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
-                step_delimiter=step_delimiter, max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens,
-                num_iterations=num_iterations, rows=len(prompts) * n, look_every=look_every)
-    completed: list[list[StepCandidate]] = [[] for _ in range(s.P)]
+    search = _Search(policy, prm, prompts, s, seed=seed, rows=len(prompts) * n)
+    completed: list[list[Candidate]] = [[] for _ in range(search.P)]
     try:
-        s.fork([p for p in range(s.P) for _ in range(n)])
-        for it in range(num_iterations):
-            last = it == num_iterations - 1
-            _, finish = s.step(last)
-            rows = choose(s, finish, last, completed)
+        search.fork([p for p in range(search.P) for _ in range(n)])
+        for it in range(s.num_iterations):
+            last = it == s.num_iterations - 1
+            _, finish = search.step(last)
+            rows = choose(search, finish, last, completed)
             if last or not rows:
                 break
-            s.fork(rows)
-        compute = s.compute()
+            search.fork(rows)
+        compute = search.compute()
     finally:
-        s.free()
-    best, best_answer, majority, weighted = _select(completed, policy.device)
-    return StepSearchResult(completed=completed, best=best, best_answer=best_answer, majority=majority,
-                            weighted=weighted, compute=compute)
+        search.free()
+    return completed, compute
+
+
+def _result(name: str, n: int, completed, compute: Compute, select: str, device) -> SearchResult:
+    chosen, answers = select_candidates(completed, select, device)
+    return SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=completed,
+                        compute=compute, samples=n * len(completed))
 
 
 @torch.no_grad()
-def prm_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
-                    step_delimiter: str = "\n\n", max_step_tokens: int = 256, max_final_tokens: int | None = None,
-                    lookahead: int = 0, agg: str = "last", temperature: float = 0.8, top_p: float = 1.0,
-                    top_k: int = 0, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
-                    look_every: int = 8) -> StepSearchResult:
-    """Step-level beam search with a PRM (search-and-learn semantics; see the module docstring).
+def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "best",
+                    settings: Settings | None = None, seed: int = 0,
+                    extract: Callable[[str], str | None] = extract_answer, **overrides) -> SearchResult:
+    """Step-level beam search with a verifier (search-and-learn semantics; see the module docstring).
 
     ``n`` beams per prompt; each iteration every beam samples one step (up to and including
     ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens``, or an
-    empty step) are completed; the others are scored by the PRM on their new step and the
+    empty step) are completed; the others are scored by the verifier on their new step and the
     best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
-    turn) back to ``n`` beams; on the last iteration beams generate to the end (up to
-    ``max_final_tokens``, default ``max_step_tokens``). With ``lookahead > 0`` the ranking
-    score is that of each beam rolled out ``lookahead`` more greedy steps (not kept). The
-    answer is the completed beam with the best aggregate score; majority and weighted votes
-    are over all completed beams.
+    turn) back to ``n`` beams; on the last of ``num_iterations`` iterations beams generate to
+    the end (up to ``max_new_tokens``). With ``lookahead > 0`` the ranking score is that of each
+    beam rolled out ``lookahead`` more greedy steps (not kept). The prediction is picked from
+    the completed beams by ``select`` (default ``"best"``: the best aggregate score).
+    Settings read: ``beam_width``, ``num_iterations``, ``step_delimiter``, ``max_step_tokens``,
+    ``max_new_tokens``, ``lookahead``, ``agg``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
+    ``sync_every`` (``settings`` and keyword ``overrides``, as :func:`~tts_kernels.search.best_of_n`).
     """
-    max_final_tokens = max_final_tokens or max_step_tokens
-    _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
-    if not isinstance(lookahead, int) or isinstance(lookahead, bool) or lookahead < 0:
-        raise ValueError(f"lookahead must be an int >= 0, got {lookahead!r}")
-    keep = n // beam_width
+    s = resolve(settings, overrides)
+    prompts = _check("prm_beam_search", verifier, prompts, n, select, s)
+    lookahead = s.lookahead
+    keep = n // s.beam_width
 
-    def choose(s, finish, last, completed):
-        agg_scores = s.prm.aggregate
+    def choose(search, finish, last, completed):
+        agg_scores = search.prm.aggregate
         agg_h = agg_scores.tolist()
         for r, f in enumerate(finish):
             if f is not None:
-                completed[s.owner[r]].append(s.candidate(r, agg_h[r], f, extract))
+                completed[search.owner[r]].append(search.candidate(r, agg_h[r], f, extract))
         if last:
             return []
         # Rows come in blocks of n per live prompt: the best `keep` unfinished rows of each,
         # ranked by their aggregate, or by that of their greedy rollout with lookahead.
-        rank = s.lookahead_scores(finish, lookahead) if lookahead else agg_scores
+        rank = search.lookahead_scores(finish, lookahead) if lookahead else agg_scores
         live = torch.tensor([f is None for f in finish], device=agg_scores.device)
         values, idx = topk_per_group(torch.where(live, rank, float("-inf")).view(-1, n), keep)
         values, idx = values.tolist(), idx.tolist()
@@ -310,41 +272,40 @@ def prm_beam_search(policy, prm, prompts: Sequence[str], *, n: int, beam_width: 
                 rows += [survivors[i % len(survivors)] for i in range(n)]
         return rows
 
-    return _run(policy, prm, prompts, n=n, num_iterations=num_iterations, step_delimiter=step_delimiter,
-                max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens, agg=agg, temperature=temperature,
-                top_p=top_p, top_k=top_k, seed=seed, extract=extract, look_every=look_every, choose=choose)
+    completed, compute = _run(policy, verifier, prompts, n=n, s=s, seed=seed, choose=choose)
+    return _result("prm_beam_search", n, completed, compute, select, policy.device)
 
 
 @torch.no_grad()
-def dvts(policy, prm, prompts: Sequence[str], *, n: int, beam_width: int, num_iterations: int,
-         step_delimiter: str = "\n\n", max_step_tokens: int = 256, max_final_tokens: int | None = None,
-         agg: str = "last", temperature: float = 0.8, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-         extract: Callable[[str], str | None] = extract_answer, look_every: int = 8) -> StepSearchResult:
+def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "weighted",
+         settings: Settings | None = None, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+         **overrides) -> SearchResult:
     """Diverse verifier tree search: ``n // beam_width`` independent subtrees per prompt.
 
-    Each iteration every live subtree samples ``beam_width`` candidate next steps, the PRM
+    Each iteration every live subtree samples ``beam_width`` candidate next steps, the verifier
     scores them, and the subtree continues with the best one (by aggregate score, ties to
     the first); a subtree ends when its chosen step ends with EOS, is empty, has no
     delimiter within ``max_step_tokens``, or on the last iteration (which generates to the
-    end). Returns every subtree's final candidate; the answer by best aggregate score and
-    by weighted vote (and majority).
+    end). Every subtree's final candidate is returned; the prediction is picked by ``select``
+    (default ``"weighted"``: the answer with the largest summed score). Settings as
+    :func:`prm_beam_search` (``lookahead`` is not read).
     """
-    max_final_tokens = max_final_tokens or max_step_tokens
-    _check(n, beam_width, num_iterations, max_step_tokens, max_final_tokens)
+    s = resolve(settings, overrides)
+    prompts = _check("dvts", verifier, prompts, n, select, s)
+    beam_width = s.beam_width
 
-    def choose(s, finish, last, completed):
-        agg_scores = s.prm.aggregate
+    def choose(search, finish, last, completed):
+        agg_scores = search.prm.aggregate
         best = select_best(agg_scores.view(-1, beam_width)).tolist()  # per subtree, on the device
         agg_h = agg_scores.tolist()
         rows = []
         for g, b in enumerate(best):
             r = g * beam_width + b
             if finish[r] is not None:
-                completed[s.owner[r]].append(s.candidate(r, agg_h[r], finish[r], extract))
+                completed[search.owner[r]].append(search.candidate(r, agg_h[r], finish[r], extract))
             else:
                 rows += [r] * beam_width
         return rows
 
-    return _run(policy, prm, prompts, n=n, num_iterations=num_iterations, step_delimiter=step_delimiter,
-                max_step_tokens=max_step_tokens, max_final_tokens=max_final_tokens, agg=agg, temperature=temperature,
-                top_p=top_p, top_k=top_k, seed=seed, extract=extract, look_every=look_every, choose=choose)
+    completed, compute = _run(policy, verifier, prompts, n=n, s=s, seed=seed, choose=choose)
+    return _result("dvts", n, completed, compute, select, policy.device)

@@ -19,7 +19,7 @@ matches an ASCII delimiter, so the table is exact for ASCII delimiters.
 
 :func:`sample_steps` runs the decode loop for one step of every row: rows that
 finished their step are paused in place (they append nothing and keep their logits;
-see ``PolicySession.decode(active=...)``) and the host looks every ``look_every``
+see ``PolicySession.decode(active=...)``) and the host looks every ``sync_every``
 tokens only to stop early when no row is still generating.
 """
 from __future__ import annotations
@@ -102,8 +102,8 @@ class Steps:
 
 @torch.no_grad()
 def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
-                 temperature=1.0, top_p=1.0, top_k=0, seed: int = 0, offset: int = 0,
-                 look_every: int = 8) -> Steps:
+                 temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int = 0, offset: int = 0,
+                 sync_every: int = 8) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
@@ -122,7 +122,7 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
     forward_rows = 0
     for t in range(max_tokens):
-        tok, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed_t,
+        tok, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
                         offset=offset + t)
         buf[:, t] = torch.where(active, tok, -1)
         counts += active
@@ -139,6 +139,6 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
         # Rows ending their step now still feed its last token: their history must hold the whole step.
         session.decode(tok, active=feed)
         forward_rows += R
-        if t == max_tokens - 1 or ((t + 1) % look_every == 0 and not bool(active.any())):
-            break  # (the host looks every look_every tokens)
+        if t == max_tokens - 1 or ((t + 1) % sync_every == 0 and not bool(active.any())):
+            break  # (the host looks every sync_every tokens)
     return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows)

@@ -1,137 +1,188 @@
-"""Named test-time strategies at a sample budget, with one result shape: what ``demo`` and ``eval`` run.
+"""The one entry point: ``run(strategy, policy, verifier, prompts, budget=N)`` over a registry of strategies.
 
-``run_strategies(names, policy, prm, prompts, budget, settings=...)`` runs each named
-strategy over all ``prompts`` with ``budget`` samples per prompt and returns, per
-strategy, a :class:`StrategyRun`: one :class:`Outcome` per prompt (prediction, every
-candidate's answer and score) and the :class:`~tts_kernels.search.Compute` spent.
+Every strategy takes the same arguments and returns a :class:`~tts_kernels.search.SearchResult`.
+``budget`` means the same for all of them: samples (completions, beams, particles) **per
+prompt**, on average. ``demo``, ``eval`` and the server list and run what is registered here,
+so a strategy added with :func:`register_strategy` shows up in all of them.
 
-Strategies (budget ``N`` = samples, or beams, per prompt):
+Built-in strategies (``settings`` fields in :class:`~tts_kernels.search.Settings`):
 
 * ``greedy`` — one greedy completion (the budget is ignored: always 1).
-* ``majority``, ``best_of_n``, ``weighted_best_of_n`` — ``N`` sampled completions, then the
-  most frequent answer, the PRM's best completion, or the answer with the largest summed
-  PRM score. The three share one :func:`~tts_kernels.search.best_of_n` run when asked
-  together (same samples, same compute).
+* ``majority``, ``best_of_n``, ``weighted_best_of_n`` — ``N`` sampled completions, then the most
+  frequent answer, the verifier's best completion, or the answer with the largest summed score.
+  ``majority`` alone runs without a verifier; :func:`run_together` runs the three on one shared
+  set of samples (same candidates, same compute).
 * ``prm_beam_search``, ``dvts`` — step-level searches with ``N`` beams and beam width
   ``min(settings.beam_width, N)``.
-* ``compute_optimal`` — the whole budget ``P * N`` spent by
-  :func:`~tts_kernels.search.compute_optimal`: a best-of-``N/4`` pilot, difficulty levels,
-  best-of-N for easier and PRM beam search for harder prompts, the rest allocated where
-  it raises expected accuracy most.
-* ``adaptive_best_of_n`` — the same pilot and allocation with weighted best-of-N for
-  every level: uniform ``weighted_best_of_n`` and this differ only in where the samples
-  go, so the pair measures allocation alone at equal sample budget.
+* ``compute_optimal`` — the whole budget ``N * P`` spent by :func:`~tts_kernels.search.compute_optimal`:
+  a best-of-``N/4`` pilot, difficulty levels, weighted best-of-N for easier and PRM beam search
+  for harder prompts, the rest allocated where it raises expected accuracy most.
+* ``adaptive_best_of_n`` — the same pilot and allocation with weighted best-of-N at every level:
+  against uniform ``weighted_best_of_n`` it measures allocation alone at equal sample budget.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .accounting import Compute
 from .answers import extract_answer
-from .best_of_n import best_of_n
+from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import compute_optimal
+from .result import SearchResult
+from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
+from .validate import check_int, check_prompts
 
-SAMPLING = ("majority", "best_of_n", "weighted_best_of_n")
-STRATEGIES = ("greedy",) + SAMPLING + ("prm_beam_search", "dvts", "compute_optimal", "adaptive_best_of_n")
-NEEDS_PRM = frozenset(STRATEGIES) - {"greedy", "majority"}
+StrategyFn = Callable[..., SearchResult]
+# fn(policy, verifier, prompts, *, budget, settings, seed, extract) -> SearchResult
+GroupFn = Callable[..., dict]
+# group(names, policy, verifier, prompts, *, budget, settings, seed, extract) -> {name: SearchResult}
 
 
 @dataclass(frozen=True)
-class SearchSettings:
-    """Generation and search settings shared by every strategy."""
+class Strategy:
+    """A registered strategy: its function, whether it needs a verifier, and (optionally) a group
+    function that runs several strategies of one family on shared work (:func:`run_together`)."""
 
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 96  # a whole completion (sampling strategies, a search's last iteration)
-    max_step_tokens: int = 24  # one step of a step-level search
-    num_iterations: int = 8  # steps of a step-level search (the last one generates to the end)
-    beam_width: int = 4
-    agg: str = "last"  # how step scores fold into a candidate's score
-    step_delimiter: str = "\n\n"
-    levels: int = 4  # compute_optimal difficulty levels
+    name: str
+    fn: StrategyFn
+    needs_verifier: bool = True
+    description: str = ""
+    group: GroupFn | None = None
 
 
-@dataclass
-class Outcome:
-    """One prompt's result: the prediction and every candidate's answer and score."""
-
-    prediction: str | None
-    answers: list[str | None] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    info: dict = field(default_factory=dict)  # strategy-specific (compute_optimal: level, strategy, n)
+STRATEGIES: dict[str, Strategy] = {}
 
 
-@dataclass
-class StrategyRun:
-    strategy: str
-    budget: int  # samples per prompt asked for
-    outcomes: list[Outcome]
-    compute: Compute
-    samples: int  # samples (completions / beams) actually spent over all prompts
+def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True, description: str = "",
+                      group: GroupFn | None = None, replace: bool = False) -> Strategy:
+    """Register ``fn`` as strategy ``name``: ``fn(policy, verifier, prompts, *, budget, settings, seed,
+    extract) -> SearchResult`` (``prompts`` a checked list, ``settings`` a :class:`Settings`).
+
+    ``needs_verifier``: :func:`run` refuses ``verifier=None`` for it. ``group``: strategies sharing
+    one ``group`` function run together in :func:`run_together`. Registering a taken name is an
+    error unless ``replace=True``. Returns the :class:`Strategy`.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name must be an identifier-like string (letters, digits, _), got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if name in STRATEGIES and not replace:
+        raise ValueError(f"strategy {name!r} is already registered (pass replace=True to replace it)")
+    entry = Strategy(name, fn, bool(needs_verifier), description, group)
+    STRATEGIES[name] = entry
+    return entry
 
 
-def _sampling_runs(names, policy, prm, prompts, n, s: SearchSettings, seed, extract) -> dict[str, StrategyRun]:
-    res = best_of_n(policy, prm, prompts, n, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                    top_p=s.top_p, agg=s.agg, seed=seed, extract=extract)
-    pick = {"majority": res.majority, "best_of_n": res.best_of_n, "weighted_best_of_n": res.weighted}
-    out = {}
-    for name in names:
-        outcomes = [Outcome(prediction=pick[name][i], answers=[c.answer for c in row],
-                            scores=[c.score for c in row]) for i, row in enumerate(res.candidates)]
-        out[name] = StrategyRun(name, n, outcomes, res.compute, n * len(prompts))
-    return out
+def _check(strategy: str, verifier, budget) -> Strategy:
+    entry = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+    if entry is None:
+        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+    check_int("budget", budget, 1)
+    if entry.needs_verifier and verifier is None:
+        raise ValueError(f"strategy {strategy!r} needs a verifier (got verifier=None)")
+    return entry
 
 
-def _step_run(name, policy, prm, prompts, n, s: SearchSettings, seed, extract) -> StrategyRun:
-    search = prm_beam_search if name == "prm_beam_search" else dvts
-    res = search(policy, prm, prompts, n=n, beam_width=min(s.beam_width, n), num_iterations=s.num_iterations,
-                 step_delimiter=s.step_delimiter, max_step_tokens=s.max_step_tokens,
-                 max_final_tokens=s.max_new_tokens, agg=s.agg, temperature=s.temperature, top_p=s.top_p, seed=seed,
-                 extract=extract)
-    pred = res.best_answer if name == "prm_beam_search" else res.weighted
-    outcomes = [Outcome(prediction=pred[i], answers=[c.answer for c in done], scores=[c.score for c in done])
-                for i, done in enumerate(res.completed)]
-    return StrategyRun(name, n, outcomes, res.compute, n * len(prompts))
+def run(strategy: str, policy, verifier, prompts: Sequence[str], *, budget: int, settings: Settings | None = None,
+        seed: int = 0, extract: Callable[[str], str | None] = extract_answer) -> SearchResult:
+    """Run the registered ``strategy`` on ``prompts`` with ``budget`` samples per prompt.
+
+    ``policy``/``verifier``: objects of the :mod:`~tts_kernels.search.protocols` (the transformers
+    adapters :class:`~tts_kernels.models.HFPolicy` / :class:`~tts_kernels.models.HFPRM`, or any
+    backend); ``verifier`` may be ``None`` for strategies that need none (``greedy``, ``majority``).
+    ``settings``: :class:`Settings` (default ``Settings()``). ``seed``: the sampling seed (a result
+    is a pure function of the arguments). ``extract``: the answer of a completion text.
+    Every argument is checked before any model runs.
+    """
+    entry = _check(strategy, verifier, budget)
+    s = resolve(settings, {})
+    prompts = check_prompts(prompts)
+    return entry.fn(policy, verifier, prompts, budget=budget, settings=s, seed=seed, extract=extract)
 
 
-def _optimal_run(name, policy, prm, prompts, n, s: SearchSettings, seed, extract) -> StrategyRun:
-    strategies = ("best_of_n",) if name == "adaptive_best_of_n" else ("best_of_n", "prm_beam_search")
-    res = compute_optimal(policy, prm, prompts, budget=n * len(prompts), pilot_n=max(1, n // 4), levels=s.levels,
-                          strategies=strategies, beam_width=s.beam_width, max_new_tokens=s.max_new_tokens,
-                          max_step_tokens=s.max_step_tokens, num_iterations=s.num_iterations,
-                          step_delimiter=s.step_delimiter, temperature=s.temperature, top_p=s.top_p, agg=s.agg,
-                          seed=seed, extract=extract)
-    outcomes = [Outcome(prediction=r.answer, info={"p": r.p, "level": r.level, "strategy": r.strategy, "n": r.n,
-                                                   "pilot_answer": r.pilot_answer}) for r in res.prompts]
-    return StrategyRun(name, n, outcomes, res.compute, res.samples_spent)
+def run_together(strategies: Sequence[str], policy, verifier, prompts: Sequence[str], *, budget: int,
+                 settings: Settings | None = None, seed: int = 0,
+                 extract: Callable[[str], str | None] = extract_answer) -> dict[str, SearchResult]:
+    """:func:`run` for each of ``strategies``, in order, where strategies registered with one ``group``
+    (``majority``, ``best_of_n``, ``weighted_best_of_n``) share one run: the same samples, each
+    selected by its own rule, and the same compute. What demo and eval run."""
+    if isinstance(strategies, str) or not strategies:
+        raise ValueError(f"strategies must be a non-empty list of names, got {strategies!r}")
+    entries = [_check(name, verifier, budget) for name in strategies]
+    s = resolve(settings, {})
+    prompts = check_prompts(prompts)
+    out: dict[str, SearchResult] = {}
+    done_groups = set()
+    for entry in entries:
+        if entry.name in out:
+            continue
+        if entry.group is not None:
+            if entry.group in done_groups:
+                continue
+            done_groups.add(entry.group)
+            names = [e.name for e in entries if e.group is entry.group]
+            out.update(entry.group(names, policy, verifier, prompts, budget=budget, settings=s, seed=seed,
+                                   extract=extract))
+        else:
+            out[entry.name] = entry.fn(policy, verifier, prompts, budget=budget, settings=s, seed=seed,
+                                       extract=extract)
+    return {name: out[name] for name in strategies}
 
 
-def run_strategies(names: Sequence[str], policy, prm, prompts: Sequence[str], budget: int, *,
-                   settings: SearchSettings = SearchSettings(), seed: int = 0,
-                   extract: Callable[[str], str | None] = extract_answer) -> dict[str, StrategyRun]:
-    """Run each of ``names`` (from :data:`STRATEGIES`) on ``prompts`` at ``budget`` samples per prompt."""
-    if isinstance(names, str) or not names or any(n not in STRATEGIES for n in names):
-        raise ValueError(f"names must be a non-empty list from {STRATEGIES}, got {names!r}")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    if prm is None and any(n in NEEDS_PRM for n in names):
-        raise ValueError(f"strategies {sorted(NEEDS_PRM & set(names))} need a prm")
-    prompts = list(prompts)
-    out: dict[str, StrategyRun] = {}
-    sampling = [n for n in names if n in SAMPLING]
-    if sampling:
-        out.update(_sampling_runs(sampling, policy, prm if set(sampling) - {"majority"} else None, prompts, budget,
-                                  settings, seed, extract))
-    for name in names:
-        if name == "greedy":
-            res = best_of_n(policy, None, prompts, 1, max_new_tokens=settings.max_new_tokens, temperature=0.0,
-                            extract=extract)
-            out[name] = StrategyRun(name, 1, [Outcome(prediction=a, answers=[a], scores=[float("nan")])
-                                              for a in res.majority], res.compute, len(prompts))
-        elif name in ("prm_beam_search", "dvts"):
-            out[name] = _step_run(name, policy, prm, prompts, budget, settings, seed, extract)
-        elif name in ("compute_optimal", "adaptive_best_of_n"):
-            out[name] = _optimal_run(name, policy, prm, prompts, budget, settings, seed, extract)
-    return {n: out[n] for n in names}
+# ----------------------------------------------------------------------------- the built-ins
+
+_RULES = {"majority": "majority", "best_of_n": "best", "weighted_best_of_n": "weighted"}
+
+
+def _sampling_group(names, policy, verifier, prompts, *, budget, settings, seed, extract):
+    # Majority alone needs no scores: its samples are not scored (and cost no verifier compute).
+    scorer = verifier if set(names) - {"majority"} else None
+    return sampling_results({n: _RULES[n] for n in names}, policy, scorer, prompts, n=budget, settings=settings,
+                            seed=seed, extract=extract)
+
+
+def _sampling(name):
+    def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
+        return _sampling_group([name], policy, verifier, prompts, budget=budget, settings=settings, seed=seed,
+                               extract=extract)[name]
+    return fn
+
+
+def _greedy(policy, verifier, prompts, *, budget, settings, seed, extract):
+    res = best_of_n(policy, None, prompts, n=1, select="majority", settings=settings.replace(temperature=0.0),
+                    extract=extract)
+    res.strategy = "greedy"
+    return res
+
+
+def _step(name, search):
+    def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
+        res = search(policy, verifier, prompts, n=budget, settings=settings.replace(
+            beam_width=min(settings.beam_width, budget)), seed=seed, extract=extract)
+        res.strategy = name
+        return res
+    return fn
+
+
+def _optimal(name, strategies):
+    def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
+        return compute_optimal(policy, verifier, prompts, budget=budget, strategies=strategies, settings=settings,
+                               seed=seed, extract=extract, name=name)
+    return fn
+
+
+register_strategy("greedy", _greedy, needs_verifier=False, description="one greedy completion (budget ignored)")
+register_strategy("majority", _sampling("majority"), needs_verifier=False, group=_sampling_group,
+                  description="N samples, the most frequent answer")
+register_strategy("best_of_n", _sampling("best_of_n"), group=_sampling_group,
+                  description="N samples, the verifier's best")
+register_strategy("weighted_best_of_n", _sampling("weighted_best_of_n"), group=_sampling_group,
+                  description="N samples, the answer with the largest summed verifier score")
+register_strategy("prm_beam_search", _step("prm_beam_search", prm_beam_search),
+                  description="step-level beam search: N beams, the best N/beam_width kept each step")
+register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees")
+register_strategy("compute_optimal", _optimal("compute_optimal", ("best_of_n", "prm_beam_search")),
+                  description="pilot, difficulty levels, a strategy per level, N*P samples allocated")
+register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("best_of_n",)),
+                  description="compute_optimal's allocation with weighted best-of-N at every level")

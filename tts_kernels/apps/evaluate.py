@@ -1,12 +1,15 @@
-"""`tts-kernels eval`: a strategy at several budgets over a problem set, sharded over ranks, resumable.
+"""`tts-kernels eval`: strategies at several budgets over a problem set, sharded over ranks, resumable.
 
-    tts-kernels eval --out DIR [--data FILE.jsonl] [--strategy weighted_best_of_n] [--budgets 1,4,16]
-                     [--policy PATH] [--prm PATH] [--limit K] [--seed S] [--device cpu|cuda] ...
+    tts-kernels eval --out DIR [--data FILE.jsonl] [--strategies weighted_best_of_n] [--budgets 1,4,16]
+                     [--verifier likelihood|prm] [--policy PATH] [--verifier-model PATH] [--limit K] [--seed S]
+                     [--device cpu|cuda] ...
     torchrun --nproc_per_node N -m tts_kernels eval --out DIR ...
 
 Without ``--data`` it runs the first 100 bundled held-out arithmetic problems (``--limit K``: the
-first K) with the bundled small policy and PRM. With several nodes, ``--out`` must be on a
-filesystem every node sees (rank 0 merges all ranks' part files). Datasets: :mod:`tts_kernels.eval_data`; graders: :mod:`tts_kernels.grading`.
+first K) with the bundled small policy and the verifier ``--verifier`` names (as in ``demo``:
+``likelihood``, the default, or ``prm``; ``--verifier-model`` points it at another folder). With
+several nodes, ``--out`` must be on a filesystem every node sees (rank 0 merges all ranks' part
+files). Datasets: :mod:`tts_kernels.apps.eval_data`; graders: :mod:`tts_kernels.apps.grading`.
 
 Same results for any number of ranks, and after any number of restarts. The sampler's
 random stream depends on a row's place in its batch, so a problem's outputs depend on its
@@ -26,7 +29,9 @@ chunks not complete. At the end rank 0 merges the first complete copy of every c
 and ``DIR/scaling.png`` and prints the table. ``DIR/config.json`` (strategies, budgets, seed,
 chunk size, search settings, device type, model and dataset hashes, fields, limit, grader) is
 written by the first run; a later run with any of these changed is refused
-(:class:`ConfigMismatch`). Part files: :mod:`tts_kernels.eval_parts`.
+(:class:`ConfigMismatch`); a search setting that a folder's config lacks (added to
+:class:`~tts_kernels.search.Settings` after it was written) counts as equal when it has its
+default value, which is how the old run behaved. Part files: :mod:`tts_kernels.apps.eval_parts`.
 
 Per-record compute: a chunk's :class:`~tts_kernels.search.Compute` is spent on its problems
 together (shared prefill, batched decoding), so each record carries an even share of it
@@ -49,9 +54,13 @@ from pathlib import Path
 
 import torch
 
-from .eval_data import DatasetError, bundled_dataset, load_jsonl
+from .. import __version__, bundled
+from ..search import STRATEGIES, Settings, run, run_together
+from .eval_data import DatasetError, bundled_dataset, describe_bad, load_jsonl
 from .eval_parts import CommitTail, expected_keys, repair, scan
 from .grading import GRADERS, get_grader, grader_name
+from .options import add_strategies_argument, add_verifier_argument, parse_budgets, parse_strategies
+from .report import machine_info, plot_scaling, print_summary, summarize
 
 STOP_ENV = "TTS_EVAL_STOP_AFTER"
 BUNDLED_PROBLEMS = 100  # default held-out set; `--limit K` takes its first K (K > 100: more of the same stream)
@@ -69,21 +78,20 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(hashlib.sha256(f"tts-eval/{seed}/{chunk}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def add_arguments(ap) -> None:
-    from .search.strategies import STRATEGIES
+# --verifier name -> the HFPRM head it uses, and the bundled folder it reads by default.
+VERIFIER_HEADS = {"likelihood": ("likelihood", "policy-large"), "prm": ("classifier", "prm")}
 
+
+def add_arguments(ap) -> None:
     ap.add_argument("--out", required=True, help="directory for results.jsonl, summary.json, scaling.png (resumable)")
     ap.add_argument("--data", default=None, help="JSONL dataset (default: the bundled held-out arithmetic problems)")
-    ap.add_argument("--strategy", default="weighted_best_of_n",
-                    help=f"one of {', '.join(STRATEGIES)} (or a comma list); default weighted_best_of_n")
+    add_strategies_argument(ap, "weighted_best_of_n")
     ap.add_argument("--budgets", default="1,4,16", help="samples (or beams) per problem, comma list (default 1,4,16)")
     ap.add_argument("--policy", default=None, help="policy model folder (default: the bundled policy-small)")
-    ap.add_argument("--prm", default=None,
-                    help="verifier folder: a 2-label token classifier for --prm-head classifier (default: the bundled "
-                         "prm), a causal LM for --prm-head likelihood (default: the bundled policy-large)")
-    ap.add_argument("--prm-head", default="classifier", choices=("classifier", "likelihood"),
-                    help="how --prm scores a step: its 2-class head at the step's end, or its likelihood of the "
-                         "prefix (min token log-prob; HFPRM head='likelihood')")
+    add_verifier_argument(ap)
+    ap.add_argument("--verifier-model", "--prm", dest="verifier_model", default=None,
+                    help="verifier model folder: a causal LM for --verifier likelihood (default: the bundled "
+                         "policy-large), a 2-label token classifier for --verifier prm (default: the bundled prm)")
     ap.add_argument("--problem-field", default="problem", help="dataset field sent to the policy as is")
     ap.add_argument("--answer-field", default="answer")
     ap.add_argument("--id-field", default="id", help="dataset id field (missing: the 0-based line index)")
@@ -168,6 +176,10 @@ def check_config(out: Path, cfg: dict) -> None:
         raise ConfigMismatch(f"cannot read {path}: {exc}; use a new --out") from exc
     a = _flatten({k: v for k, v in old.items() if k != "info"})
     b = _flatten({k: v for k, v in json.loads(json.dumps(cfg)).items() if k != "info"})
+    defaults = _flatten({"settings": Settings().as_dict()})
+    for k, v in defaults.items():  # a setting added since the folder was written: the old run had its default
+        if k not in a and b.get(k) == v:
+            a[k] = v
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
     if diff:
         lines = [f"  {k}: {a.get(k, '<absent>')!r} in {path}, {b.get(k, '<absent>')!r} now" for k in diff]
@@ -181,7 +193,7 @@ def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .models import HFPRM, HFPolicy
+    from ..models import HFPRM, HFPolicy
 
     hf_logging.disable_progress_bar()  # its loading bars would cut through the eval bars
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device).eval()
@@ -190,7 +202,7 @@ def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm
     if prm_path is not None:
         auto = AutoModelForCausalLM if prm_head == "likelihood" else AutoModelForTokenClassification
         m = auto.from_pretrained(prm_path, dtype=torch.float32).to(device).eval()
-        prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head=prm_head, step_separator=settings.step_delimiter)
+        prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head=prm_head, step_delimiter=settings.step_delimiter)
     return policy, prm
 
 
@@ -200,17 +212,15 @@ def _score(s):
 
 def run_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed: int, grader):
     """Records (in problem, strategy, budget order) and the commit line of chunk ``c``."""
-    from .search.strategies import run_strategies
-
     prompts = [p.prompt for p in probs]
     runs, seconds, greedy = {}, {}, None
     for b in budgets:
         t0 = time.perf_counter()
         names = [s for s in strategies if s != "greedy"]
-        got = {} if not names else run_strategies(names, policy, prm, prompts, b, settings=settings,
-                                                  seed=chunk_seed(seed, c))
+        got = {} if not names else run_together(names, policy, prm, prompts, budget=b, settings=settings,
+                                                seed=chunk_seed(seed, c))
         if "greedy" in strategies:  # the budget does not change greedy decoding: run it once per chunk
-            greedy = greedy or run_strategies(["greedy"], policy, None, prompts, 1, settings=settings)["greedy"]
+            greedy = greedy or run("greedy", policy, None, prompts, budget=1, settings=settings)
             got["greedy"] = greedy
         seconds[str(b)] = round(time.perf_counter() - t0, 4)
         runs.update({(s, b): got[s] for s in strategies})
@@ -218,36 +228,30 @@ def run_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed: i
     for i, p in enumerate(probs):
         for s in strategies:
             for b in budgets:
-                run = runs[(s, b)]
-                o, comp = run.outcomes[i], dataclasses.asdict(run.compute)
+                res = runs[(s, b)]
+                pred, cands, comp = res.predictions[i], res.candidates[i], dataclasses.asdict(res.compute)
                 rec = {"id": p.id, "index": p.index, "chunk": c, "strategy": s, "budget": b,
-                       "prediction": o.prediction, "answer": p.answer, "correct": bool(grader(o.prediction, p.answer)),
-                       "answers": list(o.answers), "scores": [_score(x) for x in o.scores],
-                       "samples": run.samples / P,
+                       "prediction": pred, "answer": p.answer, "correct": bool(grader(pred, p.answer)),
+                       "answers": [x.answer for x in cands], "scores": [_score(x.score) for x in cands],
+                       "samples": res.samples / P,
                        "policy_tokens": (comp["policy_prefill_tokens"] + comp["policy_generated_tokens"]) / P,
                        "prm_tokens": comp["prm_tokens"] / P, "policy_flops": comp["policy_flops"] / P,
                        "prm_flops": comp["prm_flops"] / P,
-                       "chunk_compute": {**comp, "samples": run.samples, "problems": P}}
-                if o.info:
-                    rec["info"] = o.info
+                       "chunk_compute": {**comp, "samples": res.samples, "problems": P}}
+                if res.prompt_info[i]:
+                    rec["info"] = res.prompt_info[i]
                 records.append(rec)
     return records, {"chunk_done": c, "problems": P, "records": len(records), "seconds": seconds}
 
 
 def _parse_args(args):
-    from .demo import parse_budgets
-    from .search.strategies import NEEDS_PRM, STRATEGIES
-
     budgets = parse_budgets(args.budgets)
-    strategies = list(dict.fromkeys(s.strip() for s in args.strategy.split(",") if s.strip()))
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if not strategies or bad:
-        raise SystemExit(f"--strategy: unknown {bad or strategies}; choose from {', '.join(STRATEGIES)}")
+    strategies = parse_strategies(args.strategies)
     for name in ("limit", "chunk_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    return strategies, budgets, any(s in NEEDS_PRM for s in strategies)
+    return strategies, budgets, any(STRATEGIES[s].needs_verifier for s in strategies)
 
 
 def main(args) -> int:
@@ -269,10 +273,6 @@ def main(args) -> int:
 def _run(args, dist: _Dist) -> int:
     from tqdm.auto import tqdm
 
-    from . import __version__
-    from .models import bundled
-    from .search.strategies import SearchSettings
-
     t_start = time.perf_counter()
     strategies, budgets, needs_prm = _parse_args(args)
     if args.data:
@@ -282,24 +282,23 @@ def _run(args, dist: _Dist) -> int:
         data = bundled_dataset(max(BUNDLED_PROBLEMS, args.limit or 0), args.limit)
     rank0 = dist.rank == 0
     if data.skipped and rank0:
-        from .eval_data import describe_bad
-
         print(f"skipping {describe_bad(data.skipped, data.source)}", file=sys.stderr)
     try:
         grader = get_grader(args.grader, [p.answer for p in data.problems])
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"--grader: {exc}") from None
     policy_path = Path(args.policy) if args.policy else bundled.path("policy-small")
-    default_prm = bundled.path("policy-large" if args.prm_head == "likelihood" else "prm")
-    prm_path = (Path(args.prm) if args.prm else default_prm) if needs_prm else None
+    prm_head, default_folder = VERIFIER_HEADS[args.verifier]
+    prm_path = (Path(args.verifier_model) if args.verifier_model else bundled.path(default_folder)) if needs_prm \
+        else None
     for p in (policy_path, prm_path):
         if p is not None and not (p / "config.json").is_file():
             raise FileNotFoundError(f"no model folder (config.json) at {p}")
-    settings = SearchSettings()
+    settings = Settings()
     cfg = {"format": FORMAT, "strategies": strategies, "budgets": budgets, "seed": args.seed,
-           "chunk_size": args.chunk_size, "settings": dataclasses.asdict(settings), "device": args.device,
+           "chunk_size": args.chunk_size, "settings": settings.as_dict(), "device": args.device,
            "dtype": "float32", "grader": grader_name(grader), "policy_sha256": _digest(policy_path),
-           "prm_sha256": _digest(prm_path) if prm_path else None, "prm_head": args.prm_head if prm_path else None,
+           "prm_sha256": _digest(prm_path) if prm_path else None, "prm_head": prm_head if prm_path else None,
            "dataset": {"sha256": data.sha256, "problems": len(data.problems), "problem_field": args.problem_field,
                        "answer_field": args.answer_field, "id_field": args.id_field, "limit": args.limit,
                        "skip_bad": args.skip_bad},
@@ -341,7 +340,7 @@ def _run(args, dist: _Dist) -> int:
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
     written = 0
     if mine:
-        policy, prm = _load_models(policy_path, prm_path, dist.device, settings, args.prm_head)
+        policy, prm = _load_models(policy_path, prm_path, dist.device, settings, prm_head)
         with open(mine_path, "a", encoding="utf-8") as f:
             for c in mine:
                 records, commit = run_chunk(c, chunks[c], strategies, budgets, policy, prm, settings, args.seed, grader)
@@ -378,9 +377,6 @@ def _run(args, dist: _Dist) -> int:
 
 def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path, world, timing, skipped):
     """Rank 0: merge the parts into results.jsonl, then summary.json, the table and scaling.png."""
-    from .cli import machine_info
-    from .demo import print_summary, summarize
-
     complete = scan(parts, expected)
     missing = [c for c in range(len(chunks)) if c not in complete]
     if missing:
@@ -417,6 +413,4 @@ def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path,
 
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against budget and against FLOPs per problem, one line per strategy."""
-    from .demo import plot_scaling
-
     plot_scaling(rows, path, f"tts-kernels eval: {rows[0]['model']} policy, {rows[0]['problems']} problems")

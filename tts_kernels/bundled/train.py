@@ -1,4 +1,4 @@
-"""Train the bundled models: ``python -m tts_kernels.models.train [--out DIR] [--seed 0]``.
+"""Train the bundled models: ``python -m tts_kernels.bundled.train [--out DIR] [--seed 0]``.
 
 Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--help``):
 
@@ -6,7 +6,7 @@ Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--hel
    per token, a blank line always one token; saved as a transformers fast tokenizer
    (``AutoTokenizer.from_pretrained``) in every model folder.
 2. **policy-small** (3 layers) and **policy-large** (4 layers, more steps): transformers
-   Llama causal LMs trained on reference solutions of :mod:`~tts_kernels.models.arith`
+   Llama causal LMs trained on reference solutions of :mod:`~tts_kernels.bundled.arith`
    train problems (loss on the solution tokens only). The small one is trained briefly on
    purpose: right often but far from always at greedy decoding, so search has room to
    help. (Arithmetic is learnt in a sudden jump somewhere between ~700 and ~1000 steps at
@@ -14,7 +14,7 @@ Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--hel
 3. **prm**: a Llama token classifier (2 classes) initialised from policy-large's
    transformer, trained at step ends on solutions *sampled* from policy-small (with
    ``tts_kernels``' own batched sampler) plus reference solutions, each step labelled
-   automatically by :func:`~tts_kernels.models.arith.check_steps` (Math-Shepherd style:
+   automatically by :func:`~tts_kernels.bundled.arith.check_steps` (Math-Shepherd style:
    good iff the prefix can still reach the right answer), never by hand. Known defect: it
    learns little more than the label base rate (it ranks the small policy's right and wrong
    answers about at random), so the demo's default verifier is policy-large's likelihood
@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 from . import arith
-from .prm import split_steps
+from ..models.text import split_steps
+from ..search.best_of_n import sample_completions
 
-BUNDLED = Path(__file__).resolve().parent / "bundled"
+BUNDLED = Path(__file__).resolve().parent / "weights"
 
 # Model shapes: (hidden, intermediate, layers, heads). Small enough to train on 2 CPU cores.
 SHAPES = {"policy-small": (128, 352, 3, 4), "policy-large": (128, 352, 4, 4)}
@@ -116,7 +117,7 @@ def corrupted_solution(problem, rng: random.Random) -> list[str]:
             v += rng.choice((-1, 1)) * rng.randint(1, 3)
         steps.append(f"{a} {sign} {n} = {v}")
     steps.append(f"The answer is {v}")
-    return [s + arith.STEP_SEPARATOR for s in steps[:-1]] + [steps[-1]]
+    return [s + arith.STEP_DELIMITER for s in steps[:-1]] + [steps[-1]]
 
 
 def _batch(examples, pad_id):
@@ -174,8 +175,7 @@ def save(model, tokenizer, path: Path, info: dict) -> None:
 def sampled_prm_data(policy_model, tokenizer, problems, *, samples: int, temperature: float, seed: int,
                      max_new_tokens: int):
     """PRM examples from ``samples`` sampled solutions per problem, labelled by ``check_steps``."""
-    from ..search.best_of_n import sample_completions
-    from .policy import HFPolicy
+    from ..models.policy import HFPolicy
 
     policy = HFPolicy(policy_model, tokenizer)
     out, good, total = [], 0, 0
@@ -186,7 +186,7 @@ def sampled_prm_data(policy_model, tokenizer, problems, *, samples: int, tempera
                                             temperature=temperature, seed=seed + i)
         for p, row in zip(part, texts):
             for text in row:
-                steps = split_steps(text, arith.STEP_SEPARATOR)
+                steps = split_steps(text, arith.STEP_DELIMITER)
                 if not steps:
                     continue
                 labels = arith.check_steps(p, text)
@@ -197,7 +197,7 @@ def sampled_prm_data(policy_model, tokenizer, problems, *, samples: int, tempera
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tts_kernels.models.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tts_kernels.bundled.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(BUNDLED), help="where the model folders go (default: the package's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     ref = []
     for p in problems[args.prm_problems: 2 * args.prm_problems]:
-        for steps in (split_steps(p.solution, arith.STEP_SEPARATOR), corrupted_solution(p, rng)):
+        for steps in (split_steps(p.solution, arith.STEP_DELIMITER), corrupted_solution(p, rng)):
             ref.append(prm_example(tokenizer, p.prompt, steps, arith.check_steps(p, "".join(steps))))
     print(f"prm data: {len(data)} sampled solutions ({good_frac:.0%} good steps) + {len(ref)} reference and "
           f"one-slip solutions, {time.perf_counter() - t0:.0f} s", flush=True)

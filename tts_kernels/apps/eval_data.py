@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import bundled
+
 __all__ = ["EvalProblem", "Dataset", "DatasetError", "load_jsonl", "bundled_dataset", "MAX_REPORTED"]
 
 MAX_REPORTED = 20  # problems listed in an error message; the rest are counted
@@ -118,8 +120,6 @@ def load_jsonl(path, *, problem_field: str = "problem", answer_field: str = "ans
 def bundled_dataset(n: int = 100, limit: int | None = None) -> Dataset:
     """The bundled held-out arithmetic problems (``bundled.test_problems(n)``), first ``limit`` of them:
     id = ``Problem.id``, prompt = ``Problem.prompt``, answer = the integer answer."""
-    from .models import bundled
-
     problems = bundled.test_problems(n)[:limit]
     out = [EvalProblem(i, 0, p.id, p.prompt, p.answer) for i, p in enumerate(problems)]
     blob = json.dumps([[p.id, p.prompt, p.answer] for p in out]).encode()

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
+from .. import HAS_C
+from ..bench import beam_topk as bt
+from ..bench import best_of_n as bon
+from ..bench import kv_reorder as kv
+from ..bench.beam_search import make_model
+from ..search import beam_search
+from .report import machine_info, print_table
+
 
 def main(args) -> int:
-    from . import HAS_C
-    from .bench import beam_topk as bt
-    from .bench.beam_search import make_model
-    from .bench import kv_reorder as kv
-    from .cli import machine_info, print_table
-    from .search import beam_search
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"tts-kernels check  (compiled kernels: {HAS_C}, threads: {torch.get_num_threads()})")
@@ -57,8 +58,6 @@ def main(args) -> int:
     rows = bt.run("cpu", shapes=bt.CPU_SHAPES[:1] if args.quick else bt.CPU_SHAPES[1:2], dtypes=("fp32",),
                   rounds=3)
     rows += kv.run("cpu", rounds=3)
-    from .bench import best_of_n as bon
-
     bon_rows = bon.run("cpu", n_values=(16,), prompt_len=128, max_new_tokens=16, hidden=128, layers=2, rounds=1)
     for r in bon_rows:
         print(f"\nbest-of-N with a PRM ({r['shape']}): {r['peer_ms']:.0f} ms the transformers way "

@@ -7,49 +7,26 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 
-COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("device", "device"), ("peer_ms", "peer ms"),
-           ("ours_ms", "ours ms"), ("ratio", "ratio"), ("gbs", "GB/s"), ("floor_pct", "% floor")]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
-    return "-" if v is None else str(v)
-
-
-def print_table(rows: list[dict], file=sys.stdout) -> None:
-    cells = [[h for _, h in COLUMNS]] + [[_fmt(r.get(k)) for k, _ in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    for j, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)), file=file)
-        if j == 0:
-            print("  ".join("-" * w for w in widths), file=file)
-    file.flush()
-
-
-def machine_info() -> dict:
-    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
+from .. import _ext
+from ..bench import beam_search as bs
+from ..bench import beam_topk as bt
+from ..bench import best_of_n as bon
+from ..bench import kv_fork as kf
+from ..bench import kv_reorder as kv
+from ..bench import paged_attention as pa
+from ..bench import sample as sp
+from . import check as check_app
+from . import demo as demo_app
+from . import evaluate as eval_app
+from .report import COLUMNS, machine_info, print_table
 
 def bench(args) -> int:
-    from . import _ext
-    from .bench import beam_topk as bt
-    from .bench import kv_reorder as kv
-    from .bench import paged_attention as pa
-    from .bench import sample as sp
-
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
     rows: list[dict] = []
     rounds = 3 if args.quick else 5
@@ -75,17 +52,11 @@ def bench(args) -> int:
         section("paged_attention", dev, pa.run, rounds=rounds, **pa_kw)
         sp_kw = dict(shapes=[(4, 128256)], dtypes=("fp32",), iters=3) if args.quick else {}
         section("sample", dev, sp.run, rounds=rounds, **sp_kw)
-    from .bench import kv_fork as kf
-
     for dev in devices:
         section("kv_fork", dev, kf.run, quick=args.quick, with_model=not args.skip_search)
     if not args.skip_search:
-        from .bench import beam_search as bs
-
         for dev in devices:
             section("beam_search", dev, bs.run, quick=args.quick)
-        from .bench import best_of_n as bon
-
         for dev in devices:  # one N (benchmarks/bench_best_of_n.py runs N = 16 and 64)
             section("best_of_n", dev, bon.run, quick=args.quick, n_values=(64,), rounds=1)
     print_table(rows)
@@ -101,25 +72,8 @@ def bench(args) -> int:
     return 0
 
 
-def demo(args) -> int:
-    from .demo import main as demo_main
-
-    return demo_main(args)
-
-
-def check(args) -> int:
-    from .check import main as check_main
-
-    return check_main(args)
-
-
-def evaluate(args) -> int:
-    from .evaluate import main as eval_main
-
-    return eval_main(args)
-
-
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The ``tts-kernels`` argument parser, one subcommand per job."""
     ap = argparse.ArgumentParser(prog="tts-kernels", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="time every op against its peer on this machine")
@@ -129,22 +83,22 @@ def main(argv=None) -> int:
     b.add_argument("--skip-search", action="store_true",
                    help="skip the end-to-end benchmarks (beam_search, best_of_n, best-of-N set-up)")
     b.set_defaults(fn=bench)
-    from .demo import add_arguments
-
     d = sub.add_parser("demo", help="the main job: test-time scaling of every strategy on the bundled models")
-    add_arguments(d)
-    d.set_defaults(fn=demo)
+    demo_app.add_arguments(d)
+    d.set_defaults(fn=demo_app.main)
     c = sub.add_parser("check", help="beam search checked against transformers generate(), best-of-N vs its recipe")
     c.add_argument("--out", default="check_out")
     c.add_argument("--quick", action="store_true")
-    c.set_defaults(fn=check)
-    from . import evaluate as ev
+    c.set_defaults(fn=check_app.main)
+    e = sub.add_parser("eval", help="strategies at several budgets over a dataset: sharded over torchrun ranks, "
+                                    "resumable", description=eval_app.__doc__.split("\n\n")[0])
+    eval_app.add_arguments(e)
+    e.set_defaults(fn=eval_app.main)
+    return ap
 
-    e = sub.add_parser("eval", help="a strategy at several budgets over a dataset: sharded over torchrun ranks, "
-                                    "resumable", description=ev.__doc__.split("\n\n")[0])
-    ev.add_arguments(e)
-    e.set_defaults(fn=evaluate)
-    args = ap.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     return args.fn(args)
 
 

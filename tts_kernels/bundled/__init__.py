@@ -1,6 +1,10 @@
-"""The bundled models: a small and a larger policy and a PRM for the arithmetic task.
+"""The bundled task and models: arithmetic word problems (:mod:`.arith`), a small and a larger
+policy and a PRM for them, and the script that trains them (:mod:`.train`).
 
-They were trained by ``python -m tts_kernels.models.train`` (settings, seed, losses and
+Importing this package or :mod:`.arith` imports neither transformers nor the model adapters;
+the loaders below do, when called.
+
+The models were trained by ``python -m tts_kernels.bundled.train`` (settings, seed, losses and
 time in each folder's ``training.json``) and ship in the package as transformers model
 folders (``config.json``, ``model.safetensors``, tokenizer files), so plain
 ``from_pretrained(path)`` loads them too::
@@ -17,7 +21,7 @@ import torch
 
 from . import arith
 
-ROOT = Path(__file__).resolve().parent / "bundled"
+ROOT = Path(__file__).resolve().parent / "weights"
 NAMES = ("policy-small", "policy-large", "prm")
 TEST_SEED = 1234  # the held-out problems the demo and `eval` use by default
 
@@ -28,7 +32,7 @@ def path(name: str, root: str | Path | None = None) -> Path:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     p = Path(root or ROOT) / name
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"no bundled model at {p}; train one with `python -m tts_kernels.models.train`")
+        raise FileNotFoundError(f"no bundled model at {p}; train one with `python -m tts_kernels.bundled.train`")
     return p
 
 
@@ -42,7 +46,7 @@ def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.flo
     """An :class:`~tts_kernels.models.HFPolicy` over ``policy-{size}`` (``"small"`` or ``"large"``)."""
     from transformers import AutoModelForCausalLM
 
-    from .policy import HFPolicy
+    from ..models.policy import HFPolicy
 
     if size not in ("small", "large"):
         raise ValueError(f"size must be 'small' or 'large', got {size!r}")
@@ -58,11 +62,11 @@ def load_prm(*, device="cpu", root=None, dtype=torch.float32):
     is the verifier that works."""
     from transformers import AutoModelForTokenClassification
 
-    from .prm import HFPRM
+    from ..models.prm import HFPRM
 
     p = path("prm", root)
     model = AutoModelForTokenClassification.from_pretrained(p, dtype=dtype).to(device).eval()
-    return HFPRM(model, load_tokenizer("prm", root), head="classifier", step_separator=arith.STEP_SEPARATOR)
+    return HFPRM(model, load_tokenizer("prm", root), head="classifier", step_delimiter=arith.STEP_DELIMITER)
 
 
 VERIFIERS = ("likelihood", "prm")
@@ -80,10 +84,10 @@ def load_verifier(kind: str = "likelihood", *, device="cpu", root=None, dtype=to
         return load_prm(device=device, root=root, dtype=dtype)
     if kind != "likelihood":
         raise ValueError(f"kind must be one of {VERIFIERS}, got {kind!r}")
-    from .prm import HFPRM
+    from ..models.prm import HFPRM
 
     large = load_policy("large", device=device, root=root, dtype=dtype)
-    return HFPRM(large.model, large.tokenizer, head="likelihood", reduce=reduce, step_separator=arith.STEP_SEPARATOR)
+    return HFPRM(large.model, large.tokenizer, head="likelihood", reduce=reduce, step_delimiter=arith.STEP_DELIMITER)
 
 
 def test_problems(n: int = 100, *, seed: int = TEST_SEED, levels=tuple(arith.LEVELS)) -> list[arith.Problem]:

@@ -34,7 +34,7 @@ import random
 import re
 from dataclasses import dataclass
 
-STEP_SEPARATOR = "\n\n"
+STEP_DELIMITER = "\n\n"
 
 NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ian", "Jo", "Kai", "Lea", "Max", "Nia",
          "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara")
@@ -74,7 +74,7 @@ class Problem:
     @property
     def prompt(self) -> str:
         """What the policy and the PRM see before the solution."""
-        return self.question + STEP_SEPARATOR
+        return self.question + STEP_DELIMITER
 
     @property
     def steps(self) -> list[str]:
@@ -85,7 +85,7 @@ class Problem:
 
     @property
     def solution(self) -> str:
-        return STEP_SEPARATOR.join(self.steps)
+        return STEP_DELIMITER.join(self.steps)
 
     @property
     def split(self) -> str:
@@ -145,7 +145,7 @@ def check_steps(problem: Problem, solution: str) -> list[bool]:
     """Automatic per-step labels of ``solution`` (any text, e.g. a sampled one): step ``k`` is good
     iff steps ``1..k`` are all right (see the module docstring). Steps are split on blank lines;
     a step after the final answer, or a missing or extra equation, is bad."""
-    steps = [s for s in solution.split(STEP_SEPARATOR) if s.strip()]
+    steps = [s for s in solution.split(STEP_DELIMITER) if s.strip()]
     values = problem.values
     labels, ok = [], True
     for k, step in enumerate(steps):

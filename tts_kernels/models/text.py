@@ -1,0 +1,15 @@
+"""How a completion's text becomes steps: one rule for the verifiers and every search.
+
+Imports nothing heavy (no transformers), so the search layer uses it freely.
+"""
+from __future__ import annotations
+
+
+def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:
+    """Steps of a completion: the pieces between delimiters, the delimiter kept at the end of
+    each step but the last; pieces that are only whitespace are dropped."""
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ValueError(f"delimiter must be a non-empty string, got {delimiter!r}")
+    parts = text.split(delimiter)
+    steps = [p + delimiter for p in parts[:-1]] + [parts[-1]]
+    return [s for s in steps if s.strip()]

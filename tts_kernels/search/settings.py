@@ -1,0 +1,103 @@
+"""``Settings``: the generation and search settings of every strategy, under one set of names.
+
+The same names are used by :func:`~tts_kernels.search.run`, by every driver's keyword
+overrides (``best_of_n(..., temperature=0.7)`` is ``settings=replace(settings, temperature=0.7)``),
+by the demo and eval configs, and by the server's request fields. A strategy reads the
+fields it needs and ignores the rest (each field says who reads it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+AGGREGATES = ("last", "min", "prod", "mean")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation and search settings shared by every strategy.
+
+    Attributes:
+        temperature: sampling temperature (0: greedy). All strategies but ``greedy``.
+        top_p, top_k, min_p: nucleus, top-k (0: off) and min-p filters, in transformers' order.
+        max_new_tokens: tokens of a whole completion (sampling strategies; the last iteration
+            of a step-level search, which generates to the end).
+        max_step_tokens: tokens of one step of a step-level search.
+        num_iterations: steps of a step-level search (the last one generates to the end).
+        beam_width: step-level searches: a beam search keeps ``budget // beam_width`` beams and
+            expands each ``beam_width`` ways; DVTS grows ``budget // beam_width`` subtrees.
+        agg: how step scores fold into a candidate's score: ``last``, ``min``, ``prod``, ``mean``.
+        step_delimiter: what ends a step. Every search splits text into steps with it (the
+            verifier scores exactly those steps), so it is the one definition of a step.
+        lookahead: ``prm_beam_search``: rank beams by their score after this many more greedy
+            steps (rolled out on clones, then thrown away).
+        sync_every: decode steps between host looks (stop checks, dropping finished rows).
+            Part of the random stream's layout: another value gives another (equally valid) sample.
+        stop: strings that end a completion (kept in its text), besides EOS. Sampling strategies.
+        levels: ``compute_optimal``: difficulty levels.
+    """
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 96
+    max_step_tokens: int = 24
+    num_iterations: int = 8
+    beam_width: int = 4
+    agg: str = "last"
+    step_delimiter: str = "\n\n"
+    lookahead: int = 0
+    sync_every: int = 8
+    stop: tuple[str, ...] = ()
+    levels: int = 4
+
+    def __post_init__(self):
+        def number(name, ok, rule, kind=float):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+                raise TypeError(f"Settings.{name} must be {'a number' if kind is float else 'an int'}, "
+                                f"got {type(v).__name__}")
+            if not ok(v):
+                raise ValueError(f"Settings.{name} must be {rule}, got {v!r}")
+
+        number("temperature", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
+        number("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        number("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+        number("top_k", lambda v: v >= 0, ">= 0 (0: off)", int)
+        for name in ("max_new_tokens", "max_step_tokens", "num_iterations", "beam_width", "sync_every", "levels"):
+            number(name, lambda v: v >= 1, ">= 1", int)
+        number("lookahead", lambda v: v >= 0, ">= 0", int)
+        if self.agg not in AGGREGATES:
+            raise ValueError(f"Settings.agg must be one of {AGGREGATES}, got {self.agg!r}")
+        if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
+            raise ValueError(f"Settings.step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
+        stop = self.stop
+        if isinstance(stop, str) or not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s
+                                                                                   for s in stop):
+            raise ValueError(f"Settings.stop must be a list of non-empty strings, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+
+    def replace(self, **changes) -> Settings:
+        """A copy with ``changes`` (Settings names only; an unknown name is a ``TypeError`` naming it)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad:
+            raise TypeError(f"unknown setting(s) {bad}; Settings has {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """Plain JSON-able values (``stop`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+def resolve(settings: Settings | None, overrides: dict) -> Settings:
+    """``settings`` (default ``Settings()``) with keyword ``overrides`` applied."""
+    if settings is None:
+        settings = Settings()
+    elif not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a tts_kernels.search.Settings, got {type(settings).__name__}")
+    return settings.replace(**overrides) if overrides else settings

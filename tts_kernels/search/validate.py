@@ -1,0 +1,21 @@
+"""Argument checks shared by the search drivers (run before any model state is created)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..ops._validate import check_int as _check_int
+
+
+def check_prompts(prompts) -> list[str]:
+    """``prompts`` as a list: a non-empty sequence of strings (a bare string is refused)."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {type(prompts).__name__}")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}")
+    return list(prompts)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int (not bool) of at least ``minimum``; the error names ``name``."""
+    return _check_int(name, value, minimum=minimum)
