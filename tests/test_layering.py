@@ -59,7 +59,8 @@ def imports(mod: str) -> set[str]:
         else:
             continue
         for t in targets:
-            while t and t not in MODULES and t not in COMPILED and "." in t:  # tts_kernels._C (compiled) or a module's attribute
+            # A name imported from a module (not a module itself): the module it lives in.
+            while t and t not in MODULES and t not in COMPILED and "." in t:
                 t = t.rpartition(".")[0]
             if t in MODULES and t != mod and t not in COMPILED:
                 out.add(t)

@@ -34,7 +34,7 @@ def test_sampling_strategies_share_one_best_of_n_run(models):
                     extract=extract)
     for res in got.values():
         assert res.compute == ref.compute and res.samples == 4 * len(PROMPTS) and res.budget == 4
-        assert [[c.answer for c in row] for row in res.candidates] == [[c.answer for c in row] for row in ref.candidates]
+        assert [[c.answer for c in r] for r in res.candidates] == [[c.answer for c in r] for r in ref.candidates]
         assert [[c.score for c in row] for row in res.candidates] == [[c.score for c in row] for row in ref.candidates]
     # run() of one of them alone gives the same as its share of the group run.
     alone = run("weighted_best_of_n", policy, prm, PROMPTS, budget=4, settings=S, seed=3, extract=extract)
@@ -60,7 +60,7 @@ def test_step_searches(models, name, search, rule):
     ref = search(policy, prm, PROMPTS, n=4, beam_width=2, num_iterations=2, step_delimiter="e", max_step_tokens=8,
                  max_new_tokens=10, temperature=1.0, seed=5, extract=extract)
     assert got.predictions == ref.predictions
-    assert [[c.answer for c in done] for done in got.candidates] == [[c.answer for c in done] for done in ref.candidates]
+    assert [[c.answer for c in r] for r in got.candidates] == [[c.answer for c in r] for r in ref.candidates]
     assert got.compute == ref.compute and got.strategy == name
     # Each strategy picks its own prediction: beam search the best candidate, DVTS the weighted vote.
     again = search(policy, prm, PROMPTS, n=4, select=rule, settings=S, seed=5, extract=extract)

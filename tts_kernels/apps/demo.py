@@ -7,10 +7,10 @@ training) the small bundled policy runs every registered strategy
 (:data:`tts_kernels.search.STRATEGIES`: majority vote, best-of-N, weighted best-of-N, PRM
 beam search, DVTS, compute-optimal search, adaptive (allocation-only) best-of-N, and any
 strategy registered since) at each budget through :func:`tts_kernels.search.run_together`,
-guided by the chosen verifier; both policies run greedy as reference lines. It prints accuracy against budget and against the compute
-actually spent (policy and PRM tokens, FLOPs), states what the numbers show, and
-writes ``results.jsonl`` (one line per problem, strategy and budget),
-``summary.json`` and ``scaling.png`` under ``--out``.
+guided by the chosen verifier; both policies run greedy as reference lines. It prints
+accuracy against budget and against the compute actually spent (policy and PRM tokens,
+FLOPs), states what the numbers show, and writes ``results.jsonl`` (one line per problem,
+strategy and budget), ``summary.json`` and ``scaling.png`` under ``--out``.
 """
 from __future__ import annotations
 

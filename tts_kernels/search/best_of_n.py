@@ -171,9 +171,9 @@ def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settin
     cands = [[Candidate(text=texts[p][j], answer=extract(texts[p][j]), score=scores[p][j], finish=fins[p][j],
                         steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j])
               for j in range(n)] for p in range(P)]
-    compute = Compute(policy_prefill_tokens=stats["prefill"], policy_generated_tokens=sum(len(x) for r in ids for x in r),
-                      prm_tokens=prm_tokens, policy_flops=count_flops(policy.model, forward_tokens, stats["keys"]),
-                      prm_flops=prm_flops)
+    generated = sum(len(x) for row in ids for x in row)
+    compute = Compute(policy_prefill_tokens=stats["prefill"], policy_generated_tokens=generated, prm_tokens=prm_tokens,
+                      policy_flops=count_flops(policy.model, forward_tokens, stats["keys"]), prm_flops=prm_flops)
     return cands, compute, forward_tokens
 
 
