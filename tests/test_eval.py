@@ -1,16 +1,20 @@
-"""`tts-kernels eval`: sharded runs equal one process, killed runs resume to the same results, bad input is refused.
+"""`tts-kernels eval`: sharded runs equal one process, killed runs resume to the same results, bad input is refused,
+and a folder has one writer at a time.
 
 Runs are small (6 bundled problems in chunks of 2, budgets 1 and 2, majority and weighted
 best-of-N sharing one sampling run). Single-process runs go through ``cli.main`` in this
-process (on one thread, as torchrun gives each rank); the 2-rank and killed runs are child
-processes.
+process (on one thread, as torchrun gives each rank); the 2-rank, killed and held runs are
+child processes.
 """
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,8 @@ import torch
 from tts_kernels import bundled
 from tts_kernels.apps import cli
 from tts_kernels.apps.eval_data import MAX_REPORTED, DatasetError, load_jsonl
-from tts_kernels.apps.evaluate import STOP_ENV, chunk_seed
+from tts_kernels.apps.eval_lock import LOCK_NAME, FolderBusy, acquire
+from tts_kernels.apps.evaluate import PAUSE_ENV, STOP_ENV, chunk_seed
 from tts_kernels.bundled import arith
 from tts_kernels.search import Settings
 
@@ -51,6 +56,29 @@ def run_child(out, *extra, nproc=1, env=None) -> subprocess.CompletedProcess:
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([*launch, "-m", "tts_kernels", "eval", "--out", str(out), *COMMON, *extra],
                           capture_output=True, text=True, cwd=ROOT, env=e, timeout=300)
+
+
+def start_child(out, log, *extra, env=None) -> subprocess.Popen:
+    """A single-process eval left running (stdout and stderr go to the file ``log``)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "tts_kernels", "eval", "--out", str(out), *COMMON, *extra],
+                                stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=e)
+
+
+def wait_for_records(part, k, proc, log, timeout=240):
+    """Until ``part`` holds ``k`` lines (``proc`` paused there by ``TTS_EVAL_PAUSE_AFTER``)."""
+    deadline = time.monotonic() + timeout
+    while not (part.exists() and len(part.read_text().splitlines()) >= k):
+        assert proc.poll() is None, f"exited {proc.returncode}:\n{Path(log).read_text()}"
+        assert time.monotonic() < deadline, Path(log).read_text()
+        time.sleep(0.1)
+
+
+def snapshot(folder) -> dict:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def lines(path) -> list[dict]:
@@ -111,6 +139,8 @@ def test_killed_run_resumes_to_the_same_results(reference, tmp_path):
     killed = lines(part)
     assert len(killed) == stop + 1 and [r["chunk_done"] for r in killed if "chunk_done" in r] == [0]
     assert not (tmp_path / "results.jsonl").exists()
+    stale = json.loads((tmp_path / LOCK_NAME).read_text())  # the dead run's note: it blocks nothing
+    assert stale["pid"] != os.getpid()
 
     assert run_here(tmp_path) == 0
     assert (tmp_path / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
@@ -268,3 +298,73 @@ def test_greedy_and_a_step_search_together(tmp_path):
     assert all(r["samples"] == 1 and r["prm_tokens"] == 0 and len(r["answers"]) == 1 for r in greedy)
     assert [r["prediction"] for r in greedy if r["budget"] == 1] == [r["prediction"] for r in greedy
                                                                        if r["budget"] == 2]
+
+
+def test_second_writer_is_refused_while_the_first_runs(reference, tmp_path):
+    out, go, log = tmp_path / "out", tmp_path / "go", tmp_path / "first.log"
+    part, held = out / "parts" / "rank-0-of-1.jsonl", RECORDS_PER_CHUNK + 3  # 3 records into chunk 1
+    first = start_child(out, log, env={PAUSE_ENV: f"{held}:{go}"})
+    try:
+        wait_for_records(part, held, first, log)
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid
+        before = snapshot(out)
+        res = run_child(out)  # a second process on the same folder, same flags
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"tts-kernels eval: error: {out} is in use by another tts-kernels eval (pid {first.pid} on host " \
+               in res.stderr and "use another --out" in res.stderr
+        res = run_child(out, nproc=2)  # a 2-rank job: rank 0 is refused, every rank exits, none hangs
+        assert res.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", res.stderr), res.stdout + res.stderr
+        assert res.stderr.count(f"is in use by another tts-kernels eval (pid {first.pid} ") == 1
+        assert snapshot(out) == before  # the refused runs changed nothing, the first is still paused
+        assert first.poll() is None
+        go.touch()
+        assert first.wait(timeout=300) == 0, log.read_text()
+    finally:
+        go.touch()
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert (out / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
+    assert [r["chunk_done"] for r in lines(part) if "chunk_done" in r] == [0, 1, 2]
+    assert len(lines(part)) == 3 * (RECORDS_PER_CHUNK + 1)  # nothing from the refused runs
+    assert (out / LOCK_NAME).read_text() == ""  # released
+    assert run_here(out) == 0  # the folder is free again
+
+
+def test_killed_writer_leaves_no_lock(reference, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    part, held = out / "parts" / "rank-0-of-1.jsonl", RECORDS_PER_CHUNK + 3
+    first = start_child(out, log, env={PAUSE_ENV: f"{held}:{tmp_path / 'never'}"})
+    try:
+        wait_for_records(part, held, first, log)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    # The lock file stays and still names the dead process; the lock went with it.
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == first.pid
+    assert run_here(out) == 0
+    assert (out / "results.jsonl").read_text() == (reference / "results.jsonl").read_text()
+
+
+def test_lock_file(tmp_path, capsys):
+    # Held by this process: another open of the same file is refused, naming this pid, and writes nothing.
+    out = tmp_path / "out"
+    out.mkdir()
+    with acquire(out) as lock:
+        assert lock.held and json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(FolderBusy, match=f"{out} is in use by another tts-kernels eval \\(pid {os.getpid()} "):
+            acquire(out)
+        before = snapshot(out)
+        assert run_here(out) == 2
+        assert f"{out} is in use by another tts-kernels eval (pid {os.getpid()} on host" in capsys.readouterr().err
+        assert snapshot(out) == before and not (out / "parts").exists() and not (out / "config.json").exists()
+    assert (out / LOCK_NAME).read_text() == ""
+
+    # A stale lock file (its pid dead, no lock held) or a garbled one blocks nothing; the new holder rewrites it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for text in (json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "long ago"}), "{garbage"):
+        (out / LOCK_NAME).write_text(text)
+        with acquire(out):
+            assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()

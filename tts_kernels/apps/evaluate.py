@@ -38,11 +38,23 @@ together (shared prefill, batched decoding), so each record carries an even shar
 (``policy_tokens``, ``prm_tokens``, ``policy_flops``, ``prm_flops``, ``samples``: chunk total /
 problems in the chunk) and the chunk's totals in ``chunk_compute``. Sums over a run are exact.
 
-Test hook: ``TTS_EVAL_STOP_AFTER=K`` makes a process exit (status 3, like a kill) right after
-writing its K-th record.
+One writer per folder. Two runs writing one ``DIR`` at once would interleave their part files,
+so rank 0 locks the folder (:mod:`tts_kernels.apps.eval_lock`: an OS ``flock`` on ``DIR/eval.lock``)
+after the dataset and models are checked (a bad dataset still leaves no ``DIR``) and before anything
+in ``DIR`` is written, and holds it for the whole run (:func:`main` releases it on return or
+error; the OS drops it on any exit, a kill included, so a lock file a dead run left behind
+blocks nothing). The other ranks of a torchrun job
+wait for rank 0's answer before touching ``DIR``, so they share its lock. A run that finds the
+folder locked is refused on every rank (status 2, the error names ``DIR`` and the holder's pid,
+host and start time) and changes nothing in ``DIR``.
+
+Test hooks: ``TTS_EVAL_STOP_AFTER=K`` makes a process exit (status 3, like a kill) right after
+writing its K-th record; ``TTS_EVAL_PAUSE_AFTER=K:PATH`` makes it wait there, still holding the
+folder, until ``PATH`` exists (at most 10 minutes), then carry on.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -57,12 +69,14 @@ import torch
 from .. import __version__, bundled
 from ..search import STRATEGIES, Settings, run, run_together
 from .eval_data import DatasetError, bundled_dataset, describe_bad, load_jsonl
+from .eval_lock import FolderBusy, acquire
 from .eval_parts import CommitTail, expected_keys, repair, scan
 from .grading import GRADERS, get_grader, grader_name
 from .options import add_strategies_argument, add_verifier_argument, parse_budgets, parse_strategies
 from .report import machine_info, plot_scaling, print_summary, summarize
 
 STOP_ENV = "TTS_EVAL_STOP_AFTER"
+PAUSE_ENV = "TTS_EVAL_PAUSE_AFTER"
 BUNDLED_PROBLEMS = 100  # default held-out set; `--limit K` takes its first K (K > 100: more of the same stream)
 FORMAT = 1  # of config.json and the part files
 COMPUTE_FIELDS = ("policy_prefill_tokens", "policy_generated_tokens", "prm_tokens", "policy_flops", "prm_flops")
@@ -255,13 +269,15 @@ def _parse_args(args):
 
 
 def main(args) -> int:
-    """The ``eval`` command (module docstring); 2 on a bad dataset or a mismatched ``--out``."""
+    """The ``eval`` command (module docstring); 2 on a bad dataset, a mismatched ``--out`` or one
+    another run is writing."""
     rank = int(os.environ.get("RANK", "0"))
     dist = None
     try:
-        dist = _Dist(args.device)
-        return _run(args, dist)
-    except (DatasetError, ConfigMismatch, FileNotFoundError) as exc:
+        with contextlib.ExitStack() as held:  # the folder's lock, released on any return or exception
+            dist = _Dist(args.device)
+            return _run(args, dist, held)
+    except (DatasetError, ConfigMismatch, FileNotFoundError, FolderBusy) as exc:
         if rank == 0:
             print(f"tts-kernels eval: error: {exc}", file=sys.stderr)
         return 2
@@ -270,7 +286,44 @@ def main(args) -> int:
             dist.close()
 
 
-def _run(args, dist: _Dist) -> int:
+def _claim(out: Path, dist: _Dist, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks ``out`` for the run (``held`` releases it), then tells every rank whether the run
+    may go on; the other ranks touch nothing in ``out`` before that answer. Refused: every rank
+    raises (:class:`FolderBusy`, or :class:`ConfigMismatch` when ``out`` cannot be made or locked)."""
+    refusal = None
+    if dist.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(acquire(out))
+            if lock.unsupported:
+                print(f"tts-kernels eval: warning: {lock.unsupported}; not guarding {out} against a second "
+                      f"writer: run one eval at a time on it", file=sys.stderr)
+        except FolderBusy as exc:
+            refusal = ("busy", exc.holder)
+        except OSError as exc:
+            refusal = ("unusable", f"cannot use {out} as an eval directory: {exc}")
+    refusal = dist.broadcast(refusal)
+    if refusal is not None:
+        kind, detail = refusal
+        raise FolderBusy(out, detail) if kind == "busy" else ConfigMismatch(detail)
+
+
+def _pause_hook() -> tuple[int, Path | None]:
+    """``TTS_EVAL_PAUSE_AFTER=K:PATH`` as ``(K, PATH)``; ``(0, None)`` when unset."""
+    value = os.environ.get(PAUSE_ENV, "")
+    if not value:
+        return 0, None
+    k, _, path = value.partition(":")
+    return int(k), Path(path)
+
+
+def _pause(until: Path, limit: float = 600.0) -> None:
+    deadline = time.monotonic() + limit
+    while not until.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -305,6 +358,7 @@ def _run(args, dist: _Dist) -> int:
            "info": {"dataset": data.source, "policy": str(policy_path), "prm": str(prm_path) if prm_path else None,
                     "tts_kernels": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}}
     out = Path(args.out)
+    _claim(out, dist, held)  # one writer per folder: nothing in `out` is written before this
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     if rank0 and not (out / "config.json").exists() and not any(parts.glob("rank-*.jsonl")):
@@ -338,6 +392,7 @@ def _run(args, dist: _Dist) -> int:
     if rank0:
         bar.update(tail.problems())
     stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+    pause_after, pause_until = _pause_hook()
     written = 0
     if mine:
         policy, prm = _load_models(policy_path, prm_path, dist.device, settings, prm_head)
@@ -351,6 +406,8 @@ def _run(args, dist: _Dist) -> int:
                     if written == stop_after:  # the test hook: die like a killed process
                         os.fsync(f.fileno())
                         os._exit(3)
+                    if written == pause_after:  # the test hook: hold the folder mid-run
+                        _pause(pause_until)
                 f.write(json.dumps(commit) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
