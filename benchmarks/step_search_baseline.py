@@ -45,6 +45,7 @@ from transformers import DynamicCache
 
 from tts_kernels import sample
 from tts_kernels.ops.prm import init_aggregate, prm_score
+from tts_kernels.models.compat import ForwardArgs
 from tts_kernels.search import Candidate
 from tts_kernels.search.answers import extract_answer
 
@@ -109,6 +110,7 @@ class _Baseline:
     def __init__(self, policy, prm, *, agg, seed, temperature, top_p, top_k, step_delimiter):
         self.policy, self.prm = policy, prm
         self.model, self.tok = policy.model, policy.tokenizer
+        self.fwd = ForwardArgs(self.model)
         self.eos = set(policy.eos_token_ids)
         self.agg, self.seed = agg, seed
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -130,7 +132,8 @@ class _Baseline:
         caches, logits = [], []
         for b in beams:  # re-prefill every beam's full history from scratch
             c = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=torch.tensor([b.ids], device=dev), cache=c, use_cache=True, logits_to_keep=1)
+            out = self.model(**self.fwd(c, input_ids=torch.tensor([b.ids], device=dev), use_cache=True,
+                                        logits_to_keep=1))
             self.counts["policy_prefill_tokens"] += len(b.ids)
             caches.append(c)
             logits.append(out.logits[0, -1])
@@ -163,7 +166,7 @@ class _Baseline:
                     if self.delim in seen[b]:
                         delim[b], active[b] = True, False
                 if active[b] and t < limit - 1:  # feed it only if the step goes on
-                    out = self.model(input_ids=torch.tensor([[v]], device=dev), cache=caches[b], use_cache=True)
+                    out = self.model(**self.fwd(caches[b], input_ids=torch.tensor([[v]], device=dev), use_cache=True))
                     self.counts["policy_decode_rows"] += 1
                     logits[b] = out.logits[0, -1]
         texts, finish = [], []

@@ -13,3 +13,9 @@ def child_results(request):
     from child_process import run_interpreter_child
 
     return run_interpreter_child(request.module.__file__)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "models: a model-facing test (transformers models, sessions, searches, the bundled models, the demo); "
+                   "`make test-min` runs these under the lowest supported transformers too")

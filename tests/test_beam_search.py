@@ -27,6 +27,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from tts_kernels.search import FROM_MODEL, beam_search  # noqa: E402
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 bs_mod = importlib.import_module("tts_kernels.search.beam_search")  # the module, not the function
 steps_mod = importlib.import_module("tts_kernels.search.beam_steps")  # the search loop
 dec_mod = importlib.import_module("tts_kernels.models.hf_decoding")  # the model plumbing (cache reorders)

@@ -5,10 +5,13 @@ from tiny_models import char_tokenizer, tiny_llama
 from transformers import DynamicCache, LlamaForTokenClassification
 
 from tts_kernels import sample
+from tts_kernels.models.compat import ForwardArgs
 from tts_kernels.models.policy import HFPolicy
 from tts_kernels.models.prm import HFPRM
 from tts_kernels.search import select_candidates
 from tts_kernels.search.best_of_n import best_of_n, sample_completions
+
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
 
 PROMPTS = ["Q: 12+30?\nA:", "Q: 2*3+1?\n\nA: let"]
 
@@ -53,7 +56,8 @@ def test_sampled_tokens_equal_a_dense_loop(policy, tok):
     for p, prompt in enumerate(PROMPTS):
         x = torch.tensor([tok(prompt).input_ids]).repeat(n, 1)
         cache = DynamicCache(config=model.config)
-        logits = model(x, past_key_values=cache, use_cache=True).logits[:, -1]
+        fwd = ForwardArgs(model)
+        logits = model(**fwd(cache, input_ids=x, use_cache=True)).logits[:, -1]
         got = []
         for step in range(T):
             # Rows p*n .. p*n+n-1 of the batch: sample on the full layout so row indices match.
@@ -63,7 +67,7 @@ def test_sampled_tokens_equal_a_dense_loop(policy, tok):
                           offset=torch.tensor(step))
             t = t[p * n:(p + 1) * n]
             got.append(t)
-            logits = model(t[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(**fwd(cache, input_ids=t[:, None], use_cache=True)).logits[:, -1]
         got = torch.stack(got, 1).tolist()
         assert [ids[p][j] for j in range(n)] == got
     assert used == sum(len(tok(q).input_ids) for q in PROMPTS) + len(PROMPTS) * n * (T - 1)

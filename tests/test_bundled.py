@@ -14,6 +14,8 @@ from tts_kernels.bundled.train import policy_example, prm_example
 from tts_kernels.models import split_steps
 from tts_kernels.search import best_of_n
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 TEXTS = ["Ava has 12 pens. Ava buys 7 more.\n\n", "12 + 7 = 19\n\n19 - 5 = 14\n\nThe answer is 14",
          "  odd   spacing\tand unicode: é ∑ 😀 {}\\boxed{3}\n", "1234567890", ""]
 

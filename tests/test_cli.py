@@ -29,6 +29,7 @@ def test_bench_quick_writes_table(tmp_path):
     assert "ratio" in res.stdout and "kv_reorder_" in res.stdout
 
 
+@pytest.mark.models
 def test_check_quick_matches_generate(tmp_path):
     res = run_cli("check", "--quick", "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
@@ -37,6 +38,7 @@ def test_check_quick_matches_generate(tmp_path):
     assert "identical to transformers generate(): sequences True, scores True" in res.stdout
 
 
+@pytest.mark.models
 @pytest.mark.parametrize("verifier,chunk", [("likelihood", "20"), ("prm", "2")])  # 3 problems: 1 chunk, 2 chunks
 def test_demo_reduced_end_to_end(tmp_path, verifier, chunk):
     res = run_cli("demo", "--problems", "3", "--budgets", "1,4", "--no-progress", "--out", str(tmp_path),

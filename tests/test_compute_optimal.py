@@ -8,6 +8,8 @@ from tiny_models import search_models
 from tts_kernels.ops.allocate import allocate_budget
 from tts_kernels.search.compute_optimal import compute_optimal, default_plan
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 PROMPTS = ["Q: 1+1?\n", "Q: 2*3?\n", "Q: 9-4?\n", "Q: 7*7?\n"]
 KW = dict(max_new_tokens=10, max_step_tokens=8, num_iterations=2, step_delimiter="e", temperature=1.0,
           extract=lambda t: t[:1] or None)  # toy answers: the first character

@@ -20,6 +20,9 @@ from transformers import DynamicCache  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from tts_kernels.models import ATTN_IMPLEMENTATION, PagedCache, use_paged_attention  # noqa: E402
+from tts_kernels.models.compat import ForwardArgs  # noqa: E402
+
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
 
 hf_logging.set_verbosity_error()
 KINDS = ("llama", "qwen2", "qwen2_sliding", "mistral")
@@ -93,7 +96,8 @@ def dense_full(model, ids, mask):
 def paged_forward(model, cache, ids, mask=None):
     if mask is not None:
         cache.set_attention_mask(mask)
-    return model(ids, cache=cache, position_ids=cache.position_ids(ids.shape[1]), use_cache=True).logits
+    return model(**ForwardArgs(model)(cache, input_ids=ids, position_ids=cache.position_ids(ids.shape[1]),
+                                      use_cache=True)).logits
 
 
 def new_cache(model, batch, blocks=256):
@@ -117,7 +121,8 @@ def test_prefill_and_decode_left_padded(kind):
     # DynamicCache decoding of the same rows, side by side.
     dyn = DynamicCache(config=model.config)
     with torch.no_grad(), attn(model, "sdpa"):
-        model(ids, attention_mask=mask, position_ids=positions(mask), cache=dyn, use_cache=True)
+        model(**ForwardArgs(model)(dyn, input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                                   use_cache=True))
     g = torch.Generator().manual_seed(1)
     for _ in range(7):  # past the 4-token windows and across block boundaries
         tok = torch.randint(8, V, (3, 1), generator=g)
@@ -126,7 +131,8 @@ def test_prefill_and_decode_left_padded(kind):
         got = paged_forward(model, cache, tok)[:, -1]
         assert_rel(got, dense_full(model, ids, mask)[:, -1])
         with torch.no_grad(), attn(model, "sdpa"):
-            step = model(tok, attention_mask=mask, position_ids=pos, cache=dyn, use_cache=True).logits[:, -1]
+            step = model(**ForwardArgs(model)(dyn, input_ids=tok, attention_mask=mask, position_ids=pos,
+                                              use_cache=True)).logits[:, -1]
         assert_rel(got, step)
     cache.free()
 
@@ -277,7 +283,7 @@ def test_bad_input():
         PagedCache(model, batch_size=0, num_blocks=8)
     cache = new_cache(model, 2)
     with pytest.raises(ValueError, match="batch 3 but the cache has 2 rows"), torch.no_grad():
-        model(torch.randint(8, V, (3, 4)), cache=cache, use_cache=True)
+        model(**ForwardArgs(model)(cache, input_ids=torch.randint(8, V, (3, 4)), use_cache=True))
     with pytest.raises(ValueError, match="attention_mask"):
         cache.set_attention_mask(torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(NotImplementedError):

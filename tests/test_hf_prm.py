@@ -6,6 +6,8 @@ from transformers import LlamaForTokenClassification
 
 from tts_kernels.models.prm import HFPRM, split_steps
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 PROMPTS = ["Q: 2+3*4?\n", "Q: what is 7-5?\n"]
 COMPLETIONS = [
     ["2+3=5\n\n5*4=20\n\nThe answer is 20", "3*4=12\n\n2+12=14\n\nThe answer is 14", "14"],

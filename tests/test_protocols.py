@@ -12,6 +12,8 @@ from tts_kernels.models.text import split_steps
 from tts_kernels.search import (STRATEGIES, Policy, PolicySession, SearchResult, Settings, Verifier, VerifierSession,
                                 beam_search, run, run_together)
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 PROMPTS = ["abc", "h.", "ggg a"]
 S = Settings(max_new_tokens=12, max_step_tokens=6, num_iterations=3, step_delimiter=".", temperature=1.0, levels=2,
              beam_width=2)

@@ -10,6 +10,8 @@ from tiny_models import search_models
 from tts_kernels.search.step_search import dvts, prm_beam_search
 from tts_kernels.search.steps import DelimiterMatcher
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 PROMPTS = ["Q: 1+1?\n", "Q: 2*3?\n\nA:", "Q: 9-4?"]
 
 

@@ -26,6 +26,8 @@ from tts_kernels.models.prm import HFPRM  # noqa: E402
 from tts_kernels.search import select_candidates  # noqa: E402
 from tts_kernels.search.step_search import dvts, prm_beam_search  # noqa: E402
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 DELIM = " "
 PROMPTS = ["What is 2+3? ", "Compute 7*6 and box it. ", "x"]
 

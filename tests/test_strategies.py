@@ -8,6 +8,8 @@ from tiny_models import search_models
 from tts_kernels.search import (STRATEGIES, SearchResult, Settings, best_of_n, compute_optimal, dvts,
                                 prm_beam_search, register_strategy, run, run_together)
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
+
 PROMPTS = ["Q: 1+1?\n", "Q: 2*3?\n", "Q: 9-4?\n"]
 S = Settings(max_new_tokens=10, max_step_tokens=8, num_iterations=2, step_delimiter="e", temperature=1.0,
              levels=2, beam_width=2)

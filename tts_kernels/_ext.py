@@ -37,6 +37,21 @@ SCHEMAS = {
     " Tensor seq_lens, float scale, int? sliding_window, Tensor? prefix_lens) -> Tensor",
 }
 
+TORCH_MIN = (2, 13)  # the oldest torch the extension has been built and tested against (setup.py: torch>=2.13)
+
+
+def check_torch(version: str | None = None) -> None:
+    """Warn (once, at import) when torch is older than the tested range. A warning, not an error:
+    the GPU machines that run benchmarks/gpu_check.sh have an older torch and no way to upgrade."""
+    version = version or torch.__version__
+    got = tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in version.split("+")[0].split(".")[:2])
+    if got < TORCH_MIN:
+        warnings.warn(f"tts_kernels is built and tested with torch >={TORCH_MIN[0]}.{TORCH_MIN[1]}; found {version} "
+                      "(untested: expect build or behaviour differences)", RuntimeWarning, stacklevel=3)
+
+
+check_torch()
+
 HAS_C = False
 HAS_CUDA_KERNELS = False
 LOAD_ERROR: str | None = None

@@ -97,6 +97,7 @@ def best_of_n_case(N: int = 64, prompt_len: int = 512, *, hidden: int = 256, lay
                    block_size: int = 16, device="cpu", rounds: int = 3, iters: int = 2) -> dict:
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+    from ..models.compat import ForwardArgs
     from ..models.hf_paged import PagedCache, use_paged_attention
 
     device = torch.device(device)
@@ -110,16 +111,17 @@ def best_of_n_case(N: int = 64, prompt_len: int = 512, *, hidden: int = 256, lay
     pool = first.kv
     first.free()
     out = {}
+    fwd = ForwardArgs(model)  # the cache keyword this transformers version declares
 
     @torch.no_grad()
     def peer():
         cache = DynamicCache(config=model.config)
-        out["peer"] = model(ids.expand(N, -1), cache=cache, use_cache=True, logits_to_keep=1).logits
+        out["peer"] = model(**fwd(cache, input_ids=ids.expand(N, -1), use_cache=True, logits_to_keep=1)).logits
 
     @torch.no_grad()
     def ours():
         cache = PagedCache(model, batch_size=1, kv=pool)
-        logits = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(**fwd(cache, input_ids=ids, use_cache=True, logits_to_keep=1)).logits
         cache.repeat_interleave(N)  # N samples share the prompt's blocks
         out["ours"] = logits
         out["cache"] = cache

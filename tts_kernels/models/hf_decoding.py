@@ -10,32 +10,11 @@ plumbing here.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from ..ops.kv import kv_reorder_
+from .compat import cache_keyword, forward_params
 from .hf_paged import ATTN_IMPLEMENTATION, PagedCache, use_paged_attention
-
-
-def forward_params(model) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def cache_keyword(model, params: set[str] | None = None) -> str:
-    """The keyword ``model.forward`` takes its KV cache by (``"cache"`` or ``"past_key_values"``),
-    read from its signature; a model that takes neither is refused (a cache passed under a name
-    the model does not know would be swallowed by ``**kwargs`` and silently ignored)."""
-    params = forward_params(model) if params is None else params
-    if "cache" in params:
-        return "cache"
-    if "past_key_values" in params:
-        return "past_key_values"
-    raise TypeError(f"{type(model).__name__}.forward takes no KV cache argument ('cache' or 'past_key_values'); "
-                    "the searches need a model with a transformers Cache")
 
 
 class HFDecoder:

@@ -33,7 +33,8 @@ Usage::
     model = use_paged_attention(model)               # model.set_attn_implementation("tts_paged")
     cache = PagedCache(model, batch_size=1, num_blocks=256)
     cache.set_attention_mask(mask)                   # only when the prompt batch is padded
-    out = model(ids, cache=cache, position_ids=cache.position_ids(ids.shape[1]), use_cache=True)
+    fwd = ForwardArgs(model)                         # the cache keyword of this transformers version
+    out = model(**fwd(cache, input_ids=ids, position_ids=cache.position_ids(ids.shape[1]), use_cache=True))
     cache.repeat_interleave(8)                       # 8 children per row: no KV bytes move
     ...
     cache.reorder(parents)                           # beam step: row i <- row parents[i]
@@ -53,6 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..cache import PagedKVCache
 from ..ops.attention import KV_DTYPES, paged_attention
+from .compat import ForwardArgs
 
 ATTN_IMPLEMENTATION = "tts_paged"
 
@@ -372,8 +374,9 @@ def register() -> None:
 def use_paged_attention(model):
     """Set ``model`` (a transformers causal LM) to the ``"tts_paged"`` attention; returns it.
 
-    The model then attends from a :class:`PagedCache` when given one as ``cache=`` (or
-    ``past_key_values=``), and runs exactly as with ``attn_implementation="sdpa"`` otherwise
+    The model then attends from a :class:`PagedCache` when given one as its cache (``cache=``, or
+    ``past_key_values=`` before transformers 5.20: :class:`~tts_kernels.models.compat.ForwardArgs`),
+    and runs exactly as with ``attn_implementation="sdpa"`` otherwise
     (``generate()``, no cache). Also works at load time after :func:`register`:
     ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="tts_paged")``.
     """

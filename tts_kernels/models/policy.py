@@ -25,6 +25,7 @@ import copy
 
 import torch
 
+from .compat import ForwardArgs
 from .hf_paged import PagedCache, use_paged_attention
 
 
@@ -48,6 +49,7 @@ class HFPolicy:
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  eos_token_ids: list[int] | None = None):
         self.model = use_paged_attention(model)
+        self.forward_args = ForwardArgs(model)  # the cache keyword this transformers version declares
         self.tokenizer = tokenizer
         self.block_size, self.num_blocks = block_size, num_blocks
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
@@ -90,8 +92,8 @@ class PolicySession:
         pos = self.cache.position_ids(t)
         self.cache.set_attention_mask(mask)
         with torch.no_grad():
-            out = policy.model(input_ids=ids, cache=self.cache, position_ids=pos, use_cache=True,
-                               logits_to_keep=1)
+            out = policy.model(**policy.forward_args(self.cache, input_ids=ids, position_ids=pos, use_cache=True,
+                                                     optional={"logits_to_keep": 1}))
         self.logits = out.logits[:, -1]
         self.positions = mask.sum(1)  # next position of each row (device)
         self.prefill_tokens = int(sum(len(p) for p in prompt_ids))  # prompt tokens prefilled
@@ -133,8 +135,8 @@ class PolicySession:
         if active is not None:
             self.cache.set_attention_mask(active.to(torch.long)[:, None])
         self.keys = self.keys + (self.positions + 1).sum()
-        out = self.policy.model(input_ids=tokens[:, None], cache=self.cache,
-                                position_ids=self.positions[:, None], use_cache=True)
+        out = self.policy.model(**self.policy.forward_args(self.cache, input_ids=tokens[:, None],
+                                                           position_ids=self.positions[:, None], use_cache=True))
         logits = out.logits[:, -1]
         if active is None:
             self.positions = self.positions + 1

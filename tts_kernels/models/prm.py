@@ -45,6 +45,7 @@ import torch
 
 from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, init_likelihood_state, label_token_head,
                        prefix_likelihood, prm_score)
+from .compat import ForwardArgs
 from .hf_paged import PagedCache, use_paged_attention
 from .text import split_steps
 
@@ -101,6 +102,7 @@ class HFPRM:
         self.reduce = reduce
         self.num_blocks, self.block_size = num_blocks, block_size
         self.base = model.base_model
+        self.forward_args = ForwardArgs(self.base)  # the cache keyword this transformers version declares
         if head == "label_token":
             if good_token is None or bad_token is None:
                 raise ValueError("a label_token PRM needs good_token and bad_token")
@@ -286,7 +288,8 @@ class PRMSession:
         self.cache.set_attention_mask(mask)
         pos_ids = self.cache.position_ids(t)
         self.cache.set_attention_mask(mask)  # position_ids() does not consume it; update() does
-        out = self.prm.base(input_ids=batch, cache=self.cache, position_ids=pos_ids, use_cache=True)
+        args = self.prm.forward_args(self.cache, input_ids=batch, position_ids=pos_ids, use_cache=True)
+        out = self.prm.base(**args)
         self.tokens += sum(len(x) for x in ids)
         for r, x in enumerate(ids):
             self.keys += len(x) * self._lens[r] + len(x) * (len(x) + 1) // 2
