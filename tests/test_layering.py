@@ -1,7 +1,7 @@
 """The house rules, checked from the source: layers import downward only, and no module imports one
 that imports it back. Every import counts: module level, inside functions, under TYPE_CHECKING.
 
-Layers, bottom to top: kernels (``_ext``, ``reference``, ``ops``, ``triton``) < ``cache`` <
+Layers, bottom to top: kernels (``_ext``, ``_threads``, ``reference``, ``ops``, ``triton``) < ``cache`` <
 ``models`` < ``search`` < ``bundled`` < ``bench`` < ``apps``. The package root re-exports the
 library (kernels, cache, search) and sits at the search level.
 """
@@ -31,7 +31,7 @@ def layer(mod: str) -> str:
     if len(parts) == 1:
         return "search"  # the package root
     top = parts[1]
-    if top in ("_ext", "_C", "reference", "ops", "triton"):
+    if top in ("_ext", "_C", "_threads", "reference", "ops", "triton"):
         return "kernels"
     if top == "__main__":
         return "apps"

@@ -28,7 +28,7 @@ Layers import downward only (kernels < cache < models < search < bundled < bench
 """
 from importlib import metadata as _metadata
 
-from . import _ext, cache, search
+from . import _ext, _threads, cache, search
 from .ops import (
     allocate_budget,
     beam_topk,
@@ -48,6 +48,7 @@ try:
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 HAS_C = _ext.HAS_C
+_threads.configure_pool()  # no more threads than the affinity mask and the cgroup quota allow
 
 __all__ = ["beam_topk", "kv_reorder_", "paged_attention", "sample", "prm_score", "select_best", "majority_vote",
            "weighted_vote", "topk_per_group", "allocate_budget", "expected_coverage", "cache", "search", "HAS_C",

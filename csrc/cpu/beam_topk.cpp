@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/simd_math.h"
 
 namespace tts {
@@ -109,7 +110,7 @@ void beam_topk_kernel(const T* logits, int64_t row_stride, const float* beam_sco
   std::vector<int64_t> part_size(tasks);
   std::vector<float> part_m(tasks), part_d(tasks);
 
-  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+  at::parallel_for(0, tasks, tts::grain_for(chunk), [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r = t / splits, s = t % splits;
       const int64_t begin = s * chunk, end = std::min(V, begin + chunk);
@@ -119,7 +120,7 @@ void beam_topk_kernel(const T* logits, int64_t row_stride, const float* beam_sco
     }
   });
 
-  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+  at::parallel_for(0, B, tts::grain_for(K * splits * Crow), [&](int64_t b_begin, int64_t b_end) {
     std::vector<Cand> row_buf(Crow), merged(C);
     for (int64_t b = b_begin; b < b_end; ++b) {
       TopList best{merged.data(), 0, C};

@@ -12,6 +12,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/parallel.h"
+
 namespace tts {
 namespace {
 
@@ -65,12 +67,13 @@ void kv_reorder_cpu(at::TensorList caches, const at::Tensor& parents_in) {
     const int64_t stride_bytes = c.stride(0) * c.element_size();
     char* base = static_cast<char*>(c.data_ptr());
     std::vector<char> scratch(plan.num_staged * row_bytes);
-    at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+    const int64_t grain = tts::grain_for(row_bytes / 4);
+    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k)
         if (plan.stage[k] >= 0)
           std::memcpy(scratch.data() + plan.stage[k] * row_bytes, base + plan.src[k] * stride_bytes, row_bytes);
     });
-    at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         const char* from = plan.stage[k] >= 0 ? scratch.data() + plan.stage[k] * row_bytes
                                                : base + plan.src[k] * stride_bytes;

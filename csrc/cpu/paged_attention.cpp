@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/simd_math.h"
 
 namespace tts {
@@ -311,9 +312,14 @@ void paged_attention_kernel(const Geometry& g, const T* q, const T* kc, const T*
   std::fill(out, out + n * H * D, 0.0f);
   const State st{qf.data(), m.data(), l.data(), out};
 
+  // Work per task, for the grain: a (sequence, kv head) reads about GQ * D per attended position.
+  int64_t positions = 0;
+  for (int64_t i = 0; i < n; ++i) positions += L[i] - lo[i];
+  const int64_t per_task = GQ * D * std::max<int64_t>(1, positions / std::max<int64_t>(1, n));
+
   // Pass 1: the shared prefix of each group, once per (group, kv head).
   const int64_t ng = static_cast<int64_t>(groups.size());
-  at::parallel_for(0, ng * g.Hkv, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, ng * g.Hkv, tts::grain_for(per_task), [&](int64_t b, int64_t e) {
     Scratch sc(D);
     std::vector<int64_t> rows;
     std::vector<int32_t> row_lo;
@@ -343,7 +349,7 @@ void paged_attention_kernel(const Geometry& g, const T* q, const T* kc, const T*
   });
 
   // Pass 2: each sequence's own positions, continuing the prefix state; then normalise.
-  at::parallel_for(0, n * g.Hkv, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n * g.Hkv, tts::grain_for(per_task), [&](int64_t b, int64_t e) {
     Scratch sc(D);
     int64_t rows[256];
     for (int64_t task = b; task < e; ++task) {

@@ -23,6 +23,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu/parallel.h"
+
 namespace tts {
 namespace {
 
@@ -254,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> paged_begin_step_cpu(
   const int64_t block_bytes = k_pool.stride(1) * k_pool.element_size();
   const int64_t layer_bytes = k_pool.stride(0) * k_pool.element_size();
   char* pools[2] = {static_cast<char*>(k_pool.data_ptr()), static_cast<char*>(v_pool.data_ptr())};
-  at::parallel_for(0, nc * L * 2, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, nc * L * 2, tts::grain_for(block_bytes / 4), [&](int64_t b, int64_t e) {
     for (int64_t x = b; x < e; ++x) {
       const int64_t c = x / (2 * L), l = (x / 2) % L;
       char* base = pools[x % 2] + l * layer_bytes;

@@ -28,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/simd_math.h"
 
 namespace tts {
@@ -368,7 +369,7 @@ void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w,
 template <typename T>
 void sample_kernel(const T* logits, int64_t row_stride, int64_t R, int64_t V, const std::vector<RowParams>& params,
                    int64_t* tokens, float* logprobs) {
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, tts::grain_for(V), [&](int64_t begin, int64_t end) {
     Work w;
     for (int64_t r = begin; r < end; ++r) sample_row(logits + r * row_stride, V, r, params[r], w, tokens + r, logprobs + r);
   });

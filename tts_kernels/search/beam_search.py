@@ -55,6 +55,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._threads import in_search_pool
 from .beam_steps import BeamSearchOutput, SessionDecoder, beams, greedy
 
 
@@ -281,6 +282,7 @@ def beam_search(
             restore()
 
 
+@in_search_pool
 def _search(dec, input_ids, num_beams, max_new_tokens, eos, pad, length_penalty, early_stopping,
             num_return_sequences, sync_every) -> BeamSearchOutput:
     if num_beams == 1:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._threads import in_search_pool
 from ..models.text import split_steps
 from ..ops.sample import sample
 from .accounting import Compute, count_flops
@@ -53,6 +54,7 @@ def _check(prompts, n, max_new_tokens, sync_every, stop):
 
 
 @torch.no_grad()
+@in_search_pool
 def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens: int, temperature=1.0,
                        top_p=1.0, top_k=0, min_p=0.0, stop: Sequence[str] | None = None, seed: int = 0,
                        sync_every: int = 8, stats: dict | None = None):
@@ -177,6 +179,7 @@ def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settin
     return cands, compute, forward_tokens
 
 
+@in_search_pool
 def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int, settings: Settings, seed: int,
                      extract) -> dict[str, SearchResult]:
     """One sampling run shared by several selection rules: ``rules`` maps a result name to its rule

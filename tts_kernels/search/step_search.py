@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._threads import in_search_pool
 from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
 from .answers import extract_answer
@@ -201,6 +202,7 @@ def _check(name: str, verifier, prompts, n: int, select: str, s: Settings) -> li
     return prompts
 
 
+@in_search_pool
 def _run(policy, prm, prompts, *, n: int, s: Settings, seed: int, choose) -> tuple[list[list[Candidate]], Compute]:
     """The loop both searches share: ``n`` rows per prompt; each iteration every row samples one
     step and the PRM scores it; ``choose(search, finish, last, completed)`` records finished rows and

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._threads import in_search_pool
 from ..ops.sample import sample
 
 
@@ -101,6 +102,7 @@ class Steps:
 
 
 @torch.no_grad()
+@in_search_pool
 def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
                  temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int = 0, offset: int = 0,
                  sync_every: int = 8) -> Steps:
