@@ -413,3 +413,56 @@ def sample_op_ref(logits, temperature, top_k, top_p, min_p, seed, offset, temper
 
     return sample_ref(logits, pick(temperature, temperatures), pick(top_k, top_ks), pick(top_p, top_ps),
                       pick(min_p, min_ps), pick(seed, seeds), pick(offset, offsets))
+
+
+# ----------------------------------------------------------------------------- particle resampling
+
+
+def _normalized_ref(log_weights: torch.Tensor, temperature: float = 1.0) -> list[list[float]]:
+    """Each row's ``softmax(log_weights / temperature)`` as Python floats (a row of -inf/NaN only: uniform)."""
+    out = []
+    for row in log_weights.double().tolist():
+        x = [float("-inf") if v != v else v / temperature for v in row]
+        top = max(x)
+        if top == float("-inf"):
+            out.append([1.0 / len(x)] * len(x))
+            continue
+        e = [math.exp(v - top) for v in x]
+        s = sum(e)
+        out.append([v / s for v in e])
+    return out
+
+
+def ess_ref(log_weights: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``1 / sum w_i^2`` per row of the normalised weights."""
+    return torch.tensor([1.0 / sum(w * w for w in row) for row in _normalized_ref(log_weights, temperature)],
+                        dtype=torch.float64)
+
+
+def normalized_entropy_ref(log_weights: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``-sum w log w / log N`` per row (1 when ``N = 1``)."""
+    out = []
+    for row in _normalized_ref(log_weights, temperature):
+        n = len(row)
+        out.append(1.0 if n == 1 else -sum(w * math.log(w) for w in row if w > 0) / math.log(n))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def resample_ref(log_weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF resampling: for each row and each position ``x`` in ``(0, 1)`` (``positions [P, K]``),
+    the first slot ``i`` whose cumulative weight ``w_0 + ... + w_i`` exceeds ``x``. Systematic
+    resampling passes ``x_k = (u + k) / N``; multinomial passes ``N`` sorted uniforms."""
+    out = []
+    for w, xs in zip(_normalized_ref(log_weights), positions.double().tolist()):
+        total = sum(w)
+        picks = []
+        for x in xs:
+            acc, pick = 0.0, len(w) - 1
+            for i, wi in enumerate(w):
+                acc += wi
+                if acc / total > x:
+                    pick = i
+                    break
+            picks.append(pick)
+        out.append(picks)
+    return torch.tensor(out, dtype=torch.int64)
