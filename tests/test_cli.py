@@ -45,8 +45,11 @@ def test_demo_reduced_end_to_end(tmp_path, verifier, chunk):
                   "--verifier", verifier, "--chunk-size", chunk)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
-    searches = ["majority", "best_of_n", "weighted_best_of_n", "prm_beam_search", "dvts", "compute_optimal",
-                "adaptive_best_of_n"]
+    from tts_kernels.search import STRATEGIES
+
+    searches = [s for s in STRATEGIES if s != "greedy"]  # every registered strategy runs by default
+    assert {"majority", "best_of_n", "weighted_best_of_n", "prm_beam_search", "dvts", "compute_optimal",
+            "adaptive_best_of_n", "particle_filtering", "entropic_particle_filtering"} <= set(searches)
     # 3 problems x (greedy small, greedy large, 7 searches x 2 budgets)
     assert len(lines) == 3 * (2 + 2 * len(searches))
     assert {(x["model"], x["strategy"], x["budget"]) for x in lines} == (

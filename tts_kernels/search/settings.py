@@ -12,6 +12,10 @@ import math
 from dataclasses import dataclass
 
 AGGREGATES = ("last", "min", "prod", "mean")
+RESAMPLERS = ("systematic", "multinomial")
+PARTICLE_WEIGHTS = ("verifier", "self_certainty")
+PARTICLE_SELECT = ("best", "weighted", "sample")
+ENTROPIC = ("none", "adaptive", "annealed")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,16 @@ class Settings:
             Part of the random stream's layout: another value gives another (equally valid) sample.
         stop: strings that end a completion (kept in its text), besides EOS. Sampling strategies.
         levels: ``compute_optimal``: difficulty levels.
+        resampling, ess_threshold, particle_weight, particle_select, weight_temperature, entropic,
+            entropy_target, keep_best: particle filtering (:func:`~tts_kernels.search.particle_filter`):
+            ``"systematic"`` or ``"multinomial"`` resampling, done when a prompt's effective sample size
+            falls below ``ess_threshold * N`` (1.0: whenever the weights are not all equal); weights
+            from the verifier (``logit`` of the aggregate score) or ``"self_certainty"`` (mean token
+            log-probability); the answer by the ``"best"`` weight, a ``"weighted"`` vote or a
+            ``"sample"``; ``softmax(weight / weight_temperature)``; entropic resampling (``"adaptive"``:
+            the temperature rises until the weights' normalised entropy reaches ``entropy_target``;
+            ``"annealed"``: it decays from ``num_iterations`` times to 1); ``keep_best`` carries the
+            best particle through every resample.
     """
 
     temperature: float = 0.8
@@ -52,6 +66,14 @@ class Settings:
     sync_every: int = 8
     stop: tuple[str, ...] = ()
     levels: int = 4
+    resampling: str = "systematic"
+    ess_threshold: float = 1.0
+    particle_weight: str = "verifier"
+    particle_select: str = "best"
+    weight_temperature: float = 1.0
+    entropic: str = "none"
+    entropy_target: float = 0.5
+    keep_best: bool = False
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -69,8 +91,15 @@ class Settings:
         for name in ("max_new_tokens", "max_step_tokens", "num_iterations", "beam_width", "sync_every", "levels"):
             number(name, lambda v: v >= 1, ">= 1", int)
         number("lookahead", lambda v: v >= 0, ">= 0", int)
-        if self.agg not in AGGREGATES:
-            raise ValueError(f"Settings.agg must be one of {AGGREGATES}, got {self.agg!r}")
+        number("ess_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")
+        number("weight_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
+        number("entropy_target", lambda v: 0 <= v <= 1, "in [0, 1]")
+        for name, allowed in (("agg", AGGREGATES), ("resampling", RESAMPLERS), ("particle_weight", PARTICLE_WEIGHTS),
+                              ("particle_select", PARTICLE_SELECT), ("entropic", ENTROPIC)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Settings.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.keep_best, bool):
+            raise TypeError(f"Settings.keep_best must be a bool, got {type(self.keep_best).__name__}")
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
             raise ValueError(f"Settings.step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
         stop = self.stop

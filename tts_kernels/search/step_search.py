@@ -49,8 +49,13 @@ class _Search:
         prompt_ids = [policy.encode(p) for p in prompts]
         budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens
         self.pol = policy.start(prompt_ids, rows_hint=rows, max_new_tokens=budget)
-        self.prm = prm.start(list(prompts), agg=s.agg, rows=rows, max_new_tokens=budget + 8 * s.num_iterations)
+        self.prm = None if prm is None else prm.start(list(prompts), agg=s.agg, rows=rows,
+                                                      max_new_tokens=budget + 8 * s.num_iterations)
         V = self.pol.logits.shape[1]
+        dev = self.pol.logits.device
+        # Per row: sum and count of its sampled tokens' log-probabilities (a verifier-free weight).
+        self.lp_sum = torch.zeros(len(prompts), dtype=torch.float32, device=dev)
+        self.lp_count = torch.zeros(len(prompts), dtype=torch.long, device=dev)
         self.matcher = DelimiterMatcher(self.tok, s.step_delimiter, V, device=self.pol.logits.device)
         self.P = len(prompts)
         self.owner = list(range(self.P))  # prompt of each row
@@ -71,7 +76,9 @@ class _Search:
     def fork(self, rows: list[int]) -> None:
         idx = torch.tensor(rows, dtype=torch.long, device=self.pol.logits.device)
         self.pol.fork(idx)
-        self.prm.fork(idx)
+        if self.prm is not None:
+            self.prm.fork(idx)
+        self.lp_sum, self.lp_count = self.lp_sum.index_select(0, idx), self.lp_count.index_select(0, idx)
         for name in ("owner", "texts", "ids", "steps", "step_scores"):
             old = getattr(self, name)
             setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
@@ -86,6 +93,8 @@ class _Search:
                           offset=self.offset, sync_every=self.sync_every, **self.sampling)
         self.offset += limit
         self.forward_rows += st.forward_rows
+        self.lp_sum = self.lp_sum + st.logprob_sum
+        self.lp_count = self.lp_count + st.counts
         ids, texts = self._decode(st, self.ids, self.texts)  # one host look per step: the PRM needs the text
         eos, delim = st.eos.tolist(), st.delimited.tolist()
         finish = []
@@ -101,14 +110,18 @@ class _Search:
                 finish.append("length")
             else:
                 finish.append(None)
-        scores = self.prm.add_steps([[t] if t else [] for t in texts])
-        first = scores[:, 0].tolist() if scores.shape[1] else [float("nan")] * self.rows
+        if self.prm is not None:
+            scores = self.prm.add_steps([[t] if t else [] for t in texts])
+            first = scores[:, 0].tolist() if scores.shape[1] else [float("nan")] * self.rows
+        else:
+            first = None  # no verifier: steps are not scored
         for r, text in enumerate(texts):
             self.ids[r] += [t for t in ids[r] if t not in self.eos_set]
             if text:
                 self.texts[r] += text
                 self.steps[r].append(text)
-                self.step_scores[r].append(first[r])
+                if first is not None:
+                    self.step_scores[r].append(first[r])
         return texts, finish
 
     def _decode(self, st, base_ids: list[list[int]], base_texts: list[str]) -> tuple[list[list[int]], list[str]]:
@@ -175,16 +188,20 @@ class _Search:
     def compute(self) -> Compute:
         """Prompt tokens prefilled, tokens sampled (rollouts included), PRM tokens, and FLOPs of every
         forward row actually run (paused rows ride along in decode batches and are counted)."""
-        prm_tokens = self.prm.tokens + self.prm_extra
         policy_flops = count_flops(self.policy.model, self.pol.prefill_tokens + self.forward_rows,
                                    int(self.pol.keys) + self.keys_extra)
-        prm_flops = count_flops(self.prm_model.flop_module, prm_tokens, self.prm.keys + self.prm_keys_extra)
+        if self.prm is None:
+            prm_tokens, prm_flops = 0, 0.0
+        else:
+            prm_tokens = self.prm.tokens + self.prm_extra
+            prm_flops = count_flops(self.prm_model.flop_module, prm_tokens, self.prm.keys + self.prm_keys_extra)
         return Compute(policy_prefill_tokens=self.pol.prefill_tokens, policy_generated_tokens=self.generated,
                        prm_tokens=prm_tokens, policy_flops=policy_flops, prm_flops=prm_flops)
 
     def free(self) -> None:
         self.pol.free()
-        self.prm.free()
+        if self.prm is not None:
+            self.prm.free()
 
 
 def _check(name: str, verifier, prompts, n: int, select: str, s: Settings) -> list[str]:

@@ -99,6 +99,7 @@ class Steps:
     eos: torch.Tensor  # [rows] bool: ended with EOS
     delimited: torch.Tensor  # [rows] bool: ended with the delimiter
     forward_rows: int  # rows run through the policy (paused rows included)
+    logprob_sum: torch.Tensor | None = None  # [rows] float32: sum of the step's tokens' log-probabilities
 
 
 @torch.no_grad()
@@ -119,15 +120,17 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     eos_hit = torch.zeros(R, dtype=torch.bool, device=dev)
     delim = torch.zeros(R, dtype=torch.bool, device=dev)
     counts = torch.zeros(R, dtype=torch.long, device=dev)
+    lp_sum = torch.zeros(R, dtype=torch.float32, device=dev)
     state = matcher.start(R) if matcher is not None else None
     eos = torch.tensor(eos_ids or [-1], device=dev)
     seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
     forward_rows = 0
     for t in range(max_tokens):
-        tok, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
+        tok, lp = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
                         offset=offset + t)
         buf[:, t] = torch.where(active, tok, -1)
         counts += active
+        lp_sum += torch.where(active, lp, 0.0)
         is_eos = torch.isin(tok, eos) & active
         if matcher is not None:
             state = torch.where(active, matcher.step(state, tok), state)
@@ -143,4 +146,5 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
         forward_rows += R
         if t == max_tokens - 1 or ((t + 1) % sync_every == 0 and not bool(active.any())):
             break  # (the host looks every sync_every tokens)
-    return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows)
+    return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows,
+                 logprob_sum=lp_sum)

@@ -19,6 +19,9 @@ Built-in strategies (``settings`` fields in :class:`~tts_kernels.search.Settings
   for harder prompts, the rest allocated where it raises expected accuracy most.
 * ``adaptive_best_of_n`` — the same pilot and allocation with weighted best-of-N at every level:
   against uniform ``weighted_best_of_n`` it measures allocation alone at equal sample budget.
+* ``particle_filtering`` — ``N`` particles per prompt, resampled by verifier weight as they grow
+  step by step (:func:`~tts_kernels.search.particle_filter`); ``entropic_particle_filtering`` — the
+  same with entropy-targeting resampling temperatures (``settings.entropic``, default ``"adaptive"``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import compute_optimal
+from .particle_filter import particle_filter
 from .result import SearchResult
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
@@ -172,6 +176,16 @@ def _optimal(name, strategies):
     return fn
 
 
+def _particles(name, entropic):
+    def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
+        if entropic is not None and settings.entropic == "none":
+            settings = settings.replace(entropic=entropic)
+        res = particle_filter(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
+        res.strategy = name
+        return res
+    return fn
+
+
 register_strategy("greedy", _greedy, needs_verifier=False, description="one greedy completion (budget ignored)")
 register_strategy("majority", _sampling("majority"), needs_verifier=False, group=_sampling_group,
                   description="N samples, the most frequent answer")
@@ -186,3 +200,7 @@ register_strategy("compute_optimal", _optimal("compute_optimal", ("best_of_n", "
                   description="pilot, difficulty levels, a strategy per level, N*P samples allocated")
 register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("best_of_n",)),
                   description="compute_optimal's allocation with weighted best-of-N at every level")
+register_strategy("particle_filtering", _particles("particle_filtering", None),
+                  description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)")
+register_strategy("entropic_particle_filtering", _particles("entropic_particle_filtering", "adaptive"),
+                  description="particle filtering with entropy-targeting resampling temperatures (Giannone et al. 2025)")
