@@ -136,8 +136,9 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
             # Resample the prompts whose weights have collapsed (all on the device, one host look).
             T = _temperature(lw, s, it)
             e = ess(lw, T)
+            alive_h = sorted({slot_of[r][0] for r in live_rows})  # prompts with a live particle (host)
             alive = torch.zeros(P, dtype=torch.bool, device=dev)
-            alive[torch.tensor(sorted({slot_of[r][0] for r in live_rows}), device=dev)] = True
+            alive[torch.tensor(alive_h, device=dev)] = True
             do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
             idx = resample(lw, method=s.resampling, seed=seed, offset=_RESAMPLE_OFFSET + it, temperature=T)
             if s.keep_best:
@@ -146,11 +147,10 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
                 idx[:, -1] = torch.where(drawn, idx[:, -1], best)
             idx = torch.where(do[:, None], idx, arange)
             idx_h, do_h, e_h = idx.tolist(), do.tolist(), e.tolist()
-            for p in range(P):
-                if alive[p]:
-                    info[p]["ess"].append(round(e_h[p], 4))
-                    if do_h[p]:
-                        info[p]["resampled"].append(it)
+            for p in alive_h:
+                info[p]["ess"].append(round(e_h[p], 4))
+                if do_h[p]:
+                    info[p]["resampled"].append(it)
             row_of = {slot: r for r, slot in enumerate(slot_of)}
             rows, new_slots, new_done = [], [], [[None] * N for _ in range(P)]
             for p in range(P):
@@ -169,10 +169,10 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
         compute = search.compute()
     finally:
         search.free()
-    return _result(done, lw, s, seed, compute, info, policy.device)
+    return _result(done, lw, s, seed, compute, info)
 
 
-def _result(done, lw, s: Settings, seed: int, compute, info, device) -> SearchResult:
+def _result(done, lw, s: Settings, seed: int, compute, info) -> SearchResult:
     P, N = lw.shape
     cands = [[c if c is not None else Candidate(text="", answer=None, finish="empty") for c in row] for row in done]
     w = normalized_weights(lw, s.weight_temperature)
