@@ -40,12 +40,17 @@ SCHEMAS = {
 TORCH_MIN = (2, 13)  # the oldest torch the extension has been built and tested against (setup.py: torch>=2.13)
 
 
+def version_tuple(text: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string (``"2.13.0+cpu"`` -> ``(2, 13)``; ``"5.20.0.dev0"`` -> ``(5, 20)``)."""
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split("+")[0].split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
 def check_torch(version: str | None = None) -> None:
     """Warn (once, at import) when torch is older than the tested range. A warning, not an error:
     the GPU machines that run benchmarks/gpu_check.sh have an older torch and no way to upgrade."""
     version = version or torch.__version__
-    got = tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in version.split("+")[0].split(".")[:2])
-    if got < TORCH_MIN:
+    if version_tuple(version) < TORCH_MIN:
         warnings.warn(f"tts_kernels is built and tested with torch >={TORCH_MIN[0]}.{TORCH_MIN[1]}; found {version} "
                       "(untested: expect build or behaviour differences)", RuntimeWarning, stacklevel=3)
 

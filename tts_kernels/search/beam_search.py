@@ -56,6 +56,7 @@ from collections.abc import Sequence
 import torch
 
 from .._threads import in_search_pool
+from ..ops._validate import check_int
 from .beam_steps import BeamSearchOutput, SessionDecoder, beams, greedy
 
 
@@ -86,14 +87,6 @@ _IGNORED_CONFIG = {
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_int(name: str, value, lo: int) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
 
 
 def _token_ids(name: str, value) -> list[int] | None:
@@ -169,10 +162,10 @@ def _validate(model, input_ids, attention_mask, num_beams, max_new_tokens, lengt
             raise TypeError(f"attention_mask must be an integer or bool tensor, got {attention_mask.dtype}")
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
-    _check_int("num_beams", num_beams, 1)
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("num_return_sequences", num_return_sequences, 1)
-    _check_int("sync_every", sync_every, 1)
+    check_int("num_beams", num_beams, minimum=1)
+    check_int("max_new_tokens", max_new_tokens, minimum=1)
+    check_int("num_return_sequences", num_return_sequences, minimum=1)
+    check_int("sync_every", sync_every, minimum=1)
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
@@ -254,7 +247,7 @@ def beam_search(
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
     if cache not in ("dense", "paged"):
         raise ValueError(f"cache must be 'dense' or 'paged', got {cache!r}")
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, minimum=1)
     mask = _prepare_mask(input_ids, attention_mask, eos, pad)
     if policy is not None:
         dec = SessionDecoder(policy, mask, max_new_tokens, num_beams=num_beams)

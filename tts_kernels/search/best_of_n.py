@@ -37,18 +37,19 @@ import torch
 
 from .._threads import in_search_pool
 from ..models.text import split_steps
+from ..ops._validate import check_int
 from ..ops.sample import sample
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .settings import Settings, resolve
-from .validate import check_int, check_prompts
+from .validate import check_prompts
 
 
 def _check(prompts, n, max_new_tokens, sync_every, stop):
     check_prompts(prompts)
     for name, v in (("n", n), ("max_new_tokens", max_new_tokens), ("sync_every", sync_every)):
-        check_int(name, v, 1)
+        check_int(name, v, minimum=1)
     if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
         raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
 
@@ -219,7 +220,7 @@ def best_of_n(policy, verifier, prompts: Sequence[str], *, n: int, select: str =
     """
     s = resolve(settings, overrides)
     check_prompts(prompts)
-    check_int("n", n, 1)
+    check_int("n", n, minimum=1)
     _check_select(select, verifier)
     return sampling_results({"best_of_n": select}, policy, verifier, list(prompts), n=n, settings=s, seed=seed,
                             extract=extract)["best_of_n"]

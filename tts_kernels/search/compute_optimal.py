@@ -33,13 +33,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..ops._validate import check_int
 from ..ops.allocate import allocate_budget
 from .answers import extract_answer
 from .best_of_n import best_of_n
 from .result import SearchResult
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
-from .validate import check_int, check_prompts
+from .validate import check_prompts
 
 STRATEGIES = ("best_of_n", "prm_beam_search", "dvts")
 # How each plan strategy picks its answer (best_of_n here is weighted best-of-N, as in the paper's
@@ -89,8 +90,8 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
     if verifier is None:
         raise ValueError(f"{name} needs a verifier (difficulty comes from its scores)")
     P = len(prompts)
-    check_int("budget", budget, 1)
-    pilot_n = max(1, budget // 4) if pilot_n is None else check_int("pilot_n", pilot_n, 1)
+    check_int("budget", budget, minimum=1)
+    pilot_n = max(1, budget // 4) if pilot_n is None else check_int("pilot_n", pilot_n, minimum=1)
     total = budget * P
     if total < P * pilot_n:
         raise ValueError(f"budget={budget} per prompt is below the pilot's pilot_n = {pilot_n} samples per prompt")

@@ -46,13 +46,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._threads import in_search_pool
+from ..ops._validate import check_int
 from ..ops.resample import entropic_temperature, ess, normalized_weights, resample, uniforms
 from ..ops.select import select_best, weighted_vote
 from .answers import answer_ids, extract_answer
 from .result import Candidate, SearchResult
 from .settings import Settings, resolve
 from .step_search import _Search
-from .validate import check_int, check_prompts
+from .validate import check_prompts
 
 _RESAMPLE_OFFSET = 1 << 40  # resampling's uniforms: a counter range tokens never reach
 _LOGIT_EPS = 1e-6
@@ -82,7 +83,7 @@ def _check(verifier, prompts, n: int, s: Settings) -> list[str]:
         raise ValueError("particle_filter with particle_weight='verifier' needs a verifier "
                          "(particle_weight='self_certainty' runs without one)")
     prompts = check_prompts(prompts)
-    check_int("n", n, 1)
+    check_int("n", n, minimum=1)
     if s.stop:
         raise ValueError(f"stop={list(s.stop)!r}: stop strings apply to the sampling strategies only")
     return prompts
@@ -109,7 +110,8 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
     prompts = _check(verifier, prompts, n, s)
     P, N = len(prompts), n
     use_verifier = s.particle_weight == "verifier"
-    search = _Search(policy, verifier if use_verifier else None, prompts, s, seed=seed, rows=P * N)
+    search = _Search(policy, verifier if use_verifier else None, prompts, s, seed=seed, rows=P * N,
+                     track_logprobs=not use_verifier)
     dev = search.pol.logits.device
     lw = torch.full((P, N), float("-inf"), dtype=torch.float64, device=dev)  # every slot's log-weight
     done: list[list[Candidate | None]] = [[None] * N for _ in range(P)]  # finished particle in a slot

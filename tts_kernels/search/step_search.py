@@ -26,19 +26,20 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._threads import in_search_pool
+from ..ops._validate import check_int
 from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .settings import Settings, resolve
 from .steps import DelimiterMatcher, sample_steps
-from .validate import check_int, check_prompts
+from .validate import check_prompts
 
 
 class _Search:
     """Rows (beams) of all prompts under the policy and the PRM, with their host-side texts."""
 
-    def __init__(self, policy, prm, prompts, s: Settings, *, seed: int, rows: int):
+    def __init__(self, policy, prm, prompts, s: Settings, *, seed: int, rows: int, track_logprobs: bool = False):
         self.policy, self.prm_model = policy, prm
         self.tok = policy.tokenizer
         self.eos = list(policy.eos_token_ids)
@@ -52,10 +53,12 @@ class _Search:
         self.prm = None if prm is None else prm.start(list(prompts), agg=s.agg, rows=rows,
                                                       max_new_tokens=budget + 8 * s.num_iterations)
         V = self.pol.logits.shape[1]
-        dev = self.pol.logits.device
-        # Per row: sum and count of its sampled tokens' log-probabilities (a verifier-free weight).
-        self.lp_sum = torch.zeros(len(prompts), dtype=torch.float32, device=dev)
-        self.lp_count = torch.zeros(len(prompts), dtype=torch.long, device=dev)
+        # Per row (track_logprobs): sum and count of its sampled tokens' log-probabilities.
+        self.track_logprobs = track_logprobs
+        if track_logprobs:
+            dev = self.pol.logits.device
+            self.lp_sum = torch.zeros(len(prompts), dtype=torch.float32, device=dev)
+            self.lp_count = torch.zeros(len(prompts), dtype=torch.long, device=dev)
         self.matcher = DelimiterMatcher(self.tok, s.step_delimiter, V, device=self.pol.logits.device)
         self.P = len(prompts)
         self.owner = list(range(self.P))  # prompt of each row
@@ -78,7 +81,8 @@ class _Search:
         self.pol.fork(idx)
         if self.prm is not None:
             self.prm.fork(idx)
-        self.lp_sum, self.lp_count = self.lp_sum.index_select(0, idx), self.lp_count.index_select(0, idx)
+        if self.track_logprobs:
+            self.lp_sum, self.lp_count = self.lp_sum.index_select(0, idx), self.lp_count.index_select(0, idx)
         for name in ("owner", "texts", "ids", "steps", "step_scores"):
             old = getattr(self, name)
             setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
@@ -90,11 +94,13 @@ class _Search:
         """
         limit = self.max_final_tokens if last else self.max_step_tokens
         st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
-                          offset=self.offset, sync_every=self.sync_every, **self.sampling)
+                          offset=self.offset, sync_every=self.sync_every, logprobs=self.track_logprobs,
+                          **self.sampling)
         self.offset += limit
         self.forward_rows += st.forward_rows
-        self.lp_sum = self.lp_sum + st.logprob_sum
-        self.lp_count = self.lp_count + st.counts
+        if self.track_logprobs:
+            self.lp_sum = self.lp_sum + st.logprob_sum
+            self.lp_count = self.lp_count + st.counts
         ids, texts = self._decode(st, self.ids, self.texts)  # one host look per step: the PRM needs the text
         eos, delim = st.eos.tolist(), st.delimited.tolist()
         finish = []
@@ -208,7 +214,7 @@ def _check(name: str, verifier, prompts, n: int, select: str, s: Settings) -> li
     if verifier is None:
         raise ValueError(f"{name} needs a verifier (it scores every step)")
     prompts = check_prompts(prompts)
-    check_int("n", n, 1)
+    check_int("n", n, minimum=1)
     if n % s.beam_width:
         raise ValueError(f"n ({n}) must be a multiple of beam_width ({s.beam_width})")
     if select not in SELECT_RULES:

@@ -99,19 +99,20 @@ class Steps:
     eos: torch.Tensor  # [rows] bool: ended with EOS
     delimited: torch.Tensor  # [rows] bool: ended with the delimiter
     forward_rows: int  # rows run through the policy (paused rows included)
-    logprob_sum: torch.Tensor | None = None  # [rows] float32: sum of the step's tokens' log-probabilities
+    logprob_sum: torch.Tensor | None = None  # [rows] float32: the step's tokens' log-probabilities summed (if asked)
 
 
 @torch.no_grad()
 @in_search_pool
 def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
                  temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int = 0, offset: int = 0,
-                 sync_every: int = 8) -> Steps:
+                 sync_every: int = 8, logprobs: bool = False) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
     The EOS token is not fed to the model (the row is finished); the delimiter's token is
-    (the next step continues after it).
+    (the next step continues after it). ``logprobs``: also sum each row's sampled tokens'
+    log-probabilities (``Steps.logprob_sum``).
     """
     R = session.rows
     dev = session.logits.device
@@ -120,7 +121,7 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     eos_hit = torch.zeros(R, dtype=torch.bool, device=dev)
     delim = torch.zeros(R, dtype=torch.bool, device=dev)
     counts = torch.zeros(R, dtype=torch.long, device=dev)
-    lp_sum = torch.zeros(R, dtype=torch.float32, device=dev)
+    lp_sum = torch.zeros(R, dtype=torch.float32, device=dev) if logprobs else None
     state = matcher.start(R) if matcher is not None else None
     eos = torch.tensor(eos_ids or [-1], device=dev)
     seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
@@ -130,7 +131,8 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
                         offset=offset + t)
         buf[:, t] = torch.where(active, tok, -1)
         counts += active
-        lp_sum += torch.where(active, lp, 0.0)
+        if logprobs:
+            lp_sum += torch.where(active, lp, 0.0)
         is_eos = torch.isin(tok, eos) & active
         if matcher is not None:
             state = torch.where(active, matcher.step(state, tok), state)

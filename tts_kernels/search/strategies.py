@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..ops._validate import check_int
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import compute_optimal
@@ -35,7 +36,7 @@ from .particle_filter import particle_filter
 from .result import SearchResult
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
-from .validate import check_int, check_prompts
+from .validate import check_prompts
 
 StrategyFn = Callable[..., SearchResult]
 # fn(policy, verifier, prompts, *, budget, settings, seed, extract) -> SearchResult
@@ -82,7 +83,7 @@ def _check(strategy: str, verifier, budget) -> Strategy:
     entry = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
     if entry is None:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-    check_int("budget", budget, 1)
+    check_int("budget", budget, minimum=1)
     if entry.needs_verifier and verifier is None:
         raise ValueError(f"strategy {strategy!r} needs a verifier (got verifier=None)")
     return entry

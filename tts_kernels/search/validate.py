@@ -1,9 +1,8 @@
-"""Argument checks shared by the search drivers (run before any model state is created)."""
+"""Argument checks shared by the search drivers (run before any model state is created); integers:
+:func:`tts_kernels.ops._validate.check_int`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from ..ops._validate import check_int as _check_int
 
 
 def check_prompts(prompts) -> list[str]:
@@ -14,8 +13,3 @@ def check_prompts(prompts) -> list[str]:
     if bad:
         raise TypeError(f"prompts must be strings; prompts[{bad[0]}] is {type(prompts[bad[0]]).__name__}")
     return list(prompts)
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    """``value`` as an int (not bool) of at least ``minimum``; the error names ``name``."""
-    return _check_int(name, value, minimum=minimum)
