@@ -102,3 +102,19 @@ def test_bad_arguments():
         ess(torch.zeros(3))
     with pytest.raises(TypeError, match="log_weights must have dtype"):
         ess(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_benchmark_runs_and_agrees_on_its_peer_semantics():
+    import random
+
+    from tts_kernels.bench.resample import python_resample, run
+
+    lw = random_log_weights(5, 9, 6, dead=0.0)
+    # The peer's systematic loop draws each slot floor or ceil of N w times, as ours does.
+    n_w = 9 * normalized_weights(lw)
+    for row, nw in zip(python_resample(lw, "systematic", random.Random(1)), n_w):
+        counts = torch.bincount(torch.tensor(row), minlength=9).double()
+        assert ((counts >= torch.floor(nw - 1e-9)) & (counts <= torch.ceil(nw + 1e-9))).all()
+    rows = run(shapes=[(4, 8)], rounds=1, iters=2)
+    assert [r["op"] for r in rows] == ["resample[systematic]", "resample[multinomial]"]
+    assert all(r["peer_ms"] > 0 and r["ours_ms"] > 0 and r["gbs"] > 0 for r in rows)

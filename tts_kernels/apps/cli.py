@@ -20,6 +20,7 @@ from ..bench import best_of_n as bon
 from ..bench import kv_fork as kf
 from ..bench import kv_reorder as kv
 from ..bench import paged_attention as pa
+from ..bench import resample as rs
 from ..bench import sample as sp
 from . import check as check_app
 from . import demo as demo_app
@@ -52,6 +53,7 @@ def bench(args) -> int:
         section("paged_attention", dev, pa.run, rounds=rounds, **pa_kw)
         sp_kw = dict(shapes=[(4, 128256)], dtypes=("fp32",), iters=3) if args.quick else {}
         section("sample", dev, sp.run, rounds=rounds, **sp_kw)
+        section("resample", dev, rs.run, rounds=rounds, **(dict(shapes=rs.SHAPES[:1]) if args.quick else {}))
     for dev in devices:
         section("kv_fork", dev, kf.run, quick=args.quick, with_model=not args.skip_search)
     if not args.skip_search:
