@@ -47,6 +47,20 @@ def make_case(n, H, Hkv, D, P, lens, dtype=torch.float32, *, spare_blocks=3, gar
     return query, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32)
 
 
+def poison_past_length(k_cache, v_cache, table, lens):
+    """NaN in every pool slot no row holds (past each row's length, and blocks no row uses): what an
+    uninitialised pool may hold. A kernel that reads one, even to multiply it by zero, returns NaN."""
+    P = k_cache.shape[2]
+    live = torch.zeros(k_cache.shape[0], P, dtype=torch.bool)
+    for i, L in enumerate(lens.tolist()):
+        for pos in range(L):
+            live[table[i, pos // P], pos % P] = True
+    k, v = k_cache.clone(), v_cache.clone()
+    k[~live[:, None, :, None].expand_as(k)] = float("nan")
+    v[~live[:, None, :, None].expand_as(v)] = float("nan")
+    return k, v
+
+
 def make_shared_case(groups, H, Hkv, D, P, dtype=torch.float32, gen=None):
     """Best-of-N layout: ``groups`` is a list of (rows, prompt_len, own_lens) where
     the group's rows share the prompt's full blocks (copy-on-write forks: the

@@ -10,7 +10,7 @@ from tts_kernels import paged_attention
 from tts_kernels.reference import paged_attention_ref
 
 from child_process import run_py
-from paged_checks import TOL, dense_attention, make_case, make_shared_case
+from paged_checks import TOL, dense_attention, make_case, make_shared_case, poison_past_length
 
 DTYPES = list(TOL)
 
@@ -73,6 +73,18 @@ def test_garbage_past_length_is_never_read():
             bt[i, (L + 4) // 5:] = junk
         outs.append(paged_attention(*base[:3], bt, base[4]))
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.parametrize("fn", [paged_attention, paged_attention_ref], ids=["kernel", "reference"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_nan_in_unheld_pool_slots_is_never_read(fn, window):
+    # PagedKVCache leaves its pools uninitialised: nothing past a row's length may reach the output.
+    q, kc, vc, bt, L = make_case(5, 8, 2, 40, 5, [3, 10, 11, 0, 7])
+    k, v = poison_past_length(kc, vc, bt, L)
+    clean = fn(q, kc, vc, bt, L, sliding_window=window)
+    got = fn(q, k, v, bt, L, sliding_window=window)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, clean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

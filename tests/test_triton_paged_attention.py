@@ -25,6 +25,7 @@ CASES = [
     ("d128_gqa8_2048", (2, 8, 1, 128, 16, [2048, 1500]), None, {}),
     ("scale_and_strided_table", (3, 8, 2, 64, 16, [40, 1, 77]), None, {"strided": True, "scale": 0.05}),
     ("public_api", (3, 8, 2, 40, 5, [12, 0, 31]), 9, {"api": True}),
+    ("nan_in_unheld_slots", (5, 8, 2, 40, 5, [3, 10, 11, 0, 7]), 3, {"poison": True}),
 ]
 # name, groups (rows, prompt, own lens), (H, Hkv, D, P), window, extra
 SHARED_CASES = [
@@ -48,7 +49,7 @@ def _child() -> None:
     from tts_kernels.triton import paged_attention as pa
 
     from child_process import record, report
-    from paged_checks import TOL, make_case, make_shared_case
+    from paged_checks import TOL, make_case, make_shared_case, poison_past_length
 
     kinds = {type(pa._paged_attn_kernel).__name__, type(pa._prefix_attn_kernel).__name__}
     results = {"_interpreted": kinds == {"InterpretedFunction"}, "_kinds": sorted(kinds)}
@@ -64,10 +65,11 @@ def _child() -> None:
             bt_in = wide[:, 2:2 + bt.shape[1]]
         else:
             bt_in = bt
+        kin, vin = poison_past_length(kc, vc, bt, L) if extra.get("poison") else (kc, vc)
         if extra.get("api"):
-            out = tts_kernels.paged_attention(q, kc, vc, bt_in, L, sliding_window=window, backend="triton")
+            out = tts_kernels.paged_attention(q, kin, vin, bt_in, L, sliding_window=window, backend="triton")
         else:
-            out = pa.paged_attention_triton(q, kc, vc, bt_in, L, scale, window)
+            out = pa.paged_attention_triton(q, kin, vin, bt_in, L, scale, window)
         torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, bt, L, scale, window), **tol)
 
     def shared_case(k, groups, H, Hkv, D, P, window, extra):

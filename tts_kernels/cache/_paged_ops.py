@@ -36,6 +36,8 @@ when ``refs[b] == 0``; ``held[s] >= ceil(lens[s] / P)``.
 """
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,7 @@ DUPLICATE = 4       # an id listed twice where each must be written once
 EXHAUSTED = 8       # not enough free blocks
 TOO_LONG = 16       # a sequence would exceed max_seq_len
 BAD_START = 32      # start outside [0, t]
+BAD_LENGTH = 64     # a truncation length outside [0, the sequence's length]
 
 
 @dataclass
@@ -76,14 +79,27 @@ class PagedState:
         return self.tables.shape[1]
 
 
+def _zeros(shape, dtype, dev: torch.device) -> torch.Tensor:
+    """Zeros. On the CPU from an anonymous mapping, whose pages the OS zeroes when first touched:
+    a pool sized for the worst case is mostly never touched, and ``torch.zeros`` would write all of
+    it up front (0.15 s per pool in a 640-row particle filter)."""
+    if dev.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=dev)
+    n = math.prod(shape)
+    if n == 0:
+        return torch.zeros(shape, dtype=dtype)
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 def new_state(num_layers, num_kv_heads, head_dim, num_blocks, block_size, max_seqs, max_blocks,
               dtype, device) -> PagedState:
     dev = torch.device(device)
     i64 = dict(dtype=torch.int64, device=dev)
     pool_shape = (num_layers, num_blocks + 1, num_kv_heads, block_size, head_dim)
     return PagedState(
-        k_pool=torch.zeros(pool_shape, dtype=dtype, device=dev),
-        v_pool=torch.zeros(pool_shape, dtype=dtype, device=dev),
+        k_pool=_zeros(pool_shape, dtype, dev),
+        v_pool=_zeros(pool_shape, dtype, dev),
         tables=torch.full((max_seqs + 1, max_blocks), -1, **i64),
         held=torch.zeros(max_seqs + 1, **i64),
         lens=torch.zeros(max_seqs + 1, **i64),
@@ -190,6 +206,25 @@ def fork(st: PagedState, parents: torch.Tensor, new_ids: torch.Tensor, ok: torch
     st.pend[dst] = st.lens[parents]
     st.alive[dst] = True
     st.alive[S] = False
+
+
+def truncate(st: PagedState, ids: torch.Tensor, lens: torch.Tensor, ok: torch.Tensor) -> None:
+    """``ids[i]`` (checked, distinct, live) keeps its first ``lens[i]`` tokens (``0 <= lens[i] <=`` its
+    length): the blocks past ``ceil(lens[i] / P)`` are released; a kept partial block that another
+    sequence also holds stays shared, and the next append copies it first (copy-on-write)."""
+    NB, S, MB, P = st.num_blocks, st.max_seqs, st.max_blocks, st.block_size
+    lens = torch.minimum(lens.clamp(min=0), st.lens[ids])
+    rows, held = st.tables[ids], st.held[ids]
+    keep = torch.minimum((lens + P - 1) // P, held)
+    drop = _row_mask(held, MB) & ~_row_mask(keep, MB)
+    delta = torch.zeros(NB + 1, dtype=torch.int64, device=ids.device)
+    delta.index_add_(0, torch.where(drop, rows, NB).flatten(), -drop.to(torch.int64).flatten())
+    _push_freed(st, delta, ok)
+    dst = torch.where(ok, ids, S)
+    st.tables[dst] = torch.where(drop, -1, rows)
+    st.held[dst] = keep
+    st.lens[dst] = lens
+    st.pend[dst] = lens
 
 
 def reorder(st: PagedState, ids: torch.Tensor, parents: torch.Tensor, ok: torch.Tensor) -> None:
