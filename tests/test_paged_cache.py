@@ -222,6 +222,48 @@ def test_bad_arguments_name_the_argument():
         c.allocate(-1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncate_rolls_a_fork_back_and_the_original_keeps_its_tokens(backend):
+    # Particle Gibbs: fork a finished sequence, roll the copy back to a step boundary inside a block,
+    # continue it; the original's tokens are untouched (the shared tail block is copied on write).
+    c = make(backend)
+    ids = c.allocate(1)
+    kv = step(c, ids, 11)  # 3 blocks of P=4: 4 + 4 + 3
+    free0 = c.num_free_blocks
+    copy = c.fork(ids)
+    c.truncate(copy, torch.tensor([6]))  # keeps blocks 0 and 1 (1 partially): block 2 stays with the original
+    assert c.lengths(copy).tolist() == [6] and c.num_free_blocks == free0
+    new = step(c, copy, 3)
+    assert c.num_free_blocks == free0 - 2  # a copy of the shared partial block, and one fresh block
+    for layer in range(L):
+        k, _ = c.gather(layer, ids)
+        assert torch.equal(k, kv[layer][0])
+        k, _ = c.gather(layer, copy)
+        assert torch.equal(k, torch.cat([kv[layer][0][:, :, :6], new[layer][0]], 2))
+    c.truncate(copy, torch.tensor([0]))  # back to empty: its own blocks return to the pool
+    c.free(ids)
+    assert c.num_free_blocks == 32
+
+
+def test_truncate_bad_input_names_the_argument_and_changes_nothing():
+    c = make()
+    ids = c.allocate(2)
+    step(c, ids, 5)
+    with pytest.raises(ValueError, match="lengths has shape"):
+        c.truncate(ids, torch.tensor([1]))
+    with pytest.raises(TypeError, match="lengths must be an int64"):
+        c.truncate(ids, torch.tensor([1.0, 2.0]))
+    before = [x.clone() for x in c._state_list]
+    with pytest.raises(CacheError, match=r"lengths must be in \[0, the sequence's length\]"):
+        c.truncate(ids, torch.tensor([3, 6]))
+    with pytest.raises(CacheError, match="seq_ids lists the same sequence"):
+        c.truncate(ids[[0, 0]], torch.tensor([1, 1]))
+    assert all(torch.equal(a, b) for a, b in zip(before, c._state_list))
+    c.append(0, ids, torch.randn(2, H, 1, D), torch.randn(2, H, 1, D))
+    with pytest.raises(CacheError, match="truncate: a step is in progress"):
+        c.truncate(ids, torch.tensor([1, 1]))
+
+
 def test_deferred_mode_reports_late_and_changes_nothing():
     c = make("torch", strict=False)
     ids = c.allocate(2)

@@ -223,12 +223,54 @@ class CacheMachine(RuleBasedStateMachine):
             self.model[i] = list(snap[p])
 
     @precondition(lambda self: self.model)
+    @rule(data=st.data(), then_step=st.booleans())
+    def truncate(self, data, then_step):
+        # Roll some sequences back (particle Gibbs restarting from a prefix), possibly right after a
+        # fork, so kept partial tail blocks are shared: the next step must copy them, and the
+        # sequences sharing them keep their tokens.
+        live = self._live()
+        if then_step and self.cache._free_slots:
+            parent = data.draw(st.sampled_from(live))
+            c = self.cache.fork(torch.tensor([parent])).item()
+            self.model[c] = list(self.model[parent])
+        live = self._live()
+        ids = data.draw(st.lists(st.sampled_from(live), min_size=0, max_size=len(live), unique=True))
+        lens = [data.draw(st.integers(0, self._len(s))) for s in ids]
+        self.cache.truncate(torch.tensor(ids, dtype=torch.int64), torch.tensor(lens, dtype=torch.int64))
+        for s, n in zip(ids, lens):
+            self.model[s] = [(k[:, :n], v[:, :n]) for k, v in self.model[s]]
+        if then_step and ids:
+            self._step(data, ids, data.draw(st.integers(1, 4)), use_start=False, abandon=1)
+
+    def _len(self, s):
+        return self.model[s][0][0].shape[1]
+
+    @precondition(lambda self: self.model)
     @rule(data=st.data())
     def free(self, data):
         ids = data.draw(st.lists(st.sampled_from(self._live()), min_size=0, max_size=3, unique=True))
         self.cache.free(torch.tensor(ids, dtype=torch.int64))
         for i in ids:
             del self.model[i]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), kind=st.sampled_from(["too_long", "negative", "dead", "duplicate"]))
+    def bad_truncate(self, data, kind):
+        live = self._live()
+        s = data.draw(st.sampled_from(live))
+        ids, lens = [s], [self._len(s)]
+        if kind == "too_long":
+            lens = [self._len(s) + data.draw(st.integers(1, 3))]
+        elif kind == "negative":
+            lens = [-1]
+        elif kind == "dead":
+            dead = [i for i in range(10) if i not in self.model]
+            if not dead:
+                return
+            ids = [dead[0]]
+        else:
+            ids, lens = [s, s], [0, 0]
+        self._refused(lambda: self.cache.truncate(torch.tensor(ids), torch.tensor(lens)))
 
     @rule(data=st.data(), kind=st.sampled_from(["dead", "out_of_range", "duplicate"]),
           op=st.sampled_from(["append", "fork", "reorder", "free", "reorder_parent"]))

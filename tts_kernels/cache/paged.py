@@ -8,6 +8,7 @@ lives in fixed-size blocks of ``block_size`` tokens shared by reference count:
 
 * ``fork`` copies block-table rows and raises reference counts: no KV bytes move;
 * ``reorder`` (the beam step) permutes block-table rows: no KV bytes move;
+* ``truncate`` rolls a sequence back to a prefix (releases the blocks past it): no KV bytes move;
 * ``append`` writes new tokens; a block that another sequence can still see is
   copied first (copy-on-write), so at most the one partial tail block per
   sequence is ever copied, and only when it is shared.
@@ -26,7 +27,7 @@ number of sequences and tokens (the same ``seq_ids`` and ``start``); the append
 to the last layer advances the lengths. Between the two, ``lengths()`` still
 returns the old lengths, while ``layer_view(l)`` / ``gather(l)`` of a layer
 already written include the new tokens (what a model's attention at that layer
-needs). ``fork``, ``reorder`` and ``free`` are refused while a step is in
+needs). ``fork``, ``reorder``, ``truncate`` and ``free`` are refused while a step is in
 progress. A step that is never finished (a forward pass that raised) is
 abandoned by the next ``append(0, ...)`` or by ``abort_step()``: the lengths
 never advanced, so nothing it wrote is visible; any blocks it reserved stay
@@ -52,7 +53,7 @@ from .. import _ext
 from ..ops._validate import check_tensor
 from . import _paged_ops as ops
 
-_OP_NAMES = ("append", "fork", "reorder", "free")
+_OP_NAMES = ("append", "fork", "reorder", "free", "truncate")
 
 _MESSAGES = {
     ops.BAD_ID: "{arg} contains an id outside [0, max_seqs={S})",
@@ -62,6 +63,7 @@ _MESSAGES = {
                    "build the cache with more num_blocks",
     ops.TOO_LONG: "a sequence would exceed max_seq_len={T}",
     ops.BAD_START: "start values must be in [0, t]",
+    ops.BAD_LENGTH: "{arg} must be in [0, the sequence's length]: a sequence can only be cut shorter",
 }
 
 
@@ -120,6 +122,9 @@ class PagedKVCache:
                                  math.ceil(max_seq_len / block_size), dtype, self.device)
         self._free_slots = list(range(max_seqs - 1, -1, -1))  # host: which sequence slots are unused
         self._step = None  # host: the step in progress (see the step rule)
+        # host: an upper bound on every sequence's length (pending tokens included), so views need
+        # only the table columns that can be in use: ceil(bound / block_size) of max_blocks.
+        self._len_bound = 0
         st = self._st
         self._state_list = [st.tables, st.held, st.lens, st.pend, st.alive, st.refs, st.stack, st.n_free]
         # Deferred error word (non-strict mode): op index * 256 + bits of the first failed call.
@@ -164,8 +169,9 @@ class PagedKVCache:
         """``(k_cache, v_cache, block_tables, seq_lens)`` of ``layer`` for the attention op.
 
         ``k_cache, v_cache [num_blocks + 1, H, P, D]`` are views of the pools;
-        ``block_tables [n, max_blocks]`` int32; ``seq_lens [n]`` int32 are the
-        lengths this layer holds now (including a step in progress once this
+        ``block_tables [n, w]`` int32, ``w <= max_blocks`` the columns any sequence can be using
+        (from a host-side bound on the lengths: every append adds its ``t``); ``seq_lens [n]``
+        int32 are the lengths this layer holds now (including a step in progress once this
         layer's part of it is written). No host sync.
         """
         self._layer("layer", layer)
@@ -174,7 +180,8 @@ class PagedKVCache:
         if self._step is not None and self._step.get("tables_for") is ids:
             tables = self._step["tables"]
         else:
-            tables = st.tables[ids.clamp(0, self.max_seqs)].to(torch.int32)
+            width = max(1, min(st.max_blocks, -(-self._len_bound // self.block_size)))
+            tables = st.tables[ids.clamp(0, self.max_seqs), :width].to(torch.int32)
             if self._step is not None and ids is self._step["ids_arg"]:
                 self._step["tables_for"], self._step["tables"] = ids, tables
         lens = self._visible_lens(layer, ids.clamp(0, self.max_seqs)).to(torch.int32)
@@ -290,6 +297,8 @@ class PagedKVCache:
                                  f"{tuple(start.shape)}")
             if start.device != self.device:
                 raise ValueError(f"start is on {start.device}, the cache on {self.device}")
+        if layer == 0:
+            self._len_bound = min(self.max_seq_len, self._len_bound + t)
         if layer == 0 and self.backend == "cpp":
             blk, slot, err = torch.ops.tts.paged_begin_step_(self._state_list, self._st.k_pool, self._st.v_pool,
                                                              ids, start, t, self.max_seq_len)
@@ -316,6 +325,28 @@ class PagedKVCache:
         if layer == self.num_layers - 1:
             ops.commit_lengths(self._st)
             self._step = None
+
+    def truncate(self, seq_ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Roll sequences back: ``seq_ids[i]`` keeps its first ``lengths[i]`` tokens (``0 <=
+        lengths[i] <=`` its length; ``seq_ids`` distinct).
+
+        The blocks past the kept ones are released (to the pool when nobody else holds them); a kept
+        partial tail block that another sequence still sees stays shared, and the next ``append``
+        copies it before writing (copy-on-write), so forks of the sequence keep their tokens. With
+        ``fork`` this rolls a copy of a finished sequence back to an earlier step (particle Gibbs
+        restarting from a reference trajectory's prefix). Only table rows, lengths and reference
+        counts change: no KV bytes move.
+        """
+        self._no_step("truncate")
+        ids = self._ids("seq_ids", seq_ids)
+        lens = self._ids("lengths", lengths)
+        if lens.shape != ids.shape:
+            raise ValueError(f"lengths has shape {tuple(lens.shape)}, seq_ids {tuple(ids.shape)}; they must match")
+        err_i, ids = ops.check_ids(self._st, ids, distinct=True)
+        err_l = ops._bit((lens < 0) | (lens > self._st.lens[ids]), ops.BAD_LENGTH)
+        ok = self._gate(err_i, "truncate", "seq_ids", also=(err_l, "lengths"))
+        ops.truncate(self._st, ids, lens, ok)
+        ops.clean_trash(self._st)
 
     def abort_step(self) -> None:
         """Abandon a step in progress (its tokens never become visible)."""

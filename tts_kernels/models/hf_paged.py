@@ -42,6 +42,7 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 
@@ -120,6 +121,7 @@ class PagedCache(Cache):
         self._seen = 0            # token positions covered so far, padding included (host int)
         self._mask = None         # 2-D mask for the next forward (set_attention_mask)
         self._start = None        # [B] pads skipped at the head of the forward in progress
+        self._repeated = None     # (tables, t, tables repeated t times) of the chunk forward in progress
 
     # ------------------------------------------------------------------ rows for the search drivers
 
@@ -150,8 +152,32 @@ class PagedCache(Cache):
         self._settle()
         other = copy.copy(self)
         other.seq_ids = self.kv.fork(self.seq_ids.index_select(0, rows))
-        other._mask = other._start = other._before = None
+        other._mask = other._start = other._repeated = None
         return other
+
+    def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Roll ``rows`` (distinct) back to their first ``lengths`` tokens (``PagedKVCache.truncate``)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.seq_ids.device)
+        self._settle()
+        self.kv.truncate(self.seq_ids.index_select(0, rows), torch.as_tensor(lengths, device=self.seq_ids.device))
+
+    @contextlib.contextmanager
+    def only(self, rows: torch.Tensor):
+        """Within the block, the cache is just ``rows`` (int64 device indices, distinct): a forward
+        appends to those rows' histories and leaves the others untouched (a decode that skips the
+        rows that have finished). The batch is restored on exit, also when the forward raised."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.seq_ids.device)
+        full, mask = self.seq_ids, self._mask
+        self.seq_ids = full.index_select(0, rows)
+        self._mask = None if mask is None else mask.index_select(0, rows)
+        try:
+            yield self
+        except BaseException:
+            self._settle()
+            raise
+        finally:
+            self.seq_ids = full
+            self._mask = None
 
     def repeat_interleave(self, k: int) -> None:
         """Row ``b`` becomes rows ``b*k .. b*k+k-1`` (beams or samples of one prompt)."""
@@ -225,6 +251,7 @@ class PagedCache(Cache):
         if layer_idx == 0:
             self._start = self._pads(t)
             self._mask = None
+            self._repeated = None
         self.kv.append(layer_idx, self.seq_ids, key_states, value_states, start=self._start)
         if layer_idx == self.num_layers - 1:
             self._seen += t
@@ -307,16 +334,29 @@ def _chunk_attention(cache: PagedCache, layer: int, query: torch.Tensor, scale: 
     Row ``i`` had ``before[i]`` tokens and stored ``t - start[i]`` new ones (its first
     ``start[i]`` were pads). Real query ``j`` sits at position ``p = before[i] + j - start[i]``
     and sees keys ``k <= p`` (and ``k > p - window``); a pad query sees key 0 only, to stay
-    finite (its output is never used)."""
-    k, v = cache.kv.gather(layer, cache.seq_ids)
-    n, _, t, _ = query.shape
+    finite (its output is never used).
+
+    In a paged dtype every query is one decode query over its row's blocks read in place
+    (``paged_attention`` with the row's table repeated ``t`` times and length ``p + 1``), so the
+    history is never gathered; float64 gathers it and runs SDPA under the same mask."""
+    n, Hq, t, D = query.shape
     dev = query.device
     start = cache._start if cache._start is not None else torch.zeros(n, dtype=torch.long, device=dev)
     # Lengths this layer holds now (the new tokens included) less the new real tokens; from the layer
     # view, not PagedKVCache.lengths(), which reads the device on CUDA.
-    before = cache.kv.layer_view(layer, cache.seq_ids)[3].to(torch.long) - (t - start)
+    k_cache, v_cache, tables, held = cache.kv.layer_view(layer, cache.seq_ids)
+    before = held.to(torch.long) - (t - start)
     j = torch.arange(t, device=dev)
     p = before[:, None] + j - start[:, None]                         # [n, t]
+    if query.dtype in KV_DTYPES:
+        lens = torch.where(j < start[:, None], 1, p + 1).reshape(-1).to(torch.int32)
+        memo = cache._repeated  # every layer of one forward has the same tables: repeat them once
+        if memo is None or memo[0] is not tables or memo[1] != t:
+            memo = cache._repeated = (tables, t, tables.repeat_interleave(t, dim=0))
+        out = paged_attention(query.transpose(1, 2).reshape(n * t, Hq, D), k_cache, v_cache, memo[2], lens,
+                              scale=scale, sliding_window=window)
+        return out.reshape(n, t, Hq, D).transpose(1, 2)
+    k, v = cache.kv.gather(layer, cache.seq_ids)
     kidx = torch.arange(k.shape[2], device=dev)
     ok = kidx <= p[..., None]                                        # [n, t, T]
     if window is not None:
