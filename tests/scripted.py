@@ -106,14 +106,28 @@ class ScriptedSession:
         self.policy.live_sessions += 1
         return other
 
-    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None, rows=None) -> torch.Tensor:
         active = torch.ones_like(tokens, dtype=torch.bool) if active is None else active
-        self.keys = self.keys + (self.pos + 1).sum()
+        run = torch.ones_like(active)
+        if rows is not None:  # only these rows run; the others are left as they are
+            run = torch.zeros_like(active)
+            run[rows] = True
+            active = active & run
+        self.keys = self.keys + torch.where(run, self.pos + 1, 0).sum()
         self.last = torch.where(active, tokens, self.last)
         self.pos = self.pos + active
         self.logits = torch.where(active[:, None], self.policy.logits(self.last, self.pos), self.logits)
-        self.tokens += tokens.shape[0]
+        self.tokens += int(run.sum())
         return self.logits
+
+    def truncate(self, rows: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor) -> None:
+        assert len(set(rows.tolist())) == rows.shape[0] and bool((lengths >= 1).all())
+        assert bool((lengths <= self.pos[rows]).all()), "a row can only be cut shorter"
+        self.last, self.pos = self.last.clone(), self.pos.clone()
+        self.last[rows], self.pos[rows] = tokens, lengths
+        self.logits = self.logits.clone()
+        self.logits[rows] = self.policy.logits(tokens, lengths)
+        self.tokens += rows.shape[0]
 
     def free(self) -> None:
         assert not self.freed, "session freed twice"

@@ -125,13 +125,19 @@ class PolicySession:
         self.positions = self.positions.index_select(0, rows)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``tokens [rows]`` and compute the next logits.
 
         ``active [rows]`` bool (optional, on the device): rows where it is False append
         nothing and keep their logits and position (they still ride along in the batch:
         pausing them needs no host sync).
+        ``rows [k]`` int64 (optional, distinct row indices): run just these rows through the
+        model; the others append nothing and keep their logits (a caller that has looked at
+        which rows are still going leaves the finished ones out of the batch).
         """
+        if rows is not None:
+            return self._decode_rows(tokens, active, rows)
         if active is not None:
             self.cache.set_attention_mask(active.to(torch.long)[:, None])
         self.keys = self.keys + (self.positions + 1).sum()
@@ -145,6 +151,36 @@ class PolicySession:
             self.positions = self.positions + active
             self.logits = torch.where(active[:, None], logits, self.logits)
         self.tokens += tokens.shape[0]
+        return self.logits
+
+    @torch.no_grad()
+    def truncate(self, rows: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Roll ``rows [k]`` (distinct) back to their first ``lengths [k]`` tokens (``1 <= lengths <=``
+        the row's length). The logits become those after the kept tokens: the cache is cut one token
+        shorter and the kept last token (``tokens [k]``, which the caller knows) runs again. Only
+        these ``k`` rows run through the model."""
+        dev = self.logits.device
+        rows, lengths, tokens = rows.to(dev), lengths.to(dev), tokens.to(dev)
+        self.cache.truncate(rows, lengths - 1)
+        self.positions = self.positions.index_copy(0, rows, (lengths - 1).to(self.positions.dtype))
+        full = torch.zeros(self.rows, dtype=torch.long, device=dev).index_copy(0, rows, tokens)
+        self.decode(full, rows=rows)
+
+    def _decode_rows(self, tokens, active, rows):
+        rows = rows.to(self.logits.device)
+        act = (torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device) if active is None
+               else active.index_select(0, rows))
+        pos = self.positions.index_select(0, rows)
+        self.keys = self.keys + (pos + 1).sum()
+        with self.cache.only(rows):
+            self.cache.set_attention_mask(act.to(torch.long)[:, None])
+            out = self.policy.model(**self.policy.forward_args(
+                self.cache, input_ids=tokens.index_select(0, rows)[:, None], position_ids=pos[:, None],
+                use_cache=True))
+        new = torch.where(act[:, None], out.logits[:, -1], self.logits.index_select(0, rows))
+        self.positions = self.positions.index_add(0, rows, act.to(self.positions.dtype))
+        self.logits = self.logits.index_copy(0, rows, new.to(self.logits.dtype))
+        self.tokens += rows.shape[0]
         return self.logits
 
     def free(self) -> None:

@@ -38,6 +38,7 @@ which stays at the end of every step but the last. The searches split text thems
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -143,11 +144,20 @@ class HFPRM:
 
     def encode_steps(self, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of ``steps`` (each followed by the step tag) and the index of each step's scored token."""
-        ids, ends = [], []
-        for s in steps:
-            ids += self.tokenizer(s, add_special_tokens=False).input_ids + self._tag_ids
-            ends.append(len(ids) - 1)
-        return ids, ends
+        return self.encode_many([steps])[0]
+
+    def encode_many(self, steps: list[list[str]]) -> list[tuple[list[int], list[int]]]:
+        """:meth:`encode_steps` of every row, the texts tokenized in one batch call."""
+        flat = [s for row in steps for s in row]
+        toks = iter(self.tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+        out = []
+        for row in steps:
+            ids, ends = [], []
+            for _ in row:
+                ids += next(toks) + self._tag_ids
+                ends.append(len(ids) - 1)
+            out.append((ids, ends))
+        return out
 
     def start(self, prompts: list[str], *, agg: str = "last", rows: int | None = None,
               max_new_tokens: int = 256) -> "PRMSession":
@@ -175,7 +185,7 @@ class HFPRM:
         if len(steps) != len(prompts):
             raise ValueError(f"steps has {len(steps)} rows, prompts {len(prompts)}")
         flat = [st for cs in steps for st in cs]
-        longest = max((len(self.encode_steps(st)[0]) for st in flat), default=0)
+        longest = max((len(ids) for ids, _ in self.encode_many(flat)), default=0)
         session = self.start(prompts, agg=agg, rows=len(flat), max_new_tokens=longest)
         try:
             rows = torch.tensor([i for i, cs in enumerate(steps) for _ in cs], dtype=torch.long)
@@ -190,6 +200,47 @@ class HFPRM:
                              keys=session.keys)
         finally:
             session.free()
+
+
+FORWARD_COST = 256  # a forward's fixed cost on CPU, in padded row-tokens (bundled PRM, 2 cores)
+
+
+def length_buckets(lengths: list[int], *, max_buckets: int = 4, forward_cost: int | None = None) -> list[list[int]]:
+    """Rows grouped for separate forwards, each padded to its longest row: the split of the rows sorted
+    by length into at most ``max_buckets`` runs that minimises padded row-tokens plus ``forward_cost``
+    per forward (exact, by dynamic programming over the distinct lengths). Rows of length 0 ride
+    with the shortest group. One group (all rows, in order) when splitting does not pay.
+    ``forward_cost`` defaults to :data:`FORWARD_COST`."""
+    forward_cost = FORWARD_COST if forward_cost is None else forward_cost
+    R = len(lengths)
+    distinct = sorted(set(lengths))
+    if R == 0 or len(distinct) == 1:
+        return [list(range(R))]
+    count = [sum(1 for n in lengths if n == d) for d in distinct]
+    K = len(distinct)
+    below = [0] * (K + 1)  # rows with one of the first i distinct lengths
+    for i, c in enumerate(count):
+        below[i + 1] = below[i] + c
+    INF = float("inf")
+    # best[k][i]: cheapest cost of the first i distinct lengths in k groups; cut[k][i]: where the last starts
+    best = [[INF] * (K + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (K + 1) for _ in range(max_buckets + 1)]
+    best[0][0] = 0
+    for k in range(1, max_buckets + 1):
+        for i in range(1, K + 1):
+            for j in range(i):  # the last group holds distinct lengths j..i-1, padded to distinct[i-1]
+                c = best[k - 1][j] + (below[i] - below[j]) * distinct[i - 1] + forward_cost
+                if c < best[k][i]:
+                    best[k][i], cut[k][i] = c, j
+    k = min(range(1, max_buckets + 1), key=lambda k: best[k][K])
+    if k == 1:
+        return [list(range(R))]
+    bounds, i = [], K
+    while k > 0:
+        j = cut[k][i]
+        bounds.append((distinct[j], distinct[i - 1]))
+        i, k = j, k - 1
+    return [[r for r, n in enumerate(lengths) if lo <= n <= hi] for lo, hi in reversed(bounds)]
 
 
 @dataclass
@@ -263,10 +314,56 @@ class PRMSession:
         """
         if len(steps) != self.rows:
             raise ValueError(f"steps has {len(steps)} rows, the session {self.rows}")
-        enc = [self.prm.encode_steps(s) for s in steps]
+        enc = self.prm.encode_many(steps)
         return self._forward([e[0] for e in enc], [e[1] for e in enc])
 
     def _forward(self, ids: list[list[int]], ends: list[list[int]] | None) -> torch.Tensor:
+        """Run every row's new tokens: rows of similar length together (:func:`length_buckets`), so a
+        batch of short steps is not padded to its longest one."""
+        lengths = [len(x) for x in ids]
+        run = [r for r, n in enumerate(lengths) if n]  # rows with nothing new are left out
+        groups = [[run[i] for i in g] for g in length_buckets([lengths[r] for r in run])] if run else []
+        if len(groups) == 1 and len(groups[0]) == len(ids):
+            return self._forward_batch(ids, ends)
+        S = max((len(e) for e in ends), default=0) if ends is not None else 0
+        out = torch.full((len(ids), S), float("nan"), device=self.aggregate.device)
+        for g in groups:
+            rows = torch.tensor(g, dtype=torch.long, device=self.aggregate.device)
+            with self._only(g, rows):
+                got = self._forward_batch([ids[r] for r in g], None if ends is None else [ends[r] for r in g])
+            out[rows, : got.shape[1]] = got
+        return out
+
+    @contextlib.contextmanager
+    def _only(self, g: list[int], rows: torch.Tensor):
+        """Within the block the session is just rows ``g`` (their cache rows and running state);
+        the state they end with is written back to the full rows on exit."""
+        names = ["aggregate", "count"] + (["last_hidden"] if self.likelihood else [])
+        full = {n: getattr(self, n) for n in names}
+        full_lik = self.lik_state if self.likelihood else None
+        full_lens = self._lens
+        for n in names:
+            setattr(self, n, full[n].index_select(0, rows))
+        if self.likelihood:
+            self.lik_state = tuple(t.index_select(0, rows) for t in full_lik)
+        self._lens = [full_lens[r] for r in g]
+        try:
+            with self.cache.only(rows):
+                yield
+            for n in names:
+                full[n] = full[n].index_copy(0, rows, getattr(self, n))
+            if self.likelihood:
+                full_lik = tuple(f.index_copy(0, rows, t) for f, t in zip(full_lik, self.lik_state))
+            for r, n in zip(g, self._lens):
+                full_lens[r] = n
+        finally:
+            for n in names:
+                setattr(self, n, full[n])
+            if self.likelihood:
+                self.lik_state = full_lik
+            self._lens = full_lens
+
+    def _forward_batch(self, ids: list[list[int]], ends: list[list[int]] | None) -> torch.Tensor:
         dev = self.aggregate.device
         R = len(ids)
         t = max((len(x) for x in ids), default=0)

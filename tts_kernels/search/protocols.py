@@ -56,12 +56,19 @@ class PolicySession(Protocol):
     def clone(self, rows: torch.Tensor) -> PolicySession:
         """A second session continuing ``rows`` of this one (unchanged); its counters start at 0."""
 
-    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, active: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``tokens [rows]`` (one per row) and return the new ``logits``. Rows where
-        ``active [rows]`` (bool, on the device) is False append nothing and keep their logits."""
+        ``active [rows]`` (bool, on the device) is False append nothing and keep their logits.
+        ``rows [k]`` (int64, distinct; optional): only these rows run through the model, the
+        others are left as they are (as if inactive), so finished rows cost nothing."""
 
     def free(self) -> None:
         """Release the rows' memory; the session is not used again."""
+
+    # Optional (particle Gibbs needs it): def truncate(self, rows, lengths, tokens) -> None
+    #     Roll rows [k] back to their first lengths [k] tokens; the logits become those after them
+    #     (tokens [k]: each row's kept last token, to run again).
 
 
 @runtime_checkable

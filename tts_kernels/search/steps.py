@@ -98,26 +98,33 @@ class Steps:
     counts: torch.Tensor  # [rows] tokens in the step (an EOS counts)
     eos: torch.Tensor  # [rows] bool: ended with EOS
     delimited: torch.Tensor  # [rows] bool: ended with the delimiter
-    forward_rows: int  # rows run through the policy (paused rows included)
+    forward_rows: int  # rows run through the policy (paused rows riding along included)
     logprob_sum: torch.Tensor | None = None  # [rows] float32: the step's tokens' log-probabilities summed (if asked)
+
+
+_NARROW = 0.75  # run only the rows still going once at most this share of them is
 
 
 @torch.no_grad()
 @in_search_pool
 def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
                  temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int = 0, offset: int = 0,
-                 sync_every: int = 8, logprobs: bool = False) -> Steps:
+                 sync_every: int = 8, logprobs: bool = False, rows: torch.Tensor | None = None) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
     The EOS token is not fed to the model (the row is finished); the delimiter's token is
     (the next step continues after it). ``logprobs``: also sum each row's sampled tokens'
-    log-probabilities (``Steps.logprob_sum``).
+    log-probabilities (``Steps.logprob_sum``). ``rows [k]`` (int64, distinct; optional): only these
+    rows sample a step; the others are left as they are (particle Gibbs's parked reference rows).
     """
     R = session.rows
     dev = session.logits.device
     buf = torch.full((R, max_tokens), -1, dtype=torch.long, device=dev)
     active = torch.ones(R, dtype=torch.bool, device=dev)
+    if rows is not None:
+        rows = rows.to(dev)
+        active = torch.zeros(R, dtype=torch.bool, device=dev).index_fill_(0, rows, True)
     eos_hit = torch.zeros(R, dtype=torch.bool, device=dev)
     delim = torch.zeros(R, dtype=torch.bool, device=dev)
     counts = torch.zeros(R, dtype=torch.long, device=dev)
@@ -126,6 +133,7 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     eos = torch.tensor(eos_ids or [-1], device=dev)
     seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
     forward_rows = 0
+    run = rows  # rows still going at the last look (None: all): only they run through the policy
     for t in range(max_tokens):
         tok, lp = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
                         offset=offset + t)
@@ -144,9 +152,19 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
         delim |= ends & ~is_eos
         active = feed & ~ends
         # Rows ending their step now still feed its last token: their history must hold the whole step.
-        session.decode(tok, active=feed)
-        forward_rows += R
-        if t == max_tokens - 1 or ((t + 1) % sync_every == 0 and not bool(active.any())):
-            break  # (the host looks every sync_every tokens)
+        if run is None:
+            session.decode(tok, active=feed)
+            forward_rows += R
+        else:
+            session.decode(tok, active=feed, rows=run)
+            forward_rows += run.shape[0]
+        if t == max_tokens - 1:
+            break
+        if (t + 1) % sync_every == 0:  # the host looks every sync_every tokens
+            going = int(active.sum())
+            if going == 0:
+                break
+            if going <= _NARROW * (R if run is None else run.shape[0]):  # leave the finished rows out of the batch from now on
+                run = active.nonzero().squeeze(1)
     return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows,
                  logprob_sum=lp_sum)
