@@ -75,7 +75,10 @@ def test_every_strategy_runs_on_the_fake(name):
                 assert c.step_scores == pytest.approx([step_score(t) for t in c.steps], abs=1e-6)
     prompt_tokens = sum(len(p) for p in PROMPTS)
     assert res.compute.policy_flops > 0 and res.compute.policy_prefill_tokens >= prompt_tokens
-    if name not in ("compute_optimal", "adaptive_best_of_n"):  # one run: each prompt prefilled once
+    if name == "particle_gibbs":  # each sweep prefills the prompts, later ones also the references' completions
+        sweeps = len(res.prompt_info[0]["sweeps"])
+        assert res.compute.policy_prefill_tokens > sweeps * prompt_tokens and sweeps == 2
+    elif name not in ("compute_optimal", "adaptive_best_of_n"):  # one run: each prompt prefilled once
         assert res.compute.policy_prefill_tokens == prompt_tokens
     assert 1 <= res.samples <= 4 * len(PROMPTS)
     # Reproducible, and every session it started was freed.

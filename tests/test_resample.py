@@ -68,6 +68,17 @@ def test_resample_against_the_reference(method, P, N, seed):
     assert not torch.isinf(lw.gather(1, idx)).any() or torch.isinf(lw).all(1).any()  # dead slots never drawn
 
 
+@pytest.mark.parametrize("method", ["systematic", "multinomial"])
+@pytest.mark.parametrize("K", [0, 1, 4, 11])
+def test_fewer_or_more_draws_than_slots(method, K):
+    # Particle Gibbs draws N - R free particles from N slots.
+    lw = random_log_weights(3, 7, K)
+    idx = resample(lw, method=method, seed=2, offset=5, num_samples=K)
+    u = uniforms(2, 5, 3, 1 if method == "systematic" else K)
+    pos = (u + torch.arange(K)) / max(K, 1) if method == "systematic" else u.sort(1).values
+    assert idx.shape == (3, K) and torch.equal(idx, resample_ref(lw, pos).reshape(3, K))
+
+
 def test_systematic_draws_each_slot_floor_or_ceil_of_n_w_times():
     for seed in range(20):
         lw = random_log_weights(6, 13, seed, dead=0.3)
@@ -98,6 +109,8 @@ def test_reproducible_from_seed_and_offset():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method"):
         resample(torch.zeros(2, 3), method="stratified")
+    with pytest.raises(ValueError, match="num_samples must be"):
+        resample(torch.zeros(2, 3), num_samples=-1)
     with pytest.raises(ValueError, match="log_weights must have 2 dimensions"):
         ess(torch.zeros(3))
     with pytest.raises(TypeError, match="log_weights must have dtype"):

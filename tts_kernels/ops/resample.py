@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..reference import sample_uniform_ref
-from ._validate import check_tensor
+from ._validate import check_int, check_tensor
 
 RESAMPLERS = ("systematic", "multinomial")
 _FLOATS = (torch.float32, torch.float64)
@@ -88,28 +88,30 @@ def uniforms(seed: int | torch.Tensor, offset: int | torch.Tensor, rows: int, k:
 
 
 def resample(log_weights: torch.Tensor, *, method: str = "systematic", seed: int | torch.Tensor = 0,
-             offset: int | torch.Tensor = 0, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Draw ``N`` particle indices per row in proportion to ``softmax(log_weights / temperature)``:
-    ``[P, N]`` int64, sorted within each row.
+             offset: int | torch.Tensor = 0, temperature: float | torch.Tensor = 1.0,
+             num_samples: int | None = None) -> torch.Tensor:
+    """Draw ``K = num_samples`` (default ``N``) particle indices per row in proportion to
+    ``softmax(log_weights / temperature)``: ``[P, K]`` int64, sorted within each row.
 
-    * ``"systematic"``: one uniform ``u`` per row, positions ``(u + k) / N`` for ``k = 0..N-1``,
+    * ``"systematic"``: one uniform ``u`` per row, positions ``(u + k) / K`` for ``k = 0..K-1``,
       index = the slot whose cumulative-weight interval holds the position. Slot ``i`` is drawn
-      ``floor(N w_i)`` or ``ceil(N w_i)`` times: the lowest-variance choice.
-    * ``"multinomial"``: ``N`` independent draws (inverse CDF of ``N`` uniforms), sorted.
+      ``floor(K w_i)`` or ``ceil(K w_i)`` times: the lowest-variance choice.
+    * ``"multinomial"``: ``K`` independent draws (inverse CDF of ``K`` uniforms), sorted.
 
-    A slot of weight 0 (log-weight ``-inf``) is never drawn.
+    A slot of weight 0 (log-weight ``-inf``) is never drawn. (Particle Gibbs draws ``N - R`` free
+    particles from ``N`` slots, ``R`` of them its reference particles.)
     """
     if method not in RESAMPLERS:
         raise ValueError(f"method must be one of {RESAMPLERS}, got {method!r}")
     w = _weights(log_weights, temperature)
     P, N = w.shape
+    K = N if num_samples is None else check_int("num_samples", num_samples, minimum=0)
     dev = w.device
     cdf = w.cumsum(1)
     cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, whatever the rounding of the sum
     if method == "systematic":
         u = uniforms(seed, offset, P, 1, device=dev)
-        pos = (u + torch.arange(N, device=dev, dtype=torch.float64)) / N
+        pos = (u + torch.arange(K, device=dev, dtype=torch.float64)) / max(K, 1)
     else:
-        pos = uniforms(seed, offset, P, N, device=dev).sort(1).values
-    idx = torch.searchsorted(cdf, pos, right=True).clamp(max=N - 1)
-    return idx
+        pos = uniforms(seed, offset, P, K, device=dev).sort(1).values
+    return torch.searchsorted(cdf, pos, right=True).clamp(max=N - 1)

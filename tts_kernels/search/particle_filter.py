@@ -108,31 +108,113 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
     """
     s = resolve(settings, overrides)
     prompts = _check(verifier, prompts, n, s)
+    info = [{"resampled": [], "ess": []} for _ in prompts]
+    done, lw, compute = _sweep(policy, verifier, prompts, s, n=n, seed=seed, sweep=0, refs=None, extract=extract,
+                               info=info)
+    return _result("particle_filtering", _candidates(done), lw, s, seed, compute, info)
+
+
+@torch.no_grad()
+@in_search_pool
+def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
+                   seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+                   **overrides) -> SearchResult:
+    """Particle Gibbs: ``sweeps`` particle-filter passes of ``n // sweeps`` particles each; after a pass,
+    ``reference_particles`` of its final particles are drawn by weight (multinomial) and carried into
+    the next, where they hold the last slots of every prompt's population.
+
+    Each step of a later pass, the free particles grow one step and ``N - R`` of them are drawn from all
+    ``N`` slots; a reference particle competes with its final weight (as its_hub does). A reference
+    drawn at step ``t`` that has more than ``t`` steps continues as a free particle from its first
+    ``t`` steps: its policy row is a fork of the reference's row rolled back on the paged cache
+    (``PolicySession.truncate``: no KV bytes move, the kept last token runs again), its verifier row
+    re-scores those ``t`` steps from the prompt (the verifier's running state is exact, whatever the
+    head). One that has finished within ``t`` steps is copied as it is. The answer comes from the last
+    pass's population (``particle_select``).
+
+    Settings read: those of :func:`particle_filter` and ``sweeps``, ``reference_particles``.
+    ``n`` must be a multiple of ``sweeps``; ``reference_particles < n // sweeps``; weights from the
+    verifier. ``prompt_info`` holds each pass's ``resampled`` steps, ``ess`` and the ``references``
+    drawn after it (slot indices), and the final ``weights``.
+    """
+    s = resolve(settings, overrides)
+    prompts = _check(verifier, prompts, n, s)
+    if s.particle_weight != "verifier":
+        raise ValueError("particle_gibbs weighs particles by the verifier (particle_weight='verifier'): a rolled-back "
+                         "reference particle's weight is re-scored from its steps")
+    if n % s.sweeps:
+        raise ValueError(f"n ({n}) must be a multiple of sweeps ({s.sweeps}): each sweep runs n // sweeps particles")
+    N, R = n // s.sweeps, s.reference_particles
+    if R >= N:
+        raise ValueError(f"reference_particles ({R}) must be smaller than the particles per sweep "
+                         f"(n // sweeps = {N})")
+    info = [{"sweeps": []} for _ in prompts]
+    refs, compute = None, None
+    for sweep in range(s.sweeps):
+        part = [{"resampled": [], "ess": []} for _ in prompts]
+        done, lw, c = _sweep(policy, verifier, prompts, s, n=N, seed=seed, sweep=sweep, refs=refs,
+                             extract=extract, info=part)
+        compute = c if compute is None else compute + c
+        if sweep < s.sweeps - 1 and R:
+            pick = resample(lw, method="multinomial", seed=seed, offset=_RESAMPLE_OFFSET - 2 - sweep,
+                            temperature=s.weight_temperature, num_samples=R).tolist()
+            lw_h = lw.tolist()
+            refs = [[(done[p][i][0], done[p][i][1], lw_h[p][i]) for i in pick[p]] for p in range(len(prompts))]
+            for p in range(len(prompts)):
+                part[p]["references"] = pick[p]
+        for p in range(len(prompts)):
+            info[p]["sweeps"].append(part[p])
+    res = _result("particle_gibbs", _candidates(done), lw, s, seed, compute, info)
+    res.budget, res.samples = n, n * len(prompts)
+    return res
+
+
+def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: int, refs, extract, info):
+    """One particle-filter pass over ``n`` slots per prompt; the last ``R`` are ``refs[p]`` (candidate,
+    (completion token ids, tokens per step), final log-weight) when given (particle Gibbs).
+
+    Returns each slot's final (candidate, (token ids, tokens per step)), the ``[P, n]`` log-weights
+    and the pass's compute.
+    """
     P, N = len(prompts), n
+    R = len(refs[0]) if refs else 0
+    F = N - R  # free slots
     use_verifier = s.particle_weight == "verifier"
-    search = _Search(policy, verifier if use_verifier else None, prompts, s, seed=seed, rows=P * N,
-                     track_logprobs=not use_verifier)
+    extra = [(p, refs[p][k][1][0]) for p in range(P) for k in range(R)]  # the references' rows, parked
+    search = _Search(policy, verifier if use_verifier else None, prompts, s, seed=seed, rows=P * N + len(extra),
+                     track_logprobs=not use_verifier, extra=extra)
+    search.offset = sweep << 24  # each sweep its own token draws (sweep 0: particle_filter's)
     dev = search.pol.logits.device
     lw = torch.full((P, N), float("-inf"), dtype=torch.float64, device=dev)  # every slot's log-weight
-    done: list[list[Candidate | None]] = [[None] * N for _ in range(P)]  # finished particle in a slot
-    slot_of = [(p, j) for p in range(P) for j in range(N)]  # the slot each live row fills
-    info = [{"resampled": [], "ess": []} for _ in range(P)]
-    arange = torch.arange(N, device=dev).expand(P, N)
+    done: list[list] = [[None] * N for _ in range(P)]  # (candidate, data) of the finished particle in a slot
+    for i, (p, _) in enumerate(extra):  # the parked rows know their whole history
+        cand, (ids, ntok), w = refs[p][i % R]
+        row = P + i
+        search.texts[row], search.steps[row] = cand.text, list(cand.steps)
+        search.step_scores[row], search.step_ntok[row] = list(cand.step_scores), list(ntok)
+        done[p][F + i % R] = (cand, (ids, ntok))
+        lw[p, F + i % R] = w
+    slot_of = [(p, j) for p in range(P) for j in range(F)]  # the slot each live row fills (rows 0..)
+    parked = list(range(len(extra)))  # rows len(slot_of) + i: reference i of extra
+    arange = torch.arange(F, device=dev).expand(P, F)
+    off = _RESAMPLE_OFFSET + (sweep << 12)
     try:
-        search.fork([p for p in range(P) for _ in range(N)])
+        search.fork([p for p in range(P) for _ in range(F)] + [P + i for i in parked])
         for it in range(s.num_iterations):
             last = it == s.num_iterations - 1
-            _, finish = search.step(last)
+            live_n = len(slot_of)
+            _, finish = search.step(last, rows=list(range(live_n)) if extra else None)
             flat = torch.tensor([p * N + j for p, j in slot_of], dtype=torch.long, device=dev)
-            lw.view(-1).index_copy_(0, flat, _log_weights(search, s.particle_weight))
+            lw.view(-1).index_copy_(0, flat, _log_weights(search, s.particle_weight)[:live_n])
             agg = search.prm.aggregate.tolist() if use_verifier else [float("nan")] * search.rows
             live_rows = []
-            for r, f in enumerate(finish):
+            for r in range(live_n):
                 p, j = slot_of[r]
-                if f is None:
+                if finish[r] is None:
                     live_rows.append(r)
                 else:  # it keeps its weight and its slot
-                    done[p][j] = search.candidate(r, agg[r], f, extract)
+                    done[p][j] = (search.candidate(r, agg[r], finish[r], extract),
+                                  (list(search.ids[r]), list(search.step_ntok[r])))
             if last or not live_rows:
                 break
             # Resample the prompts whose weights have collapsed (all on the device, one host look).
@@ -142,7 +224,8 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
             alive = torch.zeros(P, dtype=torch.bool, device=dev)
             alive[torch.tensor(alive_h, device=dev)] = True
             do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
-            idx = resample(lw, method=s.resampling, seed=seed, offset=_RESAMPLE_OFFSET + it, temperature=T)
+            idx = resample(lw, method=s.resampling, seed=seed, offset=off + it, temperature=T,
+                           num_samples=F if R else None)
             if s.keep_best:
                 best = select_best(torch.where(torch.isinf(lw), float("nan"), lw).float())
                 drawn = (idx == best[:, None]).any(1)
@@ -155,26 +238,70 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
                     info[p]["resampled"].append(it)
             row_of = {slot: r for r, slot in enumerate(slot_of)}
             rows, new_slots, new_done = [], [], [[None] * N for _ in range(P)]
+            rollback = []  # (new live row, prompt, reference) continuing a reference's first it + 1 steps
             for p in range(P):
-                for j in range(N):
+                for j in range(F):
                     src = idx_h[p][j]
-                    if done[p][src] is not None:
+                    if src >= F and len(done[p][src][0].steps) > it + 1:  # a reference, rolled back
+                        rollback.append((len(rows), p, src - F))
+                        rows.append(live_n + (p * R + src - F))
+                        new_slots.append((p, j))
+                    elif done[p][src] is not None:
                         new_done[p][j] = done[p][src]
                     elif (p, src) in row_of and finish[row_of[(p, src)]] is None:
                         rows.append(row_of[(p, src)])
                         new_slots.append((p, j))
-            lw = lw.gather(1, idx)
+                for k in range(R):
+                    new_done[p][F + k] = done[p][F + k]
+            lw = torch.cat([lw.gather(1, idx), lw[:, F:]], 1)  # the references keep their slots and weights
             done, slot_of = new_done, new_slots
             if not rows:
                 break
-            search.fork(rows)
+            search.fork(rows + [live_n + i for i in parked])
+            if rollback:
+                _roll_back(search, rollback, refs, it + 1)
         compute = search.compute()
     finally:
         search.free()
-    return _result(done, lw, s, seed, compute, info)
+    return done, lw, compute
 
 
-def _result(done, lw, s: Settings, seed: int, compute, info) -> SearchResult:
+def _candidates(done) -> list[list[Candidate | None]]:
+    return [[x[0] if x is not None else None for x in row] for row in done]
+
+
+def _roll_back(search: _Search, rollback, refs, t: int) -> None:
+    """Rows forked from parked references continue from the references' first ``t`` steps: the policy
+    row is rolled back on the cache (the kept last token runs again), the verifier row (the prompt
+    only) scores those steps, and the host bookkeeping keeps the prefix."""
+    if not hasattr(search.pol, "truncate") or not hasattr(search.prm, "add_steps"):
+        raise TypeError("particle_gibbs needs a policy session with truncate(rows, lengths, tokens) "
+                        "(tts_kernels.search.protocols)")
+    dev = search.pol.logits.device
+    rows, lengths, tokens = [], [], []
+    steps = [[] for _ in range(search.rows)]
+    for r, p, k in rollback:
+        cand, (ids, ntok), _ = refs[p][k]
+        keep = sum(ntok[:t])
+        prompt = search.prompt_ids[p]
+        full = prompt + ids[:keep]
+        rows.append(r)
+        lengths.append(len(full))
+        tokens.append(full[-1])
+        search.ids[r] = list(ids[:keep])
+        search.steps[r] = list(cand.steps[:t])
+        search.step_ntok[r] = list(ntok[:t])
+        search.texts[r] = "".join(cand.steps[:t])
+        steps[r] = list(cand.steps[:t])
+    search.pol.truncate(torch.tensor(rows, device=dev), torch.tensor(lengths, device=dev),
+                        torch.tensor(tokens, device=dev))
+    search.forward_rows += len(rows)
+    scores = search.prm.add_steps(steps).tolist()
+    for r, _, _ in rollback:
+        search.step_scores[r] = scores[r][: len(steps[r])]
+
+
+def _result(name: str, done, lw, s: Settings, seed: int, compute, info) -> SearchResult:
     P, N = lw.shape
     cands = [[c if c is not None else Candidate(text="", answer=None, finish="empty") for c in row] for row in done]
     w = normalized_weights(lw, s.weight_temperature)
@@ -193,5 +320,5 @@ def _result(done, lw, s: Settings, seed: int, compute, info) -> SearchResult:
     predictions = [cands[p][chosen[p]].answer for p in range(P)]
     if s.particle_select == "weighted":  # no answer anywhere: the vote has no winner
         chosen = [c if predictions[p] is not None else None for p, c in enumerate(chosen)]
-    return SearchResult(strategy="particle_filtering", budget=N, predictions=predictions, chosen=chosen,
+    return SearchResult(strategy=name, budget=N, predictions=predictions, chosen=chosen,
                         candidates=cands, compute=compute, samples=N * P, prompt_info=info)

@@ -50,6 +50,9 @@ class Settings:
             the temperature rises until the weights' normalised entropy reaches ``entropy_target``;
             ``"annealed"``: it decays from ``num_iterations`` times to 1); ``keep_best`` carries the
             best particle through every resample.
+        sweeps, reference_particles: particle Gibbs (:func:`~tts_kernels.search.particle_gibbs`):
+            passes of ``budget // sweeps`` particles each, and the reference particles carried from
+            one pass into the next.
     """
 
     temperature: float = 0.8
@@ -74,6 +77,8 @@ class Settings:
     entropic: str = "none"
     entropy_target: float = 0.5
     keep_best: bool = False
+    sweeps: int = 2
+    reference_particles: int = 1
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -88,9 +93,11 @@ class Settings:
         number("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
         number("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("top_k", lambda v: v >= 0, ">= 0 (0: off)", int)
-        for name in ("max_new_tokens", "max_step_tokens", "num_iterations", "beam_width", "sync_every", "levels"):
+        for name in ("max_new_tokens", "max_step_tokens", "num_iterations", "beam_width", "sync_every", "levels",
+                     "sweeps"):
             number(name, lambda v: v >= 1, ">= 1", int)
         number("lookahead", lambda v: v >= 0, ">= 0", int)
+        number("reference_particles", lambda v: v >= 0, ">= 0", int)
         number("ess_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("weight_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
         number("entropy_target", lambda v: 0 <= v <= 1, "in [0, 1]")

@@ -39,7 +39,8 @@ from .validate import check_prompts
 class _Search:
     """Rows (beams) of all prompts under the policy and the PRM, with their host-side texts."""
 
-    def __init__(self, policy, prm, prompts, s: Settings, *, seed: int, rows: int, track_logprobs: bool = False):
+    def __init__(self, policy, prm, prompts, s: Settings, *, seed: int, rows: int, track_logprobs: bool = False,
+                 extra: Sequence[tuple[int, list[int]]] = ()):
         self.policy, self.prm_model = policy, prm
         self.tok = policy.tokenizer
         self.eos = list(policy.eos_token_ids)
@@ -48,10 +49,14 @@ class _Search:
         self.sync_every = s.sync_every
         self.max_step_tokens, self.max_final_tokens = s.max_step_tokens, s.max_new_tokens
         prompt_ids = [policy.encode(p) for p in prompts]
+        self.prompt_ids = prompt_ids
         budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens
-        self.pol = policy.start(prompt_ids, rows_hint=rows, max_new_tokens=budget)
-        self.prm = None if prm is None else prm.start(list(prompts), agg=s.agg, rows=rows,
-                                                      max_new_tokens=budget + 8 * s.num_iterations)
+        # extra: rows (prompt index, completion token ids) started after the prompts, their completion
+        # prefilled on the policy side (the verifier's row holds the prompt only).
+        self.pol = policy.start(prompt_ids + [prompt_ids[p] + list(c) for p, c in extra], rows_hint=rows,
+                                max_new_tokens=budget)
+        self.prm = None if prm is None else prm.start(list(prompts) + [prompts[p] for p, _ in extra], agg=s.agg,
+                                                      rows=rows, max_new_tokens=budget + 8 * s.num_iterations)
         V = self.pol.logits.shape[1]
         # Per row (track_logprobs): sum and count of its sampled tokens' log-probabilities.
         self.track_logprobs = track_logprobs
@@ -61,11 +66,13 @@ class _Search:
             self.lp_count = torch.zeros(len(prompts), dtype=torch.long, device=dev)
         self.matcher = DelimiterMatcher(self.tok, s.step_delimiter, V, device=self.pol.logits.device)
         self.P = len(prompts)
-        self.owner = list(range(self.P))  # prompt of each row
-        self.texts = [""] * self.P
-        self.ids: list[list[int]] = [[] for _ in range(self.P)]  # completion token ids (EOS dropped)
-        self.steps: list[list[str]] = [[] for _ in range(self.P)]
-        self.step_scores: list[list[float]] = [[] for _ in range(self.P)]
+        n0 = self.P + len(extra)
+        self.owner = list(range(self.P)) + [p for p, _ in extra]  # prompt of each row
+        self.texts = [""] * n0
+        self.ids: list[list[int]] = [[] for _ in range(self.P)] + [list(c) for _, c in extra]  # (EOS dropped)
+        self.steps: list[list[str]] = [[] for _ in range(n0)]
+        self.step_scores: list[list[float]] = [[] for _ in range(n0)]
+        self.step_ntok: list[list[int]] = [[] for _ in range(n0)]  # kept tokens of each step
         self.offset = 0
         self.generated = 0  # tokens sampled and kept
         self.forward_rows = 0  # decode rows run (paused rows included)
@@ -83,19 +90,22 @@ class _Search:
             self.prm.fork(idx)
         if self.track_logprobs:
             self.lp_sum, self.lp_count = self.lp_sum.index_select(0, idx), self.lp_count.index_select(0, idx)
-        for name in ("owner", "texts", "ids", "steps", "step_scores"):
+        for name in ("owner", "texts", "ids", "steps", "step_scores", "step_ntok"):
             old = getattr(self, name)
             setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
 
-    def step(self, last: bool) -> tuple[list[str], list[str | None]]:
-        """Every row samples one step (to the end on the last iteration) and the PRM scores it.
+    def step(self, last: bool, rows: list[int] | None = None) -> tuple[list[str], list[str | None]]:
+        """Every row (or only ``rows``) samples one step (to the end on the last iteration) and the PRM
+        scores it.
 
-        Returns the step texts and, per row, why it finished (``None``: it goes on).
+        Returns the step texts and, per row, why it finished (``None``: it goes on; rows left out
+        return an empty text and ``None``).
         """
         limit = self.max_final_tokens if last else self.max_step_tokens
+        only = None if rows is None else torch.tensor(rows, dtype=torch.long, device=self.pol.logits.device)
         st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
                           offset=self.offset, sync_every=self.sync_every, logprobs=self.track_logprobs,
-                          **self.sampling)
+                          rows=only, **self.sampling)
         self.offset += limit
         self.forward_rows += st.forward_rows
         if self.track_logprobs:
@@ -103,10 +113,13 @@ class _Search:
             self.lp_count = self.lp_count + st.counts
         ids, texts = self._decode(st, self.ids, self.texts)  # one host look per step: the PRM needs the text
         eos, delim = st.eos.tolist(), st.delimited.tolist()
+        skip = set() if rows is None else set(range(self.rows)) - set(rows)
         finish = []
         for r, text in enumerate(texts):
             self.generated += len(ids[r])
-            if eos[r]:
+            if r in skip:
+                finish.append(None)
+            elif eos[r]:
                 finish.append("eos")
             elif text == "":
                 finish.append("empty")
@@ -122,10 +135,12 @@ class _Search:
         else:
             first = None  # no verifier: steps are not scored
         for r, text in enumerate(texts):
-            self.ids[r] += [t for t in ids[r] if t not in self.eos_set]
+            kept = [t for t in ids[r] if t not in self.eos_set]
+            self.ids[r] += kept
             if text:
                 self.texts[r] += text
                 self.steps[r].append(text)
+                self.step_ntok[r].append(len(kept))
                 if first is not None:
                     self.step_scores[r].append(first[r])
         return texts, finish

@@ -21,10 +21,14 @@ Built-in strategies (``settings`` fields in :class:`~tts_kernels.search.Settings
   against uniform ``weighted_best_of_n`` it measures allocation alone at equal sample budget.
 * ``particle_filtering`` — ``N`` particles per prompt, resampled by verifier weight as they grow
   step by step (:func:`~tts_kernels.search.particle_filter`); ``entropic_particle_filtering`` — the
-  same with entropy-targeting resampling temperatures (``settings.entropic``, default ``"adaptive"``).
+  same with entropy-targeting resampling temperatures (``settings.entropic``, default ``"adaptive"``);
+  ``particle_gibbs`` — ``settings.sweeps`` passes of ``N / sweeps`` particles, each carrying
+  ``settings.reference_particles`` of the last pass's particles (:func:`~tts_kernels.search.particle_gibbs`;
+  fitted to the budget: ``gcd(N, sweeps)`` sweeps, at most ``N / sweeps - 1`` references).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +36,7 @@ from ..ops._validate import check_int
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import compute_optimal
-from .particle_filter import particle_filter
+from .particle_filter import particle_filter, particle_gibbs
 from .result import SearchResult
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
@@ -177,11 +181,11 @@ def _optimal(name, strategies):
     return fn
 
 
-def _particles(name, entropic):
+def _particles(name, entropic, driver=particle_filter):
     def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
         if entropic is not None and settings.entropic == "none":
             settings = settings.replace(entropic=entropic)
-        res = particle_filter(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
+        res = driver(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
         res.strategy = name
         return res
     return fn
@@ -203,5 +207,16 @@ register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("best_of
                   description="compute_optimal's allocation with weighted best-of-N at every level")
 register_strategy("particle_filtering", _particles("particle_filtering", None),
                   description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)")
+def _gibbs(policy, verifier, prompts, *, budget, settings, seed, extract):
+    # Fitted to the budget (every budget runs): gcd(budget, sweeps) sweeps, fewer references than particles.
+    sweeps = math.gcd(budget, settings.sweeps)
+    refs = min(settings.reference_particles, budget // sweeps - 1)
+    return particle_gibbs(policy, verifier, prompts, n=budget, seed=seed, extract=extract,
+                          settings=settings.replace(sweeps=sweeps, reference_particles=refs))
+
+
+register_strategy("particle_gibbs", _gibbs,
+                  description="particle Gibbs: sweeps of particle filtering, each with reference particles from the "
+                              "last (Puri et al. 2025)")
 register_strategy("entropic_particle_filtering", _particles("entropic_particle_filtering", "adaptive"),
                   description="particle filtering with entropy-targeting resampling temperatures (Giannone et al. 2025)")
