@@ -82,7 +82,7 @@ setup(
         # the bundled models, `tts-kernels demo` and `eval` (tables, plot, math-verify grading), the training script
         "demo": [TRANSFORMERS, "tokenizers>=0.23", "safetensors", "tqdm", "matplotlib>=3.7", "math-verify>=0.9"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "tokenizers>=0.23", "triton>=3.0",
-                 "matplotlib>=3.7", "math-verify>=0.9"],
+                 "matplotlib>=3.7", "math-verify>=0.9", "its_hub>=1.2"],
     },
     package_data={"tts_kernels.bundled": ["weights/*/*.json", "weights/*/*.safetensors"]},
     ext_modules=extensions(),
