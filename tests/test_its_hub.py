@@ -25,7 +25,9 @@ from its_hub.core.lms.step_generation import StepGeneration  # noqa: E402
 
 PROMPTS = ["abc", "h.", "ggg a", "b"]
 DELIM, STOP = ".", "#"  # STOP: how the replaying model tells its_hub that a particle finished
-S = Settings(max_new_tokens=24, max_step_tokens=5, num_iterations=4, step_delimiter=DELIM, temperature=1.0)
+# anneal_below, early_phase: wide enough that the entropic schedules engage on these weights.
+S = Settings(max_new_tokens=24, max_step_tokens=5, num_iterations=4, step_delimiter=DELIM, temperature=1.0,
+             anneal_below=0.9, early_phase=0.8)
 
 
 def text_score(text: str) -> float:
@@ -132,14 +134,14 @@ class FedRandom:
         return lo + (hi - lo) * self._next()[0]
 
 
-def _ours(method: str, seed: int, n: int):
+def _ours(method: str, seed: int, n: int, entropic: str = "none"):
     policy, verifier = ScriptedPolicy(boost={".": 1.5, "a": 0.5}, eos=False), RecordingVerifier()
-    res = particle_filter(policy, verifier, PROMPTS, n=n, settings=S.replace(resampling=method), seed=seed,
-                          extract=lambda t: t or None)
+    res = particle_filter(policy, verifier, PROMPTS, n=n, settings=S.replace(resampling=method, entropic=entropic),
+                          seed=seed, extract=lambda t: t or None)
     return res, verifier.log
 
 
-def _its_hub(method: str, seed: int, n: int, log, prompt: int, monkeypatch):
+def _its_hub(method: str, seed: int, n: int, log, prompt: int, monkeypatch, entropic: str = "none"):
     P = len(PROMPTS)
     rows = []
     for it in range(S.num_iterations):
@@ -159,26 +161,39 @@ def _its_hub(method: str, seed: int, n: int, log, prompt: int, monkeypatch):
         monkeypatch.setattr(pg.ParticleGibbs, "_resampling_systematic", recording)
     else:
         monkeypatch.setattr(pg, "random", fed)
-    sg = StepGeneration(max_steps=S.num_iterations + 5, step_token=DELIM, stop_token=STOP, temperature=1.0)
-    algo = pg.ParticleGibbs(sg, ContentPRM(), num_iterations=1, num_ref_particles=0, resampling_method=method,
-                            final_response_selection="argmax")
+    # max_steps: its annealing's progress is step / max_steps, ours (t + 1) / num_iterations. Its own stop
+    # (a particle holding max_steps steps before the new one) never comes first: ours marks the last step.
+    sg = StepGeneration(max_steps=S.num_iterations, step_token=DELIM, stop_token=STOP, temperature=1.0)
+    if entropic == "none":
+        algo = pg.ParticleGibbs(sg, ContentPRM(), num_iterations=1, num_ref_particles=0, resampling_method=method,
+                                final_response_selection="argmax")
+    else:  # Giannone et al.'s schedules, gated by the same ESS ratio and phase
+        algo = pg.EntropicParticleFiltering(sg, ContentPRM(), final_response_selection="argmax",
+                                            resampling_method=method, temperature_method=entropic,
+                                            ess_threshold=S.anneal_below, early_phase=S.early_phase)
     got = algo.infer(ReplayLM(log, prompt, S.num_iterations - 1), PROMPTS[prompt], n, return_response_only=False)
-    return got, fed.drawn
+    responses = got.responses if entropic != "none" else got.responses_lst[0]
+    return responses, got.selected_index, fed.drawn
 
 
 # Seed 3 gives a prompt whose six first steps are all ".": equal weights, which ours does not resample
 # and its_hub does. For systematic resampling that is the identity; a multinomial draw there cannot be
 # aligned, so the multinomial seeds are ones without (the test checks it).
-@pytest.mark.parametrize("method,seed", [("systematic", 0), ("systematic", 3), ("multinomial", 0),
-                                         ("multinomial", 2), ("multinomial", 5)])
-def test_same_particles_survive_every_step_and_the_same_answer_comes_out(method, seed, monkeypatch):
+@pytest.mark.parametrize("method,seed,entropic", [
+    ("systematic", 0, "none"), ("systematic", 3, "none"), ("multinomial", 0, "none"), ("multinomial", 2, "none"),
+    ("multinomial", 5, "none"), ("systematic", 0, "ess"), ("systematic", 3, "entropy"), ("systematic", 1, "base"),
+    ("multinomial", 2, "ess")])
+def test_same_particles_survive_every_step_and_the_same_answer_comes_out(method, seed, entropic, monkeypatch):
     n = 6
-    ours, log = _ours(method, seed, n)
+    ours, log = _ours(method, seed, n, entropic)
     assert len(log) >= 2 and any(info["resampled"] for info in ours.prompt_info)
+    if entropic != "none":  # the annealing engaged somewhere (the tempered ESS differs from the plain one)
+        plain, _ = _ours(method, seed, n)
+        assert [i["ess"] for i in ours.prompt_info] != [i["ess"] for i in plain.prompt_info]
     lost_best = 0
     for p in range(len(PROMPTS)):
         with monkeypatch.context() as m:
-            theirs, drawn = _its_hub(method, seed, n, log, p, m)
+            responses, selected, drawn = _its_hub(method, seed, n, log, p, m, entropic)
         # Every step of ours was replayed: its_hub asked for exactly as many steps (the histories were
         # checked inside the replaying model), and resampled after each.
         steps_ours = sum(1 for entry in log if any(q == p for q, _, _ in entry))
@@ -192,14 +207,14 @@ def test_same_particles_survive_every_step_and_the_same_answer_comes_out(method,
         assert all(ess[t] == pytest.approx(n) for t in skipped) and (method == "systematic" or not skipped)
         assert len(ess) in (steps_ours - 1, steps_ours)
         final = [c.text for c in ours.candidates[p]]
-        theirs_final = [r["content"].replace(STOP, "") for r in theirs.responses_lst[0]]
+        theirs_final = [r["content"].replace(STOP, "") for r in responses]
         if len(ess) == steps_ours:
             assert sorted(theirs_final) == sorted(final)
         else:  # its_hub resamples once more after the last step: its final population is drawn from ours
             assert sorted(theirs_final) == sorted(final[i] for i in drawn[-1])
         best = final[ours.chosen[p]]
         if best in theirs_final:  # the same text, or one of equal score
-            pick = theirs.responses_lst[0][theirs.selected_index]["content"].replace(STOP, "")
+            pick = responses[selected]["content"].replace(STOP, "")
             assert pick == best or text_score(pick) == text_score(best)
         else:  # its_hub lost the best particle to its last draw; only multinomial can (systematic keeps w >= 1/N)
             assert method == "multinomial"

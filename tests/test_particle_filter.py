@@ -130,6 +130,21 @@ def test_temperatures():
     assert normalized_entropy(lw[:1], T[:1]) >= 0.9
 
 
+def test_giannone_schedules_by_hand():
+    lw = torch.tensor([[8.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0]], dtype=torch.float64)
+    w = torch.softmax(lw, 1)
+    r = (1 / (w * w).sum(1) / 4).tolist()
+    h = (-(w * w.log()).sum(1) / math.log(4)).tolist()
+    assert r[0] < 0.5 < r[1]  # only the first row has collapsed
+    s = Settings(num_iterations=4, weight_temperature=2.0)
+    for kind, want in (("ess", max(1, 0.75 / r[0])), ("entropy", max(1, 1 / (h[0] + (1 - h[0]) * 0.25))),
+                       ("base", 1.75)):
+        got = _temperature(lw, s.replace(entropic=kind), 0).tolist()
+        assert got == pytest.approx([2.0 * want, 2.0])
+        assert _temperature(lw, s.replace(entropic=kind), 1).tolist() == [2.0, 2.0]  # progress 0.5: not early
+        assert _temperature(lw, s.replace(entropic=kind, anneal_below=0.2), 0).tolist() == [2.0, 2.0]
+
+
 def test_strategies_run_on_a_transformers_model():
     policy, prm = search_models()
     s = Settings(max_new_tokens=10, max_step_tokens=8, num_iterations=3, step_delimiter="e", temperature=1.0)

@@ -27,6 +27,14 @@ Temperature ``T`` (``weight_temperature``, then ``entropic``; after Giannone et 
   normalised entropy ``H(softmax(log_weight / T)) / log N`` reaches ``entropy_target``
   (:func:`~tts_kernels.ops.resample.entropic_temperature`): when the weights collapse onto a
   few particles, resampling is flattened just enough to keep that much diversity;
+* ``"ess"``, ``"entropy"``, ``"base"``: Giannone et al.'s schedules (the variants of its_hub's
+  entropic particle filtering, same formulas). With progress ``pi = (t + 1) / I`` after iteration
+  ``t`` of ``I``, the plain weights' ESS ratio ``r = ESS / N`` and normalised entropy ``H``, and only
+  while ``r < anneal_below`` and ``pi < early_phase`` (else ``T = weight_temperature``):
+  ``T = weight_temperature * max(1, (1 - pi) / r)`` (``"ess"``),
+  ``T = weight_temperature * max(1, 1 / (H + (1 - H) pi))`` (``"entropy"``),
+  ``T = weight_temperature * max(1, 2 - pi)`` (``"base"``). (its_hub clips the probabilities at
+  ``1e-7`` before ESS and entropy and leaves the entropy unnormalised for ``N <= 2``; these do not.)
 * ``"annealed"``: ``T_t = weight_temperature * I / (t + 1)`` at iteration ``t`` of ``I``: flat
   early (exploration), the plain weights at the end (exploitation).
 
@@ -47,7 +55,7 @@ import torch
 
 from .._threads import in_search_pool
 from ..ops._validate import check_int
-from ..ops.resample import entropic_temperature, ess, normalized_weights, resample, uniforms
+from ..ops.resample import entropic_temperature, ess, normalized_entropy, normalized_weights, resample, uniforms
 from ..ops.select import select_best, weighted_vote
 from .answers import answer_ids, extract_answer
 from .result import Candidate, SearchResult
@@ -75,6 +83,19 @@ def _temperature(lw: torch.Tensor, s: Settings, it: int) -> torch.Tensor:
         return base * entropic_temperature(lw / base[:, None], s.entropy_target)
     if s.entropic == "annealed":
         return base * (s.num_iterations / (it + 1))
+    if s.entropic in ("ess", "entropy", "base"):
+        N = lw.shape[1]
+        progress = (it + 1) / s.num_iterations
+        r = ess(lw) / N
+        if s.entropic == "ess":
+            T = (1 - progress) / r
+        elif s.entropic == "entropy":
+            h = normalized_entropy(lw)
+            T = 1 / (h + (1 - h) * progress)
+        else:
+            T = torch.full_like(r, 2.0 - progress)
+        on = (r < s.anneal_below) & (progress < s.early_phase)
+        return base * torch.where(on, T.clamp(min=1.0), 1.0)
     return base
 
 
@@ -99,7 +120,8 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
     Settings read: ``num_iterations``, ``step_delimiter``, ``max_step_tokens``, ``max_new_tokens``,
     ``agg``, ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``sync_every`` (as the step searches),
     and ``resampling``, ``ess_threshold``, ``particle_weight``, ``particle_select``,
-    ``weight_temperature``, ``entropic``, ``entropy_target``, ``keep_best``.
+    ``weight_temperature``, ``entropic``, ``entropy_target``, ``anneal_below``, ``early_phase``,
+    ``keep_best``.
 
     Returns a :class:`~tts_kernels.search.SearchResult` whose candidates are the final population
     (``n`` per prompt; resampled copies appear more than once) and whose ``prompt_info`` holds

@@ -15,7 +15,7 @@ AGGREGATES = ("last", "min", "prod", "mean")
 RESAMPLERS = ("systematic", "multinomial")
 PARTICLE_WEIGHTS = ("verifier", "self_certainty")
 PARTICLE_SELECT = ("best", "weighted", "sample")
-ENTROPIC = ("none", "adaptive", "annealed")
+ENTROPIC = ("none", "adaptive", "annealed", "ess", "entropy", "base")
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,11 @@ class Settings:
             log-probability); the answer by the ``"best"`` weight, a ``"weighted"`` vote or a
             ``"sample"``; ``softmax(weight / weight_temperature)``; entropic resampling (``"adaptive"``:
             the temperature rises until the weights' normalised entropy reaches ``entropy_target``;
-            ``"annealed"``: it decays from ``num_iterations`` times to 1); ``keep_best`` carries the
-            best particle through every resample.
+            ``"annealed"``: it decays from ``num_iterations`` times to 1; ``"ess"``, ``"entropy"``,
+            ``"base"``: Giannone et al.'s schedules, applied while the ESS ratio is below
+            ``anneal_below`` in the first ``early_phase`` of the iterations; formulas in
+            :mod:`~tts_kernels.search.particle_filter`); ``keep_best`` carries the best particle
+            through every resample.
         sweeps, reference_particles: particle Gibbs (:func:`~tts_kernels.search.particle_gibbs`):
             passes of ``budget // sweeps`` particles each, and the reference particles carried from
             one pass into the next.
@@ -79,6 +82,8 @@ class Settings:
     keep_best: bool = False
     sweeps: int = 2
     reference_particles: int = 1
+    anneal_below: float = 0.5
+    early_phase: float = 0.5
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -101,6 +106,8 @@ class Settings:
         number("ess_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("weight_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
         number("entropy_target", lambda v: 0 <= v <= 1, "in [0, 1]")
+        number("anneal_below", lambda v: 0 <= v <= 1, "in [0, 1]")
+        number("early_phase", lambda v: 0 <= v <= 1, "in [0, 1]")
         for name, allowed in (("agg", AGGREGATES), ("resampling", RESAMPLERS), ("particle_weight", PARTICLE_WEIGHTS),
                               ("particle_select", PARTICLE_SELECT), ("entropic", ENTROPIC)):
             if getattr(self, name) not in allowed:
