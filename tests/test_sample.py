@@ -320,6 +320,10 @@ def test_special_rows(backend):
         (dict(offset=torch.zeros(2, 3, dtype=torch.long)), ValueError, "offset"),
         (dict(min_p=torch.zeros(6, device="meta")), ValueError, "device"),
         (dict(backend="nope"), ValueError, "backend"),
+        (dict(stream=torch.arange(5)), ValueError, "stream must be an integer tensor of shape"),
+        (dict(stream=torch.arange(6.0)), ValueError, "stream must be an integer"),
+        (dict(stream=torch.tensor([0, 1, 2, 3, 4, 2**32])), ValueError, "stream values"),
+        (dict(stream=torch.tensor([0, 1, 2, 3, 4, -1])), ValueError, "stream values"),
     ],
 )
 def test_bad_input(kwargs, exc, word):
@@ -327,6 +331,39 @@ def test_bad_input(kwargs, exc, word):
     args.update(kwargs)
     with pytest.raises(exc, match=word):
         sample(**args)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_stream_makes_a_row_independent_of_its_place_in_the_batch(backend):
+    # A request's candidates keyed by (seed, stream) draw the same tokens alone or among others.
+    g = torch.Generator().manual_seed(3)
+    mine = torch.randn(4, 300, generator=g) * 2
+    others = torch.randn(5, 300, generator=g) * 2
+    kw = dict(temperature=0.9, top_p=0.95, offset=11, backend=backend)
+    alone, lp_alone = sample(mine, seed=torch.full((4,), 42), stream=torch.arange(4), **kw)
+    batch = torch.cat([others[:3], mine, others[3:]])
+    seeds = torch.tensor([1, 2, 3, 42, 42, 42, 42, 4, 5])
+    streams = torch.tensor([0, 1, 2, 0, 1, 2, 3, 0, 1])
+    tok, lp = sample(batch, seed=seeds, stream=streams, **kw)
+    assert torch.equal(tok[3:7], alone) and torch.equal(lp[3:7], lp_alone)
+    # Without streams the rows' draws depend on their place; the default stream is the row index.
+    moved, _ = sample(batch, seed=seeds, **kw)
+    assert torch.equal(moved, sample(batch, seed=seeds, stream=torch.arange(9), **kw)[0])
+    u = sample_uniform_ref(42, 11, 4, 300, stream=torch.tensor([5, 6, 7, 8]))
+    assert torch.equal(u, sample_uniform_ref(42, 11, 9, 300)[5:])
+
+
+def test_stream_matches_the_reference_on_random_inputs():
+    for trial in range(20):
+        g = torch.Generator().manual_seed(trial)
+        R, V = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(2, 700, (1,), generator=g))
+        logits = torch.randn(R, V, generator=g) * 3
+        streams = torch.randint(0, 2**32, (R,), generator=g)
+        kw = dict(temperature=1.1, top_k=int(V // 3), top_p=0.9, seed=trial, offset=trial * 7)
+        got = sample(logits, stream=streams, **kw)
+        want = sample_ref(logits, stream=streams, **kw)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
 def test_seed_is_required():
@@ -337,9 +374,9 @@ def test_seed_is_required():
 def test_opcheck_and_compile():
     logits = torch.randn(4, 50)
     op = torch.ops.tts.sample.default
-    torch.library.opcheck(op, (logits, 0.8, 5, 0.9, 0.0, 1, 2, None, None, None, None, None, None))
+    torch.library.opcheck(op, (logits, 0.8, 5, 0.9, 0.0, 1, 2, None, None, None, None, None, None, None))
     per_row = (torch.rand(4) + 0.5, torch.tensor([0, 3, 5, 50]), torch.rand(4), torch.zeros(4),
-               torch.arange(4), torch.tensor(9))
+               torch.arange(4), torch.tensor(9), torch.tensor([7, 2**32 - 1, 0, 5]))
     torch.library.opcheck(op, (logits, 1.0, 0, 1.0, 0.0, 0, 0, *per_row))
     offset = torch.tensor(3)
     compiled = torch.compile(lambda x, o: sample(x, temperature=0.7, top_p=0.9, seed=5, offset=o), fullgraph=True)

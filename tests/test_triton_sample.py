@@ -119,6 +119,17 @@ def _case_public_api(torch, st):
     assert torch.equal(a[0], b[0])
 
 
+def _case_stream(torch, st):
+    from tts_kernels.reference import sample_ref
+
+    logits = torch.randn(5, 333) * 3
+    streams = torch.tensor([9, 0, 2**32 - 1, 4, 9])
+    a = st.sample_triton(logits, 1.0, 0, 0.9, 0.0, 7, 3, streams=streams)
+    b = sample_ref(logits, top_p=0.9, seed=7, offset=3, stream=streams)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[0][4], st.sample_triton(logits[4:], 1.0, 0, 0.9, 0.0, 7, 3, streams=streams[4:])[0][0])
+
+
 def _case_distribution(torch, st):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sample_checks import LOGITS, chi2_test, draw_counts, exact_probs
@@ -176,9 +187,9 @@ def test_matches_reference(child_results, name):
 # (logits dtype, per-row-tensor flags, num_warps): scalar parameters (the usual
 # call), every parameter from a tensor, and a mix.
 _AOT_VARIANTS = [
-    ("fp32", dict(T_PTR=False, K_PTR=False, P_PTR=False, MP_PTR=False, S_PTR=False, O_PTR=True), 4),
-    ("bf16", dict(T_PTR=True, K_PTR=True, P_PTR=True, MP_PTR=True, S_PTR=True, O_PTR=True), 4),
-    ("fp16", dict(T_PTR=False, K_PTR=True, P_PTR=False, MP_PTR=True, S_PTR=False, O_PTR=False), 4),
+    ("fp32", dict(T_PTR=False, K_PTR=False, P_PTR=False, MP_PTR=False, S_PTR=False, O_PTR=True, ST_PTR=False), 4),
+    ("bf16", dict(T_PTR=True, K_PTR=True, P_PTR=True, MP_PTR=True, S_PTR=True, O_PTR=True, ST_PTR=True), 4),
+    ("fp16", dict(T_PTR=False, K_PTR=True, P_PTR=False, MP_PTR=True, S_PTR=False, O_PTR=False, ST_PTR=True), 4),
 ]
 
 
@@ -192,7 +203,7 @@ def test_kernel_compiles_for_hopper():
         for p, ptr_t, val_t in (("t", "*fp32", "fp32"), ("k", "*i64", "i64"), ("p", "*fp32", "fp32"),
                                 ("mp", "*fp32", "fp32"), ("s", "*i64", "i64"), ("o", "*i64", "i64")):
             sig.update({f"{p}_ptr": ptr_t, f"{p}_stride": "i32", f"{p}_val": val_t})
-        sig.update(tokens_ptr="*i64", logprobs_ptr="*fp32")
+        sig.update(st_ptr="*i64", tokens_ptr="*i64", logprobs_ptr="*fp32")
         consts = dict(flags, TILE=st._TILE, STILE=st._STILE, NPIV=st._NPIV)
         sig.update({k: "constexpr" for k in consts})
         kernel = compile_for_hopper(st._sample_kernel, sig, consts, num_warps=warps, enable_fp_fusion=False)

@@ -264,13 +264,14 @@ def philox4x32_ref(ctr: Sequence[torch.Tensor], key: Sequence[torch.Tensor], rou
     return c0, c1, c2, c3
 
 
-def sample_uniform_ref(seed, offset, rows: int, vocab: int, device=None) -> torch.Tensor:
+def sample_uniform_ref(seed, offset, rows: int, vocab: int, device=None, stream=None) -> torch.Tensor:
     """The uniforms ``u[r, v]`` of :func:`sample_ref`, float32 ``[rows, vocab]``.
 
     ``seed``, ``offset``: Python ints or int64 tensors (0-dim or ``[rows]``), read
-    as 64-bit two's complement. For row ``r`` and token ``v``::
+    as 64-bit two's complement; ``stream``: an int64 ``[rows]`` tensor in ``[0, 2**32)``
+    (default: the row indices ``0 .. rows-1``). For row ``r``, ``s = stream[r]``, and token ``v``::
 
-        w = Philox4x32_10(counter = (v >> 2, r, offset_lo32, offset_hi32),
+        w = Philox4x32_10(counter = (v >> 2, s, offset_lo32, offset_hi32),
                           key = (seed_lo32, seed_hi32))[v & 3]
         u = (2 * (w >> 9) + 1) * 2**-24          # exact in float32, in (0, 1)
 
@@ -284,7 +285,10 @@ def sample_uniform_ref(seed, offset, rows: int, vocab: int, device=None) -> torc
         return a.reshape(-1, 1) if a.dim() else a  # [R] -> [R, 1] to broadcast over tokens
 
     seed, offset = as_col(seed), as_col(offset)
-    r = torch.arange(rows, dtype=torch.int64, device=device).reshape(-1, 1)
+    if stream is None:
+        r = torch.arange(rows, dtype=torch.int64, device=device).reshape(-1, 1)
+    else:
+        r = torch.as_tensor(stream, dtype=torch.int64, device=device).reshape(-1, 1)
     v = torch.arange(vocab, dtype=torch.int64, device=device).reshape(1, -1)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     words = philox4x32_ref(
@@ -310,13 +314,15 @@ def sample_ref(
     min_p=0.0,
     seed=0,
     offset=0,
+    stream=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row, with temperature, top-k, top-p and min-p filters.
 
     Shapes: ``logits [R, V]`` (float32/float16/bfloat16). Each of ``temperature``,
     ``top_k``, ``top_p``, ``min_p``, ``seed``, ``offset`` is a Python number or a
-    tensor (0-dim or ``[R]``; per-row values). Returns ``tokens [R]`` int64 and
-    ``logprobs [R]`` float32.
+    tensor (0-dim or ``[R]``; per-row values); ``stream`` (optional int64 ``[R]``) is each
+    row's place in the random stream instead of its row index (:func:`sample_uniform_ref`).
+    Returns ``tokens [R]`` int64 and ``logprobs [R]`` float32.
 
     Meaning, per row (every comparison is on values, so ties are kept together and
     no sort order matters; filters in transformers' order, each on the
@@ -391,7 +397,7 @@ def sample_ref(
     keep &= (e >= p_min.unsqueeze(1)) | ~(p_min > 0).unsqueeze(1)
     keep = (keep | is_max) & ~torch.isneginf(x)
 
-    u = sample_uniform_ref(seed, offset, R, V, dev)
+    u = sample_uniform_ref(seed, offset, R, V, dev, stream)
     race = torch.where(keep, e / -torch.log(u), torch.full_like(e, -1.0))
     tokens = race.argmax(dim=1)  # first maximum: the lowest index on ties
     z = torch.where(keep, e, torch.zeros_like(e)).sum(dim=1)
@@ -405,14 +411,14 @@ def sample_ref(
 
 
 def sample_op_ref(logits, temperature, top_k, top_p, min_p, seed, offset, temperatures, top_ks, top_ps, min_ps,
-                  seeds, offsets):
+                  seeds, offsets, streams=None):
     """``torch.ops.tts.sample``'s argument layout (scalars, each overridden by its
     per-row tensor when given) on top of :func:`sample_ref`."""
     def pick(scalar, tensor):
         return scalar if tensor is None else tensor
 
     return sample_ref(logits, pick(temperature, temperatures), pick(top_k, top_ks), pick(top_p, top_ps),
-                      pick(min_p, min_ps), pick(seed, seeds), pick(offset, offsets))
+                      pick(min_p, min_ps), pick(seed, seeds), pick(offset, offsets), streams)
 
 
 # ----------------------------------------------------------------------------- particle resampling

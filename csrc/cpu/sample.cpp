@@ -55,6 +55,7 @@ struct RowParams {
   float min_p;
   uint64_t seed;
   uint64_t offset;
+  uint32_t stream;  // the row's place in the random stream (default: its row index)
 };
 
 inline uint32_t float_bits(float f) {
@@ -89,8 +90,8 @@ struct Stream {
   uint32_t row, off_lo, off_hi, k0, k1;
 };
 
-inline Stream make_stream(const RowParams& p, int64_t r) {
-  return Stream{static_cast<uint32_t>(r), static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
+inline Stream make_stream(const RowParams& p) {
+  return Stream{p.stream, static_cast<uint32_t>(p.offset), static_cast<uint32_t>(p.offset >> 32),
                 static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32)};
 }
 
@@ -340,7 +341,7 @@ void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w,
   // min-p: e >= min_p, the most probable group always in; off when min_p <= 0 (or NaN).
   const float min_p = p.min_p > 0.0f ? p.min_p : kNegInf;
 
-  const Stream s = make_stream(p, r);
+  const Stream s = make_stream(p);
   alignas(32) float u[kBlock];
   float best = -1.0f;
   int64_t tok = 0;
@@ -394,7 +395,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, doubl
                                               const std::optional<at::Tensor>& top_ps,
                                               const std::optional<at::Tensor>& min_ps,
                                               const std::optional<at::Tensor>& seeds,
-                                              const std::optional<at::Tensor>& offsets) {
+                                              const std::optional<at::Tensor>& offsets,
+                                              const std::optional<at::Tensor>& streams) {
   TORCH_CHECK(logits_in.dim() == 2, "sample: logits must be 2-D [R, V]");
   const int64_t R = logits_in.size(0), V = logits_in.size(1);
   TORCH_CHECK(V >= 1, "sample: logits must have at least one column");
@@ -402,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, doubl
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   std::vector<RowParams> params(R, RowParams{static_cast<float>(temperature), top_k, top_p,
                                              static_cast<float>(min_p), static_cast<uint64_t>(seed),
-                                             static_cast<uint64_t>(offset)});
+                                             static_cast<uint64_t>(offset), 0u});
+  for (int64_t r = 0; r < R; ++r) params[r].stream = static_cast<uint32_t>(r);
   fill_param<float>(temperatures, at::kFloat, "temperature", R, [&](int64_t r, float v) { params[r].temperature = v; });
   fill_param<int64_t>(top_ks, at::kLong, "top_k", R, [&](int64_t r, int64_t v) { params[r].top_k = v; });
   fill_param<float>(top_ps, at::kFloat, "top_p", R, [&](int64_t r, float v) { params[r].top_p = v; });
@@ -410,6 +413,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, doubl
   fill_param<int64_t>(seeds, at::kLong, "seed", R, [&](int64_t r, int64_t v) { params[r].seed = static_cast<uint64_t>(v); });
   fill_param<int64_t>(offsets, at::kLong, "offset", R,
                       [&](int64_t r, int64_t v) { params[r].offset = static_cast<uint64_t>(v); });
+  fill_param<int64_t>(streams, at::kLong, "stream", R,
+                      [&](int64_t r, int64_t v) { params[r].stream = static_cast<uint32_t>(v); });
   auto tokens = at::empty({R}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({R}, logits.options().dtype(at::kFloat));
   const int64_t rs = logits.stride(0);

@@ -80,6 +80,7 @@ def sample(
     min_p: float | torch.Tensor = 0.0,
     seed: int | torch.Tensor,
     offset: int | torch.Tensor = 0,
+    stream: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits [R, V]`` (float32/float16/bfloat16).
@@ -90,6 +91,10 @@ def sample(
     (Philox): the same ``seed``, ``offset`` (Python ints or int64 tensors, 0-dim
     or ``[R]``) and inputs give the same tokens on every run and backend, and an
     ``offset`` tensor advanced on the device keeps a decode loop free of syncs.
+    ``stream`` (optional int64 ``[R]``, values in ``[0, 2**32)``) is each row's place in
+    the random stream, by default its row index: a row given the same ``seed``, ``offset``
+    and ``stream`` draws the same uniforms wherever it sits in the batch, so a request's
+    candidates keyed by (request seed, candidate number) do not depend on their batch-mates.
 
     Returns ``tokens [R]`` int64 and ``logprobs [R]`` float32: the log-probability
     of each token under the filtered, temperature-scaled, renormalised
@@ -102,4 +107,20 @@ def sample(
     ``TTS_KERNELS_BACKEND`` replaces ``"auto"`` (``tts_kernels/ops/_dispatch.py``).
     """
     scalars, tensors = _validate(logits, temperature, top_k, top_p, min_p, seed, offset)
-    return _dispatch.call("sample", logits.device.type, backend, logits, *scalars, *tensors)
+    stream = _check_stream(stream, logits)
+    return _dispatch.call("sample", logits.device.type, backend, logits, *scalars, *tensors, stream)
+
+
+def _check_stream(stream, logits):
+    if stream is None:
+        return None
+    check_tensor("stream", stream, ndim=1)
+    R = logits.shape[0]
+    if stream.dtype not in _INTS or stream.shape[0] != R:
+        raise ValueError(f"stream must be an integer tensor of shape [R={R}], got {stream.dtype} {tuple(stream.shape)}")
+    if stream.device != logits.device:
+        raise ValueError(f"stream is on {stream.device}, logits on {logits.device}")
+    stream = stream.to(torch.int64)
+    if stream.device.type == "cpu" and R and not bool(((stream >= 0) & (stream < 2**32)).all()):
+        raise ValueError("stream values must be in [0, 2**32)")
+    return stream

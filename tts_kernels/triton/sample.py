@@ -88,9 +88,9 @@ def _sample_kernel(
     logits_ptr, row_stride, V,
     t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
     mp_ptr, mp_stride, mp_val, s_ptr, s_stride, s_val, o_ptr, o_stride, o_val,
-    tokens_ptr, logprobs_ptr,
+    st_ptr, tokens_ptr, logprobs_ptr,
     T_PTR: tl.constexpr, K_PTR: tl.constexpr, P_PTR: tl.constexpr, MP_PTR: tl.constexpr,
-    S_PTR: tl.constexpr, O_PTR: tl.constexpr,
+    S_PTR: tl.constexpr, O_PTR: tl.constexpr, ST_PTR: tl.constexpr,
     TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -101,6 +101,7 @@ def _sample_kernel(
     min_p = _param(mp_ptr, mp_stride, mp_val, r, MP_PTR).to(tl.float32)
     seed = _param(s_ptr, s_stride, s_val, r, S_PTR).to(tl.int64)
     offset = _param(o_ptr, o_stride, o_val, r, O_PTR).to(tl.int64)
+    stream = _param(st_ptr, 1, r, r, ST_PTR).to(tl.int64)  # the row's place in the random stream
     greedy = (T > 0.0) == 0  # T <= 0 or NaN
     T = tl.where(greedy, 1.0, T)
     offs = tl.arange(0, TILE)
@@ -181,7 +182,7 @@ def _sample_kernel(
             x, mask = _load_x(row_ptr, idx, V, T, True)
             e = tl.exp(x - m)
             keep = mask & (x > float("-inf")) & (_order_key(x) >= thr) & ((e >= min_p) | (x == m))
-            E = -tl.log(_uniform(seed_u, offset, r, idx))
+            E = -tl.log(_uniform(seed_u, offset, stream, idx))
             score = tl.where(keep, tl.math.div_rn(e, E), -1.0)
             z += tl.sum(tl.where(keep, e, 0.0), 0)
             tmax = tl.max(score, 0)
@@ -200,7 +201,7 @@ def _is_interpreted(kernel) -> bool:
 
 
 def sample_triton(logits, temperature, top_k, top_p, min_p, seed, offset,
-                  temperatures=None, top_ks=None, top_ps=None, min_ps=None, seeds=None, offsets=None):
+                  temperatures=None, top_ks=None, top_ps=None, min_ps=None, seeds=None, offsets=None, streams=None):
     """Triton ``sample`` with ``torch.ops.tts.sample``'s arguments (scalars, each
     overridden by its per-row tensor when given). Arguments are assumed valid
     (``tts_kernels.ops.sample`` checks them); tensors have the op's dtypes."""
@@ -230,8 +231,9 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seed, offset,
             args += [t, 0 if t.dim() == 0 else 1, value]
             flags.append(True)
     _sample_kernel[(R,)](
-        logits, row_stride, V, *args, tokens, logprobs,
+        logits, row_stride, V, *args, tokens if streams is None else streams.contiguous(), tokens, logprobs,
         T_PTR=flags[0], K_PTR=flags[1], P_PTR=flags[2], MP_PTR=flags[3], S_PTR=flags[4], O_PTR=flags[5],
+        ST_PTR=streams is not None,
         TILE=_TILE, STILE=_STILE, NPIV=_NPIV, num_warps=4, enable_fp_fusion=False,
     )
     return tokens, logprobs
