@@ -201,6 +201,10 @@ class ScriptedVerifierSession:
         self.verifier.live_sessions += 1
         return other
 
+    def score(self, r: int, row: list[str], j: int) -> float:
+        """Row ``r``'s score for its new step ``row[j]`` (a subclass may read the row's history)."""
+        return step_score(row[j])
+
     def add_steps(self, steps: list[list[str]]) -> torch.Tensor:
         if len(steps) != self.rows:
             raise ValueError(f"steps has {len(steps)} rows, the session {self.rows}")
@@ -208,7 +212,7 @@ class ScriptedVerifierSession:
         scores = torch.full((self.rows, S), float("nan"))
         for r, row in enumerate(steps):
             for j, text in enumerate(row):
-                scores[r, j] = step_score(text)
+                scores[r, j] = self.score(r, row, j)
                 self.keys += len(text) * self.lens[r] + len(text) * (len(text) + 1) // 2
                 self.lens[r] += len(text)
                 self.tokens += len(text)

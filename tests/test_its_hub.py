@@ -49,18 +49,12 @@ class RecordingSession(ScriptedVerifierSession):
         self.prompt = [self.prompt[r] for r in rows.tolist()]
         self.history = [self.history[r] for r in rows.tolist()]
 
+    def score(self, r, row, j):  # the whole text so far, not the step alone
+        return text_score(self.history[r] + "".join(row[: j + 1]))
+
     def add_steps(self, steps):
         self.verifier.log.append([(self.prompt[r], self.history[r], "".join(st)) for r, st in enumerate(steps)])
-        S_ = max((len(s) for s in steps), default=0)
-        scores = torch.full((self.rows, S_), float("nan"))
-        for r, row in enumerate(steps):
-            for j, text in enumerate(row):
-                scores[r, j] = text_score(self.history[r] + "".join(row[: j + 1]))
-        from tts_kernels.ops.prm import fold_step_scores
-
-        if S_:
-            self.aggregate, self.count = fold_step_scores(scores, ~torch.isnan(scores), self.aggregate, self.count,
-                                                          self.agg)
+        scores = super().add_steps(steps)
         self.history = [h + "".join(st) for h, st in zip(self.history, steps)]
         return scores
 

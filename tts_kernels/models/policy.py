@@ -21,6 +21,7 @@ position on the device (no sync).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -136,21 +137,30 @@ class PolicySession:
         model; the others append nothing and keep their logits (a caller that has looked at
         which rows are still going leaves the finished ones out of the batch).
         """
-        if rows is not None:
-            return self._decode_rows(tokens, active, rows)
-        if active is not None:
-            self.cache.set_attention_mask(active.to(torch.long)[:, None])
-        self.keys = self.keys + (self.positions + 1).sum()
-        out = self.policy.model(**self.policy.forward_args(self.cache, input_ids=tokens[:, None],
-                                                           position_ids=self.positions[:, None], use_cache=True))
-        logits = out.logits[:, -1]
-        if active is None:
-            self.positions = self.positions + 1
-            self.logits = logits
+        if rows is None:  # the whole batch: no index ops on the hot path
+            tok, pos, act = tokens, self.positions, active
         else:
-            self.positions = self.positions + active
-            self.logits = torch.where(active[:, None], logits, self.logits)
-        self.tokens += tokens.shape[0]
+            rows = rows.to(self.logits.device)
+            tok, pos = tokens.index_select(0, rows), self.positions.index_select(0, rows)
+            act = None if active is None else active.index_select(0, rows)
+        self.keys = self.keys + (pos + 1).sum()
+        with contextlib.nullcontext() if rows is None else self.cache.only(rows):
+            if act is not None:
+                self.cache.set_attention_mask(act.to(torch.long)[:, None])
+            out = self.policy.model(**self.policy.forward_args(self.cache, input_ids=tok[:, None],
+                                                               position_ids=pos[:, None], use_cache=True))
+        logits = out.logits[:, -1]
+        if act is None:
+            new_pos, new_logits = pos + 1, logits
+        else:
+            old = self.logits if rows is None else self.logits.index_select(0, rows)
+            new_pos, new_logits = pos + act, torch.where(act[:, None], logits, old)
+        if rows is None:
+            self.positions, self.logits = new_pos, new_logits
+        else:
+            self.positions = self.positions.index_copy(0, rows, new_pos)
+            self.logits = self.logits.index_copy(0, rows, new_logits.to(self.logits.dtype))
+        self.tokens += tok.shape[0]
         return self.logits
 
     @torch.no_grad()
@@ -165,23 +175,6 @@ class PolicySession:
         self.positions = self.positions.index_copy(0, rows, (lengths - 1).to(self.positions.dtype))
         full = torch.zeros(self.rows, dtype=torch.long, device=dev).index_copy(0, rows, tokens)
         self.decode(full, rows=rows)
-
-    def _decode_rows(self, tokens, active, rows):
-        rows = rows.to(self.logits.device)
-        act = (torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device) if active is None
-               else active.index_select(0, rows))
-        pos = self.positions.index_select(0, rows)
-        self.keys = self.keys + (pos + 1).sum()
-        with self.cache.only(rows):
-            self.cache.set_attention_mask(act.to(torch.long)[:, None])
-            out = self.policy.model(**self.policy.forward_args(
-                self.cache, input_ids=tokens.index_select(0, rows)[:, None], position_ids=pos[:, None],
-                use_cache=True))
-        new = torch.where(act[:, None], out.logits[:, -1], self.logits.index_select(0, rows))
-        self.positions = self.positions.index_add(0, rows, act.to(self.positions.dtype))
-        self.logits = self.logits.index_copy(0, rows, new.to(self.logits.dtype))
-        self.tokens += rows.shape[0]
-        return self.logits
 
     def free(self) -> None:
         self.cache.free()

@@ -186,9 +186,7 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
                 part[p]["references"] = pick[p]
         for p in range(len(prompts)):
             info[p]["sweeps"].append(part[p])
-    res = _result("particle_gibbs", _candidates(done), lw, s, seed, compute, info)
-    res.budget, res.samples = n, n * len(prompts)
-    return res
+    return _result("particle_gibbs", _candidates(done), lw, s, seed, compute, info, budget=n)
 
 
 def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: int, refs, extract, info):
@@ -217,11 +215,11 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: 
         done[p][F + i % R] = (cand, (ids, ntok))
         lw[p, F + i % R] = w
     slot_of = [(p, j) for p in range(P) for j in range(F)]  # the slot each live row fills (rows 0..)
-    parked = list(range(len(extra)))  # rows len(slot_of) + i: reference i of extra
+    # The parked reference rows follow the live ones: reference i of extra is row len(slot_of) + i.
     arange = torch.arange(F, device=dev).expand(P, F)
     off = _RESAMPLE_OFFSET + (sweep << 12)
     try:
-        search.fork([p for p in range(P) for _ in range(F)] + [P + i for i in parked])
+        search.fork([p for p in range(P) for _ in range(F)] + [P + i for i in range(len(extra))])
         for it in range(s.num_iterations):
             last = it == s.num_iterations - 1
             live_n = len(slot_of)
@@ -279,7 +277,7 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: 
             done, slot_of = new_done, new_slots
             if not rows:
                 break
-            search.fork(rows + [live_n + i for i in parked])
+            search.fork(rows + [live_n + i for i in range(len(extra))])
             if rollback:
                 _roll_back(search, rollback, refs, it + 1)
         compute = search.compute()
@@ -296,7 +294,7 @@ def _roll_back(search: _Search, rollback, refs, t: int) -> None:
     """Rows forked from parked references continue from the references' first ``t`` steps: the policy
     row is rolled back on the cache (the kept last token runs again), the verifier row (the prompt
     only) scores those steps, and the host bookkeeping keeps the prefix."""
-    if not hasattr(search.pol, "truncate") or not hasattr(search.prm, "add_steps"):
+    if not hasattr(search.pol, "truncate"):
         raise TypeError("particle_gibbs needs a policy session with truncate(rows, lengths, tokens) "
                         "(tts_kernels.search.protocols)")
     dev = search.pol.logits.device
@@ -323,8 +321,10 @@ def _roll_back(search: _Search, rollback, refs, t: int) -> None:
         search.step_scores[r] = scores[r][: len(steps[r])]
 
 
-def _result(name: str, done, lw, s: Settings, seed: int, compute, info) -> SearchResult:
+def _result(name: str, done, lw, s: Settings, seed: int, compute, info, budget: int | None = None) -> SearchResult:
+    """The search result of a final population; ``budget``: samples per prompt (default: its size)."""
     P, N = lw.shape
+    budget = N if budget is None else budget
     cands = [[c if c is not None else Candidate(text="", answer=None, finish="empty") for c in row] for row in done]
     w = normalized_weights(lw, s.weight_temperature)
     if s.particle_select == "best":
@@ -342,5 +342,5 @@ def _result(name: str, done, lw, s: Settings, seed: int, compute, info) -> Searc
     predictions = [cands[p][chosen[p]].answer for p in range(P)]
     if s.particle_select == "weighted":  # no answer anywhere: the vote has no winner
         chosen = [c if predictions[p] is not None else None for p, c in enumerate(chosen)]
-    return SearchResult(strategy=name, budget=N, predictions=predictions, chosen=chosen,
-                        candidates=cands, compute=compute, samples=N * P, prompt_info=info)
+    return SearchResult(strategy=name, budget=budget, predictions=predictions, chosen=chosen,
+                        candidates=cands, compute=compute, samples=budget * P, prompt_info=info)
