@@ -7,10 +7,9 @@ identical before the medians are printed. The timing loop is
 ``tts_kernels.bench.beam_search.run`` (also used by ``tts-kernels bench``).
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import machine_info, print_table, write_json
 from tts_kernels.bench.beam_search import profile, run
-from tts_kernels.apps.report import machine_info, print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -35,6 +34,4 @@ if __name__ == "__main__":
           f"(ratio {row['ratio_vs_scores']:.2f}); compiled kernels: {row['compiled_kernels']}")
     if args.profile:
         print(profile(args.device, args.quick, **kw))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "row": row}, f, indent=1)
+    write_json(args.json, {"machine": machine_info(), "row": row})

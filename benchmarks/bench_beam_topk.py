@@ -3,10 +3,9 @@
     python benchmarks/bench_beam_topk.py [--device cuda] [--json out.json]
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import print_table, write_json
 from tts_kernels.bench.beam_topk import run
-from tts_kernels.apps.report import print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -17,6 +16,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     rows = run(args.device, backends=tuple(args.backends.split(",")), rounds=args.rounds)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)

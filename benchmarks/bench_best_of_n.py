@@ -3,8 +3,8 @@
     python benchmarks/bench_best_of_n.py [--quick] [--rounds R] [--n 16,64] [--device cuda]
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import write_json
 from tts_kernels.bench.best_of_n import run
 
 
@@ -22,9 +22,7 @@ def main():
         pt, ot = r["peer_tokens"], r["ours_tokens"]
         print(f"{r['shape']:58} {r['peer_ms']:9.0f} {r['ours_ms']:9.0f} {r['ratio']:6.2f}  "
               f"{pt['policy']}/{pt['prm']} -> {ot['policy']}/{ot['prm']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@
 keeps torch's pool as it is (TTS_KERNELS_THREADS=fixed): the behaviour before that was added.
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import write_json
 from tts_kernels.bench.contention import CONFIGS, run
 
 
@@ -25,9 +25,7 @@ def main():
     for r in rows:
         print(f"{r['config']:26} {r['alone_s']:8.2f} {r['busy_s']:8.2f} {r['slowdown']:8.2f}x "
               f"{r['alone_tok_s']:12.0f} {r['busy_tok_s']:11.0f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(a.json, rows)
 
 
 if __name__ == "__main__":

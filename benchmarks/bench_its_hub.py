@@ -4,8 +4,8 @@ served by the same bundled HF models): accuracy with Wilson intervals and second
     python benchmarks/bench_its_hub.py [--problems 40] [--budget 16] [--resampling systematic] [--json out.json]
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import write_json
 from tts_kernels.bench.its_hub_pf import compare
 
 
@@ -23,9 +23,7 @@ def main():
                    rounds=a.rounds)
     for r in rows:
         print(r)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ written and the ratios. The loops are ``tts_kernels.bench.kv_fork`` (also run by
 ``tts-kernels bench``).
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import machine_info, print_table, write_json
 from tts_kernels.bench.kv_fork import run
-from tts_kernels.apps.report import machine_info, print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -29,6 +28,4 @@ if __name__ == "__main__":
             if "blocks_per_step" in r else ""
         print(f"{r['op']} {r['shape']}: time ratio {r['ratio']:.1f}x; bytes written peer "
               f"{r['peer_bytes'] / 1e6:.2f} MB, ours {r['ours_bytes'] / 1e6:.3f} MB, ratio {r['bytes_ratio']:.0f}x{extra}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "rows": rows}, f, indent=1)
+    write_json(args.json, {"machine": machine_info(), "rows": rows})

@@ -3,8 +3,8 @@
     python benchmarks/bench_likelihood.py [--quick] [--rounds R] [--device cuda] [--json PATH]
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import write_json
 from tts_kernels.bench.likelihood import run
 
 
@@ -20,9 +20,7 @@ def main():
     for r in rows:
         print(f"{r['shape']:58} {r['peer_ms']:9.1f} {r['ours_ms']:9.1f} {r['ratio']:6.2f}  "
               f"{r['peer_tokens']} -> {r['ours_tokens']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,9 @@
     python benchmarks/bench_sample.py [--device cuda] [--json out.json]
 """
 import argparse
-import json
 
+from tts_kernels.apps.report import print_table, write_json
 from tts_kernels.bench.sample import run
-from tts_kernels.apps.report import print_table
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -19,6 +18,4 @@ if __name__ == "__main__":
     rows = run(args.device, dtypes=tuple(args.dtypes.split(",")), backends=tuple(args.backends.split(",")),
                rounds=args.rounds)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)

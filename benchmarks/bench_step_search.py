@@ -24,7 +24,6 @@ is the peer at its best, ``peer_raw_ms`` the wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import statistics
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from step_search_baseline import baseline_beam_search, baseline_dvts, counts  # noqa: E402
 
+from tts_kernels.apps.report import write_json  # noqa: E402
 from tts_kernels.bench.best_of_n import VOCAB, make_models, make_tokenizer  # noqa: E402
 
 DELIM_ID = VOCAB - 1
@@ -171,9 +171,7 @@ def main():
         print(f"  {r['op']:16} n={r['shape'].split('n=')[1].split()[0]:>3}: "
               f"{'/'.join(str(p.get(k, '-')) for k in f)} -> {'/'.join(str(o.get(k, '-')) for k in f)}; "
               f"{r['completed']} completed, mean {r['mean_steps']:.2f} steps, {r['finishes']}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(a.json, rows)
 
 
 if __name__ == "__main__":

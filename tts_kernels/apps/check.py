@@ -7,7 +7,6 @@ PRM against the transformers recipe; plus a few op benchmarks.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ..bench import best_of_n as bon
 from ..bench import kv_reorder as kv
 from ..bench.beam_search import make_model
 from ..search import beam_search
-from .report import machine_info, print_table
+from .report import machine_info, print_table, write_json
 
 
 def main(args) -> int:
@@ -67,9 +66,8 @@ def main(args) -> int:
     rows += bon_rows
     print("\nop benchmarks (CPU, ratio = peer / ours; full set: `tts-kernels bench`):")
     print_table(rows)
-    with open(out / "check.json", "w") as f:
-        json.dump({"machine": machine_info(), "beam_search_identical": same and close,
-                   "paged_beam_search_identical": same_paged,
-                   "beam_search_ms": {"ours": t_ours * 1e3, "generate": t_ref * 1e3}, "ops": rows}, f, indent=1)
+    write_json(out / "check.json", {"machine": machine_info(), "beam_search_identical": same and close,
+                                    "paged_beam_search_identical": same_paged,
+                                    "beam_search_ms": {"ours": t_ours * 1e3, "generate": t_ref * 1e3}, "ops": rows})
     print(f"\nwrote {out / 'check.json'}")
     return 0 if (same and close and same_paged) else 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..bench import sample as sp
 from . import check as check_app
 from . import demo as demo_app
 from . import evaluate as eval_app
-from .report import COLUMNS, machine_info, print_table
+from .report import COLUMNS, machine_info, print_table, write_json
 
 def bench(args) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.cpu_only else [])
@@ -64,8 +63,7 @@ def bench(args) -> int:
     print_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench.json", "w") as f:
-        json.dump({"machine": machine_info(), "rows": rows}, f, indent=1)
+    write_json(out / "bench.json", {"machine": machine_info(), "rows": rows})
     with open(out / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[k for k, _ in COLUMNS] + ["peer"], extrasaction="ignore")
         w.writeheader()

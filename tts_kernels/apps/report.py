@@ -2,10 +2,11 @@
 
 Shared by ``bench`` and ``check`` (:func:`print_table`), ``demo`` and ``eval``
 (:func:`summarize`, :func:`print_summary`, :func:`plot_scaling`), and everything that writes a
-JSON record of a run (:func:`machine_info`).
+JSON record of a run (:func:`machine_info`, :func:`write_json`).
 """
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -31,6 +32,13 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
         if j == 0:
             print("  ".join("-" * w for w in widths), file=file)
     file.flush()
+
+
+def write_json(path: str | Path | None, data) -> None:
+    """``data`` as indented JSON at ``path``; nothing when ``path`` is None (a script's ``--json``)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 def machine_info() -> dict:
