@@ -24,7 +24,7 @@ python -c "import tts_kernels, tts_kernels._ext as e; print('HAS_C', e.HAS_C, 'C
 echo "== CUDA tests (beam_topk, PagedKVCache, paged_attention, sample: every test_cuda_*.py)"
 timeout 180 python -m pytest -q tests/test_cuda_*.py 2>&1 | tail -15
 # The CPU tests are CI's job; this device time goes to what only a GPU can show.
-echo "== bench (every op against its peer: beam_topk, kv_reorder_, paged_attention, kv_fork, sample, resample, beam_search)"
+echo "== bench (every op against its peer: beam_topk, kv_reorder_, paged_attention, kv_fork (beam step, roll-back), sample, resample, beam_search)"
 timeout 300 tts-kernels bench --out "$OUT/bench" 2>&1 | tail -60
 echo "== best-of-N end to end on CUDA"
 timeout 90 python benchmarks/bench_best_of_n.py --rounds 2 --device cuda --json "$OUT/best_of_n.json" 2>&1 | tail -5

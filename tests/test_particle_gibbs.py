@@ -82,6 +82,7 @@ def test_bad_settings_name_the_setting():
         S.replace(sweeps=0)
 
 
+@pytest.mark.models  # also under the lowest supported transformers
 def test_rolled_back_rows_equal_fresh_sessions_on_a_transformers_model(monkeypatch):
     # The roll-back on the real sessions: right after it, a rolled-back row's next-token logits equal a
     # fresh policy session's over the same prompt + prefix, and its verifier aggregate equals scoring the
@@ -114,6 +115,7 @@ def test_rolled_back_rows_equal_fresh_sessions_on_a_transformers_model(monkeypat
 PROMPTS_HF = ["Q: 1+1?\n", "Q: 2*3?\n"]
 
 
+@pytest.mark.models
 def test_policy_truncate_equals_a_fresh_start():
     policy, _ = search_models()
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,15 @@ run, against ``T`` >= 256). Bytes written: peer, the whole cache twice; ours, th
 tokens plus at most one copied block per beam (the copy-on-write tail; counted as a
 full block for every block the step took from the pool, an upper bound).
 
-(b) ``best_of_n``: set-up of best-of-N on a small random Llama: prefill one prompt once
+(b) ``rollback``: particle Gibbs restarting ``K`` particles from a reference trajectory's prefix
+of ``t`` of its ``T`` tokens. Peer: ``K`` copies of the prefix in a ``DynamicCache`` (slice and
+copy every layer's keys and values, what a dense cache must do). Ours: ``fork`` the reference
+``K`` times and ``truncate`` the copies to ``t`` (table rows and reference counts; a shared tail
+block is copied only when a copy next appends), then ``free`` them so the next call starts alike.
+Bytes: the peer's copies; ours writes no KV bytes, only block-table rows (``fork``, ``truncate`` and
+``free`` each write ``K`` int64 rows of ``max_blocks`` entries; counted, the rest is smaller).
+
+(c) ``best_of_n``: set-up of best-of-N on a small random Llama: prefill one prompt once
 into a paged cache and fork it ``N`` times (shared blocks) against prefilling ``N``
 copies into a ``DynamicCache`` (what ``generate(num_return_sequences=N)`` does). Bytes:
 the keys and values written.
@@ -142,12 +150,48 @@ def best_of_n_case(N: int = 64, prompt_len: int = 512, *, hidden: int = 256, lay
                 N * prompt_len * token_bytes, prompt_len * token_bytes)
 
 
+def rollback_case(T: int, *, K: int = 16, layers: int = 8, heads: int = 8, D: int = 64, block_size: int = 16,
+                  dtype=torch.float32, device="cpu", rounds: int = 5, iters: int = 10) -> dict:
+    from transformers import DynamicCache
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(1)
+    t = T // 2 + 5  # the prefix kept: inside a block
+    ref = [torch.randn(1, heads, T, D, generator=gen).to(device, dtype) for _ in range(layers)]
+
+    def peer():
+        dense = DynamicCache()
+        for layer in range(layers):
+            k = ref[layer][:, :, :t].expand(K, -1, -1, -1).contiguous()
+            dense.update(k, k.clone(), layer)
+
+    kv = PagedKVCache(layers, heads, D, num_blocks=math.ceil(T / block_size) + 1, block_size=block_size,
+                      max_seqs=K + 1, max_seq_len=T, dtype=dtype, device=device)
+    root = kv.allocate(1)
+    for layer in range(layers):
+        kv.append(layer, root, ref[layer], ref[layer])
+    lens = torch.full((K,), t, dtype=torch.int64, device=device)
+
+    def ours():
+        ids = kv.fork(root.repeat(K))
+        kv.truncate(ids, lens)
+        kv.free(ids)
+
+    res = compare(peer, ours, device=device, rounds=rounds, iters=iters)
+    token_bytes = 2 * layers * heads * D * torch.empty((), dtype=dtype).element_size()
+    shape = f"K={K} L={layers} H={heads} D={D} T={T} t={t} P={block_size}"
+    table_bytes = 3 * K * math.ceil(kv.max_seq_len / block_size) * 8
+    return _row("kv_rollback", shape, dtype, device, "K prefix copies in a DynamicCache", res, K * t * token_bytes,
+                table_bytes)
+
+
 def run(device="cpu", quick: bool = False, rounds: int | None = None, with_model: bool = True) -> list[dict]:
-    """Rows for ``tts-kernels bench``: the beam step at T = 256, 1024, 2048 and (``with_model``) the
-    best-of-64 set-up. ``gbs``: the bytes we write / our time."""
+    """Rows for ``tts-kernels bench``: the beam step and the particle-Gibbs roll-back at T = 256, 1024,
+    2048 and (``with_model``) the best-of-64 set-up. ``gbs``: the bytes we write / our time."""
     rounds = rounds or (3 if quick else 5)
-    rows = [beam_step_case(T, device=device, rounds=rounds, iters=5 if quick else 10)
-            for T in ((256, 2048) if quick else (256, 1024, 2048))]
+    Ts = (256, 2048) if quick else (256, 1024, 2048)
+    rows = [beam_step_case(T, device=device, rounds=rounds, iters=5 if quick else 10) for T in Ts]
+    rows += [rollback_case(T, device=device, rounds=rounds, iters=5 if quick else 10) for T in Ts]
     if with_model:
         rows.append(best_of_n_case(prompt_len=128 if quick else 512, device=device, rounds=2 if quick else 3))
     return rows
