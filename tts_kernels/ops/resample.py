@@ -82,14 +82,16 @@ def entropic_temperature(log_weights: torch.Tensor, target: float, *, max_temper
     return torch.where(ok1, 1.0, torch.exp(hi))
 
 
-def uniforms(seed: int | torch.Tensor, offset: int | torch.Tensor, rows: int, k: int, device=None) -> torch.Tensor:
-    """``[rows, k]`` float64 uniforms in ``(0, 1)`` from the counter-based generator (exact float32 values)."""
-    return sample_uniform_ref(seed, offset, rows, k, device=device).double()
+def uniforms(seed: int | torch.Tensor, offset: int | torch.Tensor, rows: int, k: int, device=None,
+             stream: torch.Tensor | None = None) -> torch.Tensor:
+    """``[rows, k]`` float64 uniforms in ``(0, 1)`` from the counter-based generator (exact float32 values);
+    ``seed`` per row or shared, ``stream [rows]`` each row's stream (default: its index), as in ``sample``."""
+    return sample_uniform_ref(seed, offset, rows, k, device=device, stream=stream).double()
 
 
 def resample(log_weights: torch.Tensor, *, method: str = "systematic", seed: int | torch.Tensor = 0,
              offset: int | torch.Tensor = 0, temperature: float | torch.Tensor = 1.0,
-             num_samples: int | None = None) -> torch.Tensor:
+             num_samples: int | None = None, stream: torch.Tensor | None = None) -> torch.Tensor:
     """Draw ``K = num_samples`` (default ``N``) particle indices per row in proportion to
     ``softmax(log_weights / temperature)``: ``[P, K]`` int64, sorted within each row.
 
@@ -100,6 +102,10 @@ def resample(log_weights: torch.Tensor, *, method: str = "systematic", seed: int
 
     A slot of weight 0 (log-weight ``-inf``) is never drawn. (Particle Gibbs draws ``N - R`` free
     particles from ``N`` slots, ``R`` of them its reference particles.)
+
+    Randomness: row ``p``'s uniforms are keyed by ``(seed, stream[p], offset)`` (``seed`` an int or a
+    ``[P]`` tensor; ``stream [P]`` default the row index), so a row keyed by its own seed draws the same
+    wherever it sits.
     """
     if method not in RESAMPLERS:
         raise ValueError(f"method must be one of {RESAMPLERS}, got {method!r}")
@@ -110,8 +116,8 @@ def resample(log_weights: torch.Tensor, *, method: str = "systematic", seed: int
     cdf = w.cumsum(1)
     cdf = cdf / cdf[:, -1:]  # exactly 1 at the end, whatever the rounding of the sum
     if method == "systematic":
-        u = uniforms(seed, offset, P, 1, device=dev)
+        u = uniforms(seed, offset, P, 1, device=dev, stream=stream)
         pos = (u + torch.arange(K, device=dev, dtype=torch.float64)) / max(K, 1)
     else:
-        pos = uniforms(seed, offset, P, K, device=dev).sort(1).values
+        pos = uniforms(seed, offset, P, K, device=dev, stream=stream).sort(1).values
     return torch.searchsorted(cdf, pos, right=True).clamp(max=N - 1)

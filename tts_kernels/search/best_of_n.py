@@ -41,6 +41,7 @@ from ..ops._validate import check_int
 from ..ops.sample import sample
 from .accounting import Compute, count_flops
 from .answers import extract_answer
+from .seeds import Seeds
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .settings import Settings, resolve
 from .validate import check_prompts
@@ -57,13 +58,17 @@ def _check(prompts, n, max_new_tokens, sync_every, stop):
 @torch.no_grad()
 @in_search_pool
 def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens: int, temperature=1.0,
-                       top_p=1.0, top_k=0, min_p=0.0, stop: Sequence[str] | None = None, seed: int = 0,
+                       top_p=1.0, top_k=0, min_p=0.0, stop: Sequence[str] | None = None, seed: int | Sequence[int] = 0,
                        sync_every: int = 8, stats: dict | None = None):
     """``n`` sampled completions per prompt: ``(texts [P][n], token ids [P][n], finish [P][n], policy tokens)``.
+
+    ``seed``: the run's seed, or one per prompt (:mod:`~tts_kernels.search.seeds`: then a prompt's
+    candidate ``j`` draws under (its seed, ``j``) whatever else is in the batch).
 
     ``stats`` (a dict, optional) receives ``prefill`` (prompt tokens) and ``keys`` (keys
     attended, summed over every token run: the attention part of the FLOP estimate)."""
     _check(prompts, n, max_new_tokens, sync_every, stop)
+    keys = Seeds.of(seed, len(prompts))
     tok = policy.tokenizer
     P = len(prompts)
     R = P * n
@@ -75,11 +80,11 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
         out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=dev)
         live = torch.arange(R, device=dev)  # original row of each batch row
         done = torch.zeros(R, dtype=torch.bool, device=dev)  # per batch row
-        seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
+        seed_t, stream = keys.rows(live // n, live % n, dev)  # (prompt, candidate) of each row
         offset = torch.zeros((), dtype=torch.int64, device=dev)
         for step in range(max_new_tokens):
             tokens, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               seed=seed_t, offset=offset)
+                               seed=seed_t, offset=offset, stream=stream)
             offset += 1
             out[live, step] = torch.where(done, -1, tokens)
             done |= torch.isin(tokens, eos)
@@ -102,6 +107,7 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
                     idx = torch.tensor(keep, device=dev)
                     session.fork(idx)
                     live = live.index_select(0, idx)
+                    seed_t, stream = keys.rows(live // n, live % n, dev)
                     tokens = tokens.index_select(0, idx)
                     done = torch.zeros(len(keep), dtype=torch.bool, device=dev)
             # Rows that finished since the last look still run until the next one (no sync to
@@ -197,7 +203,7 @@ def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int
 
 @torch.no_grad()
 def best_of_n(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "best",
-              settings: Settings | None = None, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+              settings: Settings | None = None, seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
               **overrides) -> SearchResult:
     """Sample ``n`` completions per prompt, score them with ``verifier``, pick one per prompt.
 
@@ -212,7 +218,7 @@ def best_of_n(policy, verifier, prompts: Sequence[str], *, n: int, select: str =
         settings: :class:`~tts_kernels.search.Settings`; keyword ``overrides`` change single fields
             (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``max_new_tokens``, ``stop``, ``agg``,
             ``step_delimiter``, ``sync_every`` are read).
-        seed: the sampling seed.
+        seed: the sampling seed, or one per prompt (:mod:`~tts_kernels.search.seeds`).
         extract: the answer of a completion text (default: ``\\boxed{X}`` / ``The answer is X``).
 
     Returns a :class:`~tts_kernels.search.SearchResult`; ``info["policy_forward_tokens"]`` counts

@@ -38,6 +38,7 @@ from ..ops.allocate import allocate_budget
 from .answers import extract_answer
 from .best_of_n import best_of_n
 from .result import SearchResult
+from .seeds import Seeds
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
 from .validate import check_prompts
@@ -73,7 +74,7 @@ def default_plan(levels: int, strategies: Sequence[str] = ("best_of_n", "prm_bea
 def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pilot_n: int | None = None,
                     strategies: Sequence[str] = ("best_of_n", "prm_beam_search"),
                     plan: dict[int, tuple[str, int]] | None = None, n_max: int | None = None,
-                    settings: Settings | None = None, seed: int = 0,
+                    settings: Settings | None = None, seed: int | Sequence[int] = 0,
                     extract: Callable[[str], str | None] = extract_answer, name: str = "compute_optimal",
                     **overrides) -> SearchResult:
     """Pilot, estimate difficulty, choose a strategy per level, allocate the rest of ``budget * P`` samples.
@@ -83,13 +84,14 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
     default plan (:func:`default_plan`); ``plan`` maps level -> ``(strategy, beam_width)``
     explicitly instead. ``n_max`` caps the samples of one prompt. The searches run with
     ``settings`` (and keyword ``overrides``), the pilot with ``seed`` and the searches with
-    ``seed + 1``. ``name`` is the result's ``strategy``.
+    ``seed + 1`` (per prompt when ``seed`` is a list). ``name`` is the result's ``strategy``.
     """
     s = resolve(settings, overrides)
     prompts = check_prompts(prompts)
     if verifier is None:
         raise ValueError(f"{name} needs a verifier (difficulty comes from its scores)")
     P = len(prompts)
+    keys = Seeds.of(seed, P)
     check_int("budget", budget, minimum=1)
     pilot_n = max(1, budget // 4) if pilot_n is None else check_int("pilot_n", pilot_n, minimum=1)
     total = budget * P
@@ -104,7 +106,7 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
         if strat not in STRATEGIES or not isinstance(bw, int) or bw < 1:
             raise ValueError(f"plan[{lv}] must be (one of {STRATEGIES}, beam_width >= 1), got {plan.get(lv)!r}")
 
-    pilot = best_of_n(policy, verifier, prompts, n=pilot_n, select="weighted", settings=s, seed=seed,
+    pilot = best_of_n(policy, verifier, prompts, n=pilot_n, select="weighted", settings=s, seed=keys,
                       extract=extract)
     compute = pilot.compute
     scores = torch.tensor([[c.score for c in row] for row in pilot.candidates], dtype=torch.float32)
@@ -135,7 +137,7 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
     for (strat, n, bw), idx in sorted(groups.items()):
         search, rule = _SEARCH[strat]
         res = search(policy, verifier, [prompts[i] for i in idx], n=n, select=rule, settings=s.replace(beam_width=bw),
-                     seed=seed + 1, extract=extract)
+                     seed=keys.shift(1).take(idx), extract=extract)
         compute = compute + res.compute
         for j, i in enumerate(idx):
             info[i]["strategy"], info[i]["n"] = strat, n

@@ -59,6 +59,7 @@ from ..ops.resample import entropic_temperature, ess, normalized_entropy, normal
 from ..ops.select import select_best, weighted_vote
 from .answers import answer_ids, extract_answer
 from .result import Candidate, SearchResult
+from .seeds import Seeds
 from .settings import Settings, resolve
 from .step_search import _Search
 from .validate import check_prompts
@@ -113,7 +114,7 @@ def _check(verifier, prompts, n: int, s: Settings) -> list[str]:
 @torch.no_grad()
 @in_search_pool
 def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
-                    seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+                    seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
                     **overrides) -> SearchResult:
     """Particle filtering with ``n`` particles per prompt (see the module docstring).
 
@@ -131,6 +132,7 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
     s = resolve(settings, overrides)
     prompts = _check(verifier, prompts, n, s)
     info = [{"resampled": [], "ess": []} for _ in prompts]
+    seed = Seeds.of(seed, len(prompts))
     done, lw, compute = _sweep(policy, verifier, prompts, s, n=n, seed=seed, sweep=0, refs=None, extract=extract,
                                info=info)
     return _result("particle_filtering", _candidates(done), lw, s, seed, compute, info)
@@ -139,7 +141,7 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
 @torch.no_grad()
 @in_search_pool
 def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
-                   seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+                   seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
                    **overrides) -> SearchResult:
     """Particle Gibbs: ``sweeps`` particle-filter passes of ``n // sweeps`` particles each; after a pass,
     ``reference_particles`` of its final particles are drawn by weight (multinomial) and carried into
@@ -170,6 +172,7 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     if R >= N:
         raise ValueError(f"reference_particles ({R}) must be smaller than the particles per sweep "
                          f"(n // sweeps = {N})")
+    seed = Seeds.of(seed, len(prompts))
     info = [{"sweeps": []} for _ in prompts]
     refs, compute = None, None
     for sweep in range(s.sweeps):
@@ -178,8 +181,9 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
                              extract=extract, info=part)
         compute = c if compute is None else compute + c
         if sweep < s.sweeps - 1 and R:
-            pick = resample(lw, method="multinomial", seed=seed, offset=_RESAMPLE_OFFSET - 2 - sweep,
-                            temperature=s.weight_temperature, num_samples=R).tolist()
+            key, stream = seed.prompts(lw.device)
+            pick = resample(lw, method="multinomial", seed=key, offset=_RESAMPLE_OFFSET - 2 - sweep,
+                            temperature=s.weight_temperature, num_samples=R, stream=stream).tolist()
             lw_h = lw.tolist()
             refs = [[(done[p][i][0], done[p][i][1], lw_h[p][i]) for i in pick[p]] for p in range(len(prompts))]
             for p in range(len(prompts)):
@@ -189,7 +193,7 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     return _result("particle_gibbs", _candidates(done), lw, s, seed, compute, info, budget=n)
 
 
-def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: int, refs, extract, info):
+def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep: int, refs, extract, info):
     """One particle-filter pass over ``n`` slots per prompt; the last ``R`` are ``refs[p]`` (candidate,
     (completion token ids, tokens per step), final log-weight) when given (particle Gibbs).
 
@@ -218,6 +222,7 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: 
     # The parked reference rows follow the live ones: reference i of extra is row len(slot_of) + i.
     arange = torch.arange(F, device=dev).expand(P, F)
     off = _RESAMPLE_OFFSET + (sweep << 12)
+    key, stream = seed.prompts(dev)
     try:
         search.fork([p for p in range(P) for _ in range(F)] + [P + i for i in range(len(extra))])
         for it in range(s.num_iterations):
@@ -244,8 +249,8 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: int, sweep: 
             alive = torch.zeros(P, dtype=torch.bool, device=dev)
             alive[torch.tensor(alive_h, device=dev)] = True
             do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
-            idx = resample(lw, method=s.resampling, seed=seed, offset=off + it, temperature=T,
-                           num_samples=F if R else None)
+            idx = resample(lw, method=s.resampling, seed=key, offset=off + it, temperature=T,
+                           num_samples=F if R else None, stream=stream)
             if s.keep_best:
                 best = select_best(torch.where(torch.isinf(lw), float("nan"), lw).float())
                 drawn = (idx == best[:, None]).any(1)
@@ -321,7 +326,7 @@ def _roll_back(search: _Search, rollback, refs, t: int) -> None:
         search.step_scores[r] = scores[r][: len(steps[r])]
 
 
-def _result(name: str, done, lw, s: Settings, seed: int, compute, info, budget: int | None = None) -> SearchResult:
+def _result(name: str, done, lw, s: Settings, seed: Seeds, compute, info, budget: int | None = None) -> SearchResult:
     """The search result of a final population; ``budget``: samples per prompt (default: its size)."""
     P, N = lw.shape
     budget = N if budget is None else budget
@@ -333,7 +338,8 @@ def _result(name: str, done, lw, s: Settings, seed: int, compute, info, budget: 
         _, chosen = weighted_vote(answer_ids([[c.answer for c in row] for row in cands], device=lw.device), w)
         chosen = chosen.tolist()
     else:  # "sample": one particle drawn by weight, from the resampling stream's next counter
-        u = uniforms(seed, _RESAMPLE_OFFSET - 1, P, 1, device=lw.device)
+        key, stream = seed.prompts(lw.device)
+        u = uniforms(key, _RESAMPLE_OFFSET - 1, P, 1, device=lw.device, stream=stream)
         chosen = torch.searchsorted(w.cumsum(1) / w.sum(1, keepdim=True), u, right=True).clamp(max=N - 1)
         chosen = chosen[:, 0].tolist()
     w_h = w.tolist()

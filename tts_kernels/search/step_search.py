@@ -31,6 +31,7 @@ from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
+from .seeds import Seeds
 from .settings import Settings, resolve
 from .steps import DelimiterMatcher, sample_steps
 from .validate import check_prompts
@@ -45,7 +46,8 @@ class _Search:
         self.tok = policy.tokenizer
         self.eos = list(policy.eos_token_ids)
         self.eos_set = set(self.eos)
-        self.sampling = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed)
+        self.sampling = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p)
+        self.keys = Seeds.of(seed, len(prompts))
         self.sync_every = s.sync_every
         self.max_step_tokens, self.max_final_tokens = s.max_step_tokens, s.max_new_tokens
         prompt_ids = [policy.encode(p) for p in prompts]
@@ -102,10 +104,12 @@ class _Search:
         return an empty text and ``None``).
         """
         limit = self.max_final_tokens if last else self.max_step_tokens
-        only = None if rows is None else torch.tensor(rows, dtype=torch.long, device=self.pol.logits.device)
+        dev = self.pol.logits.device
+        only = None if rows is None else torch.tensor(rows, dtype=torch.long, device=dev)
+        seed, stream = self.keys.rows_of(self.owner, dev)  # a row's key: (its prompt's seed, its place there)
         st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
                           offset=self.offset, sync_every=self.sync_every, logprobs=self.track_logprobs,
-                          rows=only, **self.sampling)
+                          rows=only, seed=seed, stream=stream, **self.sampling)
         self.offset += limit
         self.forward_rows += st.forward_rows
         if self.track_logprobs:
@@ -270,7 +274,7 @@ def _result(name: str, n: int, completed, compute: Compute, select: str, device)
 
 @torch.no_grad()
 def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "best",
-                    settings: Settings | None = None, seed: int = 0,
+                    settings: Settings | None = None, seed: int | Sequence[int] = 0,
                     extract: Callable[[str], str | None] = extract_answer, **overrides) -> SearchResult:
     """Step-level beam search with a verifier (search-and-learn semantics; see the module docstring).
 
@@ -318,7 +322,7 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
 
 @torch.no_grad()
 def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "weighted",
-         settings: Settings | None = None, seed: int = 0, extract: Callable[[str], str | None] = extract_answer,
+         settings: Settings | None = None, seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
          **overrides) -> SearchResult:
     """Diverse verifier tree search: ``n // beam_width`` independent subtrees per prompt.
 

@@ -108,8 +108,9 @@ _NARROW = 0.75  # run only the rows still going once at most this share of them 
 @torch.no_grad()
 @in_search_pool
 def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
-                 temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int = 0, offset: int = 0,
-                 sync_every: int = 8, logprobs: bool = False, rows: torch.Tensor | None = None) -> Steps:
+                 temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int | torch.Tensor = 0, offset: int = 0,
+                 sync_every: int = 8, logprobs: bool = False, rows: torch.Tensor | None = None,
+                 stream: torch.Tensor | None = None) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
@@ -117,6 +118,8 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     (the next step continues after it). ``logprobs``: also sum each row's sampled tokens'
     log-probabilities (``Steps.logprob_sum``). ``rows [k]`` (int64, distinct; optional): only these
     rows sample a step; the others are left as they are (particle Gibbs's parked reference rows).
+    ``seed`` (an int or an int64 ``[rows]`` tensor) and ``stream`` (optional ``[rows]``) key the draws
+    as in :func:`~tts_kernels.sample` (:mod:`~tts_kernels.search.seeds`).
     """
     R = session.rows
     dev = session.logits.device
@@ -131,12 +134,12 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     lp_sum = torch.zeros(R, dtype=torch.float32, device=dev) if logprobs else None
     state = matcher.start(R) if matcher is not None else None
     eos = torch.tensor(eos_ids or [-1], device=dev)
-    seed_t = torch.tensor(seed, dtype=torch.int64, device=dev)
+    seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device=dev)
     forward_rows = 0
     run = rows  # rows still going at the last look (None: all): only they run through the policy
     for t in range(max_tokens):
         tok, lp = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
-                        offset=offset + t)
+                        offset=offset + t, stream=stream)
         buf[:, t] = torch.where(active, tok, -1)
         counts += active
         if logprobs:

@@ -38,6 +38,7 @@ from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
 from .result import SearchResult
+from .seeds import check_seed
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
 from .validate import check_prompts
@@ -50,26 +51,30 @@ GroupFn = Callable[..., dict]
 
 @dataclass(frozen=True)
 class Strategy:
-    """A registered strategy: its function, whether it needs a verifier, and (optionally) a group
-    function that runs several strategies of one family on shared work (:func:`run_together`)."""
+    """A registered strategy: its function, whether it needs a verifier, (optionally) a group
+    function that runs several strategies of one family on shared work (:func:`run_together`), and
+    whether it pools its budget over the prompts of a call (``pooled``: a prompt's result then
+    depends on the other prompts, so the server runs each request of it alone)."""
 
     name: str
     fn: StrategyFn
     needs_verifier: bool = True
     description: str = ""
     group: GroupFn | None = None
+    pooled: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True, description: str = "",
-                      group: GroupFn | None = None, replace: bool = False) -> Strategy:
+                      group: GroupFn | None = None, pooled: bool = False, replace: bool = False) -> Strategy:
     """Register ``fn`` as strategy ``name``: ``fn(policy, verifier, prompts, *, budget, settings, seed,
     extract) -> SearchResult`` (``prompts`` a checked list, ``settings`` a :class:`Settings`).
 
     ``needs_verifier``: :func:`run` refuses ``verifier=None`` for it. ``group``: strategies sharing
-    one ``group`` function run together in :func:`run_together`. Registering a taken name is an
+    one ``group`` function run together in :func:`run_together`. ``pooled``: the budget is spent
+    across the prompts of a call (their results depend on each other). Registering a taken name is an
     error unless ``replace=True``. Returns the :class:`Strategy`.
     """
     if not isinstance(name, str) or not name.isidentifier():
@@ -78,7 +83,7 @@ def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True,
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if name in STRATEGIES and not replace:
         raise ValueError(f"strategy {name!r} is already registered (pass replace=True to replace it)")
-    entry = Strategy(name, fn, bool(needs_verifier), description, group)
+    entry = Strategy(name, fn, bool(needs_verifier), description, group, bool(pooled))
     STRATEGIES[name] = entry
     return entry
 
@@ -94,24 +99,27 @@ def _check(strategy: str, verifier, budget) -> Strategy:
 
 
 def run(strategy: str, policy, verifier, prompts: Sequence[str], *, budget: int, settings: Settings | None = None,
-        seed: int = 0, extract: Callable[[str], str | None] = extract_answer) -> SearchResult:
+        seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer) -> SearchResult:
     """Run the registered ``strategy`` on ``prompts`` with ``budget`` samples per prompt.
 
     ``policy``/``verifier``: objects of the :mod:`~tts_kernels.search.protocols` (the transformers
     adapters :class:`~tts_kernels.models.HFPolicy` / :class:`~tts_kernels.models.HFPRM`, or any
     backend); ``verifier`` may be ``None`` for strategies that need none (``greedy``, ``majority``).
     ``settings``: :class:`Settings` (default ``Settings()``). ``seed``: the sampling seed (a result
-    is a pure function of the arguments). ``extract``: the answer of a completion text.
+    is a pure function of the arguments), or one seed per prompt (a prompt's result is then a
+    function of its own seed and text, whatever else is in the call; not for ``pooled`` strategies;
+    :mod:`~tts_kernels.search.seeds`). ``extract``: the answer of a completion text.
     Every argument is checked before any model runs.
     """
     entry = _check(strategy, verifier, budget)
     s = resolve(settings, {})
     prompts = check_prompts(prompts)
+    check_seed(seed, len(prompts))
     return entry.fn(policy, verifier, prompts, budget=budget, settings=s, seed=seed, extract=extract)
 
 
 def run_together(strategies: Sequence[str], policy, verifier, prompts: Sequence[str], *, budget: int,
-                 settings: Settings | None = None, seed: int = 0,
+                 settings: Settings | None = None, seed: int | Sequence[int] = 0,
                  extract: Callable[[str], str | None] = extract_answer) -> dict[str, SearchResult]:
     """:func:`run` for each of ``strategies``, in order, where strategies registered with one ``group``
     (``majority``, ``best_of_n``, ``weighted_best_of_n``) share one run: the same samples, each
@@ -121,6 +129,7 @@ def run_together(strategies: Sequence[str], policy, verifier, prompts: Sequence[
     entries = [_check(name, verifier, budget) for name in strategies]
     s = resolve(settings, {})
     prompts = check_prompts(prompts)
+    check_seed(seed, len(prompts))
     out: dict[str, SearchResult] = {}
     done_groups = set()
     for entry in entries:
@@ -202,9 +211,9 @@ register_strategy("prm_beam_search", _step("prm_beam_search", prm_beam_search),
                   description="step-level beam search: N beams, the best N/beam_width kept each step")
 register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees")
 register_strategy("compute_optimal", _optimal("compute_optimal", ("best_of_n", "prm_beam_search")),
-                  description="pilot, difficulty levels, a strategy per level, N*P samples allocated")
+                  description="pilot, difficulty levels, a strategy per level, N*P samples allocated", pooled=True)
 register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("best_of_n",)),
-                  description="compute_optimal's allocation with weighted best-of-N at every level")
+                  description="compute_optimal's allocation with weighted best-of-N at every level", pooled=True)
 register_strategy("particle_filtering", _particles("particle_filtering", None),
                   description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)")
 def _gibbs(policy, verifier, prompts, *, budget, settings, seed, extract):
