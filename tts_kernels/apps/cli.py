@@ -1,7 +1,8 @@
 """`tts-kernels` console command: ``demo`` (the main job: test-time scaling on the bundled
 models), ``bench`` (every op benchmark this machine supports), ``check`` (beam search
-against transformers ``generate()``, best-of-N against the transformers recipe) and ``eval`` (a
-strategy at several budgets over a dataset, sharded over torchrun ranks, resumable)."""
+against transformers ``generate()``, best-of-N against the transformers recipe), ``eval`` (a
+strategy at several budgets over a dataset, sharded over torchrun ranks, resumable) and ``serve`` (an
+OpenAI-compatible server running the searches, batched across requests)."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,7 @@ from ..bench import sample as sp
 from . import check as check_app
 from . import demo as demo_app
 from . import evaluate as eval_app
+from . import server as server_app
 from .report import COLUMNS, machine_info, print_table, write_json
 
 def bench(args) -> int:
@@ -94,6 +96,10 @@ def parser() -> argparse.ArgumentParser:
                                     "resumable", description=eval_app.__doc__.split("\n\n")[0])
     eval_app.add_arguments(e)
     e.set_defaults(fn=eval_app.main)
+    v = sub.add_parser("serve", help="an OpenAI-compatible server whose completions are searches, batched across "
+                                     "requests", description=server_app.__doc__.split("\n\n")[0])
+    server_app.add_arguments(v)
+    v.set_defaults(fn=server_app.main)
     return ap
 
 

@@ -69,6 +69,34 @@ def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
+class KVLedger:
+    """The KV blocks a model's open sessions hold: a session's pool counts from the end of its start to
+    its ``free()`` (clones share their parent's pool and hold nothing). What a server reports as blocks
+    in use; it must be 0 when no search runs. Thread-safe (a metrics scrape reads it mid-search)."""
+
+    def __init__(self):
+        self._held: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, owner, blocks: int) -> None:
+        with self._lock:
+            self._held[id(owner)] = int(blocks)
+
+    def release(self, owner) -> None:
+        with self._lock:
+            self._held.pop(id(owner), None)
+
+    @property
+    def blocks(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    @property
+    def sessions(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+
 class PagedCache(Cache):
     """A ``transformers.Cache`` over a :class:`~tts_kernels.cache.PagedKVCache`.
 

@@ -27,7 +27,7 @@ import copy
 import torch
 
 from .compat import ForwardArgs
-from .hf_paged import PagedCache, use_paged_attention
+from .hf_paged import KVLedger, PagedCache, use_paged_attention
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -54,6 +54,7 @@ class HFPolicy:
         self.tokenizer = tokenizer
         self.block_size, self.num_blocks = block_size, num_blocks
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        self.kv_ledger = KVLedger()  # KV blocks held by this policy's open sessions
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +103,7 @@ class PolicySession:
         # Keys attended, summed over those tokens (for the FLOP estimate): causal prefill, then
         # one more key per row per decode (a device tensor: no sync; read when reporting).
         self.keys = torch.tensor(sum(len(p) * (len(p) + 1) // 2 for p in prompt_ids), device=dev)
+        policy.kv_ledger.hold(self, blocks)
 
     @property
     def rows(self) -> int:
@@ -178,3 +180,4 @@ class PolicySession:
 
     def free(self) -> None:
         self.cache.free()
+        self.policy.kv_ledger.release(self)

@@ -47,7 +47,7 @@ import torch
 from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, init_likelihood_state, label_token_head,
                        prefix_likelihood, prm_score)
 from .compat import ForwardArgs
-from .hf_paged import PagedCache, use_paged_attention
+from .hf_paged import KVLedger, PagedCache, use_paged_attention
 from .text import split_steps
 
 HEADS = ("label_token", "classifier", "value", "likelihood")
@@ -102,6 +102,7 @@ class HFPRM:
         self.positive_class = positive_class
         self.reduce = reduce
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.kv_ledger = KVLedger()  # KV blocks held by this PRM's open sessions
         self.base = model.base_model
         self.forward_args = ForwardArgs(self.base)  # the cache keyword this transformers version declares
         if head == "label_token":
@@ -274,6 +275,7 @@ class PRMSession:
         self.keys = 0  # keys attended, summed over the tokens run (for the FLOP estimate)
         self._lens = [0] * P  # host: tokens cached per row (known from what was sent)
         self._forward(prompt_ids, None)
+        prm.kv_ledger.hold(self, blocks)
 
     @property
     def rows(self) -> int:
@@ -428,3 +430,4 @@ class PRMSession:
 
     def free(self) -> None:
         self.cache.free()
+        self.prm.kv_ledger.release(self)
