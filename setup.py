@@ -81,8 +81,12 @@ setup(
         "hf": [TRANSFORMERS],
         # the bundled models, `tts-kernels demo` and `eval` (tables, plot, math-verify grading), the training script
         "demo": [TRANSFORMERS, "tokenizers>=0.23", "safetensors", "tqdm", "matplotlib>=3.7", "math-verify>=0.9"],
+        # `tts-kernels serve`
+        "serve": [TRANSFORMERS, "tokenizers>=0.23", "safetensors", "fastapi>=0.110", "uvicorn>=0.29",
+                  "prometheus_client>=0.20"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "tokenizers>=0.23", "triton>=3.0",
-                 "matplotlib>=3.7", "math-verify>=0.9", "its_hub>=1.2"],
+                 "matplotlib>=3.7", "math-verify>=0.9", "its_hub>=1.2", "fastapi>=0.110", "uvicorn>=0.29",
+                 "prometheus_client>=0.20", "openai>=1.0"],
     },
     package_data={"tts_kernels.bundled": ["weights/*/*.json", "weights/*/*.safetensors"]},
     ext_modules=extensions(),

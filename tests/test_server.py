@@ -2,92 +2,20 @@
 by the official `openai` client. Answers are checked against search.run offline with the same seeds."""
 import concurrent.futures
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
+from tts_kernels.bench.serving import ServerProcess as Server
 from tts_kernels.search import STRATEGIES, Settings, run
 
 MODEL = "tts-kernels-bundled"
 MAX_TOKENS = 48
 PROBLEMS = bundled.test_problems(40)
 PROMPTS = [p.prompt for p in PROBLEMS]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *args):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # a file: a pipe nobody reads would fill up
-        self.proc = subprocess.Popen([sys.executable, "-m", "tts_kernels", "serve", "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                if self.get("/health")["status"] == "ok":
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{self.output()}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            body = r.read().decode()
-        return json.loads(body) if path != "/metrics" else body
-
-    def post_raw(self, path, data: bytes):
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def metrics(self) -> dict:
-        out = {}
-        for fam in text_string_to_metric_families(self.get("/metrics")):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def stop(self) -> bool:
-        """SIGTERM; True when the server shut down cleanly (uvicorn re-raises the signal once its graceful
-        shutdown is complete, so the exit status is -SIGTERM)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        return rc in (0, -signal.SIGTERM) and "Application shutdown complete" in self.output()
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +229,9 @@ def test_client_that_disconnects_mid_search(server, models):
         time.sleep(0.2)
     m = server.metrics()
     assert m[("tts_requests_total", (("status", "cancelled"), ("strategy", "particle_filtering")))] == 3
+    # The first of them was under way when its client left: its rows were dropped mid-search.
+    searches = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"event": "search"')]
+    assert any(e["strategy"] == "particle_filtering" and e["cancelled_prompts"] == 8 for e in searches)
 
 
 def test_time_limit():

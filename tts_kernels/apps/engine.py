@@ -13,20 +13,22 @@ request alone. While a call runs, new jobs queue and form the next batch.
 A group whose call is refused (``ValueError``/``TypeError``: the drivers check every argument
 before any model runs) is retried request by request, so one bad request fails alone. A job
 cancelled before its call starts (its client went away, or its time ran out) is dropped; one
-cancelled during its call has its result thrown away and its rows freed when the call ends
-(the searches have no mid-call row removal yet).
+cancelled during its call has its prompts' rows dropped at the search's next host look
+(:mod:`~tts_kernels.search.cancel`) and its result thrown away.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 from ..search import STRATEGIES, Compute, SearchResult, Settings, run
+from ..search.cancel import Cancellation, cancellation
 
 log = logging.getLogger("tts_kernels.serve")
 
@@ -68,6 +70,13 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     future: asyncio.Future | None = None
+    on_cancel: object = None  # set while its search call runs: drops its prompts' rows there
+
+    def cancel(self) -> None:
+        """Nobody waits for this job any more: dropped if not started, its rows dropped if running."""
+        self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def key(self):
@@ -146,7 +155,7 @@ class Engine:
         try:
             return await job.future
         except asyncio.CancelledError:
-            job.cancelled = True
+            job.cancel()
             raise
 
     def _gauge(self) -> None:
@@ -194,34 +203,48 @@ class Engine:
         prompts = [p for j in jobs for p in j.prompts]
         seeds = [s for j in jobs for s in j.seeds]
         verifier = self.verifier if STRATEGIES[head.strategy].needs_verifier else None
+        stop = Cancellation()
+        a = 0
+        for job in jobs:  # a job cancelled from now on has its prompts' rows dropped at the search's next look
+            job.on_cancel = functools.partial(stop.cancel, range(a, a + len(job.prompts)))
+            a += len(job.prompts)
+
+        def call():
+            with cancellation(stop):
+                return run(head.strategy, self.policy, verifier, prompts, budget=head.budget, settings=head.settings,
+                           seed=seeds)
+
         started = time.perf_counter()
         self.running = len(jobs)
         try:
-            res = await asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: run(head.strategy, self.policy, verifier, prompts, budget=head.budget,
-                                        settings=head.settings, seed=seeds))
+            res = await asyncio.get_running_loop().run_in_executor(self._pool, call)
         except (ValueError, TypeError) as exc:
+            res = exc
+        except Exception as exc:  # noqa: BLE001 - the requests get a 500 naming it; the server goes on
+            log.exception("search call failed")
+            res = exc
+        finally:
             self.running = 0
-            if len(jobs) > 1:  # one request's bad argument: find it, run the others
+            for job in jobs:
+                job.on_cancel = None
+        if isinstance(res, (ValueError, TypeError)):
+            if len(jobs) > 1:  # one request's bad argument (checked before any model runs): find it, run the others
                 for job in jobs:
                     await self._call([job])
-                return
-            if not head.future.done():
-                head.future.set_exception(BadRequest(str(exc)))
+            elif not head.future.done():
+                head.future.set_exception(BadRequest(str(res)))
             return
-        except Exception as exc:  # noqa: BLE001 - the requests get a 500 naming it; the server goes on
-            self.running = 0
-            log.exception("search call failed")
+        if isinstance(res, Exception):
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(exc)
+                    job.future.set_exception(res)
             return
-        self.running = 0
         seconds = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.batch(head.strategy, len(jobs), len(prompts), res.compute, seconds)
         log.info(json.dumps({"event": "search", "strategy": head.strategy, "budget": head.budget,
                              "requests": len(jobs), "prompts": len(prompts), "seconds": round(seconds, 4),
+                             "cancelled_prompts": len(stop.prompts),
                              "policy_tokens": res.compute.policy_prefill_tokens + res.compute.policy_generated_tokens,
                              "verifier_tokens": res.compute.prm_tokens}))
         a = 0

@@ -366,7 +366,7 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
             watch.cancel()
         if task not in done:
             task.cancel()
-            job.cancelled = True
+            job.cancel()
             status = "cancelled" if watch in done else "408"
             log.info(json.dumps({"event": "request", "id": job.id, "strategy": job.strategy, "status": status,
                                  "user": opts["user"], "seconds": round(time.perf_counter() - t0, 4)}))

@@ -41,6 +41,7 @@ from ..ops._validate import check_int
 from ..ops.sample import sample
 from .accounting import Compute, count_flops
 from .answers import extract_answer
+from .cancel import cancelled
 from .seeds import Seeds
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .settings import Settings, resolve
@@ -92,6 +93,9 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
             if (step + 1) % sync_every == 0 or last:
                 done_h = done.tolist()  # the host looks: once every sync_every steps
                 rows_h = live.tolist()
+                gone = cancelled()
+                if gone:  # prompts nobody waits for any more: their rows leave the batch here
+                    done_h = [d or r // n in gone for d, r in zip(done_h, rows_h)]
                 if stop:
                     texts = tok.batch_decode(_rows_tokens(out[live, : step + 1].tolist(), eos_set(policy)),
                                              skip_special_tokens=True)
@@ -168,7 +172,8 @@ def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settin
         policy, prompts, n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
         min_p=s.min_p, stop=list(s.stop) or None, seed=seed, sync_every=s.sync_every, stats=stats)
     P = len(prompts)
-    steps = [[split_steps(t, s.step_delimiter) for t in row] for row in texts]
+    gone = cancelled()  # cancelled prompts' candidates are not scored (nothing is left to pick for)
+    steps = [[[] if p in gone else split_steps(t, s.step_delimiter) for t in row] for p, row in enumerate(texts)]
     if verifier is not None:
         scored = verifier.score_steps(list(prompts), steps, agg=s.agg)
         scores = scored.aggregate.reshape(P, n).tolist()

@@ -59,6 +59,7 @@ from ..ops.resample import entropic_temperature, ess, normalized_entropy, normal
 from ..ops.select import select_best, weighted_vote
 from .answers import answer_ids, extract_answer
 from .result import Candidate, SearchResult
+from .cancel import cancelled
 from .seeds import Seeds
 from .settings import Settings, resolve
 from .step_search import _Search
@@ -185,7 +186,10 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
             pick = resample(lw, method="multinomial", seed=key, offset=_RESAMPLE_OFFSET - 2 - sweep,
                             temperature=s.weight_temperature, num_samples=R, stream=stream).tolist()
             lw_h = lw.tolist()
-            refs = [[(done[p][i][0], done[p][i][1], lw_h[p][i]) for i in pick[p]] for p in range(len(prompts))]
+            # (A cancelled prompt's dropped particle, drawn only when it has nothing else: an empty stand-in.)
+            empty = (Candidate(text="", answer=None, finish="empty"), ([], []), float("-inf"))
+            refs = [[(done[p][i][0], done[p][i][1], lw_h[p][i]) if done[p][i] is not None else empty
+                     for i in pick[p]] for p in range(len(prompts))]
             for p in range(len(prompts)):
                 part[p]["references"] = pick[p]
         for p in range(len(prompts)):
@@ -249,6 +253,9 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
             alive = torch.zeros(P, dtype=torch.bool, device=dev)
             alive[torch.tensor(alive_h, device=dev)] = True
             do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
+            gone = sorted(p for p in cancelled() if p < P)  # prompts nobody waits for: their particles stop here
+            if gone:
+                do[torch.tensor(gone, device=dev)] = False
             idx = resample(lw, method=s.resampling, seed=key, offset=off + it, temperature=T,
                            num_samples=F if R else None, stream=stream)
             if s.keep_best:
@@ -265,6 +272,10 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
             rows, new_slots, new_done = [], [], [[None] * N for _ in range(P)]
             rollback = []  # (new live row, prompt, reference) continuing a reference's first it + 1 steps
             for p in range(P):
+                if p in gone:  # its finished particles stay; the growing ones are dropped (weight 0)
+                    new_done[p] = done[p]
+                    lw[p] = torch.where(torch.tensor([d is None for d in done[p]], device=dev), float("-inf"), lw[p])
+                    continue
                 for j in range(F):
                     src = idx_h[p][j]
                     if src >= F and len(done[p][src][0].steps) > it + 1:  # a reference, rolled back

@@ -31,6 +31,7 @@ from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
+from .cancel import cancelled
 from .seeds import Seeds
 from .settings import Settings, resolve
 from .steps import DelimiterMatcher, sample_steps
@@ -257,6 +258,9 @@ def _run(policy, prm, prompts, *, n: int, s: Settings, seed: int, choose) -> tup
             last = it == s.num_iterations - 1
             _, finish = search.step(last)
             rows = choose(search, finish, last, completed)
+            gone = cancelled()
+            if gone:  # prompts nobody waits for any more: their rows are not continued
+                rows = [r for r in rows if search.owner[r] not in gone]
             if last or not rows:
                 break
             search.fork(rows)

@@ -1,0 +1,53 @@
+"""Dropping prompts from a search under way: the server's clients that go away.
+
+A :class:`Cancellation` is a thread-safe set of prompt indices (into the prompts of the run).
+Inside ``with cancellation(c):`` every built-in driver looks at it where it already looks at the
+host (every ``sync_every`` tokens while sampling; after each step of a step-level search or a
+particle filter) and stops growing the rows of the prompts in it: they are dropped from the
+batch there, so they cost nothing from then on and their KV blocks go back to the pool. Their
+results are whatever had finished (to be thrown away); the other prompts' results do not change
+when their seeds are per prompt (:mod:`~tts_kernels.search.seeds`).
+
+A strategy that ignores it (a user's, or a pooled one between its sub-searches) simply runs to
+the end. Scopes are per thread (``contextvars``): set it in the thread that runs the search.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from collections.abc import Iterable
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("tts_kernels_cancellation", default=None)
+
+
+class Cancellation:
+    """Prompt indices whose rows a running search should drop (add with :meth:`cancel`, from any thread)."""
+
+    def __init__(self):
+        self._prompts: frozenset[int] = frozenset()
+        self._lock = threading.Lock()
+
+    def cancel(self, prompts: Iterable[int]) -> None:
+        with self._lock:
+            self._prompts = self._prompts | frozenset(int(p) for p in prompts)
+
+    @property
+    def prompts(self) -> frozenset[int]:
+        return self._prompts
+
+
+@contextlib.contextmanager
+def cancellation(c: Cancellation):
+    """Searches run inside this block (in this thread) drop the prompts ``c`` holds."""
+    token = _CURRENT.set(c)
+    try:
+        yield c
+    finally:
+        _CURRENT.reset(token)
+
+
+def cancelled() -> frozenset[int]:
+    """The prompts to drop now (empty outside a :func:`cancellation` block)."""
+    c = _CURRENT.get()
+    return frozenset() if c is None else c.prompts
