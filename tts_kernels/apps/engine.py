@@ -190,10 +190,20 @@ class Engine:
                 part: list[Job] = []
                 for job in jobs:
                     if part and sum(len(j.prompts) for j in part) + len(job.prompts) > self.max_batch:
-                        await self._call(part)
+                        await self._guarded(part)
                         part = []
                     part.append(job)
-                await self._call(part)
+                await self._guarded(part)
+
+    async def _guarded(self, jobs: list[Job]) -> None:
+        # Whatever goes wrong in one call (a bug included) fails its requests, never the loop.
+        try:
+            await self._call(jobs)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("search call failed")
+            for job in jobs:
+                if job.future is not None and not job.future.done():
+                    job.future.set_exception(exc)
 
     async def _call(self, jobs: list[Job]) -> None:
         jobs = [j for j in jobs if not j.cancelled and not j.future.done()]
