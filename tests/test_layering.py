@@ -2,7 +2,7 @@
 that imports it back. Every import counts: module level, inside functions, under TYPE_CHECKING.
 
 Layers, bottom to top: kernels (``_ext``, ``_threads``, ``reference``, ``ops``, ``triton``) < ``cache`` <
-``models`` < ``search`` < ``bundled`` < ``bench`` < ``apps``. The package root re-exports the
+``models`` < ``search`` < ``integrations`` < ``bundled`` < ``bench`` < ``apps``. The package root re-exports the
 library (kernels, cache, search) and sits at the search level.
 """
 import ast
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "tts_kernels"
-LAYERS = ["kernels", "cache", "models", "search", "bundled", "bench", "apps"]
+LAYERS = ["kernels", "cache", "models", "search", "integrations", "bundled", "bench", "apps"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 

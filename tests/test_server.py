@@ -52,6 +52,9 @@ def kv_blocks(server) -> float:
 def test_models_and_health(server):
     assert [m.id for m in server.client().models.list().data] == [MODEL]
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+    listed = server.get("/v1/strategies")
+    assert [s["id"] for s in listed["data"]] == list(STRATEGIES) and all(s["available"] for s in listed["data"])
+    assert listed["max_budget"] == 16 and listed["settings"] == Settings().as_dict()
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -2,8 +2,9 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
 with ``stream=true``: server-sent events in OpenAI's chunk format, ending ``data: [DONE]``),
-``GET /health``, ``GET /metrics`` (Prometheus text). Built on FastAPI and uvicorn; the searches
-run in the :class:`~tts_kernels.apps.engine.Engine`, which batches the requests that arrive
+``GET /v1/strategies`` (what a request may ask for), ``GET /health``, ``GET /metrics``
+(Prometheus text). Built on FastAPI and uvicorn; the searches run in the
+:class:`~tts_kernels.apps.engine.Engine`, which batches the requests that arrive
 together into one search call per strategy.
 
 Request fields. Standard: ``model``, ``prompt`` (a string or a list of strings) or
@@ -39,9 +40,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
+from pathlib import Path
 
 from ..search import STRATEGIES, Settings
 from .engine import BadRequest, Engine, Job, Outcome, Unavailable, request_seeds
@@ -408,6 +411,14 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
                                             "owned_by": "tts-kernels"}]}
 
+    @app.get("/v1/strategies")
+    async def strategies():
+        """What a request may ask for: the registered strategies, the default settings, the budget cap."""
+        return {"object": "list", "max_budget": cfg.max_budget, "settings": cfg.defaults.as_dict(),
+                "data": [{"id": name, "description": e.description, "needs_verifier": e.needs_verifier,
+                          "pooled": e.pooled, "available": verifier is not None or not e.needs_verifier}
+                         for name, e in STRATEGIES.items()]}
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "queued": engine.queued, "running": engine.running,
@@ -431,6 +442,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--policy", default=None, help="policy model folder (default: the bundled policy-small)")
+    ap.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                    help="what generates: the transformers model on this package's paged cache (hf), or a vLLM "
+                         "engine (vllm: needs vLLM installed, e.g. .venv-vllm from make test-vllm)")
     ap.add_argument("--verifier", default="likelihood",
                     help="'likelihood' or 'prm' (the bundled verifiers, as in demo), 'none', or a PRM model folder")
     ap.add_argument("--verifier-head", default="classifier", choices=HEADS,
@@ -443,7 +457,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
     ap.add_argument("--max-budget", type=int, default=64, help="largest budget (and n) a request may ask for")
     ap.add_argument("--kv-blocks", type=int, default=None,
-                    help="KV blocks per session pool (default: sized per search from its rows and lengths)")
+                    help="KV blocks per session pool (default: sized per search from its rows and lengths; "
+                         "the hf backend's policy and the verifier)")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is cancelled")
     ap.add_argument("--graceful-timeout", type=float, default=30.0,
                     help="seconds a shutdown waits for requests under way before cancelling them")
@@ -457,11 +472,16 @@ def load_models(args):
     from .. import bundled
 
     dtype = getattr(torch, DTYPES[args.dtype])
-    if args.policy is None:
+    if args.backend == "vllm":
+        from ..integrations.vllm import VLLMPolicy
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        folder = args.policy or bundled.path("policy-small")
+        policy = VLLMPolicy(folder, dtype=args.dtype)
+        name = DEFAULT_MODEL if args.policy is None else Path(args.policy).name
+    elif args.policy is None:
         policy, name = bundled.load_policy("small", device=args.device, dtype=dtype), DEFAULT_MODEL
     else:
-        from pathlib import Path
-
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..models import HFPolicy
@@ -482,7 +502,7 @@ def load_models(args):
         m = auto.from_pretrained(args.verifier, dtype=dtype).to(args.device).eval()
         verifier = HFPRM(m, AutoTokenizer.from_pretrained(args.verifier), head=args.verifier_head)
     for m in (policy, verifier):
-        if m is not None and args.kv_blocks is not None:
+        if m is not None and args.kv_blocks is not None and hasattr(m, "num_blocks"):
             m.num_blocks = args.kv_blocks
     return policy, verifier, args.model_name or name
 

@@ -42,8 +42,8 @@ from ..ops.sample import sample
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .cancel import cancelled
-from .seeds import Seeds
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
+from .seeds import Seeds, engine_seeds
 from .settings import Settings, resolve
 from .validate import check_prompts
 
@@ -82,41 +82,48 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
         live = torch.arange(R, device=dev)  # original row of each batch row
         done = torch.zeros(R, dtype=torch.bool, device=dev)  # per batch row
         seed_t, stream = keys.rows(live // n, live % n, dev)  # (prompt, candidate) of each row
-        offset = torch.zeros((), dtype=torch.int64, device=dev)
-        for step in range(max_new_tokens):
-            tokens, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               seed=seed_t, offset=offset, stream=stream)
-            offset += 1
-            out[live, step] = torch.where(done, -1, tokens)
-            done |= torch.isin(tokens, eos)
-            last = step == max_new_tokens - 1
-            if (step + 1) % sync_every == 0 or last:
-                done_h = done.tolist()  # the host looks: once every sync_every steps
-                rows_h = live.tolist()
-                gone = cancelled()
-                if gone:  # prompts nobody waits for any more: their rows leave the batch here
-                    done_h = [d or r // n in gone for d, r in zip(done_h, rows_h)]
-                if stop:
-                    texts = tok.batch_decode(_rows_tokens(out[live, : step + 1].tolist(), eos_set(policy)),
-                                             skip_special_tokens=True)
-                    for j, text in enumerate(texts):
-                        if not done_h[j] and any(s in text for s in stop):
-                            done_h[j] = True
-                if last:
-                    break
-                keep = [j for j, d in enumerate(done_h) if not d]
-                if not keep:
-                    break
-                if len(keep) < len(rows_h):
-                    idx = torch.tensor(keep, device=dev)
-                    session.fork(idx)
-                    live = live.index_select(0, idx)
-                    seed_t, stream = keys.rows(live // n, live % n, dev)
-                    tokens = tokens.index_select(0, idx)
-                    done = torch.zeros(len(keep), dtype=torch.bool, device=dev)
-            # Rows that finished since the last look still run until the next one (no sync to
-            # find them); their tokens are not recorded.
-            session.decode(tokens)
+        if hasattr(session, "generate"):  # a text-level engine (e.g. vLLM) samples whole completions itself
+            outs = session.generate(None, max_tokens=max_new_tokens, stop=list(stop or []),
+                                    temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                    min_p=float(min_p), logprobs=False, seeds=engine_seeds(seed_t, stream, 0, R))
+            for r, (row, _, _) in enumerate(outs):
+                out[r, : len(row)] = torch.tensor(row[:max_new_tokens], dtype=torch.long, device=dev)
+        else:
+            offset = torch.zeros((), dtype=torch.int64, device=dev)
+            for step in range(max_new_tokens):
+                tokens, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   seed=seed_t, offset=offset, stream=stream)
+                offset += 1
+                out[live, step] = torch.where(done, -1, tokens)
+                done |= torch.isin(tokens, eos)
+                last = step == max_new_tokens - 1
+                if (step + 1) % sync_every == 0 or last:
+                    done_h = done.tolist()  # the host looks: once every sync_every steps
+                    rows_h = live.tolist()
+                    gone = cancelled()
+                    if gone:  # prompts nobody waits for any more: their rows leave the batch here
+                        done_h = [d or r // n in gone for d, r in zip(done_h, rows_h)]
+                    if stop:
+                        texts = tok.batch_decode(_rows_tokens(out[live, : step + 1].tolist(), eos_set(policy)),
+                                                 skip_special_tokens=True)
+                        for j, text in enumerate(texts):
+                            if not done_h[j] and any(s in text for s in stop):
+                                done_h[j] = True
+                    if last:
+                        break
+                    keep = [j for j, d in enumerate(done_h) if not d]
+                    if not keep:
+                        break
+                    if len(keep) < len(rows_h):
+                        idx = torch.tensor(keep, device=dev)
+                        session.fork(idx)
+                        live = live.index_select(0, idx)
+                        seed_t, stream = keys.rows(live // n, live % n, dev)
+                        tokens = tokens.index_select(0, idx)
+                        done = torch.zeros(len(keep), dtype=torch.bool, device=dev)
+                # Rows that finished since the last look still run until the next one (no sync to
+                # find them); their tokens are not recorded.
+                session.decode(tokens)
         policy_tokens = session.tokens
         if stats is not None:
             stats["keys"] = int(session.keys)
@@ -208,7 +215,8 @@ def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int
 
 @torch.no_grad()
 def best_of_n(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "best",
-              settings: Settings | None = None, seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
+              settings: Settings | None = None, seed: int | Sequence[int] = 0,
+              extract: Callable[[str], str | None] = extract_answer,
               **overrides) -> SearchResult:
     """Sample ``n`` completions per prompt, score them with ``verifier``, pick one per prompt.
 

@@ -58,8 +58,8 @@ from ..ops._validate import check_int
 from ..ops.resample import entropic_temperature, ess, normalized_entropy, normalized_weights, resample, uniforms
 from ..ops.select import select_best, weighted_vote
 from .answers import answer_ids, extract_answer
-from .result import Candidate, SearchResult
 from .cancel import cancelled
+from .result import Candidate, SearchResult
 from .seeds import Seeds
 from .settings import Settings, resolve
 from .step_search import _Search

@@ -69,6 +69,19 @@ class PolicySession(Protocol):
     # Optional (particle Gibbs needs it): def truncate(self, rows, lengths, tokens) -> None
     #     Roll rows [k] back to their first lengths [k] tokens; the logits become those after them
     #     (tokens [k]: each row's kept last token, to run again).
+    #
+    # Optional, for text-level engines (vLLM: tts_kernels.integrations.vllm) that sample whole
+    # continuations rather than return logits per token; when present the searches call it instead
+    # of sampling token by token with decode (``logits`` then only carries the rows, vocabulary
+    # size and device):
+    #   def generate(self, rows: list[int] | None, *, max_tokens, stop: list[str], temperature, top_p,
+    #                top_k, min_p, logprobs: bool, seeds: list[int]) -> list[tuple[list[int], str, float]]
+    #     Sample a continuation of each of ``rows`` (None: all) up to ``max_tokens``, ending at EOS or
+    #     after a ``stop`` string, and append it to the row (EOS not appended). Returns per row: the
+    #     token ids sampled (EOS included when it ended on one), the finish ("eos", "stop",
+    #     "length") and the sampled tokens' summed log-probabilities (0.0 unless ``logprobs``).
+    #     ``seeds``: one per row (tts_kernels.search.seeds.engine_seeds), for engines that can seed
+    #     a request.
 
 
 @runtime_checkable

@@ -109,3 +109,17 @@ class Seeds:
             return self.seed, None
         table = self._table(device)
         return table, torch.zeros_like(table)
+
+
+def engine_seeds(seed, stream, offset: int, rows: int) -> list[int]:
+    """One 63-bit seed per row for an engine that takes a seed per request (a text-level backend's
+    ``generate``): a hash of the row's key ``(seed, stream, offset)`` as :func:`~tts_kernels.sample`
+    would use it (``seed`` an int or ``[rows]`` tensor; ``stream`` ``[rows]`` or ``None``: the row index)."""
+    seeds = seed.tolist() if isinstance(seed, torch.Tensor) and seed.dim() else [int(seed)] * rows
+    streams = list(range(rows)) if stream is None else stream.tolist()
+    out = []
+    for s, t in zip(seeds, streams):
+        z = (s * 0x9E3779B97F4A7C15 + t * 0xBF58476D1CE4E5B9 + offset) & (2**64 - 1)
+        z = ((z ^ (z >> 31)) * 0x94D049BB133111EB) & (2**64 - 1)
+        out.append((z ^ (z >> 29)) >> 1)
+    return out

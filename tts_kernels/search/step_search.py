@@ -30,8 +30,8 @@ from ..ops._validate import check_int
 from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
 from .answers import extract_answer
-from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .cancel import cancelled
+from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .seeds import Seeds
 from .settings import Settings, resolve
 from .steps import DelimiterMatcher, sample_steps
@@ -326,7 +326,8 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
 
 @torch.no_grad()
 def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "weighted",
-         settings: Settings | None = None, seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
+         settings: Settings | None = None, seed: int | Sequence[int] = 0,
+         extract: Callable[[str], str | None] = extract_answer,
          **overrides) -> SearchResult:
     """Diverse verifier tree search: ``n // beam_width`` independent subtrees per prompt.
 

@@ -31,6 +31,7 @@ import torch
 
 from .._threads import in_search_pool
 from ..ops.sample import sample
+from .seeds import engine_seeds
 
 
 def _kmp_failure(pat: str) -> list[int]:
@@ -121,6 +122,10 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     ``seed`` (an int or an int64 ``[rows]`` tensor) and ``stream`` (optional ``[rows]``) key the draws
     as in :func:`~tts_kernels.sample` (:mod:`~tts_kernels.search.seeds`).
     """
+    if hasattr(session, "generate"):  # a text-level engine (e.g. vLLM) samples whole steps itself
+        return _engine_steps(session, max_tokens=max_tokens, matcher=matcher, temperature=temperature, top_p=top_p,
+                             top_k=top_k, min_p=min_p, seed=seed, offset=offset, logprobs=logprobs, rows=rows,
+                             stream=stream)
     R = session.rows
     dev = session.logits.device
     buf = torch.full((R, max_tokens), -1, dtype=torch.long, device=dev)
@@ -171,3 +176,30 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
                 run = active.nonzero().squeeze(1)
     return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows,
                  logprob_sum=lp_sum)
+
+
+def _engine_steps(session, *, max_tokens, matcher, temperature, top_p, top_k, min_p, seed, offset, logprobs, rows,
+                  stream) -> Steps:
+    """:func:`sample_steps` through a session's ``generate`` (a text-level engine: the step ends at the
+    delimiter as a stop string, at EOS or at ``max_tokens``; see :mod:`~tts_kernels.search.protocols`)."""
+    R = session.rows
+    dev = session.logits.device
+    run = list(range(R)) if rows is None else rows.tolist()
+    seeds = engine_seeds(seed, stream, offset, R)
+    before = session.tokens
+    outs = session.generate(run, max_tokens=max_tokens, stop=[] if matcher is None else [matcher.delimiter],
+                            temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
+                            logprobs=logprobs, seeds=[seeds[r] for r in run])
+    buf = torch.full((R, max_tokens), -1, dtype=torch.long)
+    counts = torch.zeros(R, dtype=torch.long)
+    eos = torch.zeros(R, dtype=torch.bool)
+    delim = torch.zeros(R, dtype=torch.bool)
+    lp_sum = torch.zeros(R, dtype=torch.float32) if logprobs else None
+    for r, (ids, finish, lp) in zip(run, outs):
+        buf[r, : len(ids)] = torch.tensor(ids[:max_tokens], dtype=torch.long)
+        counts[r] = len(ids)
+        eos[r], delim[r] = finish == "eos", finish == "stop"
+        if logprobs:
+            lp_sum[r] = lp
+    return Steps(tokens=buf.to(dev), counts=counts.to(dev), eos=eos.to(dev), delimited=delim.to(dev),
+                 forward_rows=session.tokens - before, logprob_sum=None if lp_sum is None else lp_sum.to(dev))
