@@ -30,6 +30,7 @@ def test_bundled_policy_generates_through_vllm(models):
     vpol, hpol, _ = models
     ids = vpol.encode(PROMPTS[0])
     assert ids == hpol.encode(PROMPTS[0])
+    assert vpol.seeded is False  # vLLM's CPU backend refuses per-request seeds
     session = vpol.start([ids], rows_hint=1, max_new_tokens=64)
     (out, finish, _), = session.generate(None, max_tokens=64, stop=[], temperature=0.0, top_p=1.0, top_k=0,
                                          min_p=0.0, logprobs=False, seeds=[0])

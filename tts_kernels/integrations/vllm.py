@@ -58,8 +58,9 @@ class VLLMPolicy:
             self.model = AutoModelForCausalLM.from_config(config.hf_config)
         self.model.config.max_position_embeddings = self.max_model_len
         self.vocab_size = int(config.hf_config.vocab_size)
-        cpu = str(getattr(getattr(llm.llm_engine, "vllm_config", None), "device_config", "cpu")).find("cuda") < 0
-        self.seeded = (not cpu) if seeded is None else bool(seeded)
+        device = getattr(getattr(getattr(llm.llm_engine, "vllm_config", None), "device_config", None), "device_type",
+                         "cpu")
+        self.seeded = (device != "cpu") if seeded is None else bool(seeded)
 
     @property
     def device(self) -> torch.device:
