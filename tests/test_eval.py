@@ -183,11 +183,13 @@ def test_changed_config_is_refused(reference, tmp_path, capsys):
     assert run_here(out, "--verifier", "prm") == 2
     err = capsys.readouterr().err
     assert "prm_head: 'likelihood' in" in err and "prm_sha256" in err
+    assert run_here(out, "--vote-key", "math") == 2
+    assert "settings.vote_key: 'normalized' in" in capsys.readouterr().err
     assert (out / "results.jsonl").read_text() == before  # nothing mixed in
 
     # A folder written before a search setting existed: that setting at its default is no change.
     cfg = json.loads((out / "config.json").read_text())
-    for added in ("lookahead", "stop", "top_k"):
+    for added in ("lookahead", "stop", "top_k", "vote_key"):
         assert cfg["settings"].pop(added) == Settings().as_dict()[added]
     (out / "config.json").write_text(json.dumps(cfg))
     assert run_here(out) == 0

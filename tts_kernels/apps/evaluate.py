@@ -68,6 +68,7 @@ import torch
 
 from .. import __version__, bundled
 from ..search import STRATEGIES, Settings, run, run_together
+from ..search.settings import VOTE_KEYS
 from .eval_data import DatasetError, bundled_dataset, describe_bad, load_jsonl
 from .eval_lock import FolderBusy, acquire
 from .eval_parts import CommitTail, expected_keys, repair, scan
@@ -112,6 +113,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first K problems")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--vote-key", default="normalized", choices=VOTE_KEYS,
+                    help="what makes two answers one vote: the extracted string (normalized) or its value as "
+                         "math-verify reads it (math: \\frac{1}{2} and 0.5 vote together)")
     ap.add_argument("--grader", default="auto",
                     help=f"{', '.join(GRADERS)} or module:function (auto: integer if every answer is one)")
     ap.add_argument("--chunk-size", type=int, default=8, help="problems per batch; part of the config (default 8)")
@@ -347,7 +351,7 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     for p in (policy_path, prm_path):
         if p is not None and not (p / "config.json").is_file():
             raise FileNotFoundError(f"no model folder (config.json) at {p}")
-    settings = Settings()
+    settings = Settings(vote_key=args.vote_key)
     cfg = {"format": FORMAT, "strategies": strategies, "budgets": budgets, "seed": args.seed,
            "chunk_size": args.chunk_size, "settings": settings.as_dict(), "device": args.device,
            "dtype": "float32", "grader": grader_name(grader), "policy_sha256": _digest(policy_path),

@@ -21,6 +21,8 @@ import importlib
 import re
 from collections.abc import Callable, Iterable
 
+from ..search.answers import math_parse
+
 __all__ = ["Grader", "IntegerGrader", "MathVerifyGrader", "get_grader", "as_integer", "GRADERS"]
 
 Grader = Callable[[object, object], bool]
@@ -57,12 +59,9 @@ class IntegerGrader:
 class MathVerifyGrader:
     """Right iff ``math_verify.verify(parse(gold), parse(prediction))``.
 
-    Bare answers (``\\frac{1}{2}``, ``x+1``: what answer extraction returns, and what math
-    datasets store) are parsed as LaTeX math by wrapping them in ``$...$``: parsed as
-    they are, ``math-verify`` looks for a number in them and reads ``x+1`` as ``1``. Text that
-    already has math delimiters or a ``\\boxed{}`` is parsed as is; when the wrapped text
-    gives nothing, the text as is is tried too. An empty parse, ``None`` or any error in
-    ``math-verify`` counts as wrong (never raises)."""
+    Answers are parsed as :func:`~tts_kernels.search.answers.math_parse` does (bare answers as
+    LaTeX math, in ``$...$``). An empty parse, ``None`` or any error in ``math-verify`` counts as
+    wrong (never raises)."""
 
     name = "math-verify"
 
@@ -76,22 +75,9 @@ class MathVerifyGrader:
         self.timeout_seconds = timeout_seconds
 
     def parse(self, text) -> list:
-        """``math-verify`` parse of an answer (``[]`` when it reads nothing)."""
-        if text is None or isinstance(text, bool):
-            return []
-        text = str(text).strip()
-        if not text:
-            return []
-        delimited = "$" in text or "\\boxed" in text or "\\(" in text or "\\[" in text
-        tries = [text] if delimited else [f"${text}$", text]
-        for t in tries:
-            try:
-                got = self._mv.parse(t, parsing_timeout=self.timeout_seconds)
-            except Exception:  # noqa: BLE001 - a malformed answer is a wrong answer
-                got = []
-            if got:
-                return got
-        return []
+        """``math-verify`` parse of an answer (``[]`` when it reads nothing):
+        :func:`~tts_kernels.search.answers.math_parse`."""
+        return math_parse(text, self.timeout_seconds)
 
     def __call__(self, prediction, gold) -> bool:
         p = self.parse(prediction)

@@ -207,7 +207,7 @@ def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int
                                                extract=extract)
     out = {}
     for name, rule in rules.items():
-        chosen, answers = select_candidates(cands, rule, policy.device)
+        chosen, answers = select_candidates(cands, rule, policy.device, settings.vote_key)
         out[name] = SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
                                  compute=compute, samples=n * len(prompts), info={"policy_forward_tokens": forward})
     return out

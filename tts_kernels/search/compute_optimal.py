@@ -35,7 +35,7 @@ import torch
 
 from ..ops._validate import check_int
 from ..ops.allocate import allocate_budget
-from .answers import extract_answer
+from .answers import extract_answer, vote_key
 from .best_of_n import best_of_n
 from .result import SearchResult
 from .seeds import Seeds
@@ -112,8 +112,9 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
     scores = torch.tensor([[c.score for c in row] for row in pilot.candidates], dtype=torch.float32)
     mean = torch.nan_to_num(scores, nan=0.0).mean(1)
     agree = []
+    key = vote_key(s.vote_key) or (lambda a: a)
     for row in pilot.candidates:
-        answers = [c.answer for c in row if c.answer is not None]
+        answers = [key(c.answer) for c in row if c.answer is not None]
         agree.append(Counter(answers).most_common(1)[0][1] / len(row) if answers else 1.0)
     p = (mean * torch.tensor(agree)).clamp(0.0, 1.0).double()
     lv = _levels(p, levels)

@@ -57,7 +57,7 @@ from .._threads import in_search_pool
 from ..ops._validate import check_int
 from ..ops.resample import entropic_temperature, ess, normalized_entropy, normalized_weights, resample, uniforms
 from ..ops.select import select_best, weighted_vote
-from .answers import answer_ids, extract_answer
+from .answers import answer_ids, extract_answer, vote_key
 from .cancel import cancelled
 from .result import Candidate, SearchResult
 from .seeds import Seeds
@@ -346,7 +346,8 @@ def _result(name: str, done, lw, s: Settings, seed: Seeds, compute, info, budget
     if s.particle_select == "best":
         chosen = select_best(torch.where(torch.isinf(lw), float("nan"), lw).float()).tolist()
     elif s.particle_select == "weighted":
-        _, chosen = weighted_vote(answer_ids([[c.answer for c in row] for row in cands], device=lw.device), w)
+        aids = answer_ids([[c.answer for c in row] for row in cands], device=lw.device, key=vote_key(s.vote_key))
+        _, chosen = weighted_vote(aids, w)
         chosen = chosen.tolist()
     else:  # "sample": one particle drawn by weight, from the resampling stream's next counter
         key, stream = seed.prompts(lw.device)

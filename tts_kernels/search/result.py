@@ -16,6 +16,7 @@ import torch
 from ..ops.select import majority_vote, select_best, weighted_vote
 from .accounting import Compute
 from .answers import answer_ids
+from .answers import vote_key as key_fn
 
 SELECT_RULES = ("best", "majority", "weighted")
 FINISH_REASONS = ("eos", "stop", "length", "empty", "final")
@@ -86,7 +87,8 @@ class SearchResult:
         return [None if i is None else cands[i] for i, cands in zip(self.chosen, self.candidates)]
 
 
-def select_candidates(candidates: Sequence[Sequence[Candidate]], rule: str, device=None) -> tuple[list, list]:
+def select_candidates(candidates: Sequence[Sequence[Candidate]], rule: str, device=None,
+                      vote_key: str = "normalized") -> tuple[list, list]:
     """Pick one candidate per prompt by ``rule``: ``(chosen indices, answers)``, each ``[P]``.
 
     * ``"best"``: the best aggregate score (NaN ranks lowest; ties to the first);
@@ -94,6 +96,7 @@ def select_candidates(candidates: Sequence[Sequence[Candidate]], rule: str, devi
     * ``"weighted"``: the answer with the largest summed score, its first candidate.
 
     A prompt with no candidate, or (votes) no candidate with an answer, gets ``(None, None)``.
+    ``vote_key``: what makes two answers one vote (``Settings.vote_key``).
     """
     if rule not in SELECT_RULES:
         raise ValueError(f"select must be one of {SELECT_RULES}, got {rule!r}")
@@ -106,7 +109,7 @@ def select_candidates(candidates: Sequence[Sequence[Candidate]], rule: str, devi
         idx = select_best(scores).tolist()
         chosen = [i if i < len(candidates[p]) else None for p, i in enumerate(idx)]
     else:
-        aids = answer_ids(rows_a, device=device)
+        aids = answer_ids(rows_a, device=device, key=key_fn(vote_key))
         ans, idx = majority_vote(aids) if rule == "majority" else weighted_vote(aids, scores)
         chosen = [i if a >= 0 else None for a, i in zip(ans.tolist(), idx.tolist())]
     return chosen, [None if i is None else candidates[p][i].answer for p, i in enumerate(chosen)]

@@ -16,6 +16,7 @@ RESAMPLERS = ("systematic", "multinomial")
 PARTICLE_WEIGHTS = ("verifier", "self_certainty")
 PARTICLE_SELECT = ("best", "weighted", "sample")
 ENTROPIC = ("none", "adaptive", "annealed", "ess", "entropy", "base")
+VOTE_KEYS = ("normalized", "math")  # (tts_kernels.search.answers)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Settings:
             ``anneal_below`` in the first ``early_phase`` of the iterations; formulas in
             :mod:`~tts_kernels.search.particle_filter`); ``keep_best`` carries the best particle
             through every resample.
+        vote_key: what makes two answers one vote (majority, weighted votes, particle filtering's
+            weighted pick): ``"normalized"`` (the extracted string) or ``"math"`` (the value
+            ``math-verify`` reads: ``\\frac{1}{2}`` and ``0.5`` vote together;
+            :mod:`~tts_kernels.search.answers`).
         sweeps, reference_particles: particle Gibbs (:func:`~tts_kernels.search.particle_gibbs`):
             passes of ``budget // sweeps`` particles each, and the reference particles carried from
             one pass into the next.
@@ -84,6 +89,7 @@ class Settings:
     reference_particles: int = 1
     anneal_below: float = 0.5
     early_phase: float = 0.5
+    vote_key: str = "normalized"
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -109,7 +115,8 @@ class Settings:
         number("anneal_below", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("early_phase", lambda v: 0 <= v <= 1, "in [0, 1]")
         for name, allowed in (("agg", AGGREGATES), ("resampling", RESAMPLERS), ("particle_weight", PARTICLE_WEIGHTS),
-                              ("particle_select", PARTICLE_SELECT), ("entropic", ENTROPIC)):
+                              ("particle_select", PARTICLE_SELECT), ("entropic", ENTROPIC),
+                              ("vote_key", VOTE_KEYS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Settings.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.keep_best, bool):

@@ -270,8 +270,8 @@ def _run(policy, prm, prompts, *, n: int, s: Settings, seed: int, choose) -> tup
     return completed, compute
 
 
-def _result(name: str, n: int, completed, compute: Compute, select: str, device) -> SearchResult:
-    chosen, answers = select_candidates(completed, select, device)
+def _result(name: str, n: int, completed, compute: Compute, select: str, device, vote_key: str) -> SearchResult:
+    chosen, answers = select_candidates(completed, select, device, vote_key)
     return SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=completed,
                         compute=compute, samples=n * len(completed))
 
@@ -321,7 +321,7 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
         return rows
 
     completed, compute = _run(policy, verifier, prompts, n=n, s=s, seed=seed, choose=choose)
-    return _result("prm_beam_search", n, completed, compute, select, policy.device)
+    return _result("prm_beam_search", n, completed, compute, select, policy.device, s.vote_key)
 
 
 @torch.no_grad()
@@ -357,4 +357,4 @@ def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "wei
         return rows
 
     completed, compute = _run(policy, verifier, prompts, n=n, s=s, seed=seed, choose=choose)
-    return _result("dvts", n, completed, compute, select, policy.device)
+    return _result("dvts", n, completed, compute, select, policy.device, s.vote_key)
