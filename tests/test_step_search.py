@@ -127,3 +127,21 @@ def test_lookahead_rolls_out_without_keeping_the_rollout(models):
     assert look.compute.policy_prefill_tokens == base.compute.policy_prefill_tokens
     with pytest.raises(ValueError, match="lookahead"):
         prm_beam_search(policy, prm, PROMPTS, n=4, beam_width=2, num_iterations=2, lookahead=-1)
+
+
+def test_dvts_lookahead_ranks_the_expansions(models, monkeypatch):
+    from tts_kernels.search import step_search
+
+    policy, prm = models
+    kw = dict(n=4, beam_width=2, num_iterations=3, agg="last", **KW)
+    base = dvts(policy, prm, PROMPTS[:2], **kw)
+    look = dvts(policy, prm, PROMPTS[:2], lookahead=1, **kw)
+    assert look.compute.prm_tokens > base.compute.prm_tokens  # the rollouts ran (and were counted)
+    assert all(c.text == "".join(c.steps) for cands in look.candidates for c in cands)  # and were not kept
+    # The rank is the only thing lookahead changes: ranking by the plain aggregate gives the plain search,
+    # ranking by its negation picks other expansions.
+    texts = lambda res: [[c.text for c in cands] for cands in res.candidates]  # noqa: E731
+    monkeypatch.setattr(step_search._Search, "lookahead_scores", lambda self, finish, steps: self.prm.aggregate)
+    assert texts(dvts(policy, prm, PROMPTS[:2], lookahead=1, **kw)) == texts(base)
+    monkeypatch.setattr(step_search._Search, "lookahead_scores", lambda self, finish, steps: -self.prm.aggregate)
+    assert texts(dvts(policy, prm, PROMPTS[:2], lookahead=1, **kw)) != texts(base)

@@ -35,8 +35,8 @@ class Settings:
         agg: how step scores fold into a candidate's score: ``last``, ``min``, ``prod``, ``mean``.
         step_delimiter: what ends a step. Every search splits text into steps with it (the
             verifier scores exactly those steps), so it is the one definition of a step.
-        lookahead: ``prm_beam_search``: rank beams by their score after this many more greedy
-            steps (rolled out on clones, then thrown away).
+        lookahead: ``prm_beam_search`` and ``dvts``: rank beams (a subtree's expansions) by their
+            score after this many more greedy steps (rolled out on clones, then thrown away).
         sync_every: decode steps between host looks (stop checks, dropping finished rows).
             Part of the random stream's layout: another value gives another (equally valid) sample.
         stop: strings that end a completion (kept in its text), besides EOS. Sampling strategies.

@@ -337,15 +337,20 @@ def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "wei
     delimiter within ``max_step_tokens``, or on the last iteration (which generates to the
     end). Every subtree's final candidate is returned; the prediction is picked by ``select``
     (default ``"weighted"``: the answer with the largest summed score). Settings as
-    :func:`prm_beam_search` (``lookahead`` is not read).
+    :func:`prm_beam_search`; with ``lookahead > 0`` a subtree picks the expansion whose greedy rollout of
+    ``lookahead`` more steps scores best (the rollouts are thrown away; a candidate keeps its own score).
     """
     s = resolve(settings, overrides)
     prompts = _check("dvts", verifier, prompts, n, select, s)
     beam_width = s.beam_width
 
+    lookahead = s.lookahead
+
     def choose(search, finish, last, completed):
         agg_scores = search.prm.aggregate
-        best = select_best(agg_scores.view(-1, beam_width)).tolist()  # per subtree, on the device
+        # Each subtree keeps its best expansion by aggregate, or by its greedy rollout's with lookahead.
+        rank = search.lookahead_scores(finish, lookahead) if lookahead and not last else agg_scores
+        best = select_best(rank.view(-1, beam_width)).tolist()  # per subtree, on the device
         agg_h = agg_scores.tolist()
         rows = []
         for g, b in enumerate(best):
