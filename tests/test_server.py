@@ -181,7 +181,7 @@ BAD = [  # (body, status, param)
     ({"model": MODEL, "prompt": "x", "seed": 1.5}, 400, "seed"),
     ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "prompt": "x", "agg": "median"}, 400, "agg"),
-    ({"model": MODEL, "prompt": "x", "strategy": "dvts", "stop": ["\n"]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "logprobs"),
     ({"model": MODEL}, 400, "prompt"),
     ({"prompt": "x"}, 400, "model"),

@@ -145,3 +145,30 @@ def test_dvts_lookahead_ranks_the_expansions(models, monkeypatch):
     assert texts(dvts(policy, prm, PROMPTS[:2], lookahead=1, **kw)) == texts(base)
     monkeypatch.setattr(step_search._Search, "lookahead_scores", lambda self, finish, steps: -self.prm.aggregate)
     assert texts(dvts(policy, prm, PROMPTS[:2], lookahead=1, **kw)) != texts(base)
+
+
+@pytest.mark.parametrize("search", [prm_beam_search, dvts])
+def test_a_beam_ends_after_the_step_holding_a_stop_string(models, search):
+    policy, prm = models
+    kw = dict(n=4, beam_width=2, num_iterations=4, agg="last", **KW)
+    stop = tuple("aeiou")
+    base = search(policy, prm, PROMPTS[:2], **kw)
+    got = search(policy, prm, PROMPTS[:2], stop=stop, **kw)
+    stopped = [c for cands in got.candidates for c in cands if c.finish == "stop"]
+    assert stopped and all(any(x in c.steps[-1] for x in stop) for c in stopped)
+    for cands in got.candidates:  # no beam went on past a step holding one
+        for c in cands:
+            assert not any(x in step for step in c.steps[:-1] for x in stop)
+    assert got.compute.policy_generated_tokens < base.compute.policy_generated_tokens
+
+
+def test_stop_at_answer_is_a_closed_box():
+    from types import SimpleNamespace
+
+    from tts_kernels.search.step_search import _Search
+
+    on = SimpleNamespace(stop=(), stop_at_answer=True)
+    assert _Search._answered(on, "so \\boxed{\\frac{1}{2}} done")
+    assert not _Search._answered(on, "so \\boxed{\\frac{1}{2}")  # not closed yet
+    assert not _Search._answered(SimpleNamespace(stop=(), stop_at_answer=False), "\\boxed{3}")
+    assert _Search._answered(SimpleNamespace(stop=("END",), stop_at_answer=False), "x END y")

@@ -142,8 +142,8 @@ def test_bad_arguments(models):
         run("greedy", policy, prm, "Q: 1+1?", budget=1)
     with pytest.raises(TypeError, match="settings must be"):
         run("greedy", policy, prm, PROMPTS, budget=1, settings={"temperature": 0.5})
-    with pytest.raises(ValueError, match="stop strings apply to the sampling strategies only"):
-        run("dvts", policy, prm, PROMPTS, budget=4, settings=S.replace(stop=("x",)))
+    with pytest.raises(TypeError, match="Settings.stop_at_answer must be a bool"):
+        S.replace(stop_at_answer=1)
     with pytest.raises(ValueError, match="identifier"):
         register_strategy("not a name", lambda *a, **k: None)
     with pytest.raises(TypeError, match="callable"):

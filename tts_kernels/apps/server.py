@@ -57,7 +57,6 @@ FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "f
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
                "functions", "function_call", "response_format", "frequency_penalty", "presence_penalty")
 _SETTINGS = {f for f in Settings.__dataclass_fields__}
-_SAMPLING = ("majority", "best_of_n", "weighted_best_of_n", "greedy")  # the strategies that read stop strings
 
 
 class APIError(Exception):
@@ -193,9 +192,6 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
         raise _bad("strategy", f"strategy {strategy!r} needs a verifier; this server runs without one")
     if strategy == "greedy" and n > 1:
         raise _bad("n", "strategy 'greedy' makes one completion per prompt: n must be 1")
-    if settings.stop and strategy not in _SAMPLING:
-        raise _bad("stop", f"stop strings apply to the sampling strategies {_SAMPLING} (a step-level search ends "
-                           "steps at step_delimiter)")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(63)

@@ -24,7 +24,7 @@ import torch
 _ANSWER_IS = re.compile(r"[Tt]he (?:final )?answer is[:\s]*([^\n]+)")
 
 
-def _boxed(text: str) -> str | None:
+def boxed_answer(text: str) -> str | None:
     """Contents of the last ``\\boxed{...}``, with nested braces."""
     start = text.rfind("\\boxed{")
     if start < 0:
@@ -54,7 +54,7 @@ def normalize_answer(ans: str) -> str:
 
 def extract_answer(text: str) -> str | None:
     """The answer of a solution: the last ``\\boxed{X}``, else the last ``The answer is X``; ``None`` if neither."""
-    boxed = _boxed(text)
+    boxed = boxed_answer(text)
     if boxed is not None:
         return normalize_answer(boxed) or None
     found = _ANSWER_IS.findall(text)

@@ -107,8 +107,6 @@ def _check(verifier, prompts, n: int, s: Settings) -> list[str]:
                          "(particle_weight='self_certainty' runs without one)")
     prompts = check_prompts(prompts)
     check_int("n", n, minimum=1)
-    if s.stop:
-        raise ValueError(f"stop={list(s.stop)!r}: stop strings apply to the sampling strategies only")
     return prompts
 
 

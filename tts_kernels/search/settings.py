@@ -39,7 +39,11 @@ class Settings:
             score after this many more greedy steps (rolled out on clones, then thrown away).
         sync_every: decode steps between host looks (stop checks, dropping finished rows).
             Part of the random stream's layout: another value gives another (equally valid) sample.
-        stop: strings that end a completion (kept in its text), besides EOS. Sampling strategies.
+        stop: strings that end a completion besides EOS. Sampling strategies cut the text after the
+            string; step-level searches and particle filters end the beam after the step that holds it
+            (the step kept whole; finish ``"stop"``).
+        stop_at_answer: step-level searches and particle filters: a beam whose text has a closed
+            ``\\boxed{...}`` is complete (finish ``"stop"``), as search-and-learn's beams are.
         levels: ``compute_optimal``: difficulty levels.
         resampling, ess_threshold, particle_weight, particle_select, weight_temperature, entropic,
             entropy_target, keep_best: particle filtering (:func:`~tts_kernels.search.particle_filter`):
@@ -76,6 +80,7 @@ class Settings:
     lookahead: int = 0
     sync_every: int = 8
     stop: tuple[str, ...] = ()
+    stop_at_answer: bool = False
     levels: int = 4
     resampling: str = "systematic"
     ess_threshold: float = 1.0
@@ -119,8 +124,9 @@ class Settings:
                               ("vote_key", VOTE_KEYS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Settings.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not isinstance(self.keep_best, bool):
-            raise TypeError(f"Settings.keep_best must be a bool, got {type(self.keep_best).__name__}")
+        for name in ("keep_best", "stop_at_answer"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Settings.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
             raise ValueError(f"Settings.step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
         stop = self.stop

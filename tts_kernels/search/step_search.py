@@ -29,7 +29,7 @@ from .._threads import in_search_pool
 from ..ops._validate import check_int
 from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
-from .answers import extract_answer
+from .answers import boxed_answer, extract_answer
 from .cancel import cancelled
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .seeds import Seeds
@@ -51,6 +51,7 @@ class _Search:
         self.keys = Seeds.of(seed, len(prompts))
         self.sync_every = s.sync_every
         self.max_step_tokens, self.max_final_tokens = s.max_step_tokens, s.max_new_tokens
+        self.stop, self.stop_at_answer = s.stop, s.stop_at_answer
         prompt_ids = [policy.encode(p) for p in prompts]
         self.prompt_ids = prompt_ids
         budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens
@@ -132,6 +133,8 @@ class _Search:
                 finish.append("final")
             elif not delim[r]:
                 finish.append("length")
+            elif self._answered(self.texts[r] + text):
+                finish.append("stop")
             else:
                 finish.append(None)
         if self.prm is not None:
@@ -149,6 +152,11 @@ class _Search:
                 if first is not None:
                     self.step_scores[r].append(first[r])
         return texts, finish
+
+    def _answered(self, text: str) -> bool:
+        """The completion is done though it goes on: a stop string is in it, or (``stop_at_answer``)
+        its ``\\boxed{...}`` is closed."""
+        return any(x in text for x in self.stop) or (self.stop_at_answer and boxed_answer(text) is not None)
 
     def _decode(self, st, base_ids: list[list[int]], base_texts: list[str]) -> tuple[list[list[int]], list[str]]:
         """Each row's step tokens, and the text the step adds to the row's decoded completion
@@ -239,9 +247,6 @@ def _check(name: str, verifier, prompts, n: int, select: str, s: Settings) -> li
         raise ValueError(f"n ({n}) must be a multiple of beam_width ({s.beam_width})")
     if select not in SELECT_RULES:
         raise ValueError(f"select must be one of {SELECT_RULES}, got {select!r}")
-    if s.stop:
-        raise ValueError(f"stop={list(s.stop)!r}: stop strings apply to the sampling strategies only; a step-level "
-                         "search ends steps at step_delimiter and completions at EOS or max_new_tokens")
     return prompts
 
 
@@ -283,8 +288,9 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
     """Step-level beam search with a verifier (search-and-learn semantics; see the module docstring).
 
     ``n`` beams per prompt; each iteration every beam samples one step (up to and including
-    ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens``, or an
-    empty step) are completed; the others are scored by the verifier on their new step and the
+    ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens``, an
+    empty step, a step holding a ``stop`` string, or with ``stop_at_answer`` a closed ``\\boxed{}``)
+    are completed; the others are scored by the verifier on their new step and the
     best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
     turn) back to ``n`` beams; on the last of ``num_iterations`` iterations beams generate to
     the end (up to ``max_new_tokens``). With ``lookahead > 0`` the ranking score is that of each
@@ -334,8 +340,8 @@ def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "wei
     Each iteration every live subtree samples ``beam_width`` candidate next steps, the verifier
     scores them, and the subtree continues with the best one (by aggregate score, ties to
     the first); a subtree ends when its chosen step ends with EOS, is empty, has no
-    delimiter within ``max_step_tokens``, or on the last iteration (which generates to the
-    end). Every subtree's final candidate is returned; the prediction is picked by ``select``
+    delimiter within ``max_step_tokens``, completes the answer (``stop``, ``stop_at_answer``, as
+    :func:`prm_beam_search`), or on the last iteration (which generates to the end). Every subtree's final candidate is returned; the prediction is picked by ``select``
     (default ``"weighted"``: the answer with the largest summed score). Settings as
     :func:`prm_beam_search`; with ``lookahead > 0`` a subtree picks the expansion whose greedy rollout of
     ``lookahead`` more steps scores best (the rollouts are thrown away; a candidate keeps its own score).
