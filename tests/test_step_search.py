@@ -172,3 +172,22 @@ def test_stop_at_answer_is_a_closed_box():
     assert not _Search._answered(on, "so \\boxed{\\frac{1}{2}")  # not closed yet
     assert not _Search._answered(SimpleNamespace(stop=(), stop_at_answer=False), "\\boxed{3}")
     assert _Search._answered(SimpleNamespace(stop=("END",), stop_at_answer=False), "x END y")
+
+
+@pytest.mark.parametrize("search", [prm_beam_search, dvts])
+def test_step_cap_continue_scores_the_cut_step_and_goes_on(models, search):
+    policy, prm = models
+    kw = dict(KW, max_step_tokens=3)
+    kw.pop("step_delimiter")
+    args = dict(n=4, beam_width=2, num_iterations=4, agg="last", step_delimiter="e", **kw)
+    end = search(policy, prm, PROMPTS[:2], **args)
+    cont = search(policy, prm, PROMPTS[:2], step_cap="continue", **args)
+    assert any(c.finish == "length" for cands in end.candidates for c in cands)
+    assert not any(c.finish == "length" for cands in cont.candidates for c in cands)
+    cut = [c for cands in cont.candidates for c in cands
+           if any(not step.endswith("e") for step in c.steps[:-1])]
+    assert cut  # a step cut at the cap, scored, and the beam went on after it
+    assert all(len(c.step_scores) == len(c.steps) for c in cut)
+    assert cont.compute.policy_generated_tokens > end.compute.policy_generated_tokens
+    with pytest.raises(ValueError, match="Settings.step_cap"):
+        search(policy, prm, PROMPTS[:2], step_cap="wrap", **args)

@@ -16,6 +16,7 @@ RESAMPLERS = ("systematic", "multinomial")
 PARTICLE_WEIGHTS = ("verifier", "self_certainty")
 PARTICLE_SELECT = ("best", "weighted", "sample")
 ENTROPIC = ("none", "adaptive", "annealed", "ess", "entropy", "base")
+STEP_CAPS = ("end", "continue")
 VOTE_KEYS = ("normalized", "math")  # (tts_kernels.search.answers)
 
 
@@ -29,6 +30,9 @@ class Settings:
         max_new_tokens: tokens of a whole completion (sampling strategies; the last iteration
             of a step-level search, which generates to the end).
         max_step_tokens: tokens of one step of a step-level search.
+        step_cap: what a step that reaches ``max_step_tokens`` without the delimiter does: ``"end"``
+            the beam (finish ``"length"``, search-and-learn's rule) or ``"continue"``: it is scored as
+            a step and the beam goes on in the next iteration.
         num_iterations: steps of a step-level search (the last one generates to the end).
         beam_width: step-level searches: a beam search keeps ``budget // beam_width`` beams and
             expands each ``beam_width`` ways; DVTS grows ``budget // beam_width`` subtrees.
@@ -73,6 +77,7 @@ class Settings:
     min_p: float = 0.0
     max_new_tokens: int = 96
     max_step_tokens: int = 24
+    step_cap: str = "end"
     num_iterations: int = 8
     beam_width: int = 4
     agg: str = "last"
@@ -121,7 +126,7 @@ class Settings:
         number("early_phase", lambda v: 0 <= v <= 1, "in [0, 1]")
         for name, allowed in (("agg", AGGREGATES), ("resampling", RESAMPLERS), ("particle_weight", PARTICLE_WEIGHTS),
                               ("particle_select", PARTICLE_SELECT), ("entropic", ENTROPIC),
-                              ("vote_key", VOTE_KEYS)):
+                              ("vote_key", VOTE_KEYS), ("step_cap", STEP_CAPS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Settings.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("keep_best", "stop_at_answer"):

@@ -52,6 +52,7 @@ class _Search:
         self.sync_every = s.sync_every
         self.max_step_tokens, self.max_final_tokens = s.max_step_tokens, s.max_new_tokens
         self.stop, self.stop_at_answer = s.stop, s.stop_at_answer
+        self.cap_ends = s.step_cap == "end"
         prompt_ids = [policy.encode(p) for p in prompts]
         self.prompt_ids = prompt_ids
         budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens
@@ -131,7 +132,7 @@ class _Search:
                 finish.append("empty")
             elif last:
                 finish.append("final")
-            elif not delim[r]:
+            elif not delim[r] and self.cap_ends:
                 finish.append("length")
             elif self._answered(self.texts[r] + text):
                 finish.append("stop")
@@ -288,7 +289,8 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
     """Step-level beam search with a verifier (search-and-learn semantics; see the module docstring).
 
     ``n`` beams per prompt; each iteration every beam samples one step (up to and including
-    ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens``, an
+    ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens`` unless
+    ``step_cap="continue"``, an
     empty step, a step holding a ``stop`` string, or with ``stop_at_answer`` a closed ``\\boxed{}``)
     are completed; the others are scored by the verifier on their new step and the
     best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
