@@ -113,8 +113,10 @@ def test_selection_rules_and_self_certainty():
     assert all(math.isnan(c.score) for cands in sc.candidates for c in cands)
     with pytest.raises(ValueError, match="needs a verifier"):
         particle_filter(policy, None, PROMPTS, n=6, settings=S)
-    with pytest.raises(ValueError, match="stop strings"):
-        particle_filter(policy, verifier, PROMPTS, n=6, settings=S.replace(stop=("x",)))
+    # A stop string ends a particle after the step that holds it (kept whole), as in the step searches.
+    stopped = particle_filter(policy, verifier, PROMPTS, n=6, settings=S.replace(stop=tuple("aeiou")))
+    ends = [c for row in stopped.candidates for c in row if c.finish == "stop"]
+    assert ends and all(any(x in c.steps[-1] for x in "aeiou") for c in ends)
 
 
 def test_temperatures():

@@ -39,6 +39,8 @@ class Settings:
         agg: how step scores fold into a candidate's score: ``last``, ``min``, ``prod``, ``mean``.
         step_delimiter: what ends a step. Every search splits text into steps with it (the
             verifier scores exactly those steps), so it is the one definition of a step.
+        filter_duplicates: ``prm_beam_search``: a beam whose completion (token ids) repeats another
+            live beam's of its prompt does not compete for survival (search-and-learn's option).
         lookahead: ``prm_beam_search`` and ``dvts``: rank beams (a subtree's expansions) by their
             score after this many more greedy steps (rolled out on clones, then thrown away).
         sync_every: decode steps between host looks (stop checks, dropping finished rows).
@@ -83,6 +85,7 @@ class Settings:
     agg: str = "last"
     step_delimiter: str = "\n\n"
     lookahead: int = 0
+    filter_duplicates: bool = False
     sync_every: int = 8
     stop: tuple[str, ...] = ()
     stop_at_answer: bool = False
@@ -129,7 +132,7 @@ class Settings:
                               ("vote_key", VOTE_KEYS), ("step_cap", STEP_CAPS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Settings.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("keep_best", "stop_at_answer"):
+        for name in ("keep_best", "stop_at_answer", "filter_duplicates"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Settings.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:

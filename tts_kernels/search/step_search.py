@@ -31,6 +31,7 @@ from ..ops.select import select_best, topk_per_group
 from .accounting import Compute, count_flops
 from .answers import boxed_answer, extract_answer
 from .cancel import cancelled
+from .dedupe import RowHashes
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .seeds import Seeds
 from .settings import Settings, resolve
@@ -42,7 +43,7 @@ class _Search:
     """Rows (beams) of all prompts under the policy and the PRM, with their host-side texts."""
 
     def __init__(self, policy, prm, prompts, s: Settings, *, seed: int, rows: int, track_logprobs: bool = False,
-                 extra: Sequence[tuple[int, list[int]]] = ()):
+                 extra: Sequence[tuple[int, list[int]]] = (), hash_rows: bool = False):
         self.policy, self.prm_model = policy, prm
         self.tok = policy.tokenizer
         self.eos = list(policy.eos_token_ids)
@@ -72,6 +73,10 @@ class _Search:
         self.matcher = DelimiterMatcher(self.tok, s.step_delimiter, V, device=self.pol.logits.device)
         self.P = len(prompts)
         n0 = self.P + len(extra)
+        if hash_rows and extra:
+            raise ValueError("hash_rows: rows started with a completion are not hashed")
+        # Rolling hashes of the rows' token ids (filter_duplicates), on the device.
+        self.hashes = RowHashes(n0, self.pol.logits.device) if hash_rows else None
         self.owner = list(range(self.P)) + [p for p, _ in extra]  # prompt of each row
         self.texts = [""] * n0
         self.ids: list[list[int]] = [[] for _ in range(self.P)] + [list(c) for _, c in extra]  # (EOS dropped)
@@ -95,6 +100,8 @@ class _Search:
             self.prm.fork(idx)
         if self.track_logprobs:
             self.lp_sum, self.lp_count = self.lp_sum.index_select(0, idx), self.lp_count.index_select(0, idx)
+        if self.hashes is not None:
+            self.hashes.fork(idx)
         for name in ("owner", "texts", "ids", "steps", "step_scores", "step_ntok"):
             old = getattr(self, name)
             setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
@@ -118,6 +125,8 @@ class _Search:
         if self.track_logprobs:
             self.lp_sum = self.lp_sum + st.logprob_sum
             self.lp_count = self.lp_count + st.counts
+        if self.hashes is not None:  # the kept tokens (an EOS ends the step and is not kept)
+            self.hashes.extend(st.tokens, st.counts - st.eos.to(st.counts.dtype))
         ids, texts = self._decode(st, self.ids, self.texts)  # one host look per step: the PRM needs the text
         eos, delim = st.eos.tolist(), st.delimited.tolist()
         skip = set() if rows is None else set(range(self.rows)) - set(rows)
@@ -153,6 +162,14 @@ class _Search:
                 if first is not None:
                     self.step_scores[r].append(first[r])
         return texts, finish
+
+    def duplicates(self, group: int, live: torch.Tensor) -> list[int]:
+        """Live rows whose completion repeats an earlier live row's in their group of ``group`` rows: found
+        by hash on the device, each confirmed on the host's token lists (a collision drops nothing)."""
+        dup, first = self.hashes.duplicates(group, live)
+        flagged = dup.nonzero().squeeze(1)
+        pairs = zip(flagged.tolist(), first.index_select(0, flagged).tolist())
+        return [r for r, j in pairs if self.ids[r] == self.ids[j]]
 
     def _answered(self, text: str) -> bool:
         """The completion is done though it goes on: a stop string is in it, or (``stop_at_answer``)
@@ -252,11 +269,12 @@ def _check(name: str, verifier, prompts, n: int, select: str, s: Settings) -> li
 
 
 @in_search_pool
-def _run(policy, prm, prompts, *, n: int, s: Settings, seed: int, choose) -> tuple[list[list[Candidate]], Compute]:
+def _run(policy, prm, prompts, *, n: int, s: Settings, seed: int, choose,
+         hash_rows: bool = False) -> tuple[list[list[Candidate]], Compute]:
     """The loop both searches share: ``n`` rows per prompt; each iteration every row samples one
     step and the PRM scores it; ``choose(search, finish, last, completed)`` records finished rows and
     returns the rows to continue with (host list of row indices, forked for the next iteration)."""
-    search = _Search(policy, prm, prompts, s, seed=seed, rows=len(prompts) * n)
+    search = _Search(policy, prm, prompts, s, seed=seed, rows=len(prompts) * n, hash_rows=hash_rows)
     completed: list[list[Candidate]] = [[] for _ in range(search.P)]
     try:
         search.fork([p for p in range(search.P) for _ in range(n)])
@@ -296,7 +314,9 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
     best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
     turn) back to ``n`` beams; on the last of ``num_iterations`` iterations beams generate to
     the end (up to ``max_new_tokens``). With ``lookahead > 0`` the ranking score is that of each
-    beam rolled out ``lookahead`` more greedy steps (not kept). The prediction is picked from
+    beam rolled out ``lookahead`` more greedy steps (not kept). With ``filter_duplicates`` a beam whose
+    token ids repeat another live beam's of its prompt is not ranked (:mod:`~tts_kernels.search.dedupe`:
+    hashed on the device, confirmed exactly). The prediction is picked from
     the completed beams by ``select`` (default ``"best"``: the best aggregate score).
     Settings read: ``beam_width``, ``num_iterations``, ``step_delimiter``, ``max_step_tokens``,
     ``max_new_tokens``, ``lookahead``, ``agg``, ``temperature``, ``top_p``, ``top_k``, ``min_p``,
@@ -319,6 +339,10 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
         # ranked by their aggregate, or by that of their greedy rollout with lookahead.
         rank = search.lookahead_scores(finish, lookahead) if lookahead else agg_scores
         live = torch.tensor([f is None for f in finish], device=agg_scores.device)
+        if s.filter_duplicates:  # a beam whose text repeats another's is not a second survivor
+            repeats = search.duplicates(n, live)
+            if repeats:
+                live[torch.tensor(repeats, device=live.device)] = False
         values, idx = topk_per_group(torch.where(live, rank, float("-inf")).view(-1, n), keep)
         values, idx = values.tolist(), idx.tolist()
         rows = []
@@ -328,7 +352,8 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
                 rows += [survivors[i % len(survivors)] for i in range(n)]
         return rows
 
-    completed, compute = _run(policy, verifier, prompts, n=n, s=s, seed=seed, choose=choose)
+    completed, compute = _run(policy, verifier, prompts, n=n, s=s, seed=seed, choose=choose,
+                              hash_rows=s.filter_duplicates)
     return _result("prm_beam_search", n, completed, compute, select, policy.device, s.vote_key)
 
 
