@@ -39,28 +39,73 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+# A step-by-step system prompt for math (search-and-learn's recipe uses one like it): steps apart, a boxed answer.
+MATH_SYSTEM_PROMPT = ("Solve the math problem step by step. Keep each step short and end it with a blank line. "
+                      "Write the final answer as $\\boxed{answer}$.")
+# End-of-turn markers of common chat templates: a completion ends at the one the tokenizer has.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def _check_template(tokenizer, system_prompt) -> None:
+    """A chat template that exists and renders the turns it is given (errors name what is missing)."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"chat_template=True but the tokenizer of {name!r} has no chat template")
+    probe = "\u2063probe\u2063"
+    turns = ([{"role": "system", "content": system_prompt + probe}] if system_prompt else [])
+    text = tokenizer.apply_chat_template(turns + [{"role": "user", "content": probe}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(probe) != len(turns) + 1:
+        raise ValueError(f"the chat template of {name!r} renders without the content of the turns it is given "
+                         f"(the system prompt or the user's prompt is missing from {text!r})")
+
+
 class HFPolicy:
     """A transformers causal LM (switched to ``"tts_paged"`` attention) with its tokenizer.
 
     ``block_size``: tokens per KV block. ``num_blocks``: pool size (default: sized per
     session from the prompts, the number of rows and ``max_new_tokens``).
     ``eos_token_ids``: default from the model's generation config, else the tokenizer.
+    ``chat_template``: render each prompt as a user turn (after ``system_prompt``, when given; e.g.
+    :data:`MATH_SYSTEM_PROMPT`) with the tokenizer's chat template, the assistant's turn opened; the
+    template's end-of-turn token (one of :data:`END_OF_TURN` the tokenizer has) then also ends a
+    completion. Off by default: prompts are read as they are (what a server's completions endpoint
+    and a chat endpoint that renders its own messages need).
     """
 
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, chat_template: bool = False,
+                 system_prompt: str | None = None):
+        if system_prompt is not None and not chat_template:
+            raise ValueError("system_prompt needs chat_template=True (it is a turn of the chat)")
+        if chat_template:
+            _check_template(tokenizer, system_prompt)
         self.model = use_paged_attention(model)
         self.forward_args = ForwardArgs(model)  # the cache keyword this transformers version declares
         self.tokenizer = tokenizer
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.chat_template, self.system_prompt = bool(chat_template), system_prompt
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        if chat_template and eos_token_ids is None:
+            vocab = tokenizer.get_vocab()
+            self.eos_token_ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in self.eos_token_ids]
         self.kv_ledger = KVLedger()  # KV blocks held by this policy's open sessions
+
+    def render(self, prompt: str) -> str:
+        """The text the model reads for ``prompt`` (the chat rendering when ``chat_template``)."""
+        if not self.chat_template:
+            return prompt
+        turns = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        return self.tokenizer.apply_chat_template(turns + [{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def encode(self, prompt: str) -> list[int]:
+        if self.chat_template:  # the template writes its own special tokens (BOS included)
+            return self.tokenizer(self.render(prompt), add_special_tokens=False).input_ids
         return self.tokenizer(prompt).input_ids
 
     def start(self, prompt_ids: list[list[int]], *, rows_hint: int | None = None,
