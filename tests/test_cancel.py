@@ -4,7 +4,7 @@ import pytest
 from tiny_models import search_models
 
 from tts_kernels.search import STRATEGIES, Settings, run
-from tts_kernels.search.cancel import Cancellation, cancellation, cancelled
+from tts_kernels.search.cancel import Cancellation, cancellation, cancelled, sub_run
 
 pytestmark = pytest.mark.models
 
@@ -77,3 +77,18 @@ def test_scope_is_per_block_and_thread():
         t.start()
         t.join()
     assert cancelled() == frozenset() and seen["other"] == frozenset()
+
+
+def test_a_sub_run_sees_the_cancelled_prompts_by_its_own_indices():
+    c = Cancellation()
+    c.cancel([2, 5])
+    with sub_run([5, 0, 3]):  # outside any cancellation: nothing to map
+        assert cancelled() == frozenset()
+    with cancellation(c):
+        with sub_run([5, 0, 2, 3]):  # run prompts 5, 0, 2, 3 as 0, 1, 2, 3
+            assert cancelled() == {0, 2}
+            with sub_run([2, 1]):  # nested: indices into the sub-run (its 2 = run's 2)
+                assert cancelled() == {0}
+            c.cancel([3])  # seen live, mapped
+            assert cancelled() == {0, 2, 3}
+        assert cancelled() == {2, 3, 5}

@@ -8,15 +8,17 @@ batch there, so they cost nothing from then on and their KV blocks go back to th
 results are whatever had finished (to be thrown away); the other prompts' results do not change
 when their seeds are per prompt (:mod:`~tts_kernels.search.seeds`).
 
-A strategy that ignores it (a user's, or a pooled one between its sub-searches) simply runs to
-the end. Scopes are per thread (``contextvars``): set it in the thread that runs the search.
+A strategy that ignores it (a user's) simply runs to the end. A strategy that runs searches over
+some of its prompts (``compute_optimal``) runs each inside :func:`sub_run`, so the sub-search
+sees the cancelled prompts by its own indices. Scopes are per thread (``contextvars``): set it in
+the thread that runs the search.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("tts_kernels_cancellation", default=None)
 
@@ -43,6 +45,33 @@ def cancellation(c: Cancellation):
     token = _CURRENT.set(c)
     try:
         yield c
+    finally:
+        _CURRENT.reset(token)
+
+
+class _SubRun:
+    """The enclosing run's cancellation seen by a search over ``prompts`` of it (by their new indices)."""
+
+    def __init__(self, parent, prompts: Sequence[int]):
+        self.parent = parent
+        self.position = {p: i for i, p in enumerate(prompts)}
+
+    @property
+    def prompts(self) -> frozenset[int]:
+        return frozenset(self.position[p] for p in self.parent.prompts if p in self.position)
+
+
+@contextlib.contextmanager
+def sub_run(prompts: Sequence[int]):
+    """Searches run inside this block are over ``prompts`` (indices into the enclosing run's prompts):
+    their :func:`cancelled` maps the enclosing cancellation to their own indices."""
+    parent = _CURRENT.get()
+    if parent is None:
+        yield
+        return
+    token = _CURRENT.set(_SubRun(parent, prompts))
+    try:
+        yield
     finally:
         _CURRENT.reset(token)
 

@@ -37,6 +37,7 @@ from ..ops._validate import check_int
 from ..ops.allocate import allocate_budget
 from .answers import extract_answer, vote_key
 from .best_of_n import best_of_n
+from .cancel import sub_run
 from .result import SearchResult
 from .seeds import Seeds
 from .settings import Settings, resolve
@@ -137,8 +138,9 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
             groups.setdefault((strat, n_run[i], bw), []).append(i)
     for (strat, n, bw), idx in sorted(groups.items()):
         search, rule = _SEARCH[strat]
-        res = search(policy, verifier, [prompts[i] for i in idx], n=n, select=rule, settings=s.replace(beam_width=bw),
-                     seed=keys.shift(1).take(idx), extract=extract)
+        with sub_run(idx):  # a prompt cancelled in this run is cancelled in the sub-search, by its new index
+            res = search(policy, verifier, [prompts[i] for i in idx], n=n, select=rule,
+                         settings=s.replace(beam_width=bw), seed=keys.shift(1).take(idx), extract=extract)
         compute = compute + res.compute
         for j, i in enumerate(idx):
             info[i]["strategy"], info[i]["n"] = strat, n

@@ -251,7 +251,7 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
             alive = torch.zeros(P, dtype=torch.bool, device=dev)
             alive[torch.tensor(alive_h, device=dev)] = True
             do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
-            gone = sorted(p for p in cancelled() if p < P)  # prompts nobody waits for: their particles stop here
+            gone = sorted(cancelled())  # prompts nobody waits for: their particles stop here
             if gone:
                 do[torch.tensor(gone, device=dev)] = False
             idx = resample(lw, method=s.resampling, seed=key, offset=off + it, temperature=T,
