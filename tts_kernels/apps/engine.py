@@ -29,24 +29,16 @@ from dataclasses import dataclass, field
 
 from ..search import STRATEGIES, Compute, SearchResult, Settings, run
 from ..search.cancel import Cancellation, cancellation
+from ..search.seeds import splitmix64
 
 log = logging.getLogger("tts_kernels.serve")
-
-_MASK = 2**64 - 1
-
 
 def request_seeds(seed: int, prompts: int) -> list[int]:
     """The per-prompt seeds of a request with ``seed`` over ``prompts`` prompts (splitmix64 of the
     seed and the prompt's index in the request; signed 64-bit). What the server passes to
     :func:`~tts_kernels.search.run`; a client reproduces a served answer offline with it."""
-    out = []
-    for i in range(prompts):
-        z = (seed * 0x9E3779B97F4A7C15 + i + 1) & _MASK
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        z ^= z >> 31
-        out.append(z - 2**64 if z >= 2**63 else z)
-    return out
+    out = [splitmix64(seed * 0x9E3779B97F4A7C15 + i + 1) for i in range(prompts)]
+    return [z - 2**64 if z >= 2**63 else z for z in out]
 
 
 class BadRequest(ValueError):

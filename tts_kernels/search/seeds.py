@@ -111,15 +111,21 @@ class Seeds:
         return table, torch.zeros_like(table)
 
 
+_MASK64 = 2**64 - 1
+
+
+def splitmix64(z: int) -> int:
+    """SplitMix64's output function of ``z`` (taken mod ``2**64``): a well-mixed unsigned 64-bit int."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
 def engine_seeds(seed, stream, offset: int, rows: int) -> list[int]:
     """One 63-bit seed per row for an engine that takes a seed per request (a text-level backend's
     ``generate``): a hash of the row's key ``(seed, stream, offset)`` as :func:`~tts_kernels.sample`
     would use it (``seed`` an int or ``[rows]`` tensor; ``stream`` ``[rows]`` or ``None``: the row index)."""
     seeds = seed.tolist() if isinstance(seed, torch.Tensor) and seed.dim() else [int(seed)] * rows
     streams = list(range(rows)) if stream is None else stream.tolist()
-    out = []
-    for s, t in zip(seeds, streams):
-        z = (s * 0x9E3779B97F4A7C15 + t * 0xBF58476D1CE4E5B9 + offset) & (2**64 - 1)
-        z = ((z ^ (z >> 31)) * 0x94D049BB133111EB) & (2**64 - 1)
-        out.append((z ^ (z >> 29)) >> 1)
-    return out
+    return [splitmix64(s * 0x9E3779B97F4A7C15 + t * 0xBF58476D1CE4E5B9 + offset) >> 1 for s, t in zip(seeds, streams)]
