@@ -159,10 +159,7 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
     budget = _int(body, "budget", n, minimum=1, maximum=cfg.max_budget)
     if n > budget:
         raise _bad("n", f"n ({n}) must be <= budget ({budget}): choices come from the search's candidates")
-    overrides = {}
-    for name, value in body.items():
-        if name in _SETTINGS:
-            overrides[name] = tuple(value) if name == "stop" and isinstance(value, list) else value
+    overrides = {name: value for name, value in body.items() if name in _SETTINGS}  # (stop: checked below)
     if body.get("max_tokens") is not None:
         overrides["max_new_tokens"] = _int(body, "max_tokens", minimum=1)
     stop = body.get("stop")

@@ -25,7 +25,7 @@ class RowHashes:
 
     def _powers(self, n: int) -> torch.Tensor:
         """``[n + 1, 2]``: ``B**k mod p`` for ``k = 0 .. n``."""
-        while self._pw.shape[0] <= n:
+        if self._pw.shape[0] <= n:  # grown to at least twice its length, so rarely
             pw = [[1, 1]]
             for _ in range(max(n, 2 * self._pw.shape[0])):
                 pw.append([pw[-1][i] * _BASES[i] % _MODS[i] for i in range(2)])
@@ -34,7 +34,7 @@ class RowHashes:
 
     def extend(self, tokens: torch.Tensor, counts: torch.Tensor) -> None:
         """Append each row's first ``counts [rows]`` tokens of ``tokens [rows, T]`` (ids >= 0)."""
-        R, T = tokens.shape
+        T = tokens.shape[1]
         pw = self._powers(T)
         t = torch.arange(T, device=tokens.device)
         c = counts.to(torch.int64)[:, None]

@@ -308,11 +308,10 @@ def prm_beam_search(policy, verifier, prompts: Sequence[str], *, n: int, select:
 
     ``n`` beams per prompt; each iteration every beam samples one step (up to and including
     ``step_delimiter``); beams that end (EOS, no delimiter within ``max_step_tokens`` unless
-    ``step_cap="continue"``, an
-    empty step, a step holding a ``stop`` string, or with ``stop_at_answer`` a closed ``\\boxed{}``)
-    are completed; the others are scored by the verifier on their new step and the
-    best ``n // beam_width`` per prompt by aggregate score survive and are duplicated (in
-    turn) back to ``n`` beams; on the last of ``num_iterations`` iterations beams generate to
+    ``step_cap="continue"``, an empty step, a step holding a ``stop`` string, or with
+    ``stop_at_answer`` a closed ``\\boxed{}``) are completed; the others are scored by the verifier
+    on their new step and the best ``n // beam_width`` per prompt by aggregate score survive and are
+    duplicated (in turn) back to ``n`` beams; on the last of ``num_iterations`` iterations beams generate to
     the end (up to ``max_new_tokens``). With ``lookahead > 0`` the ranking score is that of each
     beam rolled out ``lookahead`` more greedy steps (not kept). With ``filter_duplicates`` a beam whose
     token ids repeat another live beam's of its prompt is not ranked (:mod:`~tts_kernels.search.dedupe`:
@@ -368,7 +367,8 @@ def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "wei
     scores them, and the subtree continues with the best one (by aggregate score, ties to
     the first); a subtree ends when its chosen step ends with EOS, is empty, has no
     delimiter within ``max_step_tokens``, completes the answer (``stop``, ``stop_at_answer``, as
-    :func:`prm_beam_search`), or on the last iteration (which generates to the end). Every subtree's final candidate is returned; the prediction is picked by ``select``
+    :func:`prm_beam_search`), or on the last iteration (which generates to the end). Every
+    subtree's final candidate is returned; the prediction is picked by ``select``
     (default ``"weighted"``: the answer with the largest summed score). Settings as
     :func:`prm_beam_search`; with ``lookahead > 0`` a subtree picks the expansion whose greedy rollout of
     ``lookahead`` more steps scores best (the rollouts are thrown away; a candidate keeps its own score).
