@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.policy import eos_ids
+
 class VLLMPolicy:
     """:class:`~tts_kernels.search.Policy` over a ``vllm.LLM``.
 
@@ -51,7 +53,7 @@ class VLLMPolicy:
         self.tokenizer = llm.get_tokenizer()
         config = llm.llm_engine.model_config
         self.max_model_len = int(config.max_model_len)
-        self.eos_token_ids = _eos_ids(config.hf_config, self.tokenizer)
+        self.eos_token_ids = eos_ids(config.hf_config, self.tokenizer)
         with torch.device("meta"):  # the model's shapes, for the FLOP estimate (no memory)
             from transformers import AutoModelForCausalLM
 
@@ -74,13 +76,6 @@ class VLLMPolicy:
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("every prompt must have at least one token")
         return VLLMSession(self, [list(p) for p in prompt_ids])
-
-
-def _eos_ids(hf_config, tokenizer) -> list[int]:
-    eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
 
 
 class VLLMSession:

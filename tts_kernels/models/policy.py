@@ -30,8 +30,10 @@ from .compat import ForwardArgs
 from .hf_paged import KVLedger, PagedCache, use_paged_attention
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+def eos_ids(config, tokenizer) -> list[int]:
+    """The token ids that end a completion: ``config.eos_token_id`` (a generation config's or a model
+    config's; an id or a list), else the tokenizer's EOS; ``[]`` when neither has one."""
+    eos = getattr(config, "eos_token_id", None)
     if eos is None:
         eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -85,7 +87,8 @@ class HFPolicy:
         self.tokenizer = tokenizer
         self.block_size, self.num_blocks = block_size, num_blocks
         self.chat_template, self.system_prompt = bool(chat_template), system_prompt
-        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else eos_ids(
+            getattr(model, "generation_config", None), tokenizer)
         if chat_template and eos_token_ids is None:
             vocab = tokenizer.get_vocab()
             self.eos_token_ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in self.eos_token_ids]
