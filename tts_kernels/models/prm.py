@@ -38,8 +38,10 @@ which stays at the end of every step but the last. The searches split text thems
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +50,17 @@ from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, ini
                        prefix_likelihood, prm_score)
 from .compat import ForwardArgs
 from .hf_paged import KVLedger, PagedCache, use_paged_attention
+from .prm_formats import PRESETS, detect_preset, make_format
 from .text import split_steps
 
+log = logging.getLogger("tts_kernels")
+
 HEADS = ("label_token", "classifier", "value", "likelihood")
+
+
+def _model_name(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", "") or type(model).__name__
 
 
 def _token_id(tokenizer, token: str, name: str) -> int:
@@ -82,21 +92,35 @@ class HFPRM:
         num_blocks, block_size: the PRM's paged KV pool (default: sized per session).
     """
 
-    def __init__(self, model, tokenizer, *, head: str = "classifier", step_delimiter: str = "\n\n",
-                 step_tag: str | None = None, good_token: str | None = None, bad_token: str | None = None,
-                 positive_class: int = 1, reduce: str = "min", num_blocks: int | None = None,
-                 block_size: int = 16):
+    def __init__(self, model, tokenizer, *, head: str | None = None, preset: str | None = None,
+                 step_delimiter: str = "\n\n", step_tag: str | None = None, good_token: str | None = None,
+                 bad_token: str | None = None, positive_class: int = 1, reduce: str = "min",
+                 system_prompt: str | None = None, head_module: torch.nn.Module | None = None,
+                 num_blocks: int | None = None, block_size: int = 16):
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
+        self.format = None
+        if preset is not None:
+            clash = [n for n, v in (("head", head), ("step_tag", step_tag), ("good_token", good_token),
+                                    ("bad_token", bad_token)) if v is not None]
+            if clash:
+                raise ValueError(f"preset={preset!r} sets the format; do not also pass {clash}")
+            self.format = make_format(preset, tokenizer, step_delimiter, model_name=_model_name(model),
+                                      system_prompt=system_prompt)
+            head = self.format.head
+        elif system_prompt is not None:
+            raise ValueError("system_prompt belongs to a preset's format (preset='qwen2.5-math-prm')")
+        head = "classifier" if head is None else head
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if reduce not in LIKELIHOOD_REDUCES:
             raise ValueError(f"reduce must be one of {LIKELIHOOD_REDUCES}, got {reduce!r}")
         if head == "likelihood" and step_tag is not None:
             raise ValueError("step_tag has no meaning for head='likelihood' (the tag's own tokens would be scored)")
-        if not isinstance(step_delimiter, str) or not step_delimiter:
-            raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
         self.model = use_paged_attention(model)
         self.tokenizer = tokenizer
         self.head_kind = head
+        self.preset = preset
         self.step_delimiter = step_delimiter
         self.step_tag = step_tag
         self.positive_class = positive_class
@@ -105,13 +129,17 @@ class HFPRM:
         self.kv_ledger = KVLedger()  # KV blocks held by this PRM's open sessions
         self.base = model.base_model
         self.forward_args = ForwardArgs(self.base)  # the cache keyword this transformers version declares
+        self.pre_head = None  # layers of a deeper head before its last Linear (Qwen2ForProcessRewardModel)
         if head == "label_token":
-            if good_token is None or bad_token is None:
-                raise ValueError("a label_token PRM needs good_token and bad_token")
             lm_head = model.get_output_embeddings()
             if lm_head is None:
                 raise ValueError("head='label_token' needs a causal LM with an output embedding (lm_head)")
-            good, bad = _token_id(tokenizer, good_token, "good_token"), _token_id(tokenizer, bad_token, "bad_token")
+            if self.format is not None:
+                good, bad = self.format.labels
+            else:
+                if good_token is None or bad_token is None:
+                    raise ValueError("a label_token PRM needs good_token and bad_token")
+                good, bad = _token_id(tokenizer, good_token, "good_token"), _token_id(tokenizer, bad_token, "bad_token")
             self.weight, self.bias, self.positive_class = label_token_head(lm_head.weight, good, bad), None, 1
         elif head == "likelihood":
             lm_head = model.get_output_embeddings()
@@ -119,9 +147,14 @@ class HFPRM:
                 raise ValueError("head='likelihood' needs a causal LM with an output embedding (lm_head)")
             self.weight, self.bias = lm_head.weight, lm_head.bias
         else:
-            score = getattr(model, "score", None) or getattr(model, "classifier", None)
+            score = head_module
+            if score is None:
+                score = getattr(model, "score", None) or getattr(model, "classifier", None)
+            if isinstance(score, torch.nn.Sequential) and len(score) > 1 and isinstance(score[-1], torch.nn.Linear):
+                self.pre_head, score = score[:-1], score[-1]
             if not isinstance(score, torch.nn.Linear):
-                raise ValueError(f"head={head!r} needs a *ForTokenClassification model (a `score` Linear head)")
+                raise ValueError(f"head={head!r} needs a `score` head (a Linear, or a Sequential ending in one: a "
+                                 f"*ForTokenClassification model) or head_module=; {_model_name(model)} has none")
             want = 2 if head == "classifier" else 1
             if score.out_features != want:
                 raise ValueError(f"head={head!r} needs {want} output(s), the model's head has {score.out_features}")
@@ -129,6 +162,50 @@ class HFPRM:
         if self.positive_class not in (0, 1):
             raise ValueError(f"positive_class must be 0 or 1, got {positive_class!r}")
         self._tag_ids = [] if step_tag is None else tokenizer(step_tag, add_special_tokens=False).input_ids
+
+    @classmethod
+    def from_pretrained(cls, path_or_model, preset: str | None = None, *, tokenizer=None,
+                        dtype: torch.dtype | None = None, device=None, model_kwargs: dict | None = None,
+                        **kwargs) -> "HFPRM":
+        """A published PRM in its own format: ``path_or_model`` is a folder or hub id (loaded with the
+        class its preset reads: a causal LM for ``math-shepherd`` / ``rlhflow`` / ``skywork-prm``, a token
+        classifier for ``qwen2.5-math-prm``; ``model_kwargs`` go to ``from_pretrained``, e.g.
+        ``trust_remote_code=True`` for Qwen's own class) or a loaded model (then ``tokenizer`` is
+        required). ``preset=None`` detects it (:func:`~tts_kernels.models.prm_formats.detect_preset`) and
+        logs the choice; ``kwargs`` go to :class:`HFPRM` (``step_delimiter``, ``system_prompt``,
+        ``head_module``, pool sizes)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        name = path_or_model if isinstance(path_or_model, str) else _model_name(path_or_model)
+        if isinstance(path_or_model, str):
+            config = AutoConfig.from_pretrained(path_or_model, **(model_kwargs or {}))
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_model)
+        else:
+            if tokenizer is None:
+                raise ValueError("HFPRM.from_pretrained(model) needs tokenizer= when given a loaded model")
+            config = path_or_model.config
+        if preset is None:
+            preset = detect_preset(config, tokenizer, name)
+            log.info("HFPRM: %s read as preset %r (detected; pass preset= to choose)", name, preset)
+        elif preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        model = path_or_model
+        if isinstance(path_or_model, str):
+            from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
+
+            arch = list(getattr(config, "architectures", None) or [])
+            if preset == "qwen2.5-math-prm":
+                auto = AutoModel if any(a.endswith("ForProcessRewardModel") for a in arch) \
+                    else AutoModelForTokenClassification
+            elif preset == "skywork-prm" and any(a.endswith("ForTokenClassification") for a in arch):
+                auto = AutoModelForTokenClassification
+            else:
+                auto = AutoModelForCausalLM
+            model = auto.from_pretrained(path_or_model, dtype=dtype or torch.float32, **(model_kwargs or {}))
+            if device is not None:
+                model = model.to(device)
+            model.eval()
+        return cls(model, tokenizer, preset=preset, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -141,24 +218,51 @@ class HFPRM:
         return self.model if self.head_kind == "likelihood" else self.base
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt).input_ids
+        """Token ids prefilled for ``prompt`` (a preset's lead text: :mod:`.prm_formats`)."""
+        fmt = self.format
+        if fmt is None:
+            return self.tokenizer(prompt).input_ids
+        if not fmt.whole_text:
+            return fmt.prompt_ids(prompt)
+        return self.tokenizer(fmt.lead(prompt), add_special_tokens=fmt.add_special_tokens).input_ids
 
     def encode_steps(self, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of ``steps`` (each followed by the step tag) and the index of each step's scored token."""
         return self.encode_many([steps])[0]
 
     def encode_many(self, steps: list[list[str]]) -> list[tuple[list[int], list[int]]]:
-        """:meth:`encode_steps` of every row, the texts tokenized in one batch call."""
+        """:meth:`encode_steps` of every row, the texts tokenized in one batch call. Not for a whole-text
+        preset, whose steps have no tokens of their own (the row's text is tokenized whole)."""
+        fmt = self.format
+        if fmt is not None and fmt.whole_text:
+            raise ValueError(f"preset {self.preset!r} tokenizes a row's whole text; its steps have no tokens apart")
         flat = [s for row in steps for s in row]
-        toks = iter(self.tokenizer(flat, add_special_tokens=False).input_ids if flat else [])
+        if fmt is not None:
+            toks = iter(fmt.step_ids(flat))
+        else:
+            toks = iter([t + self._tag_ids for t in self.tokenizer(flat, add_special_tokens=False).input_ids]
+                        if flat else [])
         out = []
         for row in steps:
             ids, ends = [], []
             for _ in row:
-                ids += next(toks) + self._tag_ids
+                ids += next(toks)
                 ends.append(len(ids) - 1)
             out.append((ids, ends))
         return out
+
+    def step_overhead(self) -> int:
+        """Tokens a whole-text preset adds around one step (tags, chat turns); 0 otherwise. Sizes pools."""
+        fmt = self.format
+        if fmt is None or not fmt.whole_text:
+            return len(self._tag_ids) + (1 if fmt is not None else 0)
+        if not hasattr(self, "_overhead"):
+            tok = self.tokenizer
+            n = len(tok(fmt.render("q", ["x" + self.step_delimiter, "x"]).text,
+                        add_special_tokens=fmt.add_special_tokens).input_ids)
+            lead = len(tok(fmt.lead("q"), add_special_tokens=fmt.add_special_tokens).input_ids)
+            self._overhead = max(0, (n - lead) // 2)
+        return self._overhead
 
     def start(self, prompts: list[str], *, agg: str = "last", rows: int | None = None,
               max_new_tokens: int = 256) -> "PRMSession":
@@ -167,7 +271,10 @@ class HFPRM:
         ``rows`` (default: the prompts) and ``max_new_tokens`` (step tokens a row will add in
         all) size the KV pool when ``num_blocks`` was not given.
         """
-        return PRMSession(self, [self.encode_prompt(p) for p in prompts], agg, rows or len(prompts), max_new_tokens)
+        if self.format is not None:  # a format's tags and turns, for steps of about 4 tokens
+            max_new_tokens += self.step_overhead() * (max_new_tokens // 4 + 1)
+        return PRMSession(self, [self.encode_prompt(p) for p in prompts], agg, rows or len(prompts), max_new_tokens,
+                          questions=list(prompts))
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[list[str]], *, agg: str = "last") -> "PRMScores":
@@ -186,7 +293,14 @@ class HFPRM:
         if len(steps) != len(prompts):
             raise ValueError(f"steps has {len(steps)} rows, prompts {len(prompts)}")
         flat = [st for cs in steps for st in cs]
-        longest = max((len(ids) for ids, _ in self.encode_many(flat)), default=0)
+        if self.format is not None and self.format.whole_text:  # a candidate's whole text bounds what it adds
+            fmt = self.format
+            qs = [q for q, cs in zip(prompts, steps) for _ in cs]
+            texts = [fmt.render(q, st).text for q, st in zip(qs, flat)]
+            whole = self.tokenizer(texts, add_special_tokens=fmt.add_special_tokens).input_ids if flat else []
+            longest = max((len(w) for w in whole), default=0)
+        else:
+            longest = max((len(ids) for ids, _ in self.encode_many(flat)), default=0)
         session = self.start(prompts, agg=agg, rows=len(flat), max_new_tokens=longest)
         try:
             rows = torch.tensor([i for i, cs in enumerate(steps) for _ in cs], dtype=torch.long)
@@ -201,6 +315,21 @@ class HFPRM:
                              keys=session.keys)
         finally:
             session.free()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 FORWARD_COST = 256  # a forward's fixed cost on CPU, in padded row-tokens (bundled PRM, 2 cores)
@@ -255,7 +384,8 @@ class PRMScores:
 class PRMSession:
     """Rows of candidates under a PRM: each row holds its cached history and running aggregate."""
 
-    def __init__(self, prm: HFPRM, prompt_ids: list[list[int]], agg: str, rows: int, max_new_tokens: int):
+    def __init__(self, prm: HFPRM, prompt_ids: list[list[int]], agg: str, rows: int, max_new_tokens: int,
+                 questions: list[str] | None = None):
         self.prm = prm
         dev = prm.device
         P = len(prompt_ids)
@@ -274,8 +404,24 @@ class PRMSession:
         self.tokens = 0
         self.keys = 0  # keys attended, summed over the tokens run (for the FLOP estimate)
         self._lens = [0] * P  # host: tokens cached per row (known from what was sent)
+        # A whole-text preset's rows on the host: question, steps so far, the token ids cached (the text's
+        # tokenization so far) and the position of the last scored token (-1: none).
+        self.whole_text = prm.format is not None and prm.format.whole_text
+        if self.whole_text:
+            if questions is None or len(questions) != P:
+                raise ValueError("a whole-text preset's session needs the questions (one per prompt)")
+            self._q, self._steps = list(questions), [[] for _ in range(P)]
+            self._ids, self._scored = [list(p) for p in prompt_ids], [-1] * P
+        self.rolled_back = 0  # tokens dropped from the cache to be run again (a whole-text boundary re-tokenized)
         self._forward(prompt_ids, None)
         prm.kv_ledger.hold(self, blocks)
+
+    _HOST_ROWS = ("_lens", "_q", "_steps", "_ids", "_scored")
+
+    def _host_rows(self, rows: list[int]) -> dict:
+        """The host-side row lists re-indexed by ``rows``."""
+        names = self._HOST_ROWS if self.whole_text else ("_lens",)
+        return {n: [getattr(self, n)[r] for r in rows] for n in names}
 
     @property
     def rows(self) -> int:
@@ -293,14 +439,14 @@ class PRMSession:
             other.lik_state = tuple(t.index_select(0, rows) for t in self.lik_state)
             other.last_hidden = self.last_hidden.index_select(0, rows)
         other.tokens = other.keys = 0
-        other._lens = [self._lens[r] for r in rows.tolist()]
+        other.__dict__.update(self._host_rows(rows.tolist()))
         return other
 
     def fork(self, rows: torch.Tensor) -> None:
         """New row ``j`` continues row ``rows[j]`` (history shared, aggregate copied)."""
         rows = rows.to(self.aggregate.device)
         self.cache.fork(rows)
-        self._lens = [self._lens[r] for r in rows.tolist()]
+        self.__dict__.update(self._host_rows(rows.tolist()))
         self.aggregate = self.aggregate.index_select(0, rows)
         self.count = self.count.index_select(0, rows)
         if self.likelihood:
@@ -316,8 +462,55 @@ class PRMSession:
         """
         if len(steps) != self.rows:
             raise ValueError(f"steps has {len(steps)} rows, the session {self.rows}")
+        if self.whole_text:
+            return self._add_whole(steps)
         enc = self.prm.encode_many(steps)
         return self._forward([e[0] for e in enc], [e[1] for e in enc])
+
+    def _add_whole(self, steps: list[list[str]]) -> torch.Tensor:
+        """A whole-text preset's step: each row with new steps is rendered and tokenized whole; its cache
+        keeps the longest token prefix it shares with that, the rest is rolled back and the tail run. The
+        rows are checked before anything changes: a merge that moves a scored token is an error."""
+        fmt, tok = self.prm.format, self.prm.tokenizer
+        todo = [r for r, new in enumerate(steps) if new]
+        rendered = [fmt.render(self._q[r], self._steps[r] + list(steps[r])) for r in todo]
+        enc = tok([x.text for x in rendered], add_special_tokens=fmt.add_special_tokens,
+                  return_offsets_mapping=True) if todo else None
+        new_ids: list[list[int]] = [[] for _ in steps]
+        ends: list[list[int]] = [[] for _ in steps]
+        keep, plans = {}, []
+        for i, r in enumerate(todo):
+            ids, offsets = enc.input_ids[i], enc.offset_mapping[i]
+            token_ends = [e for _, e in offsets]
+            pos = []
+            for a, b in rendered[i].spans[len(self._steps[r]):]:
+                j = bisect.bisect_right(token_ends, b) - 1
+                if j < 0 or token_ends[j] != b or offsets[j][0] < a or fmt.tag_id not in (None, ids[j]):
+                    raise ValueError(f"preset {fmt.name!r} ({fmt.model_name}): row {r}'s text tokenizes with its "
+                                     f"scored token merged into a step's text (characters {a}..{b} of "
+                                     f"{rendered[i].text[max(0, a - 20): b + 20]!r}); it cannot be scored")
+                pos.append(j)
+            k = _common_prefix(self._ids[r], ids)
+            if k <= self._scored[r]:
+                raise ValueError(f"preset {fmt.name!r} ({fmt.model_name}): row {r}'s new steps re-tokenize its "
+                                 f"scored text (token {k}, at or before the last scored token {self._scored[r]})")
+            k = min([k] + pos)  # a scored token's hidden state is needed: it is run again if already cached
+            keep[r] = k
+            new_ids[r], ends[r] = ids[k:], [p - k for p in pos]
+            plans.append((r, ids, pos))
+        cut = [r for r in todo if keep[r] < self._lens[r]]
+        if cut:
+            dev = self.aggregate.device
+            self.cache.truncate(torch.tensor(cut, dtype=torch.long, device=dev),
+                                torch.tensor([keep[r] for r in cut], dtype=torch.long, device=dev))
+            for r in cut:
+                self.rolled_back += self._lens[r] - keep[r]
+                self._lens[r], self._ids[r] = keep[r], self._ids[r][: keep[r]]
+        out = self._forward(new_ids, ends)
+        for r, ids, pos in plans:
+            self._ids[r], self._steps[r] = ids, self._steps[r] + list(steps[r])
+            self._scored[r] = pos[-1] if pos else self._scored[r]
+        return out
 
     def _forward(self, ids: list[list[int]], ends: list[list[int]] | None) -> torch.Tensor:
         """Run every row's new tokens: rows of similar length together (:func:`length_buckets`), so a
@@ -398,6 +591,11 @@ class PRMSession:
             return self._likelihood(hidden, batch, mask, ids, positions, S, scored=ends is not None)
         if ends is None:
             return torch.empty(R, 0, device=dev)
+        if self.prm.pre_head is not None:  # a deeper head: its first layers on the step ends only
+            valid = positions >= 0
+            at = torch.where(valid, positions, 0)
+            hidden = self.prm.pre_head(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])))
+            positions = torch.where(valid, torch.arange(positions.shape[1], device=dev), -1)
         scores, self.aggregate, self.count = prm_score(
             hidden, positions, self.prm.weight, self.prm.bias, aggregate=self.aggregate, count=self.count,
             agg=self.agg, positive_class=self.prm.positive_class)
