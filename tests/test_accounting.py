@@ -145,7 +145,8 @@ def test_compute_addition():
     assert sum([a, b]) == c and sum([], Compute()) == Compute()
     assert a + Compute() == a
     assert c.as_dict() == dict(policy_prefill_tokens=11, policy_generated_tokens=22, prm_tokens=8,
-                               policy_flops=1004.0, prm_flops=205.0, policy_tokens=33, total_flops=1209.0)
+                               policy_flops=1004.0, prm_flops=205.0, thinking_tokens=0, policy_tokens=33,
+                               total_flops=1209.0)
     with pytest.raises(TypeError):
         _ = a + 1
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -185,6 +185,11 @@ def test_changed_config_is_refused(reference, tmp_path, capsys):
     assert "prm_head: 'likelihood' in" in err and "prm_sha256" in err
     assert run_here(out, "--vote-key", "math") == 2
     assert "settings.vote_key: 'normalized' in" in capsys.readouterr().err
+    assert run_here(out, "--recipe", "sal") == 2  # a recipe is its settings (and its name)
+    err = capsys.readouterr().err
+    assert "settings.num_iterations: 8 in" in err and "40 now" in err and "recipe: '<absent>' in" in err
+    with pytest.raises(SystemExit, match="--verifier prm"):  # the likelihood verifier is no published PRM
+        run_here(out, "--verifier-preset", "auto")
     assert (out / "results.jsonl").read_text() == before  # nothing mixed in
 
     # A folder written before a search setting existed: that setting at its default is no change.

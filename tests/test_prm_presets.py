@@ -350,3 +350,16 @@ def _merge_tag(sess):
         sess.add_steps([["abc\n\n"]])
     finally:
         fmt.render = orig
+
+
+def test_eval_loads_a_preset_verifier(built, tmp_path):
+    """eval --verifier prm --verifier-model FOLDER --verifier-preset auto: the folder read in its own format."""
+    from tts_kernels import bundled
+    from tts_kernels.apps.evaluate import _load_models
+    from tts_kernels.search import Settings
+
+    tok, model = built["qwen2.5-math-prm"]
+    model.save_pretrained(tmp_path / "prm")
+    tok.save_pretrained(tmp_path / "prm")
+    _, prm = _load_models(bundled.path("policy-small"), tmp_path / "prm", "cpu", Settings(), "classifier", "auto")
+    assert prm.preset == "qwen2.5-math-prm" and prm.step_delimiter == "\n\n"

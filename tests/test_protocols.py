@@ -78,6 +78,8 @@ def test_every_strategy_runs_on_the_fake(name):
     if name == "particle_gibbs":  # each sweep prefills the prompts, later ones also the references' completions
         sweeps = len(res.prompt_info[0]["sweeps"])
         assert res.compute.policy_prefill_tokens > sweeps * prompt_tokens and sweeps == 2
+    elif name == "revise":  # the prompts once, then each revision its chain's history
+        assert res.compute.policy_prefill_tokens > prompt_tokens
     elif name not in ("compute_optimal", "adaptive_best_of_n"):  # one run: each prompt prefilled once
         assert res.compute.policy_prefill_tokens == prompt_tokens
     assert 1 <= res.samples <= 4 * len(PROMPTS)

@@ -189,6 +189,26 @@ BAD = [  # (body, status, param)
 ]
 
 
+def test_thinking_budget_field(server, models):
+    """``thinking`` (ThinkingBudget's fields) reaches the search; reasoning tokens are reported."""
+    budget = {"min_thinking_tokens": 20, "max_thinking_tokens": 30, "end": "#", "continuations": ["\n\n"],
+              "answer_prefix": " "}
+    prompts = PROMPTS[:2]
+    r = server.client().completions.create(model=MODEL, prompt=prompts, max_tokens=MAX_TOKENS, seed=5,
+                                           extra_body={"strategy": "majority", "budget": 2, "thinking": budget,
+                                                       "return_candidates": True})
+    ref = offline(models, "majority", prompts, 2, 5, thinking=budget)
+    assert [c.text for c in r.choices] == [first_choice(ref, p).text for p in range(2)]
+    assert r.usage.completion_tokens_details.reasoning_tokens == sum(
+        first_choice(ref, p).thinking_tokens for p in range(2)) > 0
+    assert [[c["thinking_tokens"] for c in cs] for cs in r.candidates] == [
+        [c.thinking_tokens for c in cs] for cs in ref.candidates]
+    status, text = server.post_raw("/v1/completions", json.dumps(
+        {"model": MODEL, "prompt": "x", "thinking": {"min_thinking_tokens": 9, "max_thinking_tokens": 3}}).encode())
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "thinking" and "above max_thinking_tokens" in err["message"]
+
+
 def test_bad_requests_interleaved_with_good_ones(server, models):
     good = {"model": MODEL, "prompt": PROMPTS[9], "max_tokens": MAX_TOKENS, "seed": 3, "budget": 4}
     ref = offline(models, "best_of_n", [PROMPTS[9]], 4, 3)

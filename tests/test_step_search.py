@@ -101,6 +101,27 @@ def test_dvts_one_candidate_per_subtree(models):
     assert any(len(c.steps) > 1 for cs in res.candidates for c in cs)
 
 
+def test_dvts_return_siblings_gives_the_whole_pool(models):
+    """return_siblings: every subtree's last expansion, all beam_width of them (n per prompt); the picks are
+    the plain search's, and every sibling carries the verifier's own scores of its steps."""
+    policy, prm = models
+    n, bw = 8, 4
+    kw = dict(n=n, beam_width=bw, num_iterations=4, agg="last", **KW)
+    base = dvts(policy, prm, PROMPTS, **kw)
+    pool = dvts(policy, prm, PROMPTS, return_siblings=True, **kw)
+    assert pool.compute == base.compute  # the same search; only what it returns differs
+    for p, (picks, cands) in enumerate(zip(base.candidates, pool.candidates)):
+        assert len(cands) == n
+        key = lambda c: (c.text, c.score if c.score == c.score else None, c.finish)  # noqa: E731
+        assert {key(c) for c in picks} <= {key(c) for c in cands}
+        siblings = [c for c in cands if c.finish == "sibling"]
+        assert siblings  # most expansions at a subtree's last step did not end themselves
+        for c in siblings:
+            want = prm.score_steps([PROMPTS[p]], [[c.steps]]).step_scores[0][0]
+            assert c.step_scores == pytest.approx(want, abs=1e-5)
+            assert c.score == pytest.approx(want[-1], abs=1e-5)
+
+
 def test_bad_arguments(models):
     policy, prm = models
     with pytest.raises(ValueError, match="multiple of beam_width"):

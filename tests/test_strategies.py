@@ -161,3 +161,19 @@ def test_settings_are_checked(field, value, match):
     with pytest.raises(TypeError, match="unknown setting"):
         Settings().replace(temprature=0.5)
     assert Settings(stop=["a"]).stop == ("a",) and Settings().as_dict()["stop"] == []
+
+
+def test_sal_recipe_holds_search_and_learns_published_values():
+    # src/sal/config.py defaults, recipes/*/beam_search.yaml (filter_duplicates: true) and their DVTS output pool
+    # (every sibling of a subtree's last expansion), read by hand.
+    s = Settings.recipe("sal")
+    want = dict(temperature=0.8, top_p=1.0, beam_width=4, num_iterations=40, lookahead=0, agg="last",
+                step_delimiter="\n\n", max_new_tokens=2048, max_step_tokens=2048, step_cap="end",
+                filter_duplicates=True, stop_at_answer=True, return_siblings=True)
+    assert {k: getattr(s, k) for k in want} == want
+    assert Settings.recipe("sal", beam_width=2).beam_width == 2  # changes apply on top
+    assert Settings.recipe("sal").vote_key == Settings().vote_key  # what the recipe does not set stays
+    with pytest.raises(ValueError, match="unknown recipe 'ours'; recipes: \\['sal'\\]"):
+        Settings.recipe("ours")
+    with pytest.raises(TypeError, match="unknown setting"):
+        Settings.recipe("sal", beams=2)

@@ -472,3 +472,63 @@ def resample_ref(log_weights: torch.Tensor, positions: torch.Tensor) -> torch.Te
             picks.append(pick)
         out.append(picks)
     return torch.tensor(out, dtype=torch.int64)
+
+
+def thinking_ref(logits: torch.Tensor, state: dict, forced: list[list[int]], marker: list[int], eos: list[int],
+                 min_tokens: int, max_tokens: int | None):
+    """One decode step of a thinking budget for one row, in plain Python (``ops.thinking``'s meaning).
+
+    ``logits [V]``; ``state``: a dict with ``thought``, ``answering``, ``fseq``, ``fpos``, ``injections``,
+    ``mpos`` (ints); ``forced``: the continuations' ids then the end sequence's (marker + answer prefix).
+    Returns ``(logits', update)`` where ``update(token) -> new state dict``."""
+    W, M = len(forced) - 1, len(marker)
+    x = logits.double().clone()
+    s = dict(state)
+    limit = float("inf") if max_tokens is None else max_tokens
+    thinking, forcing = s["answering"] == 0, s["fpos"] >= 0
+    at_max = thinking and not forcing and s["thought"] >= limit
+    below = thinking and not forcing and not at_max and s["thought"] < min_tokens
+    if forcing or at_max:
+        allowed = forced[W][0] if at_max else forced[s["fseq"]][s["fpos"]]
+        keep = x[allowed].item()
+        x[:] = float("-inf")
+        x[allowed] = keep if keep == keep else float("-inf")
+    elif below:
+        c = forced[s["injections"] % W][0]
+        stops = set(eos) | ({marker[-1]} if s["mpos"] == M - 1 else set())
+        stops.discard(c)
+        vals = [x[c].item()] + [x[t].item() for t in stops]
+        top = max(vals)
+        if top != float("-inf"):
+            x[c] = top + math.log(sum(math.exp(v - top) for v in vals))
+        for t in stops:
+            x[t] = float("-inf")
+
+    def update(token: int) -> dict:
+        n = dict(s)
+        if not thinking and not forcing:
+            return n
+        if thinking:
+            n["thought"] += 1
+        if forcing:
+            n["fpos"] += 1
+            if s["fseq"] == W and n["fpos"] == M:
+                n["answering"] = 1
+        elif at_max:
+            n["fseq"], n["fpos"] = W, 1
+            if M == 1:
+                n["answering"] = 1
+        elif below and token == forced[s["injections"] % W][0]:
+            n["injections"] += 1
+            n["fseq"], n["fpos"] = s["injections"] % W, 1
+        else:
+            n["mpos"] = s["mpos"] + 1 if token == marker[s["mpos"]] else int(token == marker[0])
+            if n["mpos"] == M:
+                n["answering"], n["mpos"] = 1, 0
+            return n
+        n["mpos"] = 0
+        if n["fpos"] >= len(forced[n["fseq"]]):
+            n["fpos"] = -1
+        return n
+
+    return x.to(logits.dtype), update

@@ -68,7 +68,8 @@ import torch
 
 from .. import __version__, bundled
 from ..search import STRATEGIES, Settings, run, run_together
-from ..search.settings import VOTE_KEYS
+from ..models.prm_formats import PRESETS
+from ..search.settings import RECIPES, VOTE_KEYS
 from .eval_data import DatasetError, bundled_dataset, describe_bad, load_jsonl
 from .eval_lock import FolderBusy, acquire
 from .eval_parts import CommitTail, expected_keys, repair, scan
@@ -107,6 +108,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--verifier-model", "--prm", dest="verifier_model", default=None,
                     help="verifier model folder: a causal LM for --verifier likelihood (default: the bundled "
                          "policy-large), a 2-label token classifier for --verifier prm (default: the bundled prm)")
+    ap.add_argument("--verifier-preset", default=None, choices=("auto",) + PRESETS,
+                    help="read --verifier-model as a published PRM in its own input format (auto: detect it); "
+                         "with --verifier prm")
+    ap.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                    help="search settings of a published recipe (sal: search-and-learn's; README, 'Recipes')")
     ap.add_argument("--problem-field", default="problem", help="dataset field sent to the policy as is")
     ap.add_argument("--answer-field", default="answer")
     ap.add_argument("--id-field", default="id", help="dataset id field (missing: the 0-based line index)")
@@ -207,7 +213,8 @@ def check_config(out: Path, cfg: dict) -> None:
 
 # ---------------------------------------------------------------- work
 
-def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm_head: str = "classifier"):
+def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm_head: str = "classifier",
+                 prm_preset: str | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -217,7 +224,10 @@ def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device).eval()
     policy = HFPolicy(model, AutoTokenizer.from_pretrained(policy_path))
     prm = None
-    if prm_path is not None:
+    if prm_path is not None and prm_preset:
+        prm = HFPRM.from_pretrained(str(prm_path), None if prm_preset == "auto" else prm_preset, device=device,
+                                    step_delimiter=settings.step_delimiter)
+    elif prm_path is not None:
         auto = AutoModelForCausalLM if prm_head == "likelihood" else AutoModelForTokenClassification
         m = auto.from_pretrained(prm_path, dtype=torch.float32).to(device).eval()
         prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head=prm_head, step_delimiter=settings.step_delimiter)
@@ -351,7 +361,9 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     for p in (policy_path, prm_path):
         if p is not None and not (p / "config.json").is_file():
             raise FileNotFoundError(f"no model folder (config.json) at {p}")
-    settings = Settings(vote_key=args.vote_key)
+    if args.verifier_preset and args.verifier != "prm":
+        raise SystemExit("--verifier-preset reads a trained PRM: use it with --verifier prm")
+    settings = Settings.recipe(args.recipe, vote_key=args.vote_key) if args.recipe else Settings(vote_key=args.vote_key)
     cfg = {"format": FORMAT, "strategies": strategies, "budgets": budgets, "seed": args.seed,
            "chunk_size": args.chunk_size, "settings": settings.as_dict(), "device": args.device,
            "dtype": "float32", "grader": grader_name(grader), "policy_sha256": _digest(policy_path),
@@ -361,6 +373,9 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
                        "skip_bad": args.skip_bad},
            "info": {"dataset": data.source, "policy": str(policy_path), "prm": str(prm_path) if prm_path else None,
                     "tts_kernels": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    for key, value in (("recipe", args.recipe), ("prm_preset", args.verifier_preset)):
+        if value:  # only when given, so folders written before these flags existed still resume
+            cfg[key] = value
     out = Path(args.out)
     _claim(out, dist, held)  # one writer per folder: nothing in `out` is written before this
     parts = out / "parts"
@@ -399,7 +414,7 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     pause_after, pause_until = _pause_hook()
     written = 0
     if mine:
-        policy, prm = _load_models(policy_path, prm_path, dist.device, settings, prm_head)
+        policy, prm = _load_models(policy_path, prm_path, dist.device, settings, prm_head, args.verifier_preset)
         with open(mine_path, "a", encoding="utf-8") as f:
             for c in mine:
                 records, commit = run_chunk(c, chunks[c], strategies, budgets, policy, prm, settings, args.seed, grader)

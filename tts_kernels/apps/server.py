@@ -26,7 +26,8 @@ with the same seed gets the same answer alone or batched with others; the respon
 ``completion_tokens`` (the returned choices' tokens), ``total_tokens``; and, for the search
 behind it, ``search_tokens`` (every candidate's tokens), ``verifier_tokens`` and ``flops`` (the
 request's share, by prompts, of the exact compute of the search call it ran in, whose size is
-``batch_prompts``).
+``batch_prompts``); with a ``thinking`` budget (a request field: ``ThinkingBudget``'s fields),
+``completion_tokens_details.reasoning_tokens`` (the returned choices' thinking tokens).
 
 Streaming: a search picks its answer at the end, so the events start when the search ends
 (each choice's text in steps, then its finish reason, then usage when asked).
@@ -52,7 +53,7 @@ from .engine import BadRequest, Engine, Job, Outcome, Unavailable, request_seeds
 log = logging.getLogger("tts_kernels.serve")
 
 DEFAULT_MODEL = "tts-kernels-bundled"
-FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "final": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "final": "length", "sibling": "length"}
 # OpenAI fields this server does not implement: refused when set, rather than silently ignored.
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
                "functions", "function_call", "response_format", "frequency_penalty", "presence_penalty")
@@ -177,7 +178,7 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
         settings = cfg.defaults.replace(**overrides)
     except (TypeError, ValueError) as exc:
         msg = str(exc)
-        param = next((k for k in overrides if f"Settings.{k} " in msg), None)
+        param = next((k for k in overrides if f"Settings.{k} " in msg or f"Settings.{k}." in msg), None)
         raise _bad("max_tokens" if param == "max_new_tokens" else param, msg) from None
     strategy = body.get("strategy")
     if strategy is None:
@@ -241,12 +242,15 @@ def build(job: Job, out: Outcome, opts: dict, cfg: ServerConfig, policy) -> dict
     """The OpenAI response body (``text_completion`` or ``chat.completion``) of a finished job."""
     res, n = out.result, opts["n"]
     choices, completion_tokens, search_tokens, cands_out = [], 0, 0, []
+    thinking = job.settings.thinking is not None
+    thinking_tokens = 0
     for p in range(len(job.prompts)):
         order = _ranked(res, p)[:n]
         for k, i in enumerate(order):
             c = res.candidates[p][i]
             t = _tokens(policy, c)
             completion_tokens += t
+            thinking_tokens += c.thinking_tokens or 0
             extra = {"answer": c.answer, "score": _score(c.score)}
             if opts["chat"]:
                 choices.append({"index": p * n + k, "message": {"role": "assistant", "content": c.text},
@@ -257,7 +261,8 @@ def build(job: Job, out: Outcome, opts: dict, cfg: ServerConfig, policy) -> dict
         search_tokens += sum(_tokens(policy, c) for c in res.candidates[p])
         if opts["return_candidates"]:
             cands_out.append([{"text": c.text, "answer": c.answer, "score": _score(c.score), "finish": c.finish,
-                               "steps": c.steps, "step_scores": [_score(s) for s in c.step_scores]}
+                               "steps": c.steps, "step_scores": [_score(s) for s in c.step_scores],
+                               **({"thinking_tokens": c.thinking_tokens} if thinking else {})}
                               for c in res.candidates[p]])
     share = len(job.prompts) / out.batch_prompts
     bc = out.batch_compute
@@ -265,6 +270,8 @@ def build(job: Job, out: Outcome, opts: dict, cfg: ServerConfig, policy) -> dict
              "total_tokens": opts["prompt_tokens"] + completion_tokens, "search_tokens": search_tokens,
              "verifier_tokens": round(bc.prm_tokens * share), "flops": bc.total_flops * share,
              "batch_prompts": out.batch_prompts, "batch_requests": out.batch_requests}
+    if thinking:  # of completion_tokens, those the returned choices wrote while thinking
+        usage["completion_tokens_details"] = {"reasoning_tokens": thinking_tokens}
     body = {"id": job.id, "object": "chat.completion" if opts["chat"] else "text_completion",
             "created": int(time.time()), "model": cfg.model_name, "system_fingerprint": f"seed-{opts['seed']}",
             "choices": choices, "usage": usage, "strategy": job.strategy, "budget": job.budget,

@@ -170,3 +170,94 @@ def grade(prediction: str | None, problem: Problem) -> bool:
         return int(str(prediction).strip()) == problem.answer
     except ValueError:
         return False
+
+
+# ---------------------------------------------------------------- thinking solutions (the thinking policy)
+
+THINK_OPEN = "<think>\n"  # the thinking policy's prompt ends with it: generation starts inside the thinking span
+THINK_END = "</think>"
+WAIT = "Wait"
+
+
+def thinking_prompt(problem: Problem) -> str:
+    """What the thinking policy reads: the question, a blank line, and the opened thinking span."""
+    return problem.prompt + THINK_OPEN
+
+
+def _apply(a: int, sign: str, n: int) -> int:
+    return a + n if sign == "+" else a - n
+
+
+def thinking_solution(problem: Problem, rng: random.Random, *, slip: float = 0.15, check: float = 0.4,
+                      again: float = 0.3) -> tuple[str, list[tuple[int, int]]]:
+    """A solution with a thinking span, and the character spans of the slips in it (to be left out of a
+    training loss: the model should see slips, not learn to make them).
+
+    Thinking: one equation per line, each result off by 1-3 with probability ``slip`` (later lines
+    carry on from what was written). Then, with probability ``check`` (whatever the slips), ``Wait`` and a
+    check pass: each equation checked by its inverse (``check 12 + 7 = 19: 19 - 7 = 12 ok``) until the
+    first one that fails (``... = 13 no, 12 + 7 = 19``), after which the rest is recomputed; with
+    probability ``again`` one more ``Wait`` and check pass (all ok by then). ``</think>``, a blank line,
+    and the clean solution of the last chain the thinking holds (wrong when a slip went unchecked)::
+
+        Ava has 12 pens. Ava buys 7 more. How many pens does Ava have now?
+
+        <think>
+        12 + 7 = 20
+        Wait
+        check 12 + 7 = 20: 20 - 7 = 13 no, 12 + 7 = 19
+        </think>
+
+        12 + 7 = 19
+
+        The answer is 19
+    """
+    text, spans = [], []
+    n_chars = 0
+
+    def put(s: str) -> None:
+        nonlocal n_chars
+        text.append(s)
+        n_chars += len(s)
+
+    chain, v = [], problem.start
+    for sign, n in problem.ops:
+        a, true = v, _apply(v, sign, n)
+        w = true
+        if rng.random() < slip:
+            d = rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if true + d >= 0 and a + d >= 0])
+            w = true + d
+        head = f"{a} {sign} {n} = "
+        put(head)
+        if w != true:
+            spans.append((n_chars, n_chars + len(str(w))))
+        put(f"{w}\n")
+        chain.append((a, sign, n, w))
+        v = w
+    passes = 0
+    while rng.random() < (check if passes == 0 else again) and passes < 2:
+        passes += 1
+        put(f"{WAIT}\n")
+        fixed, out, v = False, [], problem.start if chain else 0
+        for a, sign, n, w in chain:
+            if fixed:
+                w2 = _apply(v, sign, n)
+                put(f"{v} {sign} {n} = {w2}\n")
+                out.append((v, sign, n, w2))
+                v = w2
+                continue
+            inv = "-" if sign == "+" else "+"
+            back = _apply(w, inv, n)
+            if back == a:
+                put(f"check {a} {sign} {n} = {w}: {w} {inv} {n} = {a} ok\n")
+                out.append((a, sign, n, w))
+                v = w
+            else:
+                true = _apply(a, sign, n)
+                put(f"check {a} {sign} {n} = {w}: {w} {inv} {n} = {back} no, {a} {sign} {n} = {true}\n")
+                out.append((a, sign, n, true))
+                v, fixed = true, True
+        chain = out
+    final = [f"{a} {sign} {n} = {w}" for a, sign, n, w in chain] + [f"The answer is {chain[-1][3]}"]
+    put(f"{THINK_END}{STEP_DELIMITER}" + STEP_DELIMITER.join(final))
+    return "".join(text), spans

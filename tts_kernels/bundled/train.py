@@ -103,6 +103,48 @@ def prm_example(tokenizer, prompt: str, steps: list[str], labels: list[bool]) ->
     return ids, targets
 
 
+THINK_TOKENS = ("<think>", arith.THINK_END)  # added to the shared tokenizer for policy-think
+THINK_POSITIONS = 640
+
+
+def think_tokenizer(tokenizer):
+    """The bundled tokenizer plus the thinking span's two markers, as ordinary added tokens (kept in decoded
+    text: the search reads the thinking too)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(list(THINK_TOKENS))
+    tok.model_max_length = THINK_POSITIONS
+    return tok
+
+
+def think_example(tokenizer, problem, rng: random.Random) -> tuple[list[int], list[int]]:
+    """``thinking_prompt + thinking_solution + EOS`` with targets on the solution, except the tokens of
+    its slips (:func:`~tts_kernels.bundled.arith.thinking_solution`)."""
+    prompt = tokenizer(arith.thinking_prompt(problem)).input_ids
+    text, spans = arith.thinking_solution(problem, rng)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    sol = list(enc.input_ids) + [tokenizer.eos_token_id]
+    keep = [not any(a < e and s < b for a, b in spans) for s, e in enc.offset_mapping] + [True]
+    return prompt + sol, [-100] * len(prompt) + [t if k else -100 for t, k in zip(sol, keep)]
+
+
+def train_think(small, tokenizer, problems, *, steps: int, batch_size: int, lr: float, seed: int):
+    """policy-think: policy-small (it already adds and subtracts) with the thinking markers added,
+    fine-tuned on thinking solutions."""
+    import copy
+
+    tok = think_tokenizer(tokenizer)
+    model = copy.deepcopy(small)
+    model.resize_token_embeddings(len(tok))
+    model.config.max_position_embeddings = THINK_POSITIONS
+    rng = random.Random(seed)
+    examples = [think_example(tok, p, rng) for p in problems]
+    loss = train_loop(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tok.pad_token_id,
+                      seed=seed + 2, causal=True, desc="policy-think")
+    return model, tok, loss
+
+
 def corrupted_solution(problem, rng: random.Random) -> list[str]:
     """A reference solution with one slip (a result or an operand off by 1-3) whose later steps
     carry on correctly from the wrong value: the error a PRM must catch where it happens."""
@@ -208,6 +250,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prm-problems", type=int, default=1024, help="train problems whose sampled solutions label the PRM")
     ap.add_argument("--prm-samples", type=int, default=4, help="sampled solutions per PRM problem")
     ap.add_argument("--prm-lr", type=float, default=1e-3)
+    ap.add_argument("--think-steps", type=int, default=600)
+    ap.add_argument("--think-problems", type=int, default=20000)
+    ap.add_argument("--think-lr", type=float, default=1e-3)
+    ap.add_argument("--think-only", action="store_true",
+                    help="train only policy-think, from the policy-small already in --out")
     ap.add_argument("--prm-only", action="store_true",
                     help="train only the PRM, from the policies already in --out (saved weights are what the full "
                          "run holds in memory too: save() rounds them to bfloat16 in place)")
@@ -228,6 +275,12 @@ def main(argv=None) -> int:
                   torch=torch.__version__, threads=torch.get_num_threads())
 
     models = {}
+    if args.think_only:
+        from transformers import AutoTokenizer
+
+        small = LlamaForCausalLM.from_pretrained(out / "policy-small", dtype=torch.float32).eval()
+        _think(args, small, AutoTokenizer.from_pretrained(out / "policy-small"), problems, out, common)
+        return 0
     if args.prm_only:
         for name in ("policy-small", "policy-large"):
             models[name] = LlamaForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
@@ -267,8 +320,22 @@ def main(argv=None) -> int:
                                            steps=args.prm_steps, lr=args.prm_lr, final_loss=loss,
                                            prm_problems=args.prm_problems, prm_samples=args.prm_samples,
                                            good_step_fraction=good_frac, seconds=round(time.perf_counter() - t0, 1)))
-    print(f"prm: loss {loss:.4f}; all done in {time.perf_counter() - t_start:.0f} s -> {out}", flush=True)
+    print(f"prm: loss {loss:.4f}", flush=True)
+    _think(args, models["policy-small"], tokenizer, problems, out, common)
+    print(f"all done in {time.perf_counter() - t_start:.0f} s -> {out}", flush=True)
     return 0
+
+
+def _think(args, small, tokenizer, problems, out: Path, common: dict) -> None:
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model, tok, loss = train_think(small, tokenizer, problems[: args.think_problems], steps=args.think_steps,
+                                   batch_size=args.batch_size, lr=args.think_lr, seed=args.seed)
+    save(model, tok, out / "policy-think", dict(common, shape=SHAPES["policy-small"], init="policy-small",
+                                                steps=args.think_steps, lr=args.think_lr, final_loss=loss,
+                                                think_problems=args.think_problems,
+                                                seconds=round(time.perf_counter() - t0, 1)))
+    print(f"policy-think: loss {loss:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

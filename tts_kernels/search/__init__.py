@@ -8,7 +8,7 @@ beams) per prompt for every strategy. Models plug in through the protocols of
 
 The drivers behind the strategies stay public and return :class:`SearchResult` too:
 :func:`best_of_n`, :func:`prm_beam_search`, :func:`dvts`, :func:`compute_optimal`,
-:func:`particle_filter`, :func:`particle_gibbs`; the
+:func:`particle_filter`, :func:`particle_gibbs`, :func:`revise`; the
 token-level :func:`beam_search` keeps ``generate()``'s signature (it is the transformers
 drop-in) and returns :class:`BeamSearchOutput`.
 """
@@ -20,11 +20,13 @@ from .compute_optimal import compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
 from .protocols import Policy, PolicySession, StepScores, Tokenizer, Verifier, VerifierSession
 from .result import Candidate, SearchResult, select_candidates
+from .revise import revise
 from .settings import Settings
 from .step_search import dvts, prm_beam_search
 from .strategies import STRATEGIES, Strategy, register_strategy, run, run_together
+from .thinking import ThinkingBudget
 
 __all__ = ["run", "run_together", "STRATEGIES", "Strategy", "register_strategy", "Settings", "SearchResult",
            "Candidate", "select_candidates", "Compute", "count_flops", "Policy", "PolicySession", "Verifier",
            "VerifierSession", "StepScores", "Tokenizer", "best_of_n", "sample_completions", "prm_beam_search", "dvts",
-           "compute_optimal", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer"]
+           "compute_optimal", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer", "revise", "ThinkingBudget"]

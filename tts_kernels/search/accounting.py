@@ -44,6 +44,8 @@ class Compute:
         prm_tokens: token positions the PRM ran (each scored step's new tokens, or whole prefixes
             when re-scored).
         policy_flops, prm_flops: FLOPs of those forwards (the model in the module docstring).
+        thinking_tokens: of ``policy_generated_tokens``, those written while thinking
+            (``Settings.thinking``; the rest are answer tokens).
     """
 
     policy_prefill_tokens: int = 0
@@ -51,6 +53,7 @@ class Compute:
     prm_tokens: int = 0
     policy_flops: float = 0.0
     prm_flops: float = 0.0
+    thinking_tokens: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -85,7 +88,7 @@ class Compute:
         return NotImplemented
 
     def as_dict(self) -> dict[str, int | float]:
-        """The five fields plus ``policy_tokens`` and ``total_flops`` (for logs and JSON)."""
+        """The fields plus ``policy_tokens`` and ``total_flops`` (for logs and JSON)."""
         d = dataclasses.asdict(self)
         d["policy_tokens"] = self.policy_tokens
         d["total_flops"] = self.total_flops

@@ -58,6 +58,7 @@ import torch
 from .._threads import in_search_pool
 from ..ops._validate import check_int
 from .beam_steps import BeamSearchOutput, SessionDecoder, beams, greedy
+from .thinking import ThinkingBudget
 
 
 class _FromModel:
@@ -209,6 +210,8 @@ def beam_search(
     sync_every: int = 4,
     cache: str = "dense",
     block_size: int = 16,
+    thinking=None,
+    tokenizer=None,
 ) -> BeamSearchOutput:
     """Beam search identical to ``model.generate(..., num_beams=num_beams, do_sample=False)``.
 
@@ -233,6 +236,10 @@ def beam_search(
     ``cache`` and ``block_size`` do not apply). ``eos_token_id`` then defaults to
     ``policy.eos_token_ids`` and ``pad_token_id`` to the model's or the tokenizer's.
 
+    ``thinking``: a :class:`~tts_kernels.search.thinking.ThinkingBudget` applied to every beam's logits
+    on the device (the result is then no longer ``generate()``'s); its texts are encoded with
+    ``tokenizer`` (default: the policy's).
+
     Returns :class:`BeamSearchOutput` with the ``num_return_sequences`` best hypotheses per
     prompt, best first. ``num_beams=1`` runs greedy search, like ``generate()``.
     """
@@ -249,12 +256,18 @@ def beam_search(
         raise ValueError(f"cache must be 'dense' or 'paged', got {cache!r}")
     check_int("block_size", block_size, minimum=1)
     mask = _prepare_mask(input_ids, attention_mask, eos, pad)
+    think = None
+    if thinking is not None:
+        tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("thinking needs tokenizer= (the model is not a policy with a tokenizer)")
+        think = ThinkingBudget.of(thinking).rule(tokenizer, eos or [], input_ids.device)
     if policy is not None:
         dec = SessionDecoder(policy, mask, max_new_tokens, num_beams=num_beams)
         with torch.no_grad():
             try:
                 return _search(dec, input_ids, num_beams, max_new_tokens, eos, pad, length_penalty, early_stopping,
-                               num_return_sequences, sync_every)
+                               num_return_sequences, sync_every, think)
             finally:
                 dec.free()
     from ..models.hf_decoding import HFDecoder, switch_to_paged_attention
@@ -266,7 +279,7 @@ def beam_search(
             dec = HFDecoder(model, mask, max_new_tokens, paged=paged, block_size=block_size, num_beams=num_beams)
             try:
                 return _search(dec, input_ids, num_beams, max_new_tokens, eos, pad, length_penalty, early_stopping,
-                               num_return_sequences, sync_every)
+                               num_return_sequences, sync_every, think)
             finally:
                 if paged:
                     dec.cache.free()
@@ -277,11 +290,11 @@ def beam_search(
 
 @in_search_pool
 def _search(dec, input_ids, num_beams, max_new_tokens, eos, pad, length_penalty, early_stopping,
-            num_return_sequences, sync_every) -> BeamSearchOutput:
+            num_return_sequences, sync_every, think=None) -> BeamSearchOutput:
     if num_beams == 1:
-        return greedy(dec, input_ids, max_new_tokens, eos, pad, sync_every)
+        return greedy(dec, input_ids, max_new_tokens, eos, pad, sync_every, think)
     return beams(dec, input_ids, num_beams, max_new_tokens, eos, pad, float(length_penalty), early_stopping,
-                 num_return_sequences, sync_every)
+                 num_return_sequences, sync_every, think)
 
 
 def _model_device(model) -> torch.device | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.beam import beam_topk
+from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
 
 NEG = -1.0e9  # transformers' "impossible" score; kept bit-for-bit so rankings tie-break the same way
 
@@ -73,17 +74,23 @@ def _as_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float16, torch.bfloat16) else logits.float()
 
 
-def greedy(dec, input_ids, N, eos, pad, sync_every) -> BeamSearchOutput:
-    """generate()'s greedy path (``_sample`` without sampling)."""
+def greedy(dec, input_ids, N, eos, pad, sync_every, think=None) -> BeamSearchOutput:
+    """generate()'s greedy path (``_sample`` without sampling). ``think``: a thinking rule
+    (:mod:`tts_kernels.ops.thinking`) applied to every row's logits."""
     B = input_ids.shape[0]
     dev = input_ids.device
     eos_t = torch.tensor(eos, device=dev) if eos is not None else None
     logits = dec.prefill(input_ids)
+    state = ThinkingState.start(B, dev) if think is not None else None
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     finished_at = torch.full((B,), N, dtype=torch.long, device=dev)  # step of each row's first EOS
     out = []
     for t in range(N):
+        if think is not None:
+            logits = thinking_logits(logits, state, think)
         nxt = logits.float().argmax(-1)  # generate() takes the argmax of the float32 logits
+        if think is not None:
+            state = thinking_update(state, nxt, think, active=unfinished)
         if eos_t is not None:
             nxt = torch.where(unfinished, nxt, pad)
             now = unfinished & torch.isin(nxt, eos_t)
@@ -101,7 +108,9 @@ def greedy(dec, input_ids, N, eos, pad, sync_every) -> BeamSearchOutput:
     return BeamSearchOutput(sequences=torch.cat([input_ids, gen], dim=1))
 
 
-def beams(dec, input_ids, K, N, eos, pad, lp, early_stopping, R, sync_every) -> BeamSearchOutput:
+def beams(dec, input_ids, K, N, eos, pad, lp, early_stopping, R, sync_every, think=None) -> BeamSearchOutput:
+    """generate()'s beam search. ``think``: a thinking rule applied to every beam's logits; a beam's
+    state follows it through the reorders."""
     B = input_ids.shape[0]
     dev = input_ids.device
     n_eos = len(eos) if eos is not None else 0
@@ -136,8 +145,11 @@ def beams(dec, input_ids, K, N, eos, pad, lp, early_stopping, R, sync_every) -> 
         first_scores = torch.full((B, K), NEG, dtype=torch.float32, device=dev)
         first_scores[:, 0] = 0.0
     dec.fork(K)
+    state = ThinkingState.start(logits.shape[0], dev) if think is not None else None
 
     for t in range(N):
+        if think is not None:
+            logits = thinking_logits(logits, state, think)
         scores, parents, tokens = beam_topk(logits, first_scores if t == 0 else run_scores, C)
         cand_par.append(parents)
         cand_tok.append(tokens)
@@ -188,6 +200,10 @@ def beams(dec, input_ids, K, N, eos, pad, lp, early_stopping, R, sync_every) -> 
             if bool(stop):
                 break
 
+        if think is not None:  # each running beam takes its parent's state, then its token
+            src = (run_parents + base) if state.thought.shape[0] == B * K else \
+                torch.arange(B, device=dev)[:, None].expand(B, K)
+            state = thinking_update(state.select(src.reshape(-1)), run_tokens.reshape(-1), think)
         dec.reorder((run_parents + base).view(-1))
         logits = _as_fp32(dec.step(run_tokens.view(B * K, 1), t + 1))
 

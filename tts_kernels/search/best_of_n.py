@@ -39,12 +39,14 @@ from .._threads import in_search_pool
 from ..models.text import split_steps
 from ..ops._validate import check_int
 from ..ops.sample import sample
+from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .cancel import cancelled
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .seeds import Seeds, engine_seeds
 from .settings import Settings, resolve
+from .thinking import ThinkingBudget
 from .validate import check_prompts
 
 
@@ -60,14 +62,18 @@ def _check(prompts, n, max_new_tokens, sync_every, stop):
 @in_search_pool
 def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens: int, temperature=1.0,
                        top_p=1.0, top_k=0, min_p=0.0, stop: Sequence[str] | None = None, seed: int | Sequence[int] = 0,
-                       sync_every: int = 8, stats: dict | None = None):
+                       sync_every: int = 8, stats: dict | None = None, thinking: ThinkingBudget | None = None):
     """``n`` sampled completions per prompt: ``(texts [P][n], token ids [P][n], finish [P][n], policy tokens)``.
 
     ``seed``: the run's seed, or one per prompt (:mod:`~tts_kernels.search.seeds`: then a prompt's
     candidate ``j`` draws under (its seed, ``j``) whatever else is in the batch).
 
-    ``stats`` (a dict, optional) receives ``prefill`` (prompt tokens) and ``keys`` (keys
-    attended, summed over every token run: the attention part of the FLOP estimate)."""
+    ``thinking``: a :class:`~tts_kernels.search.thinking.ThinkingBudget` applied to every row's logits on
+    the device (:mod:`tts_kernels.ops.thinking`).
+
+    ``stats`` (a dict, optional) receives ``prefill`` (prompt tokens), ``keys`` (keys attended, summed
+    over every token run: the attention part of the FLOP estimate) and, with ``thinking``,
+    ``thinking`` (``[P][n]`` tokens each candidate wrote while thinking)."""
     _check(prompts, n, max_new_tokens, sync_every, stop)
     keys = Seeds.of(seed, len(prompts))
     tok = policy.tokenizer
@@ -82,7 +88,14 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
         live = torch.arange(R, device=dev)  # original row of each batch row
         done = torch.zeros(R, dtype=torch.bool, device=dev)  # per batch row
         seed_t, stream = keys.rows(live // n, live % n, dev)  # (prompt, candidate) of each row
+        rule = None if thinking is None else thinking.rule(tok, policy.eos_token_ids, dev)
+        if rule is not None:
+            think = ThinkingState.start(R, dev)
+            thought = torch.zeros(R, dtype=torch.int64, device=dev)  # per original row
         if hasattr(session, "generate"):  # a text-level engine (e.g. vLLM) samples whole completions itself
+            if rule is not None:
+                raise ValueError("Settings.thinking runs inside this package's decode loop; a text-level engine "
+                                 "(the vLLM backend) does not take it")
             outs = session.generate(None, max_tokens=max_new_tokens, stop=list(stop or []),
                                     temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                                     min_p=float(min_p), logprobs=False, seeds=engine_seeds(seed_t, stream, 0, R))
@@ -91,10 +104,14 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
         else:
             offset = torch.zeros((), dtype=torch.int64, device=dev)
             for step in range(max_new_tokens):
-                tokens, _ = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                logits = session.logits if rule is None else thinking_logits(session.logits, think, rule)
+                tokens, _ = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                    seed=seed_t, offset=offset, stream=stream)
                 offset += 1
                 out[live, step] = torch.where(done, -1, tokens)
+                if rule is not None:
+                    think = thinking_update(think, tokens, rule, active=~done)
+                    thought.index_copy_(0, live, think.thought)
                 done |= torch.isin(tokens, eos)
                 last = step == max_new_tokens - 1
                 if (step + 1) % sync_every == 0 or last:
@@ -120,6 +137,8 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
                         live = live.index_select(0, idx)
                         seed_t, stream = keys.rows(live // n, live % n, dev)
                         tokens = tokens.index_select(0, idx)
+                        if rule is not None:
+                            think = think.select(idx)
                         done = torch.zeros(len(keep), dtype=torch.bool, device=dev)
                 # Rows that finished since the last look still run until the next one (no sync to
                 # find them); their tokens are not recorded.
@@ -128,6 +147,8 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
         if stats is not None:
             stats["keys"] = int(session.keys)
             stats["prefill"] = session.prefill_tokens
+            if rule is not None:
+                stats["thinking"] = [thought.tolist()[i * n:(i + 1) * n] for i in range(P)]
     finally:
         session.free()
     eos_ids = eos_set(policy)
@@ -177,7 +198,8 @@ def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settin
     stats: dict = {}
     texts, ids, fins, forward_tokens = sample_completions(
         policy, prompts, n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        min_p=s.min_p, stop=list(s.stop) or None, seed=seed, sync_every=s.sync_every, stats=stats)
+        min_p=s.min_p, stop=list(s.stop) or None, seed=seed, sync_every=s.sync_every, stats=stats,
+        thinking=s.thinking)
     P = len(prompts)
     gone = cancelled()  # cancelled prompts' candidates are not scored (nothing is left to pick for)
     steps = [[[] if p in gone else split_steps(t, s.step_delimiter) for t in row] for p, row in enumerate(texts)]
@@ -189,12 +211,15 @@ def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settin
     else:
         scores = [[float("nan")] * n for _ in range(P)]
         step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
+    thought = stats.get("thinking")
     cands = [[Candidate(text=texts[p][j], answer=extract(texts[p][j]), score=scores[p][j], finish=fins[p][j],
-                        steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j])
+                        steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j],
+                        thinking_tokens=None if thought is None else thought[p][j])
               for j in range(n)] for p in range(P)]
     generated = sum(len(x) for row in ids for x in row)
     compute = Compute(policy_prefill_tokens=stats["prefill"], policy_generated_tokens=generated, prm_tokens=prm_tokens,
-                      policy_flops=count_flops(policy.model, forward_tokens, stats["keys"]), prm_flops=prm_flops)
+                      policy_flops=count_flops(policy.model, forward_tokens, stats["keys"]), prm_flops=prm_flops,
+                      thinking_tokens=sum(map(sum, thought)) if thought else 0)
     return cands, compute, forward_tokens
 
 

@@ -9,8 +9,9 @@ results are whatever had finished (to be thrown away); the other prompts' result
 when their seeds are per prompt (:mod:`~tts_kernels.search.seeds`).
 
 A strategy that ignores it (a user's) simply runs to the end. A strategy that runs searches over
-some of its prompts (``compute_optimal``) runs each inside :func:`sub_run`, so the sub-search
-sees the cancelled prompts by its own indices. Scopes are per thread (``contextvars``): set it in
+some of its prompts (``compute_optimal``), or over prompts of its own made from them (``revise``:
+one per chain), runs each inside :func:`sub_run`, so the sub-search sees the cancelled prompts by
+its own indices. Scopes are per thread (``contextvars``): set it in
 the thread that runs the search.
 """
 from __future__ import annotations
@@ -50,21 +51,24 @@ def cancellation(c: Cancellation):
 
 
 class _SubRun:
-    """The enclosing run's cancellation seen by a search over ``prompts`` of it (by their new indices)."""
+    """The enclosing run's cancellation seen by a search over ``prompts`` of it (by their new indices;
+    a prompt may appear several times, e.g. once per chain of a sequential search)."""
 
     def __init__(self, parent, prompts: Sequence[int]):
         self.parent = parent
-        self.position = {p: i for i, p in enumerate(prompts)}
+        self.position: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            self.position.setdefault(p, []).append(i)
 
     @property
     def prompts(self) -> frozenset[int]:
-        return frozenset(self.position[p] for p in self.parent.prompts if p in self.position)
+        return frozenset(i for p in self.parent.prompts for i in self.position.get(p, ()))
 
 
 @contextlib.contextmanager
 def sub_run(prompts: Sequence[int]):
-    """Searches run inside this block are over ``prompts`` (indices into the enclosing run's prompts):
-    their :func:`cancelled` maps the enclosing cancellation to their own indices."""
+    """Searches run inside this block are over ``prompts`` (indices into the enclosing run's prompts,
+    repeats allowed): their :func:`cancelled` maps the enclosing cancellation to their own indices."""
     parent = _CURRENT.get()
     if parent is None:
         yield

@@ -165,6 +165,9 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     if s.particle_weight != "verifier":
         raise ValueError("particle_gibbs weighs particles by the verifier (particle_weight='verifier'): a rolled-back "
                          "reference particle's weight is re-scored from its steps")
+    if s.thinking is not None:
+        raise ValueError("particle_gibbs does not take Settings.thinking: a rolled-back reference particle's "
+                         "thinking state is not rolled back with it")
     if n % s.sweeps:
         raise ValueError(f"n ({n}) must be a multiple of sweeps ({s.sweeps}): each sweep runs n // sweeps particles")
     N, R = n // s.sweeps, s.reference_particles

@@ -19,7 +19,7 @@ from .answers import answer_ids
 from .answers import vote_key as key_fn
 
 SELECT_RULES = ("best", "majority", "weighted")
-FINISH_REASONS = ("eos", "stop", "length", "empty", "final")
+FINISH_REASONS = ("eos", "stop", "length", "empty", "final", "sibling")
 
 
 @dataclass
@@ -32,10 +32,13 @@ class Candidate:
         score: the verifier's aggregate score (NaN when nothing scored it).
         finish: why it ended: ``"eos"``, ``"stop"`` (a stop string), ``"length"`` (the token
             limit of a completion, or of a step with no delimiter), ``"empty"`` (an empty step),
-            ``"final"`` (a step-level search's last iteration).
+            ``"final"`` (a step-level search's last iteration), ``"sibling"`` (an expansion a DVTS
+            subtree did not choose at its last step, returned with ``return_siblings``).
         steps: the step texts (``text`` split by the step delimiter; a step-level search's steps
             as generated); ``step_scores`` their verifier scores (empty when not scored).
         token_ids: the generated token ids (sampling strategies; ``None`` where not kept).
+        thinking_tokens: of its tokens, those written while thinking (``Settings.thinking``; ``None``
+            without a thinking budget).
     """
 
     text: str
@@ -45,6 +48,7 @@ class Candidate:
     steps: list[str] = field(default_factory=list)
     step_scores: list[float] = field(default_factory=list)
     token_ids: list[int] | None = None
+    thinking_tokens: int | None = None
 
 
 @dataclass

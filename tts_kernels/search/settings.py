@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .thinking import ThinkingBudget
+
 AGGREGATES = ("last", "min", "prod", "mean")
 RESAMPLERS = ("systematic", "multinomial")
 PARTICLE_WEIGHTS = ("verifier", "self_certainty")
@@ -41,6 +43,9 @@ class Settings:
             verifier scores exactly those steps), so it is the one definition of a step.
         filter_duplicates: ``prm_beam_search``: a beam whose completion (token ids) repeats another
             live beam's of its prompt does not compete for survival (search-and-learn's option).
+        return_siblings: ``dvts``: besides each subtree's final candidate, return the ``beam_width - 1``
+            expansions it did not choose at its last step (finish ``"sibling"`` unless they ended
+            themselves), so a prompt gets ``n`` candidates, search-and-learn's output pool.
         lookahead: ``prm_beam_search`` and ``dvts``: rank beams (a subtree's expansions) by their
             score after this many more greedy steps (rolled out on clones, then thrown away).
         sync_every: decode steps between host looks (stop checks, dropping finished rows).
@@ -68,6 +73,13 @@ class Settings:
             weighted pick): ``"normalized"`` (the extracted string) or ``"math"`` (the value
             ``math-verify`` reads: ``\\frac{1}{2}`` and ``0.5`` vote together;
             :mod:`~tts_kernels.search.answers`).
+        thinking: a :class:`~tts_kernels.search.thinking.ThinkingBudget` (or its fields as a dict): budget
+            forcing of a reasoning policy's thinking, applied on the device in every decode loop (sampling
+            strategies, step-level searches, particle filtering; the token beam search takes it as an
+            argument). ``None``: off.
+        revisions, revision_prompt: ``revise`` (:mod:`~tts_kernels.search.revise`): answers fed back per
+            chain (a chain spends ``revisions + 1`` samples), and the text between an answer and the next
+            attempt.
         sweeps, reference_particles: particle Gibbs (:func:`~tts_kernels.search.particle_gibbs`):
             passes of ``budget // sweeps`` particles each, and the reference particles carried from
             one pass into the next.
@@ -86,6 +98,7 @@ class Settings:
     step_delimiter: str = "\n\n"
     lookahead: int = 0
     filter_duplicates: bool = False
+    return_siblings: bool = False
     sync_every: int = 8
     stop: tuple[str, ...] = ()
     stop_at_answer: bool = False
@@ -103,6 +116,9 @@ class Settings:
     anneal_below: float = 0.5
     early_phase: float = 0.5
     vote_key: str = "normalized"
+    thinking: ThinkingBudget | None = None
+    revisions: int = 1
+    revision_prompt: str = "\n\nCheck the solution above and write it again, correcting any mistake.\n\n"
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -121,6 +137,9 @@ class Settings:
                      "sweeps"):
             number(name, lambda v: v >= 1, ">= 1", int)
         number("lookahead", lambda v: v >= 0, ">= 0", int)
+        number("revisions", lambda v: v >= 0, ">= 0", int)
+        if not isinstance(self.revision_prompt, str):
+            raise ValueError(f"Settings.revision_prompt must be a string, got {self.revision_prompt!r}")
         number("reference_particles", lambda v: v >= 0, ">= 0", int)
         number("ess_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("weight_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
@@ -132,7 +151,7 @@ class Settings:
                               ("vote_key", VOTE_KEYS), ("step_cap", STEP_CAPS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Settings.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("keep_best", "stop_at_answer", "filter_duplicates"):
+        for name in ("keep_best", "stop_at_answer", "filter_duplicates", "return_siblings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Settings.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
@@ -142,6 +161,22 @@ class Settings:
                                                                                    for s in stop):
             raise ValueError(f"Settings.stop must be a list of non-empty strings, got {stop!r}")
         object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "thinking", ThinkingBudget.of(self.thinking))
+
+    @classmethod
+    def recipe(cls, name: str, **changes) -> Settings:
+        """Settings of a published recipe, with ``changes`` on top. ``"sal"``: search-and-learn's
+        (huggingface/search-and-learn, ``src/sal/config.py`` defaults and its ``recipes/*.yaml``):
+        temperature 0.8, top-p 1.0, beam width 4, 40 iterations, no lookahead, ``"last"`` aggregation,
+        steps end at ``"\\n\\n"``, 2048 tokens for every generation (a step or the final one), a step
+        that hits them ends its beam, a beam ends once its answer is boxed (theirs at ``boxed{``, ours at
+        the closed ``\\boxed{...}``), duplicate beams filtered, and DVTS returns every expansion of a
+        subtree's last step (their output pool). Not settings, set where they live: the budget ``n`` (theirs: 4, ``budget=``),
+        the pick (``select``; theirs: the best aggregate), and the policy's chat template with a
+        step-by-step system prompt (``HFPolicy(chat_template=True, system_prompt=MATH_SYSTEM_PROMPT)``)."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; recipes: {sorted(RECIPES)}")
+        return cls().replace(**RECIPES[name]).replace(**changes)
 
     def replace(self, **changes) -> Settings:
         """A copy with ``changes`` (Settings names only; an unknown name is a ``TypeError`` naming it)."""
@@ -152,10 +187,19 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
-        """Plain JSON-able values (``stop`` as a list)."""
+        """Plain JSON-able values (``stop`` as a list, ``thinking`` as a dict or None)."""
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
+        d["thinking"] = None if self.thinking is None else self.thinking.as_dict()
         return d
+
+
+# Published recipes (Settings.recipe): only the fields that differ from the defaults above.
+RECIPES = {
+    "sal": dict(temperature=0.8, top_p=1.0, top_k=0, min_p=0.0, beam_width=4, num_iterations=40, lookahead=0,
+                agg="last", step_delimiter="\n\n", max_new_tokens=2048, max_step_tokens=2048, step_cap="end",
+                stop_at_answer=True, filter_duplicates=True, return_siblings=True),
+}
 
 
 def resolve(settings: Settings | None, overrides: dict) -> Settings:

@@ -28,6 +28,7 @@ import torch
 from .._threads import in_search_pool
 from ..ops._validate import check_int
 from ..ops.select import select_best, topk_per_group
+from ..ops.thinking import ThinkingState
 from .accounting import Compute, count_flops
 from .answers import boxed_answer, extract_answer
 from .cancel import cancelled
@@ -83,6 +84,13 @@ class _Search:
         self.steps: list[list[str]] = [[] for _ in range(n0)]
         self.step_scores: list[list[float]] = [[] for _ in range(n0)]
         self.step_ntok: list[list[int]] = [[] for _ in range(n0)]  # kept tokens of each step
+        # Thinking budget (Settings.thinking): the rule, each row's state on the device, its thinking
+        # tokens on the host (read at the step's host look) and the thinking tokens generated in all.
+        dev = self.pol.logits.device
+        self.think_rule = None if s.thinking is None else s.thinking.rule(self.tok, self.eos, dev)
+        self.think = ThinkingState.start(n0, dev) if self.think_rule is not None else None
+        self.thought = [0] * n0
+        self.thinking_generated = 0
         self.offset = 0
         self.generated = 0  # tokens sampled and kept
         self.forward_rows = 0  # decode rows run (paused rows included)
@@ -102,7 +110,9 @@ class _Search:
             self.lp_sum, self.lp_count = self.lp_sum.index_select(0, idx), self.lp_count.index_select(0, idx)
         if self.hashes is not None:
             self.hashes.fork(idx)
-        for name in ("owner", "texts", "ids", "steps", "step_scores", "step_ntok"):
+        if self.think is not None:
+            self.think = self.think.select(idx)
+        for name in ("owner", "texts", "ids", "steps", "step_scores", "step_ntok", "thought"):
             old = getattr(self, name)
             setattr(self, name, [list(old[r]) if isinstance(old[r], list) else old[r] for r in rows])
 
@@ -119,7 +129,8 @@ class _Search:
         seed, stream = self.keys.rows_of(self.owner, dev)  # a row's key: (its prompt's seed, its place there)
         st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
                           offset=self.offset, sync_every=self.sync_every, logprobs=self.track_logprobs,
-                          rows=only, seed=seed, stream=stream, **self.sampling)
+                          rows=only, seed=seed, stream=stream, thinking=self._thinking(), **self.sampling)
+        self._count_thinking(st)
         self.offset += limit
         self.forward_rows += st.forward_rows
         if self.track_logprobs:
@@ -163,6 +174,21 @@ class _Search:
                     self.step_scores[r].append(first[r])
         return texts, finish
 
+    def _thinking(self, state: ThinkingState | None = None):
+        """``sample_steps``' thinking argument: the rule and the rows' state (``state``: a clone's)."""
+        if self.think_rule is None:
+            return None
+        return self.think_rule, self.think if state is None else state
+
+    def _count_thinking(self, st) -> None:
+        """After a step of every row: the new state, and the thinking tokens it added (one host look)."""
+        if self.think_rule is None:
+            return
+        self.think = st.thinking
+        now = self.think.thought.tolist()
+        self.thinking_generated += sum(now) - sum(self.thought)
+        self.thought = now
+
     def duplicates(self, group: int, live: torch.Tensor) -> list[int]:
         """Live rows whose completion repeats an earlier live row's in their group of ``group`` rows: found
         by hash on the device, each confirmed on the host's token lists (a collision drops nothing)."""
@@ -204,9 +230,14 @@ class _Search:
         try:
             done = [False] * len(live)
             base_ids, base_texts = [list(self.ids[r]) for r in live], [self.texts[r] for r in live]
+            think = None if self.think is None else self.think.select(idx)
             for _ in range(steps):
                 st = sample_steps(pol, max_tokens=self.max_step_tokens, eos_ids=self.eos, matcher=self.matcher,
-                                  temperature=0.0, seed=0, offset=0, sync_every=self.sync_every)
+                                  temperature=0.0, seed=0, offset=0, sync_every=self.sync_every,
+                                  thinking=self._thinking(think))
+                if think is not None:  # the rollouts' thinking tokens count, as their tokens do
+                    self.thinking_generated += int((st.thinking.thought - think.thought).sum())
+                    think = st.thinking
                 self.forward_rows += st.forward_rows
                 ids, texts = self._decode(st, base_ids, base_texts)
                 eos, delim = st.eos.tolist(), st.delimited.tolist()
@@ -235,7 +266,8 @@ class _Search:
         if not self.steps[r]:
             score = float("nan")  # nothing was scored (EOS first): never preferred (NaN ranks lowest)
         return Candidate(text=self.texts[r], answer=extract(self.texts[r]), score=score, finish=finish,
-                         steps=list(self.steps[r]), step_scores=list(self.step_scores[r]))
+                         steps=list(self.steps[r]), step_scores=list(self.step_scores[r]),
+                         thinking_tokens=None if self.think_rule is None else self.thought[r])
 
     def compute(self) -> Compute:
         """Prompt tokens prefilled, tokens sampled (rollouts included), PRM tokens, and FLOPs of every
@@ -248,7 +280,8 @@ class _Search:
             prm_tokens = self.prm.tokens + self.prm_extra
             prm_flops = count_flops(self.prm_model.flop_module, prm_tokens, self.prm.keys + self.prm_keys_extra)
         return Compute(policy_prefill_tokens=self.pol.prefill_tokens, policy_generated_tokens=self.generated,
-                       prm_tokens=prm_tokens, policy_flops=policy_flops, prm_flops=prm_flops)
+                       prm_tokens=prm_tokens, policy_flops=policy_flops, prm_flops=prm_flops,
+                       thinking_tokens=self.thinking_generated)
 
     def free(self) -> None:
         self.pol.free()
@@ -372,12 +405,14 @@ def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "wei
     (default ``"weighted"``: the answer with the largest summed score). Settings as
     :func:`prm_beam_search`; with ``lookahead > 0`` a subtree picks the expansion whose greedy rollout of
     ``lookahead`` more steps scores best (the rollouts are thrown away; a candidate keeps its own score).
+    With ``return_siblings`` a subtree also returns the expansions it did not pick at its last step
+    (search-and-learn's output pool: ``n`` candidates per prompt), and ``select`` picks among all of them.
     """
     s = resolve(settings, overrides)
     prompts = _check("dvts", verifier, prompts, n, select, s)
     beam_width = s.beam_width
 
-    lookahead = s.lookahead
+    lookahead, siblings = s.lookahead, s.return_siblings
 
     def choose(search, finish, last, completed):
         agg_scores = search.prm.aggregate
@@ -389,7 +424,9 @@ def dvts(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "wei
         for g, b in enumerate(best):
             r = g * beam_width + b
             if finish[r] is not None:
-                completed[search.owner[r]].append(search.candidate(r, agg_h[r], finish[r], extract))
+                # The subtree ends: its pick, or with return_siblings every expansion of this last step.
+                for q in range(g * beam_width, (g + 1) * beam_width) if siblings else (r,):
+                    completed[search.owner[q]].append(search.candidate(q, agg_h[q], finish[q] or "sibling", extract))
             else:
                 rows += [r] * beam_width
         return rows

@@ -31,6 +31,7 @@ import torch
 
 from .._threads import in_search_pool
 from ..ops.sample import sample
+from ..ops.thinking import ThinkingRule, ThinkingState, thinking_logits, thinking_update
 from .seeds import engine_seeds
 
 
@@ -101,6 +102,7 @@ class Steps:
     delimited: torch.Tensor  # [rows] bool: ended with the delimiter
     forward_rows: int  # rows run through the policy (paused rows riding along included)
     logprob_sum: torch.Tensor | None = None  # [rows] float32: the step's tokens' log-probabilities summed (if asked)
+    thinking: ThinkingState | None = None  # the rows' thinking state after the step (when a rule was given)
 
 
 _NARROW = 0.75  # run only the rows still going once at most this share of them is
@@ -111,7 +113,8 @@ _NARROW = 0.75  # run only the rows still going once at most this share of them 
 def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: DelimiterMatcher | None,
                  temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int | torch.Tensor = 0, offset: int = 0,
                  sync_every: int = 8, logprobs: bool = False, rows: torch.Tensor | None = None,
-                 stream: torch.Tensor | None = None) -> Steps:
+                 stream: torch.Tensor | None = None,
+                 thinking: tuple[ThinkingRule, ThinkingState] | None = None) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
@@ -120,9 +123,14 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     log-probabilities (``Steps.logprob_sum``). ``rows [k]`` (int64, distinct; optional): only these
     rows sample a step; the others are left as they are (particle Gibbs's parked reference rows).
     ``seed`` (an int or an int64 ``[rows]`` tensor) and ``stream`` (optional ``[rows]``) key the draws
-    as in :func:`~tts_kernels.sample` (:mod:`~tts_kernels.search.seeds`).
+    as in :func:`~tts_kernels.sample` (:mod:`~tts_kernels.search.seeds`). ``thinking``: a thinking
+    budget's rule and the rows' state, applied to every token (:mod:`tts_kernels.ops.thinking`); the state
+    after the step is ``Steps.thinking``.
     """
-    if hasattr(session, "generate"):  # a text-level engine (e.g. vLLM) samples whole steps itself
+    if hasattr(session, "generate"):
+        if thinking is not None:
+            raise ValueError("Settings.thinking runs inside this package's decode loop; a text-level engine "
+                             "(the vLLM backend) does not take it")  # a text-level engine (e.g. vLLM) samples whole steps itself
         return _engine_steps(session, max_tokens=max_tokens, matcher=matcher, temperature=temperature, top_p=top_p,
                              top_k=top_k, min_p=min_p, seed=seed, offset=offset, logprobs=logprobs, rows=rows,
                              stream=stream)
@@ -142,9 +150,13 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     seed_t = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device=dev)
     forward_rows = 0
     run = rows  # rows still going at the last look (None: all): only they run through the policy
+    rule, think = thinking if thinking is not None else (None, None)
     for t in range(max_tokens):
-        tok, lp = sample(session.logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
+        logits = session.logits if rule is None else thinking_logits(session.logits, think, rule)
+        tok, lp = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
                         offset=offset + t, stream=stream)
+        if rule is not None:
+            think = thinking_update(think, tok, rule, active=active)
         buf[:, t] = torch.where(active, tok, -1)
         counts += active
         if logprobs:
@@ -175,7 +187,7 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
             if going <= _NARROW * (R if run is None else run.shape[0]):  # leave the finished rows out of the batch from now on
                 run = active.nonzero().squeeze(1)
     return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows,
-                 logprob_sum=lp_sum)
+                 logprob_sum=lp_sum, thinking=think)
 
 
 def _engine_steps(session, *, max_tokens, matcher, temperature, top_p, top_k, min_p, seed, offset, logprobs, rows,

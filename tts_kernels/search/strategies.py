@@ -25,6 +25,10 @@ Built-in strategies (``settings`` fields in :class:`~tts_kernels.search.Settings
   ``particle_gibbs`` — ``settings.sweeps`` passes of ``N / sweeps`` particles, each carrying
   ``settings.reference_particles`` of the last pass's particles (:func:`~tts_kernels.search.particle_gibbs`;
   fitted to the budget: ``gcd(N, sweeps)`` sweeps, at most ``N / sweeps - 1`` references).
+* ``revise`` — sequential revisions (:func:`~tts_kernels.search.revise`): ``N // (revisions + 1)`` chains,
+  each answer fed back with ``settings.revision_prompt`` ``revisions`` times (fewer when the budget is
+  smaller; a budget that ``revisions + 1`` does not divide spends its largest multiple); the weighted
+  vote over every attempt (majority without a verifier).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
 from .result import SearchResult
+from .revise import revise
 from .seeds import check_seed
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
@@ -174,6 +179,12 @@ def _greedy(policy, verifier, prompts, *, budget, settings, seed, extract):
     return res
 
 
+def _revise(policy, verifier, prompts, *, budget, settings, seed, extract):
+    k = min(settings.revisions, budget - 1)  # a budget below revisions + 1 runs one chain as long as it allows
+    return revise(policy, verifier, prompts, n=(budget // (k + 1)) * (k + 1), select="weighted" if verifier else
+                  "majority", settings=settings.replace(revisions=k), seed=seed, extract=extract)
+
+
 def _step(name, search):
     def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
         res = search(policy, verifier, prompts, n=budget, settings=settings.replace(
@@ -214,6 +225,8 @@ register_strategy("compute_optimal", _optimal("compute_optimal", ("best_of_n", "
                   description="pilot, difficulty levels, a strategy per level, N*P samples allocated", pooled=True)
 register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("best_of_n",)),
                   description="compute_optimal's allocation with weighted best-of-N at every level", pooled=True)
+register_strategy("revise", _revise, needs_verifier=False,
+                  description="sequential revisions: N/(revisions+1) chains, each answer fed back revisions times")
 register_strategy("particle_filtering", _particles("particle_filtering", None),
                   description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)")
 def _gibbs(policy, verifier, prompts, *, budget, settings, seed, extract):
