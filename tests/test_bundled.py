@@ -41,8 +41,10 @@ def test_tokenizer_shape(tok):
     assert tok.convert_ids_to_tokens(tok("12 = 19\n\nThe", add_special_tokens=False).input_ids)[-2] == "ĊĊ"
     assert [len(tok(x, add_special_tokens=False).input_ids) for x in ("123", " 45")] == [3, 3]
     assert tok.eos_token_id is not None and tok.pad_token_id is not None
-    for name in bundled.NAMES:  # every folder carries the same tokenizer
-        assert AutoTokenizer.from_pretrained(bundled.path(name)).get_vocab() == tok.get_vocab()
+    for name in bundled.NAMES:  # every folder carries the same tokenizer (policy-think: plus its two markers)
+        vocab = AutoTokenizer.from_pretrained(bundled.path(name)).get_vocab()
+        extra = {"<think>": len(tok), arith.THINK_END: len(tok) + 1} if name == "policy-think" else {}
+        assert vocab == {**tok.get_vocab(), **extra}
 
 
 def test_folders_load_with_from_pretrained():
@@ -175,11 +177,49 @@ def test_training_examples_align_with_how_searches_tokenize(tok):
     assert tok.decode(ids[marked[0][0]:marked[0][0] + 1]) == "\n\n"
 
 
+def test_thinking_solutions_and_their_training_examples(tok):
+    import random
+
+    from tts_kernels.bundled.train import think_example, think_tokenizer
+
+    rng = random.Random(0)
+    checked = slipped = fixed = unchecked_wrong = 0
+    for p in arith.generate(300, seed=1):
+        text, spans = arith.thinking_solution(p, rng)
+        think, answer = text.split(arith.THINK_END + arith.STEP_DELIMITER)
+        assert answer.startswith("The answer is ") and think.count("\n") >= len(p.ops)
+        wait = arith.WAIT + "\n" in think
+        checked += wait
+        slipped += bool(spans)
+        # Right at the end when there was no slip or a check pass fixed the first one (the rest is recomputed);
+        # an unchecked slip leaves it wrong (unless later slips happen to cancel it).
+        right = arith.grade(answer.split()[-1], p)
+        if not spans or wait:
+            assert right, (text, spans)
+        unchecked_wrong += bool(spans) and not wait and not right
+        fixed += bool(spans) and wait
+        for a, b in spans:  # a slip span is a result right after "= "
+            assert text[a - 2: a] == "= " and text[a:b].isdigit()
+    assert checked and slipped and fixed and unchecked_wrong
+    ttok = think_tokenizer(tok)
+    p = arith.generate(1, seed=3)[0]
+    seed = next(s for s in range(100) if arith.thinking_solution(p, random.Random(s))[1])  # one with a slip
+    text, spans = arith.thinking_solution(p, random.Random(seed))
+    ids, tgt = think_example(ttok, p, random.Random(seed))
+    n = len(ttok(arith.thinking_prompt(p)).input_ids)
+    assert tgt[:n] == [-100] * n and ids[-1] == ttok.eos_token_id and "<think>" in ttok.convert_ids_to_tokens(ids[:n])
+    assert ttok.decode(ids[n:-1]) == text
+    # No loss on the slips' tokens, and on nothing else of the solution.
+    dropped = "".join(ttok.decode([t]) for t, y in zip(ids[n:-1], tgt[n:-1]) if y == -100)
+    assert dropped == "".join(text[a:b] for a, b in spans)
+
+
 def test_train_script_runs_small(tmp_path):
     # The real run takes ~20 minutes; this checks the pipeline end to end at toy sizes.
     cmd = [sys.executable, "-m", "tts_kernels.bundled.train", "--out", str(tmp_path), "--train-problems", "300",
            "--small-steps", "2", "--large-steps", "2", "--prm-steps", "2", "--prm-problems", "8",
-           "--prm-samples", "2", "--batch-size", "4"]
+           "--prm-samples", "2", "--batch-size", "4", "--think-steps", "2", "--think-problems", "40",
+           "--think-batch-size", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     policy = bundled.load_policy("small", root=tmp_path)
@@ -187,6 +227,8 @@ def test_train_script_runs_small(tmp_path):
     assert policy.model.config.num_hidden_layers == 3 and prm.model.config.num_labels == 2
     info = json.loads((tmp_path / "prm" / "training.json").read_text())
     assert info["steps"] == 2 and info["prm_problems"] == 8
+    think = bundled.load_policy("think", root=tmp_path)
+    assert arith.THINK_END in think.tokenizer.get_vocab() and len(think.tokenizer) == len(policy.tokenizer) + 2
     # --prm-only retrains the PRM from the saved policies and leaves them alone.
     weights = (tmp_path / "policy-large" / "model.safetensors").read_bytes()
     res = subprocess.run(cmd + ["--prm-only", "--prm-steps", "3", "--prm-lr", "2e-3"], capture_output=True,
@@ -195,3 +237,10 @@ def test_train_script_runs_small(tmp_path):
     assert (tmp_path / "policy-large" / "model.safetensors").read_bytes() == weights
     info = json.loads((tmp_path / "prm" / "training.json").read_text())
     assert info["steps"] == 3 and info["lr"] == 2e-3
+    assert json.loads((tmp_path / "policy-think" / "training.json").read_text())["steps"] == 2  # left alone
+    # --think-only retrains the thinking policy from the saved policy-small, and only it.
+    small = (tmp_path / "policy-small" / "model.safetensors").read_bytes()
+    res = subprocess.run(cmd + ["--think-only", "--think-steps", "3"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "policy-small" / "model.safetensors").read_bytes() == small
+    assert json.loads((tmp_path / "policy-think" / "training.json").read_text())["steps"] == 3

@@ -42,7 +42,7 @@ def test_check_quick_matches_generate(tmp_path):
 @pytest.mark.parametrize("verifier,chunk", [("likelihood", "20"), ("prm", "2")])  # 3 problems: 1 chunk, 2 chunks
 def test_demo_reduced_end_to_end(tmp_path, verifier, chunk):
     res = run_cli("demo", "--problems", "3", "--budgets", "1,4", "--no-progress", "--out", str(tmp_path),
-                  "--verifier", verifier, "--chunk-size", chunk)
+                  "--verifier", verifier, "--chunk-size", chunk, "--thinking-mins", "0,16")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     from tts_kernels.search import STRATEGIES
@@ -67,6 +67,11 @@ def test_demo_reduced_end_to_end(tmp_path, verifier, chunk):
         assert row["flops_per_problem"] > 0 and row["policy_tokens_per_problem"] > 0
         assert row["samples_per_problem"] <= row["budget"]
     assert summary["findings"] and "what this run shows" in res.stdout and "accuracy" in res.stdout
+    # The thinking policy's curve: a forced minimum is thought at least (its tokens counted apart).
+    thinking = summary["thinking"]
+    assert [r["min_thinking"] for r in thinking] == [0, 16] and "thinking budget (policy-think" in res.stdout
+    assert all(0 <= r["accuracy"] <= 1 and r["tokens_per_problem"] >= r["thinking_per_problem"] for r in thinking)
+    assert thinking[1]["thinking_per_problem"] >= 16 and any("thinking policy" in f for f in summary["findings"])
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -42,6 +42,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--chunk-size", type=int, default=20,
                     help="problems per batch (default 20; peak memory ~3.8 GB at budget 64): memory grows with it "
                          "times the budget; chunk c > 0 samples with seed + 7919 c")
+    ap.add_argument("--thinking-mins", default="0,32,64,128",
+                    help="forced minimum thinking tokens for the thinking policy's curve (greedy; '' to skip)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -130,6 +132,44 @@ def _groups(strategies: list[str]) -> list[list[str]]:
     return list(out.values())
 
 
+def thinking_section(args, device) -> list[dict]:
+    """policy-think on the same problems, greedy, at each forced minimum of thinking tokens (printed)."""
+    from ..bench.thinking import thinking_curve
+
+    mins = tuple(int(x) for x in args.thinking_mins.split(",") if x.strip())
+    if any(m < 0 for m in mins):
+        raise SystemExit(f"--thinking-mins must be >= 0, got {args.thinking_mins!r}")
+    try:
+        bundled.path("policy-think", args.models)
+    except FileNotFoundError as exc:
+        print(f"\nthinking budget: skipped ({exc})")
+        return []
+    rows = thinking_curve(args.problems, mins=mins, best_of=(), combined=(), device=device, root=args.models)
+    print("\nthinking budget (policy-think, greedy; a forced minimum of thinking tokens, s1-style budget forcing):")
+    print(f"  {'min thinking':>12} {'accuracy':>9} {'95% interval':>15} {'thinking/problem':>17} {'tokens/problem':>15}")
+    for r in rows:
+        lo, hi = r["ci95"]
+        print(f"  {r['min_thinking']:12d} {r['accuracy']:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
+              f"{r['thinking_per_problem']:17.1f} {r['tokens_per_problem']:15.1f}")
+    return rows
+
+
+def thinking_findings(rows: list[dict]) -> list[str]:
+    """What the thinking curve shows, computed from it."""
+    if len(rows) < 2:
+        return []
+    first, best = rows[0], max(rows, key=lambda r: r["accuracy"])
+    last = rows[-1]
+    if best["accuracy"] > first["accuracy"] and best is not first:
+        verdict = (f"forcing at least {best['min_thinking']} thinking tokens raised accuracy from "
+                   f"{first['accuracy']:.3f} to {best['accuracy']:.3f}")
+    else:
+        verdict = f"forcing longer thinking did not raise accuracy (best {best['accuracy']:.3f} at min " \
+                  f"{best['min_thinking']})"
+    return [f"thinking policy: {verdict}; at min {last['min_thinking']} it is {last['accuracy']:.3f} "
+            f"({last['thinking_per_problem']:.0f} thinking tokens per problem vs {first['thinking_per_problem']:.0f})"]
+
+
 def main(args) -> int:
     from tqdm.auto import tqdm
 
@@ -186,11 +226,15 @@ def main(args) -> int:
     print("\nwhat this run shows:")
     for n in notes:
         print(f"  - {n}")
+    thinking = thinking_section(args, device) if args.thinking_mins.strip() else []
+    for n in thinking_findings(thinking):
+        print(f"  - {n}")
+        notes.append(n)
     plot(rows, out / "scaling.png", args.verifier)
     total = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(
         {"machine": machine_info(), "problems": len(problems), "budgets": budgets, "strategies": strategies,
          "verifier": args.verifier, "chunk_size": args.chunk_size, "settings": settings.as_dict(), "seed": args.seed,
-         "seconds": round(total, 1), "rows": rows, "findings": notes}, indent=1) + "\n")
+         "seconds": round(total, 1), "rows": rows, "thinking": thinking, "findings": notes}, indent=1) + "\n")
     print(f"\nwrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'scaling.png'} ({total:.0f} s)")
     return 0

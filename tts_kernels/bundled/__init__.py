@@ -22,12 +22,12 @@ import torch
 from . import arith
 
 ROOT = Path(__file__).resolve().parent / "weights"
-NAMES = ("policy-small", "policy-large", "prm")
+NAMES = ("policy-small", "policy-large", "prm", "policy-think")
 TEST_SEED = 1234  # the held-out problems the demo and `eval` use by default
 
 
 def path(name: str, root: str | Path | None = None) -> Path:
-    """Folder of a bundled model (``"policy-small"``, ``"policy-large"`` or ``"prm"``)."""
+    """Folder of a bundled model (``"policy-small"``, ``"policy-large"``, ``"prm"`` or ``"policy-think"``)."""
     if name not in NAMES:
         raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     p = Path(root or ROOT) / name
@@ -43,13 +43,15 @@ def load_tokenizer(name: str = "policy-small", root=None):
 
 
 def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.float32):
-    """An :class:`~tts_kernels.models.HFPolicy` over ``policy-{size}`` (``"small"`` or ``"large"``)."""
+    """An :class:`~tts_kernels.models.HFPolicy` over ``policy-{size}`` (``"small"``, ``"large"``, or
+    ``"think"``: policy-small fine-tuned to think before it answers; its prompts are
+    :func:`~tts_kernels.bundled.arith.thinking_prompt`, its thinking ends at ``</think>``)."""
     from transformers import AutoModelForCausalLM
 
     from ..models.policy import HFPolicy
 
-    if size not in ("small", "large"):
-        raise ValueError(f"size must be 'small' or 'large', got {size!r}")
+    if size not in ("small", "large", "think"):
+        raise ValueError(f"size must be 'small', 'large' or 'think', got {size!r}")
     p = path(f"policy-{size}", root)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
     return HFPolicy(model, load_tokenizer(f"policy-{size}", root))

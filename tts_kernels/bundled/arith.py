@@ -198,7 +198,7 @@ def thinking_solution(problem: Problem, rng: random.Random, *, slip: float = 0.1
     check pass: each equation checked by its inverse (``check 12 + 7 = 19: 19 - 7 = 12 ok``) until the
     first one that fails (``... = 13 no, 12 + 7 = 19``), after which the rest is recomputed; with
     probability ``again`` one more ``Wait`` and check pass (all ok by then). ``</think>``, a blank line,
-    and the clean solution of the last chain the thinking holds (wrong when a slip went unchecked)::
+    and the answer: the last value the thinking holds (wrong when a slip went unchecked)::
 
         Ava has 12 pens. Ava buys 7 more. How many pens does Ava have now?
 
@@ -207,8 +207,6 @@ def thinking_solution(problem: Problem, rng: random.Random, *, slip: float = 0.1
         Wait
         check 12 + 7 = 20: 20 - 7 = 13 no, 12 + 7 = 19
         </think>
-
-        12 + 7 = 19
 
         The answer is 19
     """
@@ -224,9 +222,9 @@ def thinking_solution(problem: Problem, rng: random.Random, *, slip: float = 0.1
     for sign, n in problem.ops:
         a, true = v, _apply(v, sign, n)
         w = true
-        if rng.random() < slip:
-            d = rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if true + d >= 0 and a + d >= 0])
-            w = true + d
+        offs = [d for d in (-3, -2, -1, 1, 2, 3) if true + d >= 0]
+        if rng.random() < slip and offs:
+            w = true + rng.choice(offs)
         head = f"{a} {sign} {n} = "
         put(head)
         if w != true:
@@ -258,6 +256,5 @@ def thinking_solution(problem: Problem, rng: random.Random, *, slip: float = 0.1
                 out.append((a, sign, n, true))
                 v, fixed = true, True
         chain = out
-    final = [f"{a} {sign} {n} = {w}" for a, sign, n, w in chain] + [f"The answer is {chain[-1][3]}"]
-    put(f"{THINK_END}{STEP_DELIMITER}" + STEP_DELIMITER.join(final))
+    put(f"{THINK_END}{STEP_DELIMITER}The answer is {chain[-1][3]}")
     return "".join(text), spans

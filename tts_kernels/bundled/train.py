@@ -11,7 +11,11 @@ Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--hel
    purpose: right often but far from always at greedy decoding, so search has room to
    help. (Arithmetic is learnt in a sudden jump somewhere between ~700 and ~1000 steps at
    these sizes; a wider 256-unit model at 1200 steps had not made it yet, hence the shapes.)
-3. **prm**: a Llama token classifier (2 classes) initialised from policy-large's
+3. **policy-think**: policy-small with ``<think>``/``</think>`` added, fine-tuned on solutions that think
+   first (:func:`~tts_kernels.bundled.arith.thinking_solution`: equations with slips, sometimes a
+   ``Wait`` and a check pass that finds and fixes the first slip, then the clean answer; the slips
+   themselves get no loss). ``--think-only`` trains just this one from the saved policy-small.
+4. **prm**: a Llama token classifier (2 classes) initialised from policy-large's
    transformer, trained at step ends on solutions *sampled* from policy-small (with
    ``tts_kernels``' own batched sampler) plus reference solutions, each step labelled
    automatically by :func:`~tts_kernels.bundled.arith.check_steps` (Math-Shepherd style:
@@ -105,6 +109,7 @@ def prm_example(tokenizer, prompt: str, steps: list[str], labels: list[bool]) ->
 
 THINK_TOKENS = ("<think>", arith.THINK_END)  # added to the shared tokenizer for policy-think
 THINK_POSITIONS = 640
+THINK_TRAIN_LEN = 300  # training examples longer than this (a few level-5 ones with two check passes) are left out
 
 
 def think_tokenizer(tokenizer):
@@ -140,6 +145,7 @@ def train_think(small, tokenizer, problems, *, steps: int, batch_size: int, lr: 
     model.config.max_position_embeddings = THINK_POSITIONS
     rng = random.Random(seed)
     examples = [think_example(tok, p, rng) for p in problems]
+    examples = [e for e in examples if len(e[0]) <= THINK_TRAIN_LEN]  # the longest few cost the most padding
     loss = train_loop(model, examples, steps=steps, batch_size=batch_size, lr=lr, pad_id=tok.pad_token_id,
                       seed=seed + 2, causal=True, desc="policy-think")
     return model, tok, loss
@@ -250,9 +256,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prm-problems", type=int, default=1024, help="train problems whose sampled solutions label the PRM")
     ap.add_argument("--prm-samples", type=int, default=4, help="sampled solutions per PRM problem")
     ap.add_argument("--prm-lr", type=float, default=1e-3)
-    ap.add_argument("--think-steps", type=int, default=600)
+    ap.add_argument("--think-steps", type=int, default=1200)
+    ap.add_argument("--think-batch-size", type=int, default=32)
     ap.add_argument("--think-problems", type=int, default=20000)
-    ap.add_argument("--think-lr", type=float, default=1e-3)
+    ap.add_argument("--think-lr", type=float, default=2e-3)
     ap.add_argument("--think-only", action="store_true",
                     help="train only policy-think, from the policy-small already in --out")
     ap.add_argument("--prm-only", action="store_true",
@@ -321,7 +328,8 @@ def main(argv=None) -> int:
                                            prm_problems=args.prm_problems, prm_samples=args.prm_samples,
                                            good_step_fraction=good_frac, seconds=round(time.perf_counter() - t0, 1)))
     print(f"prm: loss {loss:.4f}", flush=True)
-    _think(args, models["policy-small"], tokenizer, problems, out, common)
+    if not args.prm_only:
+        _think(args, models["policy-small"], tokenizer, problems, out, common)
     print(f"all done in {time.perf_counter() - t_start:.0f} s -> {out}", flush=True)
     return 0
 
@@ -330,9 +338,10 @@ def _think(args, small, tokenizer, problems, out: Path, common: dict) -> None:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     model, tok, loss = train_think(small, tokenizer, problems[: args.think_problems], steps=args.think_steps,
-                                   batch_size=args.batch_size, lr=args.think_lr, seed=args.seed)
+                                   batch_size=args.think_batch_size, lr=args.think_lr, seed=args.seed)
     save(model, tok, out / "policy-think", dict(common, shape=SHAPES["policy-small"], init="policy-small",
                                                 steps=args.think_steps, lr=args.think_lr, final_loss=loss,
+                                                batch_size=args.think_batch_size, max_len=THINK_TRAIN_LEN,
                                                 think_problems=args.think_problems,
                                                 seconds=round(time.perf_counter() - t0, 1)))
     print(f"policy-think: loss {loss:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)

@@ -113,25 +113,31 @@ def thinking_logits(logits: torch.Tensor, state: ThinkingState, rule: ThinkingRu
     pos = torch.where(at_max, 0, state.fpos.clamp(min=0))
     one = rule.forced[seq, pos.clamp(max=rule.forced.shape[1] - 1)]
     only = forcing | at_max
-    x = logits.float()
-    neg = torch.tensor(float("-inf"), device=dev)
-    masked = torch.where(torch.arange(V, device=dev)[None, :] == one[:, None], x, neg)
-    masked = torch.where(masked.isnan(), neg, masked)
-    # Below the minimum: the stop tokens' mass moves to the continuation's first token.
-    cont = rule.forced[(state.injections % max(W, 1)).clamp(max=max(W - 1, 0)), 0] if W else torch.zeros_like(seq)
-    stop = torch.zeros(R, V, dtype=torch.bool, device=dev)
-    stop[:, rule.eos] = True
-    completing = rule.marker[(state.mpos).clamp(max=M - 1)]  # the marker token that would complete it
-    stop.scatter_(1, completing[:, None], (state.mpos == M - 1)[:, None] | stop.gather(1, completing[:, None]))
-    stop &= below[:, None]
+    x = logits.float()  # no copy for float32 logits
+    neg = float("-inf")
+    # Forced rows: -inf everywhere (one pass over [R, V], the only one), then their one token back.
+    out = x.masked_fill(only[:, None], neg)
+    keep = x.gather(1, one[:, None])[:, 0]
+    out.scatter_(1, one[:, None], torch.where(only, keep.nan_to_num(nan=neg), out.gather(1, one[:, None])[:, 0])
+                 [:, None])
     if W:
-        stop.scatter_(1, cont[:, None], False)  # a continuation token is never its own stop
-    mass = torch.where(stop, x, neg)
-    c_logit = x.gather(1, cont[:, None])[:, 0]
-    merged = torch.logsumexp(torch.stack([c_logit, torch.logsumexp(mass, 1)], 1), 1)
-    moved = torch.where(stop, neg, x)
-    moved = moved.scatter(1, cont[:, None], torch.where(below, merged, c_logit)[:, None])
-    out = torch.where(only[:, None], masked, torch.where(below[:, None], moved, x))
+        # Below the minimum: the stop tokens' mass moves to the continuation's first token. Only [R, E + 1]
+        # entries are read and written: the EOS ids and the marker token that would complete it.
+        E = rule.eos.shape[0]
+        cont = rule.forced[(state.injections % W), 0]
+        completing = rule.marker[state.mpos.clamp(max=M - 1)]
+        idx = torch.cat([rule.eos[None, :].expand(R, E), completing[:, None]], 1)            # [R, E + 1]
+        comp_is_eos = (completing[:, None] == rule.eos[None, :]).any(1) if E else torch.zeros_like(below)
+        is_stop = torch.cat([torch.ones(R, E, dtype=torch.bool, device=dev),
+                             ((state.mpos == M - 1) | comp_is_eos)[:, None]], 1) & (idx != cont[:, None])
+        vals = out.gather(1, idx)
+        counted = is_stop.clone()
+        counted[:, E] &= ~comp_is_eos  # a completing token that is also an EOS id is counted once
+        mass = torch.where(counted & below[:, None], vals, neg)
+        c_logit = out.gather(1, cont[:, None])[:, 0]
+        merged = torch.logsumexp(torch.cat([c_logit[:, None], mass], 1), 1)
+        out.scatter_(1, idx, torch.where(is_stop & below[:, None], neg, vals))
+        out.scatter_(1, cont[:, None], torch.where(below, merged, c_logit)[:, None])
     return out.to(logits.dtype)
 
 

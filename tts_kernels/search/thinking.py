@@ -99,7 +99,7 @@ class ThinkingBudget:
             forced[i, : len(s)] = torch.tensor(s)
         return ThinkingRule(forced=forced.to(device), lengths=torch.tensor([len(s) for s in seqs], device=device),
                             marker=torch.tensor(marker, device=device),
-                            eos=torch.tensor(list(eos_ids) or [], dtype=torch.int64, device=device),
+                            eos=torch.tensor(sorted(set(eos_ids)), dtype=torch.int64, device=device),
                             min_tokens=self.min_thinking_tokens,
                             max_tokens=NO_LIMIT if self.max_thinking_tokens is None else self.max_thinking_tokens)
 
