@@ -48,9 +48,10 @@ def test_every_strategy_runs_on_vllm(models, strategy):
     assert len(res.candidates) == 2 and all(res.candidates[p] for p in range(2))
     assert all(c.text for row in res.candidates for c in row if c.finish != "empty")
     prompt_tokens = sum(len(vpol.encode(p)) for p in PROMPTS[:2])
-    # Each prompt once; the pooled strategies' sub-searches and particle Gibbs's second sweep read them again.
+    # Each prompt once; the pooled strategies' sub-searches, particle Gibbs's second sweep and revise's revisions
+    # (each re-reads its chain's history) read them again.
     assert res.compute.policy_prefill_tokens == prompt_tokens or (
-        (STRATEGIES[strategy].pooled or strategy == "particle_gibbs")
+        (STRATEGIES[strategy].pooled or strategy in ("particle_gibbs", "revise"))
         and res.compute.policy_prefill_tokens > prompt_tokens)
     assert res.compute.policy_generated_tokens > 0 and res.compute.policy_flops > 0
 
