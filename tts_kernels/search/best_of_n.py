@@ -189,6 +189,20 @@ def _check_select(select: str, verifier) -> None:
         raise ValueError(f"select={select!r} needs a verifier (only 'majority' runs without one)")
 
 
+def score_texts(verifier, prompts, texts: list[list[str]], *, settings: Settings):
+    """``texts [P][n]`` split into steps by ``settings.step_delimiter`` and scored as completions of
+    ``prompts`` (one verifier call; ``verifier=None``: not scored; cancelled prompts' texts are not
+    scored either): ``(steps, scores [P][n], step_scores, prm_tokens, prm_flops)``."""
+    P, n = len(prompts), len(texts[0]) if texts else 0
+    gone = cancelled()  # cancelled prompts' candidates are not scored (nothing is left to pick for)
+    steps = [[[] if p in gone else split_steps(t, settings.step_delimiter) for t in row] for p, row in enumerate(texts)]
+    if verifier is None:
+        return steps, [[float("nan")] * n for _ in range(P)], [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
+    scored = verifier.score_steps(list(prompts), steps, agg=settings.agg)
+    return (steps, scored.aggregate.reshape(P, n).tolist(), scored.step_scores, scored.tokens,
+            count_flops(verifier.flop_module, scored.tokens, int(scored.keys)))
+
+
 def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings, seed: int,
                      extract: Callable[[str], str | None]) -> tuple[list[list[Candidate]], Compute, int]:
     """``n`` sampled candidates per prompt, split into steps by ``settings.step_delimiter`` and
@@ -201,16 +215,7 @@ def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settin
         min_p=s.min_p, stop=list(s.stop) or None, seed=seed, sync_every=s.sync_every, stats=stats,
         thinking=s.thinking)
     P = len(prompts)
-    gone = cancelled()  # cancelled prompts' candidates are not scored (nothing is left to pick for)
-    steps = [[[] if p in gone else split_steps(t, s.step_delimiter) for t in row] for p, row in enumerate(texts)]
-    if verifier is not None:
-        scored = verifier.score_steps(list(prompts), steps, agg=s.agg)
-        scores = scored.aggregate.reshape(P, n).tolist()
-        step_scores, prm_tokens = scored.step_scores, scored.tokens
-        prm_flops = count_flops(verifier.flop_module, prm_tokens, int(scored.keys))
-    else:
-        scores = [[float("nan")] * n for _ in range(P)]
-        step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
+    steps, scores, step_scores, prm_tokens, prm_flops = score_texts(verifier, prompts, texts, settings=s)
     thought = stats.get("thinking")
     cands = [[Candidate(text=texts[p][j], answer=extract(texts[p][j]), score=scores[p][j], finish=fins[p][j],
                         steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j],

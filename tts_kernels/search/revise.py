@@ -20,12 +20,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..models.text import split_steps
 from ..ops._validate import check_int
 from .accounting import Compute, count_flops
 from .answers import extract_answer
-from .best_of_n import _check_select, sample_completions
-from .cancel import cancelled, sub_run
+from .best_of_n import _check_select, sample_completions, score_texts
+from .cancel import sub_run
 from .result import Candidate, SearchResult, select_candidates
 from .seeds import Seeds, splitmix64
 from .settings import Settings, resolve
@@ -84,16 +83,8 @@ def revise(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "w
                     thought[p][c][r] = at(stats["thinking"], p, c)
                 history[p][c] = history[p][c] + texts[p][c][r] + s.revision_prompt
     flat_c = lambda x, p: [x[p][c][r] for c in range(chains) for r in range(k + 1)]  # noqa: E731
-    gone = cancelled()  # cancelled prompts' attempts are not scored
-    steps = [[[] if p in gone else split_steps(x, s.step_delimiter) for x in flat_c(texts, p)] for p in range(P)]
-    if verifier is not None:
-        scored = verifier.score_steps(list(prompts), steps, agg=s.agg)
-        scores = scored.aggregate.reshape(P, n).tolist()
-        step_scores, prm_tokens = scored.step_scores, scored.tokens
-        prm_flops = count_flops(verifier.flop_module, prm_tokens, int(scored.keys))
-    else:
-        scores = [[float("nan")] * n for _ in range(P)]
-        step_scores, prm_tokens, prm_flops = [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
+    steps, scores, step_scores, prm_tokens, prm_flops = score_texts(
+        verifier, prompts, [flat_c(texts, p) for p in range(P)], settings=s)
     cands = []
     for p in range(P):
         tx, ix, fx, th = flat_c(texts, p), flat_c(ids, p), flat_c(fins, p), flat_c(thought, p)
