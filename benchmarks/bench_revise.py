@@ -12,7 +12,7 @@ import time
 
 from tts_kernels import bundled
 from tts_kernels.apps.report import write_json
-from tts_kernels.bench.thinking import bootstrap_ci
+from tts_kernels.bench.stats import bootstrap_ci
 from tts_kernels.bundled import arith
 from tts_kernels.search import Settings, run
 

@@ -1,16 +1,23 @@
-"""compute_optimal: never over budget, allocation from allocate_budget, a strategy per level.
+"""compute_optimal: never over budget, exact where it can be, allocation from allocate_budget, the pilot
+kept in every prompt's pick, a strategy per level from a plan or a fitted table; the table's pieces
+(calibration, levels, choice) against what they are defined to do.
 
 ``budget`` is samples per prompt (as for every strategy): ``budget * P`` in all."""
+import json
+
 import pytest
 import torch
 from tiny_models import search_models
 
-from tts_kernels.ops.allocate import allocate_budget
-from tts_kernels.search.compute_optimal import compute_optimal, default_plan
+from tts_kernels.ops.allocate import allocate_budget, expected_coverage
+from tts_kernels.search import Settings, run
+from tts_kernels.search.compute_optimal import (Calibration, OptimalTable, _top_up, calibration_error,
+                                                compute_optimal, default_plan, pilot_features)
+from tts_kernels.search.result import Candidate, select_candidates
 
 pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min)
 
-PROMPTS = ["Q: 1+1?\n", "Q: 2*3?\n", "Q: 9-4?\n", "Q: 7*7?\n"]
+PROMPTS = ["Q: 1+1?\n", "Q: 2*3?\n", "Q: 9-4?\n", "Q: 7*7?\n", "Q: 8/2?\n"]
 KW = dict(max_new_tokens=10, max_step_tokens=8, num_iterations=2, step_delimiter="e", temperature=1.0,
           extract=lambda t: t[:1] or None)  # toy answers: the first character
 P = len(PROMPTS)
@@ -21,35 +28,166 @@ def models():
     return search_models()
 
 
+def _check_pick(res, rules):
+    """Each prediction is its rule's pick over all of the prompt's candidates (pilot and search together)."""
+    for i, rule in enumerate(rules):
+        c, a = select_candidates([res.candidates[i]], rule)
+        assert (res.chosen[i], res.predictions[i]) == (c[0], a[0])
+
+
 @pytest.mark.parametrize("budget", [2, 3, 5, 10])
 def test_never_over_budget_and_allocation_is_optimal(models, budget):
     policy, prm = models
-    res = compute_optimal(policy, prm, PROMPTS, budget=budget, pilot_n=2, levels=2, beam_width=2, seed=1, **KW)
+    res = compute_optimal(policy, prm, PROMPTS, budget=budget, pilot_n=2, levels=2, beam_width=2, seed=1,
+                          strategies=("weighted_best_of_n", "prm_beam_search"), **KW)
     info = res.prompt_info
     assert res.samples <= budget * P
     assert res.samples == 2 * P + sum(r["n"] for r in info)
-    # The Compute record sums the pilot's and every search's records.
-    assert res.compute.prm_tokens > 0
+    assert res.compute.prm_tokens > 0 and res.compute.policy_flops > 0 and res.compute.prm_flops > 0
     assert res.compute.policy_prefill_tokens >= sum(len(policy.encode(p)) for p in PROMPTS)
-    assert res.compute.policy_flops > 0 and res.compute.prm_flops > 0
     p = torch.tensor([r["p"] for r in info], dtype=torch.float64)
-    alloc = allocate_budget(p, budget * P - 8, n_min=0).tolist()
-    for i, (r, a) in enumerate(zip(info, alloc)):
-        plan = default_plan(2, ("best_of_n", "prm_beam_search"), 2)[r["level"]]
-        want = a if plan[0] == "best_of_n" else a - a % plan[1]
-        assert r["n"] == want
-        assert r["strategy"] == (plan[0] if want else "pilot")
-        # The prediction is that of the candidate it names: the pilot's (2 candidates) or its search's.
-        assert len(res.candidates[i]) >= 2
-        if res.chosen[i] is not None:
-            assert res.predictions[i] == res.candidates[i][res.chosen[i]].answer
+    alloc = allocate_budget(p, budget * P - 2 * P, n_min=0).tolist()
+    plan = default_plan(2, ("weighted_best_of_n", "prm_beam_search"), 2)
+    widths = [plan[r["level"]][1] for r in info]
+    want = [a - a % w for a, w in zip(alloc, widths)]
+    _top_up(want, widths, p.tolist(), budget * P - 2 * P - sum(want), None)  # what rounding freed, handed back
+    for i, r in enumerate(info):
+        assert r["n"] == want[i]
+        assert r["strategy"] == (plan[r["level"]][0] if want[i] else "pilot")
+        assert len(res.candidates[i]) >= 2  # the pilot's candidates are always kept
     # Level 0 holds the prompts with the highest estimated success probability.
     easy = [r["p"] for r in info if r["level"] == 0]
     hard = [r["p"] for r in info if r["level"] == 1]
     assert min(easy) >= max(hard)
+    _check_pick(res, ["best" if r["strategy"] == "prm_beam_search" else "weighted" for r in info])
+    # Exact whenever a best-of-N prompt can take the single samples rounding frees.
+    if any(r["level"] == 0 for r in info):
+        assert res.samples == budget * P
 
 
-def test_bad_arguments(models):
+def test_top_up_hands_back_where_coverage_rises_most():
+    p = [0.5, 0.1, 0.0]
+    alloc, widths = [1, 0, 0], [1, 4, 1]
+    left = _top_up(alloc, widths, p, 6, None)
+    assert left == 0 and sum(alloc) == 7
+    # Greedy by marginal coverage per sample, checked step by step against expected_coverage.
+    a2, left2 = [1, 0, 0], 6
+    while left2:
+        gains = []
+        for i in range(3):
+            if widths[i] > left2:
+                gains.append(-1.0)
+                continue
+            nxt = list(a2)
+            nxt[i] += widths[i]
+            gains.append(float(expected_coverage(torch.tensor(p), torch.tensor(nxt)).sum()
+                               - expected_coverage(torch.tensor(p), torch.tensor(a2)).sum()) / widths[i])
+        i = max(range(3), key=lambda k: (gains[k], -k))
+        a2[i] += widths[i]
+        left2 -= widths[i]
+    assert alloc == a2
+    assert _top_up([0, 0], [4, 4], [0.5, 0.5], 3, None) == 3  # nothing fits: left as it is
+    assert _top_up([0, 0], [1, 1], [0.5, 0.5], 3, 1) == 1  # n_max caps each prompt
+
+
+def _table(tmp_path, levels=2, strategy=("weighted_best_of_n", 1), hard=("prm_beam_search", 2)):
+    t = OptimalTable({1: Calibration((1.0, 0.5, 2.0), -1.0), 2: Calibration((0.8, 0.4, 1.0), -0.5)},
+                     edges=(0.6,) if levels == 2 else (), table={2: {0: strategy, 1: hard}, 4: {0: strategy, 1: strategy}},
+                     meta={"verifier": "toy"})
+    path = tmp_path / "table.json"
+    t.save(path)
+    return t, path
+
+
+def test_table_round_trip_choice_and_levels(tmp_path):
+    t, path = _table(tmp_path)
+    back = OptimalTable.load(path)
+    assert back.to_dict() == t.to_dict()
+    assert back.levels == 2
+    assert back.level(torch.tensor([0.9, 0.6, 0.59, 0.0])) == [0, 0, 1, 1]
+    assert back.choose(1, 2) == ("prm_beam_search", 2) and back.choose(1, 3) == ("prm_beam_search", 2)
+    assert back.choose(1, 4) == ("weighted_best_of_n", 1) and back.choose(1, 100) == ("weighted_best_of_n", 1)
+    assert back.choose(1, 1) == ("prm_beam_search", 2)  # below every fitted budget: the smallest one's row
+    assert back.calibration(1).coef == (1.0, 0.5, 2.0) and back.calibration(3).coef == (0.8, 0.4, 1.0)
+    only = back.only("weighted_best_of_n")
+    assert {v for row in only.table.values() for v in row.values()} == {("weighted_best_of_n", 1)}
+    with pytest.raises(ValueError, match="descending"):
+        OptimalTable(t.calibrations, (0.2, 0.5), t.table)
+    with pytest.raises(ValueError, match=r"table\[2\]\[1\]"):
+        OptimalTable(t.calibrations, (0.6,), {2: {0: ("best_of_n", 1)}})
+    with pytest.raises(ValueError, match="calibrations"):
+        OptimalTable({}, (0.6,), t.table)
+
+
+def test_calibration_fit_recovers_a_known_logistic_model():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    coef, b = torch.tensor([1.5, -0.7, 0.3], dtype=torch.float64), -0.4
+    p = torch.sigmoid(x @ coef + b)
+    trials = torch.full((4000,), 16.0, dtype=torch.float64)
+    succ = torch.binomial(trials, p, generator=g)
+    cal = Calibration.fit(x, succ, trials, l2=0.0)
+    torch.testing.assert_close(torch.tensor(cal.coef, dtype=torch.float64), coef, atol=0.06, rtol=0)
+    assert abs(cal.intercept - b) < 0.06
+    # Calibrated on its own data: small error; a constant 0.5 guess is far off for this spread.
+    assert calibration_error(cal.predict(x), succ, trials) < 0.03
+    assert calibration_error(torch.full_like(p, 0.9), succ, trials) > 0.2
+
+
+def test_calibration_error_by_hand():
+    p = torch.tensor([0.05, 0.15, 0.95])
+    succ, trials = torch.tensor([0.0, 4.0, 10.0]), torch.tensor([10.0, 10.0, 10.0])
+    # bins: 0 -> |0.5 - 0| = 0.5, 1 -> |1.5 - 4| = 2.5, 9 -> |9.5 - 10| = 0.5; over 30 trials
+    assert calibration_error(p, succ, trials) == pytest.approx(3.5 / 30)
+
+
+def test_pilot_features():
+    rows = [[Candidate("a", "1", 0.5), Candidate("b", "1", 0.9), Candidate("c", "2", float("nan"))],
+            [Candidate("d", None, 0.2)]]
+    f = pilot_features(rows)
+    lg = lambda v: torch.logit(torch.tensor(v, dtype=torch.float64)).item()  # noqa: E731
+    assert f[0].tolist() == pytest.approx([lg(1.4 / 3), lg(0.9), 2 / 3])
+    assert f[1].tolist() == pytest.approx([lg(0.2), lg(0.2), 0.0])
+
+
+def test_with_a_table_levels_and_strategies_come_from_it(models, tmp_path):
+    policy, prm = models
+    t, path = _table(tmp_path)
+    res = compute_optimal(policy, prm, PROMPTS, budget=3, pilot_n=1, table=path, seed=2, **KW)
+    for r in res.prompt_info:
+        assert r["level"] == t.level(torch.tensor([r["p"]]))[0]
+        if r["n"]:  # chosen by (level, samples): one of the level's rows
+            assert (r["strategy"], r["beam_width"]) in {row[r["level"]] for row in t.table.values()}
+            assert r["n"] % r["beam_width"] == 0
+    assert res.samples <= 3 * P
+    # Settings.optimal_table is what the registered strategy reads; the same result either way.
+    got = run("compute_optimal", policy, prm, PROMPTS, budget=3, seed=2, extract=KW["extract"],
+              settings=Settings(optimal_table=str(path), **{k: v for k, v in KW.items() if k != "extract"}))
+    ref = compute_optimal(policy, prm, PROMPTS, budget=3, table=path, seed=2, **KW)
+    assert got.predictions == ref.predictions and got.samples == ref.samples
+    assert [i["strategy"] for i in got.prompt_info] == [i["strategy"] for i in ref.prompt_info]
+
+
+def test_max_rows_batches_without_changing_the_allocation(models):
+    policy, prm = models
+    a = compute_optimal(policy, prm, PROMPTS, budget=6, pilot_n=2, levels=2, seed=3, **KW)
+    b = compute_optimal(policy, prm, PROMPTS, budget=6, pilot_n=2, levels=2, seed=3, max_rows=4, **KW)
+    # The pilots differ (other batches draw under other seeds) but each run spends exactly what it allocates.
+    for res in (a, b):
+        assert res.samples == 2 * P + sum(r["n"] for r in res.prompt_info) <= 6 * P
+        assert all(len(c) == 2 + r["n"] for c, r in zip(res.candidates, res.prompt_info)
+                   if r["strategy"] in ("pilot", "weighted_best_of_n"))
+    # Per-prompt seeds: batching is invisible.
+    seeds = [11, 12, 13, 14, 15]
+    c = compute_optimal(policy, prm, PROMPTS, budget=6, pilot_n=2, levels=2, seed=seeds, **KW)
+    d = compute_optimal(policy, prm, PROMPTS, budget=6, pilot_n=2, levels=2, seed=seeds, max_rows=4, **KW)
+    assert c.predictions == d.predictions
+    assert [(r["level"], r["strategy"], r["n"]) for r in c.prompt_info] == \
+        [(r["level"], r["strategy"], r["n"]) for r in d.prompt_info]
+    assert [[x.text for x in row] for row in c.candidates] == [[x.text for x in row] for row in d.candidates]
+
+
+def test_bad_arguments(models, tmp_path):
     policy, prm = models
     with pytest.raises(ValueError, match="below the pilot"):
         compute_optimal(policy, prm, PROMPTS, budget=1, pilot_n=2, **KW)
@@ -59,3 +197,11 @@ def test_bad_arguments(models):
         compute_optimal(policy, prm, PROMPTS, budget=5, pilot_n=2, levels=2, plan={0: ("best_of_n", 1)}, **KW)
     with pytest.raises(ValueError, match="needs a verifier"):
         compute_optimal(policy, None, PROMPTS, budget=5, **KW)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"calibrations": {}}))
+    with pytest.raises(ValueError, match="table: cannot read"):
+        compute_optimal(policy, prm, PROMPTS, budget=5, table=bad, **KW)
+    with pytest.raises(ValueError, match="max_rows"):
+        Settings(max_rows=-1)
+    with pytest.raises(ValueError, match="optimal_table"):
+        Settings(optimal_table=3)

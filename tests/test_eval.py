@@ -180,16 +180,16 @@ def test_changed_config_is_refused(reference, tmp_path, capsys):
                             for p in bundled.test_problems(6)))
     assert run_here(out, "--data", str(data)) == 2
     assert "dataset.sha256" in capsys.readouterr().err
-    assert run_here(out, "--verifier", "prm") == 2
+    assert run_here(out, "--verifier", "likelihood") == 2  # the same head, another folder
     err = capsys.readouterr().err
-    assert "prm_head: 'likelihood' in" in err and "prm_sha256" in err
+    assert "prm_sha256" in err
     assert run_here(out, "--vote-key", "math") == 2
     assert "settings.vote_key: 'normalized' in" in capsys.readouterr().err
     assert run_here(out, "--recipe", "sal") == 2  # a recipe is its settings (and its name)
     err = capsys.readouterr().err
     assert "settings.num_iterations: 8 in" in err and "40 now" in err and "recipe: '<absent>' in" in err
     with pytest.raises(SystemExit, match="--verifier prm"):  # the likelihood verifier is no published PRM
-        run_here(out, "--verifier-preset", "auto")
+        run_here(out, "--verifier", "likelihood", "--verifier-preset", "auto")
     assert (out / "results.jsonl").read_text() == before  # nothing mixed in
 
     # A folder written before a search setting existed: that setting at its default is no change.
@@ -278,13 +278,15 @@ def test_skip_bad_and_prm_beam_search(tmp_path, capsys):
 
 
 def test_verifier_choice(reference, tmp_path):
-    # The default (as in demo) is policy-large's likelihood; --verifier prm is the trained classifier PRM.
+    # The default (as in demo) is the trained PRM (a causal LM read as a likelihood); --verifier likelihood
+    # is policy-large's own likelihood.
     cfg = json.loads((reference / "config.json").read_text())
-    assert cfg["prm_head"] == "likelihood" and cfg["info"]["prm"].endswith("policy-large")
+    assert cfg["prm_head"] == "likelihood" and cfg["info"]["prm"].endswith("prm")
     out = tmp_path / "out"
-    assert run_here(out, "--verifier", "prm", "--strategies", "best_of_n", "--budgets", "2", "--limit", "2") == 0
+    assert run_here(out, "--verifier", "likelihood", "--strategies", "best_of_n", "--budgets", "2", "--limit",
+                    "2") == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["prm_head"] == "classifier" and cfg["info"]["prm"].endswith("prm")
+    assert cfg["prm_head"] == "likelihood" and cfg["info"]["prm"].endswith("policy-large")
     recs = lines(out / "results.jsonl")
     assert len(recs) == 2 and all(r["prm_flops"] > 0 and 0 <= min(r["scores"]) <= 1 for r in recs)
 

@@ -80,14 +80,14 @@ def test_step_search_beam_width_follows_the_budget(models):
 def test_allocating_strategies(models, name):
     policy, prm = models
     got = run(name, policy, prm, PROMPTS, budget=8, settings=S, seed=1, extract=extract)
-    strategies = ("best_of_n",) if name == "adaptive_best_of_n" else ("best_of_n", "prm_beam_search")
+    strategies = ("weighted_best_of_n",) if name == "adaptive_best_of_n" else ("weighted_best_of_n", "prm_beam_search")
     ref = compute_optimal(policy, prm, PROMPTS, budget=8, pilot_n=2, strategies=strategies, settings=S, seed=1,
                           extract=extract)
     assert got.predictions == ref.predictions
     assert got.samples == ref.samples <= 8 * len(PROMPTS)
     assert [i["strategy"] for i in got.prompt_info] == [i["strategy"] for i in ref.prompt_info]
     if name == "adaptive_best_of_n":
-        assert {i["strategy"] for i in got.prompt_info} <= {"best_of_n", "pilot"}
+        assert {i["strategy"] for i in got.prompt_info} <= {"weighted_best_of_n", "pilot"}
 
 
 def test_a_registered_strategy_runs_like_a_built_in(models):

@@ -80,8 +80,9 @@ def findings(rows: list[dict], verifier: str = "prm") -> list[str]:
             out.append(f"small policy + search does NOT reach the large policy's greedy accuracy "
                        f"({large['accuracy']:.3f}); best is {best['strategy']} at budget {best['budget']} "
                        f"({best['accuracy']:.3f})")
-    for opt, uniform in (("compute_optimal", "weighted_best_of_n"), ("adaptive_best_of_n", "weighted_best_of_n"),
-                         ("compute_optimal", "prm_beam_search")):
+    out += [f for f in (_versus_majority(by, budgets), _optimal_versus_uniform(by, budgets),
+                        _efficiency(by, budgets)) if f]
+    for opt, uniform in (("adaptive_best_of_n", "weighted_best_of_n"),):
         pairs = [(b, by[("small", opt, b)], by[("small", uniform, b)]) for b in budgets
                  if ("small", opt, b) in by and ("small", uniform, b) in by and b > 1]
         if pairs:
@@ -90,9 +91,63 @@ def findings(rows: list[dict], verifier: str = "prm") -> list[str]:
             detail = ", ".join(f"N={b}: {o['accuracy']:.3f} vs {u['accuracy']:.3f} "
                                f"({o['flops_per_problem'] / max(u['flops_per_problem'], 1):.2f}x the FLOPs)"
                                for b, o, u in pairs)
-            out.append(f"{opt} vs uniform {uniform} at equal sample budget: better at {wins}, equal at {ties}, "
-                       f"worse at {len(pairs) - wins - ties} of {len(pairs)} budgets ({detail})")
+            out.append(f"{opt} (allocation alone) vs uniform {uniform} at equal sample budget: better at {wins}, "
+                       f"equal at {ties}, worse at {len(pairs) - wins - ties} of {len(pairs)} budgets ({detail})")
     return out
+
+
+def _uniform(by, b):
+    """The uniform searches of the small policy at budget ``b`` (every strategy that does not pool its budget)."""
+    return [r for (m, s, bb), r in by.items() if m == "small" and bb == b and s != "greedy" and s in STRATEGIES
+            and not STRATEGIES[s].pooled]
+
+
+def _versus_majority(by, budgets) -> str | None:
+    parts = []
+    for b in budgets:
+        maj = by.get(("small", "majority", b))
+        guided = [r for (m, s, bb), r in by.items() if m == "small" and bb == b and s in STRATEGIES
+                  and STRATEGIES[s].needs_verifier]
+        if maj is None or not guided or b == 1:
+            continue
+        above = [r for r in guided if r["accuracy"] > maj["accuracy"]]
+        parts.append(f"N={b}: {len(above)} of {len(guided)} above majority {maj['accuracy']:.3f}"
+                     + (f" (best {max(guided, key=lambda r: r['accuracy'])['strategy']} "
+                        f"{max(r['accuracy'] for r in guided):.3f})"))
+    return "verifier-guided searches vs majority voting at equal budget: " + "; ".join(parts) if parts else None
+
+
+def _optimal_versus_uniform(by, budgets) -> str | None:
+    from ..bench.stats import paired_bootstrap_ci
+
+    parts = []
+    for b in budgets:
+        opt = by.get(("small", "compute_optimal", b))
+        uni = _uniform(by, b)
+        if opt is None or not uni or "outcomes" not in opt:
+            continue
+        best = max(uni, key=lambda r: r["accuracy"])
+        lo, hi = paired_bootstrap_ci(opt["outcomes"], best["outcomes"])
+        verdict = "better" if lo > 0 else ("worse" if hi < 0 else "level within the interval")
+        parts.append(f"N={b}: {opt['accuracy']:.3f} vs {best['strategy']} {best['accuracy']:.3f}, difference "
+                     f"{opt['accuracy'] - best['accuracy']:+.3f} [95% {lo:+.3f}, {hi:+.3f}]: {verdict}")
+    return "compute_optimal vs the best uniform strategy at each budget: " + "; ".join(parts) if parts else None
+
+
+def _efficiency(by, budgets) -> str | None:
+    top = max(budgets)
+    ref = by.get(("small", "best_of_n", top))
+    opts = [by[("small", "compute_optimal", b)] for b in budgets if ("small", "compute_optimal", b) in by]
+    if ref is None or not opts:
+        return None
+    reach = [r for r in opts if r["accuracy"] >= ref["accuracy"]]
+    if not reach:
+        return (f"efficiency: compute_optimal does not reach uniform best_of_n@{top}'s accuracy "
+                f"({ref['accuracy']:.3f}) at any budget run (best {max(r['accuracy'] for r in opts):.3f})")
+    r = min(reach, key=lambda r: r["budget"])
+    return (f"efficiency: compute_optimal reaches uniform best_of_n@{top}'s accuracy ({ref['accuracy']:.3f}) at "
+            f"budget {r['budget']} ({r['accuracy']:.3f}) with {ref['flops_per_problem'] / r['flops_per_problem']:.2f}x "
+            f"less compute ({r['flops_per_problem'] / 1e6:.1f} vs {ref['flops_per_problem'] / 1e6:.1f} MFLOP/problem)")
 
 
 VERIFIER_TITLES = {"likelihood": "policy-large likelihood as verifier", "prm": "bundled PRM"}
@@ -107,7 +162,13 @@ def plot(rows: list[dict], path: Path, verifier: str = "likelihood") -> None:
 
 def run_chunked(names, policy, verifier, prompts, budget, *, settings, seed: int, chunk_size: int) -> dict:
     """``run_together`` over ``prompts`` in chunks of ``chunk_size`` (chunk ``c`` with seed ``seed + 7919 c``):
-    per strategy, ``{"predictions", "answers", "scores", "info", "samples", "compute"}`` merged over chunks."""
+    per strategy, ``{"predictions", "answers", "scores", "info", "samples", "compute"}`` merged over chunks.
+    Strategies that pool their budget over the prompts (``compute_optimal``) run once over all of them,
+    their sub-searches in batches of at most ``chunk_size * budget`` rows (``Settings.max_rows``)."""
+    pooled = all(STRATEGIES[n].pooled for n in names)
+    if pooled:
+        settings = settings.replace(max_rows=chunk_size * budget)
+        chunk_size = len(prompts)
     merged: dict[str, dict] = {}
     for c, i in enumerate(range(0, len(prompts), chunk_size)):
         got = run_together(names, policy, verifier, prompts[i: i + chunk_size], budget=budget, settings=settings,
@@ -127,9 +188,29 @@ def run_chunked(names, policy, verifier, prompts, budget, *, settings, seed: int
 def _groups(strategies: list[str]) -> list[list[str]]:
     """Strategies that share work (one registry group) run, and are timed, together."""
     out: dict = {}
-    for name in strategies:
+    for name in strategies:  # a pooled strategy runs alone (over every prompt at once)
         out.setdefault(STRATEGIES[name].group or name, []).append(name)
     return list(out.values())
+
+
+def print_table_summary(table, verifier: str) -> None:
+    """The compute-optimal table the run uses (fitted by ``python -m tts_kernels.bundled.fit_optimal``)."""
+    if table is None:
+        print(f"compute_optimal: no fitted table for verifier {verifier!r}: uncalibrated difficulty, fixed plan")
+        return
+    meta = table.meta
+    ece = meta.get("calibration_error", {})
+    print(f"compute_optimal table (validation split: {meta.get('validation', {}).get('problems')} train-distribution "
+          f"problems; refit: python -m tts_kernels.bundled.fit_optimal):")
+    print("  calibration (Platt) error, held-out: "
+          + ", ".join(f"pilot {k}: {v['heldout']:.3f}" for k, v in sorted(ece.items(), key=lambda x: int(x[0]))))
+    print(f"  level edges (calibrated p, level 0 easiest): {', '.join(f'{e:.3f}' for e in table.edges)}")
+    for b in sorted(table.table):
+        ch = meta.get("strategy_choice", {}).get(str(b), {})
+        cv = ch.get("cv_accuracy", {})
+        row = ", ".join(f"L{lv} {st}/{w}" for lv, (st, w) in sorted(table.table[b].items()))
+        print(f"  budget {b}: {row}" + (f"  ({ch.get('kept')}; cross-validated accuracy per-level "
+                                        f"{cv['per_level']:.3f}, single {cv['single']:.3f})" if cv else ""))
 
 
 def thinking_section(args, device) -> list[dict]:
@@ -188,9 +269,12 @@ def main(args) -> int:
     small = bundled.load_policy("small", device=device, root=args.models)
     large = bundled.load_policy("large", device=device, root=args.models)
     prm = bundled.load_verifier(args.verifier, device=device, root=args.models)
-    settings = Settings()
+    table = bundled.optimal_table(args.verifier, args.models)
+    settings = Settings(optimal_table=None if table is None else str(bundled.optimal_table_path(args.models)))
     print(f"tts-kernels demo: {len(problems)} held-out problems, budgets {budgets}, verifier {args.verifier}, "
           f"device {device}, threads {torch.get_num_threads()}", flush=True)
+    if any(STRATEGIES[n].pooled for n in strategies):
+        print_table_summary(table, args.verifier)
 
     plan = [("small", ["greedy"], 1), ("large", ["greedy"], 1)]
     # Strategies of one group (majority, best_of_n, weighted_best_of_n) share one run and its time.
@@ -206,17 +290,18 @@ def main(args) -> int:
                               chunk_size=args.chunk_size)
             seconds = time.perf_counter() - t0  # a shared run's time is each of its strategies' time
             for name, run in got.items():
-                correct = 0
+                outcomes = []
                 for i, p in enumerate(problems):
                     ok = arith.grade(run["predictions"][i], p)
-                    correct += ok
+                    outcomes.append(ok)
                     info = run["info"][i]
                     jf.write(json.dumps({"id": p.id, "level": p.level, "model": model, "strategy": name,
                                          "budget": budget, "prediction": run["predictions"][i], "answer": p.answer,
                                          "correct": ok, "answers": run["answers"][i],
                                          "scores": [None if math.isnan(s) else round(s, 5) for s in run["scores"][i]],
                                          **({"info": info} if info else {})}) + "\n")
-                runs.append({"model": model, "strategy": name, "budget": budget, "correct": correct,
+                runs.append({"model": model, "strategy": name, "budget": budget, "correct": sum(outcomes),
+                             "outcomes": outcomes,
                              "samples": run["samples"], "compute": run["compute"].__dict__, "seconds": seconds})
                 bar.update(1)
     rows = summarize(runs, len(problems))

@@ -1,13 +1,13 @@
 """`tts-kernels eval`: strategies at several budgets over a problem set, sharded over ranks, resumable.
 
     tts-kernels eval --out DIR [--data FILE.jsonl] [--strategies weighted_best_of_n] [--budgets 1,4,16]
-                     [--verifier likelihood|prm] [--policy PATH] [--verifier-model PATH] [--limit K] [--seed S]
+                     [--verifier prm|likelihood] [--policy PATH] [--verifier-model PATH] [--limit K] [--seed S]
                      [--device cpu|cuda] ...
     torchrun --nproc_per_node N -m tts_kernels eval --out DIR ...
 
 Without ``--data`` it runs the first 100 bundled held-out arithmetic problems (``--limit K``: the
 first K) with the bundled small policy and the verifier ``--verifier`` names (as in ``demo``:
-``likelihood``, the default, or ``prm``; ``--verifier-model`` points it at another folder). With
+``prm``, the default, or ``likelihood``; ``--verifier-model`` points it at another folder). With
 several nodes, ``--out`` must be on a filesystem every node sees (rank 0 merges all ranks' part
 files). Datasets: :mod:`tts_kernels.apps.eval_data`; graders: :mod:`tts_kernels.apps.grading`.
 
@@ -94,8 +94,10 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(hashlib.sha256(f"tts-eval/{seed}/{chunk}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-# --verifier name -> the HFPRM head it uses, and the bundled folder it reads by default.
-VERIFIER_HEADS = {"likelihood": ("likelihood", "policy-large"), "prm": ("classifier", "prm")}
+# --verifier name -> the bundled folder it reads by default. ``likelihood`` reads its folder as a causal LM's
+# likelihood; ``prm`` by what the folder holds (bundled.verifier_head: the bundled PRM, a causal LM, as a
+# likelihood; a token classifier as a 2-label step classifier).
+VERIFIER_FOLDERS = {"likelihood": "policy-large", "prm": "prm"}
 
 
 def add_arguments(ap) -> None:
@@ -107,7 +109,8 @@ def add_arguments(ap) -> None:
     add_verifier_argument(ap)
     ap.add_argument("--verifier-model", "--prm", dest="verifier_model", default=None,
                     help="verifier model folder: a causal LM for --verifier likelihood (default: the bundled "
-                         "policy-large), a 2-label token classifier for --verifier prm (default: the bundled prm)")
+                         "policy-large); for --verifier prm a causal LM read as a likelihood PRM (default: the "
+                         "bundled prm) or a 2-label token classifier")
     ap.add_argument("--verifier-preset", default=None, choices=("auto",) + PRESETS,
                     help="read --verifier-model as a published PRM in its own input format (auto: detect it); "
                          "with --verifier prm")
@@ -355,12 +358,13 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     except (ValueError, ImportError) as exc:
         raise SystemExit(f"--grader: {exc}") from None
     policy_path = Path(args.policy) if args.policy else bundled.path("policy-small")
-    prm_head, default_folder = VERIFIER_HEADS[args.verifier]
+    default_folder = VERIFIER_FOLDERS[args.verifier]
     prm_path = (Path(args.verifier_model) if args.verifier_model else bundled.path(default_folder)) if needs_prm \
         else None
     for p in (policy_path, prm_path):
         if p is not None and not (p / "config.json").is_file():
             raise FileNotFoundError(f"no model folder (config.json) at {p}")
+    prm_head = "likelihood" if args.verifier == "likelihood" or prm_path is None else bundled.verifier_head(prm_path)
     if args.verifier_preset and args.verifier != "prm":
         raise SystemExit("--verifier-preset reads a trained PRM: use it with --verifier prm")
     settings = Settings.recipe(args.recipe, vote_key=args.vote_key) if args.recipe else Settings(vote_key=args.vote_key)

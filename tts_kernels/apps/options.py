@@ -4,9 +4,10 @@ from __future__ import annotations
 from ..bundled import VERIFIERS
 from ..search import STRATEGIES
 
-DEFAULT_VERIFIER = "likelihood"
-VERIFIER_HELP = ("what scores steps: 'likelihood' (the bundled policy-large's likelihood of each step's prefix: a "
-                 "larger model judging; default) or 'prm' (the bundled trained PRM, a 2-class step classifier)")
+DEFAULT_VERIFIER = "prm"
+VERIFIER_HELP = ("what scores steps: 'prm' (the bundled trained PRM: policy-large trained further on the small "
+                 "policy's own mistakes, read as a likelihood of each step's prefix; default) or 'likelihood' "
+                 "(policy-large's likelihood untrained as a verifier: a larger model judging)")
 
 
 def search_strategies() -> list[str]:

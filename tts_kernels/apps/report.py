@@ -50,11 +50,17 @@ def machine_info() -> dict:
 
 
 def summarize(runs: list[dict], problems: int) -> list[dict]:
-    """One row per (model, strategy, budget): accuracy and compute per problem."""
+    """One row per (model, strategy, budget): accuracy and compute per problem; with a run's per-problem
+    ``outcomes`` also their 95% bootstrap interval (``ci95``) and the outcomes themselves."""
+    from ..bench.stats import bootstrap_ci
+
     rows = []
     for r in runs:
         c = r["compute"]
-        rows.append({"model": r["model"], "strategy": r["strategy"], "budget": r["budget"],
+        extra = {}
+        if r.get("outcomes") is not None:
+            extra = {"ci95": list(bootstrap_ci(r["outcomes"])), "outcomes": list(r["outcomes"])}
+        rows.append({**extra, "model": r["model"], "strategy": r["strategy"], "budget": r["budget"],
                      "accuracy": r["correct"] / problems, "correct": r["correct"], "problems": problems,
                      "samples_per_problem": r["samples"] / problems,
                      "policy_tokens_per_problem": (c["policy_prefill_tokens"] + c["policy_generated_tokens"]) / problems,
@@ -64,10 +70,15 @@ def summarize(runs: list[dict], problems: int) -> list[dict]:
 
 
 def print_summary(rows: list[dict], file=sys.stdout) -> None:
-    head = ["policy", "strategy", "budget", "accuracy", "samples/prob", "policy tok/prob", "PRM tok/prob",
-            "MFLOP/prob", "seconds"]
+    ci = any("ci95" in r for r in rows)
+    head = ["policy", "strategy", "budget", "accuracy"] + (["95% interval"] if ci else []) + [
+        "samples/prob", "policy tok/prob", "PRM tok/prob", "MFLOP/prob", "seconds"]
+
+    def interval(r):
+        return [f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}" if "ci95" in r else "-"] if ci else []
+
     cells = [head] + [[r["model"], r["strategy"], str(r["budget"]), f"{r['accuracy']:.3f} ({r['correct']}/{r['problems']})",
-                       f"{r['samples_per_problem']:.1f}", f"{r['policy_tokens_per_problem']:.0f}",
+                       *interval(r), f"{r['samples_per_problem']:.1f}", f"{r['policy_tokens_per_problem']:.0f}",
                        f"{r['prm_tokens_per_problem']:.0f}", f"{r['flops_per_problem'] / 1e6:.1f}",
                        f"{r['seconds']:.1f}"] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]

@@ -17,6 +17,7 @@ import torch
 
 from ..ops.sample import sample
 from ..ops.thinking import NO_LIMIT, ThinkingRule, ThinkingState, thinking_logits, thinking_update
+from .stats import bootstrap_ci
 from .timing import compare
 
 
@@ -50,16 +51,6 @@ def op_rows(device="cpu", quick=False, rounds=5) -> list[dict]:
         out.append({"rows": R, "vocab": V, "plain_ms": res["peer_ms"], "ruled_ms": res["ours_ms"],
                     "overhead": res["ours_ms"] / res["peer_ms"]})
     return out
-
-
-def bootstrap_ci(correct: list[bool], *, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``correct`` (problems resampled)."""
-    import random
-
-    rng = random.Random(seed)
-    n = len(correct)
-    means = sorted(sum(correct[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def thinking_curve(problems: int = 200, mins=(0, 32, 64, 128, 256), best_of=(1, 2, 4, 8), combined=((4, 64),),

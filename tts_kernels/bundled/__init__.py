@@ -57,30 +57,45 @@ def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.flo
     return HFPolicy(model, load_tokenizer(f"policy-{size}", root))
 
 
-def load_prm(*, device="cpu", root=None, dtype=torch.float32):
-    """An :class:`~tts_kernels.models.HFPRM` (2-class token classifier read at each step's last token).
+def verifier_head(folder: str | Path) -> str:
+    """How a verifier folder is read: ``"likelihood"`` for a causal LM (the bundled PRM), ``"classifier"``
+    for a token classifier (a 2-label step classifier), from its ``config.json``."""
+    import json
 
-    Known defect: it ranks right and wrong answers about at random; :func:`load_verifier` ``("likelihood")``
-    is the verifier that works."""
-    from transformers import AutoModelForTokenClassification
+    arch = (json.loads((Path(folder) / "config.json").read_text()).get("architectures") or [""])[0]
+    return "likelihood" if arch.endswith("ForCausalLM") else "classifier"
+
+
+def load_prm(*, device="cpu", root=None, dtype=torch.float32):
+    """The trained PRM as an :class:`~tts_kernels.models.HFPRM`.
+
+    The bundled one is a causal LM (policy-large trained further on the small policy's own samples: their
+    right tokens as targets, and at each sample's first wrong token the right one as target and the wrong
+    one made unlikely; :mod:`.train`); a step scores ``exp`` of the lowest token log-probability of its
+    prefix (``head="likelihood"``, ``reduce="min"``). A folder holding a token classifier is read as one
+    (``head="classifier"``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     from ..models.prm import HFPRM
 
     p = path("prm", root)
-    model = AutoModelForTokenClassification.from_pretrained(p, dtype=dtype).to(device).eval()
-    return HFPRM(model, load_tokenizer("prm", root), head="classifier", step_delimiter=arith.STEP_DELIMITER)
+    head = verifier_head(p)
+    auto = AutoModelForCausalLM if head == "likelihood" else AutoModelForTokenClassification
+    model = auto.from_pretrained(p, dtype=dtype).to(device).eval()
+    kw = {"reduce": "min"} if head == "likelihood" else {}
+    return HFPRM(model, load_tokenizer("prm", root), head=head, step_delimiter=arith.STEP_DELIMITER, **kw)
 
 
-VERIFIERS = ("likelihood", "prm")
+VERIFIERS = ("prm", "likelihood")
 
 
-def load_verifier(kind: str = "likelihood", *, device="cpu", root=None, dtype=torch.float32, reduce: str = "min"):
+def load_verifier(kind: str = "prm", *, device="cpu", root=None, dtype=torch.float32, reduce: str = "min"):
     """The step verifier a search uses, as an :class:`~tts_kernels.models.HFPRM`.
 
     * ``"prm"``: the trained PRM (:func:`load_prm`);
-    * ``"likelihood"``: policy-large reading the steps: a step scores ``exp`` of the ``reduce``
-      (``"min"``/``"mean"``/``"sum"``) of its prefix's token log-probabilities (``head="likelihood"``).
-      No training beyond the policy's: a stronger model's surprise at a weaker one's steps.
+    * ``"likelihood"``: policy-large reading the steps, untrained as a verifier: a step scores ``exp`` of
+      the ``reduce`` (``"min"``/``"mean"``/``"sum"``) of its prefix's token log-probabilities
+      (``head="likelihood"``): a larger model judging a smaller one's steps.
     """
     if kind == "prm":
         return load_prm(device=device, root=root, dtype=dtype)
@@ -90,6 +105,24 @@ def load_verifier(kind: str = "likelihood", *, device="cpu", root=None, dtype=to
 
     large = load_policy("large", device=device, root=root, dtype=dtype)
     return HFPRM(large.model, large.tokenizer, head="likelihood", reduce=reduce, step_delimiter=arith.STEP_DELIMITER)
+
+
+def optimal_table_path(root=None) -> Path:
+    """Where the fitted compute-optimal table of the bundled models lives (:mod:`.fit_optimal`)."""
+    return Path(root or ROOT) / "compute_optimal.json"
+
+
+def optimal_table(verifier: str = "prm", root=None):
+    """The fitted :class:`~tts_kernels.search.compute_optimal.OptimalTable` for ``verifier``, or ``None``
+    when there is none (no file, or one fitted with another verifier: its calibration reads that one's
+    scores)."""
+    from ..search.compute_optimal import OptimalTable
+
+    p = optimal_table_path(root)
+    if not p.is_file():
+        return None
+    table = OptimalTable.load(p)
+    return table if table.meta.get("verifier") == verifier else None
 
 
 def test_problems(n: int = 100, *, seed: int = TEST_SEED, levels=tuple(arith.LEVELS)) -> list[arith.Problem]:

@@ -1,6 +1,6 @@
 """Train the bundled models: ``python -m tts_kernels.bundled.train [--out DIR] [--seed 0]``.
 
-Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--help``):
+Builds, in order (about 30 minutes on 2 CPU cores with the defaults; see ``--help``):
 
 1. **Tokenizer**: byte-level BPE (``tokenizers``) on generated problems, digits kept one
    per token, a blank line always one token; saved as a transformers fast tokenizer
@@ -15,14 +15,15 @@ Builds, in order (about 15 minutes on 2 CPU cores with the defaults; see ``--hel
    first (:func:`~tts_kernels.bundled.arith.thinking_solution`: equations with slips, sometimes a
    ``Wait`` and a check pass that finds and fixes the first slip, then the clean answer; the slips
    themselves get no loss). ``--think-only`` trains just this one from the saved policy-small.
-4. **prm**: a Llama token classifier (2 classes) initialised from policy-large's
-   transformer, trained at step ends on solutions *sampled* from policy-small (with
-   ``tts_kernels``' own batched sampler) plus reference solutions, each step labelled
-   automatically by :func:`~tts_kernels.bundled.arith.check_steps` (Math-Shepherd style:
-   good iff the prefix can still reach the right answer), never by hand. Known defect: it
-   learns little more than the label base rate (it ranks the small policy's right and wrong
-   answers about at random), so the demo's default verifier is policy-large's likelihood
-   (``bundled.load_verifier``); ``benchmarks/RESULTS.md`` lists what was tried.
+4. **prm**: a verifier that continues policy-large as a causal LM (same shape, initialised from it),
+   trained further on solutions *sampled* from policy-small (``tts_kernels``' own batched sampler) plus
+   reference solutions: a sample's tokens are targets up to its first token that leaves the reference
+   solution; there the reference's token is the target and the sample's token gets an unlikelihood term
+   (``-log(1 - p)``); nothing after it is trained (:func:`verifier_example`). It reads steps as the
+   likelihood verifier does (a step scores ``exp`` of the lowest token log-probability of its prefix;
+   ``bundled.load_prm``), so it is a process verifier trained on the small policy's own mistakes:
+   labels come from the reference solution, never by hand. (Token classifiers trained on step labels
+   did not learn to check arithmetic in these budgets; ``benchmarks/RESULTS.md`` lists what was tried.)
 
 Each folder holds ``config.json``, ``model.safetensors`` (weights stored in bfloat16:
 ``from_pretrained(..., dtype=torch.float32)`` widens them), the tokenizer files and a
@@ -95,18 +96,6 @@ def policy_example(tokenizer, problem) -> tuple[list[int], list[int]]:
     return ids, [-100] * len(prompt) + sol
 
 
-def prm_example(tokenizer, prompt: str, steps: list[str], labels: list[bool]) -> tuple[list[int], list[int]]:
-    """PRM input as :class:`~tts_kernels.models.HFPRM` builds it (prompt with BOS, each step tokenized
-    alone) with each step's label at its last token."""
-    ids = tokenizer(prompt).input_ids
-    targets = [-100] * len(ids)
-    for step, good in zip(steps, labels):
-        s = tokenizer(step, add_special_tokens=False).input_ids
-        ids += s
-        targets += [-100] * (len(s) - 1) + [int(good)]
-    return ids, targets
-
-
 THINK_TOKENS = ("<think>", arith.THINK_END)  # added to the shared tokenizer for policy-think
 THINK_POSITIONS = 640
 THINK_TRAIN_LEN = 300  # training examples longer than this (a few level-5 ones with two check passes) are left out
@@ -151,39 +140,55 @@ def train_think(small, tokenizer, problems, *, steps: int, batch_size: int, lr: 
     return model, tok, loss
 
 
-def corrupted_solution(problem, rng: random.Random) -> list[str]:
-    """A reference solution with one slip (a result or an operand off by 1-3) whose later steps
-    carry on correctly from the wrong value: the error a PRM must catch where it happens."""
-    k = rng.randrange(len(problem.ops))
-    v, steps = problem.start, []
-    for i, (sign, n) in enumerate(problem.ops):
-        a = v
-        if i == k and rng.random() < 0.5:
-            n = n + rng.choice((-1, 1)) * rng.randint(1, 3) if n > 3 else n + rng.randint(1, 3)
-        v = a + n if sign == "+" else a - n
-        if i == k and n == problem.ops[i][1]:
-            v += rng.choice((-1, 1)) * rng.randint(1, 3)
-        steps.append(f"{a} {sign} {n} = {v}")
-    steps.append(f"The answer is {v}")
-    return [s + arith.STEP_DELIMITER for s in steps[:-1]] + [steps[-1]]
+def verifier_example(tokenizer, problem, text: str) -> tuple[list[int], list[int], list[int]]:
+    """A sampled solution as a likelihood verifier reads it (prompt with BOS, each step tokenized alone, as
+    :class:`~tts_kernels.models.HFPRM` feeds a causal LM), with ``(ids, targets, wrong)``: ``targets`` are the
+    sample's own tokens up to its first token that leaves the reference solution, where the target is the
+    reference's token instead (the correction) and ``wrong`` holds the sample's token (to be made unlikely);
+    the example ends there (nothing after it is trained). A sample that stays on the reference is all
+    targets."""
+    def encode(steps):
+        ids = tokenizer(problem.prompt).input_ids
+        n = len(ids)
+        if steps:
+            for t in tokenizer(steps, add_special_tokens=False).input_ids:
+                ids = ids + t
+        return ids, n
+
+    ids, n = encode(split_steps(text, arith.STEP_DELIMITER))
+    ref, _ = encode(split_steps(problem.solution, arith.STEP_DELIMITER))
+    ref = ref + [tokenizer.eos_token_id]
+    targets, wrong = [-100] * n + ids[n:], [-100] * len(ids)
+    for t in range(n, len(ids)):
+        if ids[t] != ref[t]:
+            targets[t], wrong[t] = ref[t], ids[t]
+            # Cut after it: nothing later is trained, and a causal LM's earlier positions never see it.
+            return ids[: t + 1], targets[: t + 1], wrong[: t + 1]
+    return ids, targets, wrong
 
 
 def _batch(examples, pad_id):
-    width = max(len(ids) for ids, _ in examples)
+    width = max(len(e[0]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     tgt = torch.full((len(examples), width), -100, dtype=torch.long)
+    wrong = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
+    for i, e in enumerate(examples):
+        x, y = e[0], e[1]
         ids[i, : len(x)] = torch.tensor(x)
         tgt[i, : len(y)] = torch.tensor(y)
+        if len(e) > 2:
+            wrong[i, : len(e[2])] = torch.tensor(e[2])
         mask[i, : len(x)] = 1
-    return ids, tgt, mask
+    return ids, tgt, wrong, mask
 
 
 def train_loop(model, examples, *, steps: int, batch_size: int, lr: float, pad_id: int, seed: int, causal: bool,
-               log_every: int = 50, desc: str = "") -> float:
+               log_every: int = 50, desc: str = "", unlikelihood: float = 0.0) -> float:
     """AdamW, linear warm-up then cosine decay; returns the mean loss of the last ``log_every`` steps.
-    Causal LMs predict ``targets[t + 1]`` from position ``t`` (targets are aligned with the ids)."""
+    Causal LMs predict ``targets[t + 1]`` from position ``t`` (targets are aligned with the ids).
+    Examples are ``(ids, targets)`` or ``(ids, targets, wrong)``: with ``unlikelihood > 0`` each ``wrong``
+    token adds ``unlikelihood * -log(1 - p(wrong))`` (per wrong token, over the batch's target tokens)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
@@ -192,12 +197,18 @@ def train_loop(model, examples, *, steps: int, batch_size: int, lr: float, pad_i
     model.train()
     recent, t0 = [], time.perf_counter()
     for step in range(steps):
-        ids, tgt, mask = _batch(rng.sample(examples, batch_size), pad_id)
+        ids, tgt, wrong, mask = _batch(rng.sample(examples, batch_size), pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits
         if causal:
-            logits, tgt = logits[:, :-1], tgt[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+            logits, tgt, wrong = logits[:, :-1], tgt[:, 1:], wrong[:, 1:]
+        logits = logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                  ignore_index=-100)
+        if unlikelihood > 0 and bool((wrong >= 0).any()):
+            at = wrong >= 0
+            lp = logits[at].log_softmax(-1).gather(-1, wrong[at][:, None]).squeeze(-1)
+            ul = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6))
+            loss = loss + unlikelihood * ul.sum() / (tgt >= 0).sum().clamp(min=1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -220,28 +231,21 @@ def save(model, tokenizer, path: Path, info: dict) -> None:
 
 
 @torch.no_grad()
-def sampled_prm_data(policy_model, tokenizer, problems, *, samples: int, temperature: float, seed: int,
-                     max_new_tokens: int):
-    """PRM examples from ``samples`` sampled solutions per problem, labelled by ``check_steps``."""
+def sampled_verifier_data(policy_model, tokenizer, problems, *, samples: int, temperature: float, seed: int,
+                          max_new_tokens: int):
+    """:func:`verifier_example` of ``samples`` sampled solutions per problem (``tts_kernels``' own batched
+    sampler), and the share of them that leave the reference somewhere."""
     from ..models.policy import HFPolicy
 
     policy = HFPolicy(policy_model, tokenizer)
-    out, good, total = [], 0, 0
+    out = []
     chunk = 64
     for i in range(0, len(problems), chunk):
         part = problems[i: i + chunk]
         texts, _, _, _ = sample_completions(policy, [p.prompt for p in part], samples, max_new_tokens=max_new_tokens,
                                             temperature=temperature, seed=seed + i)
-        for p, row in zip(part, texts):
-            for text in row:
-                steps = split_steps(text, arith.STEP_DELIMITER)
-                if not steps:
-                    continue
-                labels = arith.check_steps(p, text)
-                out.append(prm_example(tokenizer, p.prompt, steps, labels))
-                good += sum(labels)
-                total += len(labels)
-    return out, good / max(total, 1)
+        out += [verifier_example(tokenizer, p, t) for p, row in zip(part, texts) for t in row]
+    return out, sum(any(w >= 0 for w in e[2]) for e in out) / max(len(out), 1)
 
 
 def main(argv=None) -> int:
@@ -252,10 +256,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train-problems", type=int, default=40000)
     ap.add_argument("--small-steps", type=int, default=750)
     ap.add_argument("--large-steps", type=int, default=1100)
-    ap.add_argument("--prm-steps", type=int, default=400)
-    ap.add_argument("--prm-problems", type=int, default=1024, help="train problems whose sampled solutions label the PRM")
+    ap.add_argument("--prm-steps", type=int, default=600)
+    ap.add_argument("--prm-problems", type=int, default=2048,
+                    help="train problems whose sampled solutions train the PRM (as many again give reference solutions)")
     ap.add_argument("--prm-samples", type=int, default=4, help="sampled solutions per PRM problem")
-    ap.add_argument("--prm-lr", type=float, default=1e-3)
+    ap.add_argument("--prm-lr", type=float, default=2e-3)
+    ap.add_argument("--prm-unlikelihood", type=float, default=1.0,
+                    help="weight of the unlikelihood term on each sample's first wrong token")
     ap.add_argument("--think-steps", type=int, default=1200)
     ap.add_argument("--think-batch-size", type=int, default=32)
     ap.add_argument("--think-problems", type=int, default=20000)
@@ -270,7 +277,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import LlamaForCausalLM, LlamaForTokenClassification
+    from transformers import LlamaForCausalLM
 
     out = Path(args.out)
     t_start = time.perf_counter()
@@ -306,28 +313,25 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    prm_problems = problems[: args.prm_problems]
-    data, good_frac = sampled_prm_data(models["policy-small"], tokenizer, prm_problems, samples=args.prm_samples,
-                                       temperature=1.0, seed=args.seed, max_new_tokens=96)
-    # Plus reference solutions and reference solutions with one slip, labelled by the same checker.
-    rng = random.Random(args.seed)
-    ref = []
-    for p in problems[args.prm_problems: 2 * args.prm_problems]:
-        for steps in (split_steps(p.solution, arith.STEP_DELIMITER), corrupted_solution(p, rng)):
-            ref.append(prm_example(tokenizer, p.prompt, steps, arith.check_steps(p, "".join(steps))))
-    print(f"prm data: {len(data)} sampled solutions ({good_frac:.0%} good steps) + {len(ref)} reference and "
-          f"one-slip solutions, {time.perf_counter() - t0:.0f} s", flush=True)
+    data, wrong_frac = sampled_verifier_data(models["policy-small"], tokenizer, problems[: args.prm_problems],
+                                             samples=args.prm_samples, temperature=1.0, seed=args.seed,
+                                             max_new_tokens=96)
+    ref = [verifier_example(tokenizer, p, p.solution) for p in problems[args.prm_problems: 2 * args.prm_problems]]
+    print(f"prm data: {len(data)} sampled solutions ({wrong_frac:.0%} leave the reference) + {len(ref)} reference "
+          f"solutions, {time.perf_counter() - t0:.0f} s", flush=True)
+    import copy
+
     torch.manual_seed(args.seed)
-    prm = LlamaForTokenClassification(llama_config(tokenizer, SHAPES["policy-large"], num_labels=2,
-                                                   attn_implementation="sdpa"))
-    prm.model.load_state_dict(models["policy-large"].model.state_dict())
+    prm = copy.deepcopy(models["policy-large"])
     loss = train_loop(prm, data + ref, steps=args.prm_steps, batch_size=args.batch_size, lr=args.prm_lr,
-                      pad_id=tokenizer.pad_token_id, seed=args.seed + 1, causal=False, desc="prm")
+                      pad_id=tokenizer.pad_token_id, seed=args.seed + 1, causal=True, desc="prm",
+                      unlikelihood=args.prm_unlikelihood)
     save(prm, tokenizer, out / "prm", dict(common, shape=SHAPES["policy-large"], init="policy-large",
-                                           steps=args.prm_steps, lr=args.prm_lr, final_loss=loss,
-                                           prm_problems=args.prm_problems, prm_samples=args.prm_samples,
-                                           good_step_fraction=good_frac, seconds=round(time.perf_counter() - t0, 1)))
-    print(f"prm: loss {loss:.4f}", flush=True)
+                                           steps=args.prm_steps, lr=args.prm_lr, unlikelihood=args.prm_unlikelihood,
+                                           final_loss=loss, prm_problems=args.prm_problems,
+                                           prm_samples=args.prm_samples, leave_reference_fraction=wrong_frac,
+                                           seconds=round(time.perf_counter() - t0, 1)))
+    print(f"prm: loss {loss:.4f}, {time.perf_counter() - t0:.0f} s", flush=True)
     if not args.prm_only:
         _think(args, models["policy-small"], tokenizer, problems, out, common)
     print(f"all done in {time.perf_counter() - t_start:.0f} s -> {out}", flush=True)

@@ -16,7 +16,7 @@ from .accounting import Compute, count_flops
 from .answers import answer_ids, extract_answer
 from .beam_search import FROM_MODEL, BeamSearchOutput, beam_search
 from .best_of_n import best_of_n, sample_completions
-from .compute_optimal import compute_optimal
+from .compute_optimal import OptimalTable, compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
 from .protocols import Policy, PolicySession, StepScores, Tokenizer, Verifier, VerifierSession
 from .result import Candidate, SearchResult, select_candidates
@@ -29,4 +29,4 @@ from .thinking import ThinkingBudget
 __all__ = ["run", "run_together", "STRATEGIES", "Strategy", "register_strategy", "Settings", "SearchResult",
            "Candidate", "select_candidates", "Compute", "count_flops", "Policy", "PolicySession", "Verifier",
            "VerifierSession", "StepScores", "Tokenizer", "best_of_n", "sample_completions", "prm_beam_search", "dvts",
-           "compute_optimal", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer", "revise", "ThinkingBudget"]
+           "compute_optimal", "OptimalTable", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer", "revise", "ThinkingBudget"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 from .thinking import ThinkingBudget
@@ -55,7 +56,13 @@ class Settings:
             (the step kept whole; finish ``"stop"``).
         stop_at_answer: step-level searches and particle filters: a beam whose text has a closed
             ``\\boxed{...}`` is complete (finish ``"stop"``), as search-and-learn's beams are.
-        levels: ``compute_optimal``: difficulty levels.
+        levels: ``compute_optimal``: difficulty levels (without a fitted table; a table has its own).
+        optimal_table: ``compute_optimal``: the path of a fitted
+            :class:`~tts_kernels.search.compute_optimal.OptimalTable` (calibrated difficulty, the strategy
+            per level and budget); ``None``: uncalibrated difficulty and a fixed plan.
+        max_rows: strategies that pool their budget over the prompts of a call (``compute_optimal``):
+            at most this many rows (prompts times samples) per batched sub-search, to bound memory
+            (0: no limit). It does not change what is allocated.
         resampling, ess_threshold, particle_weight, particle_select, weight_temperature, entropic,
             entropy_target, keep_best: particle filtering (:func:`~tts_kernels.search.particle_filter`):
             ``"systematic"`` or ``"multinomial"`` resampling, done when a prompt's effective sample size
@@ -103,6 +110,8 @@ class Settings:
     stop: tuple[str, ...] = ()
     stop_at_answer: bool = False
     levels: int = 4
+    optimal_table: str | None = None
+    max_rows: int = 0
     resampling: str = "systematic"
     ess_threshold: float = 1.0
     particle_weight: str = "verifier"
@@ -138,6 +147,11 @@ class Settings:
             number(name, lambda v: v >= 1, ">= 1", int)
         number("lookahead", lambda v: v >= 0, ">= 0", int)
         number("revisions", lambda v: v >= 0, ">= 0", int)
+        number("max_rows", lambda v: v >= 0, ">= 0 (0: no limit)", int)
+        if self.optimal_table is not None:
+            if not isinstance(self.optimal_table, (str, os.PathLike)):
+                raise ValueError(f"Settings.optimal_table must be a path or None, got {self.optimal_table!r}")
+            object.__setattr__(self, "optimal_table", os.fspath(self.optimal_table))
         if not isinstance(self.revision_prompt, str):
             raise ValueError(f"Settings.revision_prompt must be a string, got {self.revision_prompt!r}")
         number("reference_particles", lambda v: v >= 0, ">= 0", int)

@@ -15,8 +15,10 @@ Built-in strategies (``settings`` fields in :class:`~tts_kernels.search.Settings
 * ``prm_beam_search``, ``dvts`` — step-level searches with ``N`` beams and beam width
   ``min(settings.beam_width, N)``.
 * ``compute_optimal`` — the whole budget ``N * P`` spent by :func:`~tts_kernels.search.compute_optimal`:
-  a best-of-``N/4`` pilot, difficulty levels, weighted best-of-N for easier and PRM beam search
-  for harder prompts, the rest allocated where it raises expected accuracy most.
+  a best-of-``N/4`` pilot (kept in the final pick), difficulty from it (calibrated with
+  ``settings.optimal_table``), the rest allocated over the prompts where it raises expected accuracy
+  most, each prompt searched by the strategy its table row (level, samples) names (without a table:
+  weighted best-of-N for easier and PRM beam search for harder prompts).
 * ``adaptive_best_of_n`` — the same pilot and allocation with weighted best-of-N at every level:
   against uniform ``weighted_best_of_n`` it measures allocation alone at equal sample budget.
 * ``particle_filtering`` — ``N`` particles per prompt, resampled by verifier weight as they grow
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from ..ops._validate import check_int
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
-from .compute_optimal import compute_optimal
+from .compute_optimal import OptimalTable, compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
 from .result import SearchResult
 from .revise import revise
@@ -196,8 +198,11 @@ def _step(name, search):
 
 def _optimal(name, strategies):
     def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
+        table = settings.optimal_table
+        if table is not None and len(strategies) == 1:  # the table's calibration, one strategy everywhere
+            table = OptimalTable.load(table).only(strategies[0])
         return compute_optimal(policy, verifier, prompts, budget=budget, strategies=strategies, settings=settings,
-                               seed=seed, extract=extract, name=name)
+                               table=table, seed=seed, extract=extract, name=name)
     return fn
 
 
@@ -221,9 +226,9 @@ register_strategy("weighted_best_of_n", _sampling("weighted_best_of_n"), group=_
 register_strategy("prm_beam_search", _step("prm_beam_search", prm_beam_search),
                   description="step-level beam search: N beams, the best N/beam_width kept each step")
 register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees")
-register_strategy("compute_optimal", _optimal("compute_optimal", ("best_of_n", "prm_beam_search")),
+register_strategy("compute_optimal", _optimal("compute_optimal", ("weighted_best_of_n", "prm_beam_search")),
                   description="pilot, difficulty levels, a strategy per level, N*P samples allocated", pooled=True)
-register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("best_of_n",)),
+register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("weighted_best_of_n",)),
                   description="compute_optimal's allocation with weighted best-of-N at every level", pooled=True)
 register_strategy("revise", _revise, needs_verifier=False,
                   description="sequential revisions: N/(revisions+1) chains, each answer fed back revisions times")

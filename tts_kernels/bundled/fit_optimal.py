@@ -1,0 +1,195 @@
+"""Fit the compute-optimal table of the bundled models: ``python -m tts_kernels.bundled.fit_optimal``.
+
+Everything is measured on a **validation split** drawn from the task's training distribution
+(``arith.generate(split="train")`` under its own seed), never on the held-out test problems, with the
+small policy and the bundled verifier (``--verifier``):
+
+1. **Calibration.** Per prompt, a scored pilot pool (weighted best-of-16's samples) and 16 fresh samples
+   whose share of right answers is the target. For each pilot size the table can use (``budget // 4`` of
+   each ``--budgets`` value), a :class:`~tts_kernels.search.compute_optimal.Calibration` (Platt scaling of
+   the pilot's first ``pilot_n`` samples' features) is fitted. Its expected calibration error is reported
+   on the validation split and, with the same procedure, on held-out test problems (``--heldout-seed``).
+2. **Levels.** ``--levels`` bins by quantiles of the calibrated ``p`` (at the middle budget's pilot size),
+   stored as fixed edges: a prompt's level never depends on the other prompts of a call.
+3. **Strategy per (budget, level).** Every candidate (:data:`CANDIDATES`: best-of-N, weighted best-of-N,
+   PRM beam search and DVTS at beam widths 2 and 4) runs on every validation problem at every budget,
+   uniformly. Per budget, a per-level choice (each level's most accurate candidate) and a single choice
+   (the most accurate candidate overall) are compared by ``--folds``-fold cross-validation (fit on the
+   other folds, score on the held-out fold); the per-level table is kept only when its cross-validated
+   accuracy is higher, else the single choice fills every level. Ties go to the cheaper candidate
+   (sampling before tree searches, narrower beams first).
+
+Writes the :class:`~tts_kernels.search.compute_optimal.OptimalTable` JSON (default: the bundled one, which
+``tts-kernels demo`` uses) with every measured accuracy, the cross-validated accuracies and the
+calibration errors under ``meta``. About 10 minutes on 2 CPU cores at the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from . import ROOT, arith, load_policy, load_verifier, test_problems
+from ..search import Settings, run_together
+from ..search.answers import extract_answer
+from ..search.best_of_n import best_of_n, sample_completions
+from ..search.compute_optimal import Calibration, OptimalTable, calibration_error, pilot_features
+
+VALIDATION_SEED = 31337
+HELDOUT_SEED = 77  # held-out problems for the calibration error (not the demo's TEST_SEED problems)
+CANDIDATES = (("best_of_n", 1), ("weighted_best_of_n", 1), ("prm_beam_search", 2), ("prm_beam_search", 4),
+              ("dvts", 2), ("dvts", 4))
+POOL = 16  # pilot pool and fresh samples per problem for the calibration
+
+
+def _pools(policy, verifier, problems, *, seed: int, chunk: int, settings: Settings):
+    """Per problem: the scored pilot pool (``POOL`` candidates) and the right count of ``POOL`` fresh samples."""
+    prompts = [p.prompt for p in problems]
+    pilots, right = [], []
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i: i + chunk]
+        res = best_of_n(policy, verifier, part, n=POOL, select="weighted", settings=settings, seed=seed + i)
+        pilots += res.candidates
+        texts, _, _, _ = sample_completions(policy, part, POOL, max_new_tokens=settings.max_new_tokens,
+                                            temperature=settings.temperature, seed=seed + 10**6 + i)
+        right += [sum(arith.grade(extract_answer(t), p) for t in row) for row, p in zip(texts, problems[i: i + chunk])]
+    return pilots, torch.tensor(right, dtype=torch.float64)
+
+
+def _features(pilots, pilot_n: int) -> torch.Tensor:
+    return pilot_features([row[:pilot_n] for row in pilots])
+
+
+def _uniform_runs(policy, verifier, problems, budgets, *, seed: int, chunk: int, settings: Settings) -> dict:
+    """``correct[(strategy, width)][budget]``: per-problem correctness of every candidate run uniformly."""
+    prompts = [p.prompt for p in problems]
+    out: dict = {c: {} for c in CANDIDATES}
+    for b in budgets:
+        for strat, width in CANDIDATES:
+            if strat == "weighted_best_of_n" or (strat != "best_of_n" and width > b):
+                continue  # weighted shares best_of_n's run; a beam wider than the budget is not a choice
+            names = ["best_of_n", "weighted_best_of_n"] if strat == "best_of_n" else [strat]
+            got = {n: [] for n in names}
+            for i in range(0, len(prompts), chunk):
+                res = run_together(names, policy, verifier, prompts[i: i + chunk], budget=b, seed=seed + 7919 * i,
+                                   settings=settings.replace(beam_width=width))
+                for n in names:
+                    got[n] += [arith.grade(a, p) for a, p in zip(res[n].predictions, problems[i: i + chunk])]
+            for n in names:
+                out[(n, width)][b] = got[n]
+            print(f"  budget {b} {'/'.join(names)} width {width}: "
+                  + ", ".join(f"{n} {sum(got[n]) / len(problems):.3f}" for n in names), flush=True)
+    return out
+
+
+def _best(cands, correct, idx, b):
+    """The candidate with the most right answers over problems ``idx`` (ties: the earlier, cheaper one)."""
+    ok = [c for c in cands if b in correct[c]]
+    return max(ok, key=lambda c: (sum(correct[c][b][i] for i in idx), -ok.index(c)))
+
+
+def choose_table(correct: dict, levels: list[int], n_levels: int, budgets, *, folds: int, seed: int):
+    """Per budget: the per-level and the single choice, their cross-validated accuracies, the one kept."""
+    P = len(levels)
+    order = list(range(P))
+    random.Random(seed).shuffle(order)
+    fold_of = {i: k % folds for k, i in enumerate(order)}
+    table, report = {}, {}
+    for b in budgets:
+        cv = {"per_level": 0, "single": 0}
+        for f in range(folds):
+            train = [i for i in range(P) if fold_of[i] != f]
+            test = [i for i in range(P) if fold_of[i] == f]
+            single = _best(CANDIDATES, correct, train, b)
+            cv["single"] += sum(correct[single][b][i] for i in test)
+            for lv in range(n_levels):
+                tr = [i for i in train if levels[i] == lv]
+                pick = _best(CANDIDATES, correct, tr, b) if tr else single
+                cv["per_level"] += sum(correct[pick][b][i] for i in test if levels[i] == lv)
+        cv = {k: v / P for k, v in cv.items()}
+        everyone = list(range(P))
+        single = _best(CANDIDATES, correct, everyone, b)
+        per_level = {lv: (_best(CANDIDATES, correct, [i for i in everyone if levels[i] == lv], b)
+                          if any(x == lv for x in levels) else single) for lv in range(n_levels)}
+        kept = "per_level" if cv["per_level"] > cv["single"] else "single"
+        table[b] = per_level if kept == "per_level" else {lv: single for lv in range(n_levels)}
+        report[str(b)] = {"cv_accuracy": cv, "kept": kept,
+                          "accuracy": {f"{s}/{w}": {"all": sum(correct[(s, w)][b]) / P,
+                                                    **{f"level{lv}": (sum(correct[(s, w)][b][i] for i in everyone
+                                                                          if levels[i] == lv)
+                                                                      / max(1, levels.count(lv)))
+                                                       for lv in range(n_levels)}}
+                                       for s, w in CANDIDATES if b in correct[(s, w)]}}
+    return table, report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tts_kernels.bundled.fit_optimal", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "compute_optimal.json"))
+    ap.add_argument("--models", default=None, help="folder with the bundled models (default: the package's)")
+    ap.add_argument("--verifier", default="prm", help="prm or likelihood (default prm)")
+    ap.add_argument("--problems", type=int, default=200, help="validation problems (train distribution)")
+    ap.add_argument("--heldout", type=int, default=200, help="held-out test problems for the calibration error")
+    ap.add_argument("--budgets", default="4,16,64")
+    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk-size", type=int, default=20)
+    args = ap.parse_args(argv)
+    budgets = sorted(int(x) for x in args.budgets.split(","))
+    if args.problems < args.folds or args.levels < 1 or not budgets or min(budgets) < 1:
+        raise SystemExit("need --problems >= --folds, --levels >= 1 and budgets >= 1")
+    t0 = time.perf_counter()
+    policy = load_policy("small", root=args.models)
+    verifier = load_verifier(args.verifier, root=args.models)
+    s = Settings()
+    val = arith.generate(args.problems, seed=VALIDATION_SEED, split="train")
+    held = test_problems(args.heldout, seed=HELDOUT_SEED)
+    pilots, right = _pools(policy, verifier, val, seed=args.seed, chunk=args.chunk_size, settings=s)
+    h_pilots, h_right = _pools(policy, verifier, held, seed=args.seed, chunk=args.chunk_size, settings=s)
+    trials = torch.full_like(right, POOL)
+    cals, ece = {}, {}
+    for pilot_n in sorted({max(1, b // 4) for b in budgets}):
+        cal = Calibration.fit(_features(pilots, pilot_n), right, trials)
+        cals[pilot_n] = cal
+        ece[str(pilot_n)] = {
+            "validation": calibration_error(cal.predict(_features(pilots, pilot_n)), right, trials),
+            "heldout": calibration_error(cal.predict(_features(h_pilots, pilot_n)), h_right,
+                                         torch.full_like(h_right, POOL))}
+        print(f"calibration, pilot of {pilot_n}: coef {[round(c, 3) for c in cal.coef]} intercept "
+              f"{cal.intercept:.3f}; ECE validation {ece[str(pilot_n)]['validation']:.3f}, "
+              f"held-out {ece[str(pilot_n)]['heldout']:.3f}", flush=True)
+    mid = max(1, budgets[len(budgets) // 2] // 4)
+    p_mid = cals[mid].predict(_features(pilots, mid))
+    qs = torch.quantile(p_mid, torch.tensor([1 - (k + 1) / args.levels for k in range(args.levels - 1)],
+                                            dtype=torch.float64)).tolist()
+    edges = tuple(sorted(qs, reverse=True))
+    print(f"level edges (calibrated p): {[round(e, 3) for e in edges]}", flush=True)
+    correct = _uniform_runs(policy, verifier, val, budgets, seed=args.seed + 1, chunk=args.chunk_size, settings=s)
+    tables, report = {}, {}
+    for b in budgets:  # a budget's levels come from its own pilot size's calibration
+        pilot_n = max(1, b // 4)
+        lv = [sum(float(x) < e for e in edges) for x in cals[pilot_n].predict(_features(pilots, pilot_n))]
+        t, r = choose_table(correct, lv, args.levels, [b], folds=args.folds, seed=args.seed)
+        tables.update(t)
+        report.update(r)
+        print(f"budget {b}: kept {r[str(b)]['kept']} (cross-validated accuracy per level "
+              f"{r[str(b)]['cv_accuracy']['per_level']:.3f}, single {r[str(b)]['cv_accuracy']['single']:.3f}): "
+              + ", ".join(f"level {k} {v[0]}/{v[1]}" for k, v in sorted(t[b].items())), flush=True)
+    table = OptimalTable(cals, edges, tables, meta={
+        "verifier": args.verifier, "validation": {"split": "train", "seed": VALIDATION_SEED, "problems": args.problems},
+        "heldout": {"split": "test", "seed": HELDOUT_SEED, "problems": args.heldout}, "budgets": budgets,
+        "folds": args.folds, "candidates": [list(c) for c in CANDIDATES], "calibration_error": ece,
+        "strategy_choice": report, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__})
+    table.save(args.out)
+    print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
