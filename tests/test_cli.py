@@ -67,6 +67,18 @@ def test_demo_reduced_end_to_end(tmp_path, verifier, chunk):
         assert row["flops_per_problem"] > 0 and row["policy_tokens_per_problem"] > 0
         assert row["samples_per_problem"] <= row["budget"]
     assert summary["findings"] and "what this run shows" in res.stdout and "accuracy" in res.stdout
+    # Intervals: every row's 95% bootstrap interval holds its accuracy; the findings compare at equal budget.
+    for row in summary["rows"]:
+        lo, hi = row["ci95"]
+        assert lo <= row["accuracy"] <= hi and len(row["outcomes"]) == 3
+    assert "95% interval" in res.stdout
+    assert any(f.startswith("verifier-guided searches vs majority voting") for f in summary["findings"])
+    assert any(f.startswith("compute_optimal vs the best uniform strategy") for f in summary["findings"])
+    assert any(f.startswith("efficiency: compute_optimal") for f in summary["findings"])
+    # The fitted table is the bundled PRM's: printed with it, not used with another verifier.
+    assert ("compute_optimal table (validation split" in res.stdout) == (verifier == "prm")
+    assert ("no fitted table for verifier" in res.stdout) == (verifier != "prm")
+    assert (summary["settings"]["optimal_table"] is not None) == (verifier == "prm")
     # The thinking policy's curve: a forced minimum is thought at least (its tokens counted apart).
     thinking = summary["thinking"]
     assert [r["min_thinking"] for r in thinking] == [0, 16] and "thinking budget (policy-think" in res.stdout

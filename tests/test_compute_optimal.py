@@ -46,11 +46,11 @@ def test_never_over_budget_and_allocation_is_optimal(models, budget):
     assert res.compute.prm_tokens > 0 and res.compute.policy_flops > 0 and res.compute.prm_flops > 0
     assert res.compute.policy_prefill_tokens >= sum(len(policy.encode(p)) for p in PROMPTS)
     p = torch.tensor([r["p"] for r in info], dtype=torch.float64)
-    alloc = allocate_budget(p, budget * P - 2 * P, n_min=0).tolist()
+    alloc = (allocate_budget(p, budget * P, n_min=2) - 2).tolist()  # the pilot counts toward the coverage
     plan = default_plan(2, ("weighted_best_of_n", "prm_beam_search"), 2)
-    widths = [plan[r["level"]][1] for r in info]
+    widths = [max(1, min(plan[r["level"]][1], a)) for r, a in zip(info, alloc)]  # a beam no wider than its samples
     want = [a - a % w for a, w in zip(alloc, widths)]
-    _top_up(want, widths, p.tolist(), budget * P - 2 * P - sum(want), None)  # what rounding freed, handed back
+    _top_up(want, widths, p.tolist(), budget * P - 2 * P - sum(want), None, 2)  # what rounding freed, handed back
     for i, r in enumerate(info):
         assert r["n"] == want[i]
         assert r["strategy"] == (plan[r["level"]][0] if want[i] else "pilot")
@@ -90,10 +90,13 @@ def test_top_up_hands_back_where_coverage_rises_most():
     assert _top_up([0, 0], [1, 1], [0.5, 0.5], 3, 1) == 1  # n_max caps each prompt
 
 
-def _table(tmp_path, levels=2, strategy=("weighted_best_of_n", 1), hard=("prm_beam_search", 2)):
+def _table(tmp_path):
+    w, b = ("weighted_best_of_n", 1), ("prm_beam_search", 2)
+    plans = {2: {0: {1: (*w, 0.8), 2: (*w, 0.9), 4: (*b, 0.95)},  # pilot 1 at budget 2
+                 1: {1: (*w, 0.1), 2: (*b, 0.3), 4: (*b, 0.4)}},
+             4: {0: {1: (*w, 0.8), 4: (*w, 0.9)}, 1: {1: (*w, 0.1), 4: (*b, 0.3)}}}
     t = OptimalTable({1: Calibration((1.0, 0.5, 2.0), -1.0), 2: Calibration((0.8, 0.4, 1.0), -0.5)},
-                     edges=(0.6,) if levels == 2 else (), table={2: {0: strategy, 1: hard}, 4: {0: strategy, 1: strategy}},
-                     meta={"verifier": "toy"})
+                     edges=(0.6,), plans=plans, meta={"verifier": "toy"})
     path = tmp_path / "table.json"
     t.save(path)
     return t, path
@@ -105,18 +108,58 @@ def test_table_round_trip_choice_and_levels(tmp_path):
     assert back.to_dict() == t.to_dict()
     assert back.levels == 2
     assert back.level(torch.tensor([0.9, 0.6, 0.59, 0.0])) == [0, 0, 1, 1]
-    assert back.choose(1, 2) == ("prm_beam_search", 2) and back.choose(1, 3) == ("prm_beam_search", 2)
-    assert back.choose(1, 4) == ("weighted_best_of_n", 1) and back.choose(1, 100) == ("weighted_best_of_n", 1)
-    assert back.choose(1, 1) == ("prm_beam_search", 2)  # below every fitted budget: the smallest one's row
+    assert back.row(3) is back.plans[2] and back.row(100) is back.plans[4] and back.row(1) is back.plans[2]
+    assert back.choose(2, 1, 2) == ("prm_beam_search", 2) and back.choose(2, 1, 3) == ("prm_beam_search", 2)
+    assert back.choose(2, 0, 1) == ("weighted_best_of_n", 1) and back.choose(2, 0, 100) == ("prm_beam_search", 2)
     assert back.calibration(1).coef == (1.0, 0.5, 2.0) and back.calibration(3).coef == (0.8, 0.4, 1.0)
+    # One strategy everywhere (adaptive_best_of_n): its own measured accuracies where meta holds them.
+    back.meta["measured"] = {"2": {"1": {"4": {"weighted_best_of_n/1": 0.25}}}}
     only = back.only("weighted_best_of_n")
-    assert {v for row in only.table.values() for v in row.values()} == {("weighted_best_of_n", 1)}
+    assert {p[:2] for row in only.plans.values() for opts in row.values() for p in opts.values()} == \
+        {("weighted_best_of_n", 1)}
+    assert only.plans[2][1][4][2] == 0.25 and only.plans[2][1][2][2] == 0.3  # measured / as it was
     with pytest.raises(ValueError, match="descending"):
-        OptimalTable(t.calibrations, (0.2, 0.5), t.table)
-    with pytest.raises(ValueError, match=r"table\[2\]\[1\]"):
-        OptimalTable(t.calibrations, (0.6,), {2: {0: ("best_of_n", 1)}})
+        OptimalTable(t.calibrations, (0.2, 0.5), t.plans)
+    with pytest.raises(ValueError, match=r"plans\[2\]\[1\]"):
+        OptimalTable(t.calibrations, (0.6,), {2: {0: t.plans[2][0]}})
+    with pytest.raises(ValueError, match=r"plans\[2\]\[0\]\[1\]"):
+        OptimalTable(t.calibrations, (0.6,), {2: {0: {1: ("mcts", 1, 0.5)}, 1: t.plans[2][1]}})
     with pytest.raises(ValueError, match="calibrations"):
-        OptimalTable({}, (0.6,), t.table)
+        OptimalTable({}, (0.6,), t.plans)
+
+
+def _best_allocation(hulls_levels, row, pilot_n, total):
+    """Brute force over every prompt's fitted sample counts."""
+    import itertools
+
+    opts = [[t for t in sorted(row[lv]) if t >= pilot_n] for lv in hulls_levels]
+    best = None
+    for ts in itertools.product(*opts):
+        if sum(ts) <= total:
+            v = sum(row[lv][t][2] for lv, t in zip(hulls_levels, ts))
+            best = v if best is None or v > best else best
+    return best
+
+
+@pytest.mark.parametrize("total", [3, 5, 6, 8, 12])
+def test_allocation_is_the_knapsack_optimum_on_concave_curves(tmp_path, total):
+    t, _ = _table(tmp_path)
+    levels = [0, 1, 1]
+    got = t.allocate(2, levels, 1, total)
+    assert sum(got) <= total and all(x >= 1 for x in got)
+    row = t.row(2)
+    value = sum(row[lv][x][2] for lv, x in zip(levels, got))
+    # Both levels' curves are concave here, so the greedy is optimal wherever the last upgrade fits.
+    assert value == pytest.approx(_best_allocation(levels, row, 1, total))
+
+
+def test_allocation_buys_flat_upgrades_last(tmp_path):
+    t, _ = _table(tmp_path)
+    flat = OptimalTable(t.calibrations, t.edges, {2: {0: {1: ("weighted_best_of_n", 1, 0.9),
+                                                         4: ("prm_beam_search", 2, 0.9)},
+                                                     1: {1: ("weighted_best_of_n", 1, 0.1), 4: ("dvts", 2, 0.5)}}})
+    assert flat.allocate(2, [0, 1], 1, 5) == [1, 4]  # the upgrade that buys something first
+    assert flat.allocate(2, [0, 1], 1, 100) == [4, 4]  # then, with budget left, the one that measured no gain
 
 
 def test_calibration_fit_recovers_a_known_logistic_model():
@@ -150,22 +193,23 @@ def test_pilot_features():
     assert f[1].tolist() == pytest.approx([lg(0.2), lg(0.2), 0.0])
 
 
-def test_with_a_table_levels_and_strategies_come_from_it(models, tmp_path):
+def test_with_a_table_levels_strategies_and_allocation_come_from_it(models, tmp_path):
     policy, prm = models
     t, path = _table(tmp_path)
-    res = compute_optimal(policy, prm, PROMPTS, budget=3, pilot_n=1, table=path, seed=2, **KW)
-    for r in res.prompt_info:
+    res = compute_optimal(policy, prm, PROMPTS, budget=2, pilot_n=1, table=path, seed=2, **KW)
+    lv = [r["level"] for r in res.prompt_info]
+    want = [x - 1 for x in t.allocate(2, lv, 1, 2 * P)]
+    for r, a in zip(res.prompt_info, want):
         assert r["level"] == t.level(torch.tensor([r["p"]]))[0]
-        if r["n"]:  # chosen by (level, samples): one of the level's rows
-            assert (r["strategy"], r["beam_width"]) in {row[r["level"]] for row in t.table.values()}
+        if r["strategy"] != "pilot":  # the plan of its (level, samples); a beam search's count a multiple of it
+            assert (r["strategy"], r["beam_width"]) == t.choose(2, r["level"], 1 + a)
             assert r["n"] % r["beam_width"] == 0
-    assert res.samples <= 3 * P
+    assert res.samples <= 2 * P
     # Settings.optimal_table is what the registered strategy reads; the same result either way.
-    got = run("compute_optimal", policy, prm, PROMPTS, budget=3, seed=2, extract=KW["extract"],
+    got = run("compute_optimal", policy, prm, PROMPTS, budget=2, seed=2, extract=KW["extract"],
               settings=Settings(optimal_table=str(path), **{k: v for k, v in KW.items() if k != "extract"}))
-    ref = compute_optimal(policy, prm, PROMPTS, budget=3, table=path, seed=2, **KW)
-    assert got.predictions == ref.predictions and got.samples == ref.samples
-    assert [i["strategy"] for i in got.prompt_info] == [i["strategy"] for i in ref.prompt_info]
+    assert got.predictions == res.predictions and got.samples == res.samples
+    assert [i["strategy"] for i in got.prompt_info] == [i["strategy"] for i in res.prompt_info]
 
 
 def test_max_rows_batches_without_changing_the_allocation(models):

@@ -145,9 +145,11 @@ def _efficiency(by, budgets) -> str | None:
         return (f"efficiency: compute_optimal does not reach uniform best_of_n@{top}'s accuracy "
                 f"({ref['accuracy']:.3f}) at any budget run (best {max(r['accuracy'] for r in opts):.3f})")
     r = min(reach, key=lambda r: r["budget"])
+    ratio = ref["flops_per_problem"] / r["flops_per_problem"]
     return (f"efficiency: compute_optimal reaches uniform best_of_n@{top}'s accuracy ({ref['accuracy']:.3f}) at "
-            f"budget {r['budget']} ({r['accuracy']:.3f}) with {ref['flops_per_problem'] / r['flops_per_problem']:.2f}x "
-            f"less compute ({r['flops_per_problem'] / 1e6:.1f} vs {ref['flops_per_problem'] / 1e6:.1f} MFLOP/problem)")
+            f"budget {r['budget']} ({r['accuracy']:.3f}): "
+            + (f"{ratio:.2f}x less compute" if ratio >= 1 else f"{1 / ratio:.2f}x the compute")
+            + f" ({r['flops_per_problem'] / 1e6:.1f} vs {ref['flops_per_problem'] / 1e6:.1f} MFLOP/problem)")
 
 
 VERIFIER_TITLES = {"likelihood": "policy-large likelihood as verifier", "prm": "bundled PRM"}
@@ -205,12 +207,11 @@ def print_table_summary(table, verifier: str) -> None:
     print("  calibration (Platt) error, held-out: "
           + ", ".join(f"pilot {k}: {v['heldout']:.3f}" for k, v in sorted(ece.items(), key=lambda x: int(x[0]))))
     print(f"  level edges (calibrated p, level 0 easiest): {', '.join(f'{e:.3f}' for e in table.edges)}")
-    for b in sorted(table.table):
-        ch = meta.get("strategy_choice", {}).get(str(b), {})
-        cv = ch.get("cv_accuracy", {})
-        row = ", ".join(f"L{lv} {st}/{w}" for lv, (st, w) in sorted(table.table[b].items()))
-        print(f"  budget {b}: {row}" + (f"  ({ch.get('kept')}; cross-validated accuracy per-level "
-                                        f"{cv['per_level']:.3f}, single {cv['single']:.3f})" if cv else ""))
+    print("  per budget and level, samples in all -> strategy/beam width (validation accuracy):")
+    for b in sorted(table.plans):
+        for lv, opts in sorted(table.plans[b].items()):
+            print(f"    budget {b:3d} L{lv}: " + ", ".join(
+                f"{t} -> {'pilot' if t == min(opts) else f'{st}/{w}'} ({a:.2f})" for t, (st, w, a) in sorted(opts.items())))
 
 
 def thinking_section(args, device) -> list[dict]:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from ..search import STRATEGIES, Settings
 from .engine import BadRequest, Engine, Job, Outcome, Unavailable, request_seeds
+from .options import DEFAULT_VERIFIER
 
 log = logging.getLogger("tts_kernels.serve")
 
@@ -445,8 +446,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                     help="what generates: the transformers model on this package's paged cache (hf), or a vLLM "
                          "engine (vllm: needs vLLM installed, e.g. .venv-vllm from make test-vllm)")
-    ap.add_argument("--verifier", default="likelihood",
-                    help="'likelihood' or 'prm' (the bundled verifiers, as in demo), 'none', or a PRM model folder")
+    ap.add_argument("--verifier", default=DEFAULT_VERIFIER,
+                    help=f"'prm' or 'likelihood' (the bundled verifiers, as in demo; default {DEFAULT_VERIFIER!r}), "
+                         "'none', or a PRM model folder")
     ap.add_argument("--verifier-head", default="classifier", choices=HEADS,
                     help="how a verifier folder's model scores a step (tts_kernels.models.HFPRM head)")
     ap.add_argument("--model-name", default=None, help=f"the model id clients ask for (default {DEFAULT_MODEL!r}, "

@@ -5,23 +5,28 @@ Everything is measured on a **validation split** drawn from the task's training 
 small policy and the bundled verifier (``--verifier``):
 
 1. **Calibration.** Per prompt, a scored pilot pool (weighted best-of-16's samples) and 16 fresh samples
-   whose share of right answers is the target. For each pilot size the table can use (``budget // 4`` of
-   each ``--budgets`` value), a :class:`~tts_kernels.search.compute_optimal.Calibration` (Platt scaling of
-   the pilot's first ``pilot_n`` samples' features) is fitted. Its expected calibration error is reported
-   on the validation split and, with the same procedure, on held-out test problems (``--heldout-seed``).
-2. **Levels.** ``--levels`` bins by quantiles of the calibrated ``p`` (at the middle budget's pilot size),
+   whose share of right answers is the target. For each pilot size the table uses
+   (``max(1, budget // --pilot-divisor)`` of each ``--budgets`` value; the pilot is overhead wherever
+   a tree search beats best-of-N, so it is kept small), a
+   :class:`~tts_kernels.search.compute_optimal.Calibration` (Platt scaling of the pilot's first
+   ``pilot_n`` samples' features) is fitted. Its expected calibration error is reported on the
+   validation split and, with the same procedure, on ``--heldout`` held-out test problems (seed 77).
+2. **Levels.** ``--levels`` bins by quantiles of the calibrated ``p`` (at the middle budget's pilot size; tied quantiles merged),
    stored as fixed edges: a prompt's level never depends on the other prompts of a call.
-3. **Strategy per (budget, level).** Every candidate (:data:`CANDIDATES`: best-of-N, weighted best-of-N,
-   PRM beam search and DVTS at beam widths 2 and 4) runs on every validation problem at every budget,
-   uniformly. Per budget, a per-level choice (each level's most accurate candidate) and a single choice
-   (the most accurate candidate overall) are compared by ``--folds``-fold cross-validation (fit on the
-   other folds, score on the held-out fold); the per-level table is kept only when its cross-validated
-   accuracy is higher, else the single choice fills every level. Ties go to the cheaper candidate
-   (sampling before tree searches, narrower beams first).
+3. **Plans per (budget, level, samples).** Every candidate (:data:`CANDIDATES`: best-of-N, weighted
+   best-of-N, PRM beam search and DVTS at beam widths 2 and 4) runs uniformly on every validation problem
+   at every sample count of the grid (the budgets and the pilot sizes). For a call of budget ``B``
+   (levels from its pilot), at each count ``t`` above the pilot, a per-level choice (each level's most
+   accurate candidate) and a single choice (the most accurate overall) are compared by
+   ``--folds``-fold cross-validation (fit on the other folds, score on the held-out fold); the per-level
+   choice is kept only when its cross-validated accuracy is higher. Ties go to the cheaper candidate
+   (sampling before tree searches, narrower beams first). ``t`` equal to the pilot is the pilot alone.
+   Each plan keeps its measured accuracy: :meth:`~tts_kernels.search.compute_optimal.OptimalTable.allocate`
+   spends a call's budget where those curves rise most.
 
 Writes the :class:`~tts_kernels.search.compute_optimal.OptimalTable` JSON (default: the bundled one, which
 ``tts-kernels demo`` uses) with every measured accuracy, the cross-validated accuracies and the
-calibration errors under ``meta``. About 10 minutes on 2 CPU cores at the defaults.
+calibration errors under ``meta``. About 8 minutes on 2 CPU cores at the defaults.
 """
 from __future__ import annotations
 
@@ -139,10 +144,15 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, default=20)
+    ap.add_argument("--pilot-divisor", type=int, default=16,
+                    help="a call of budget B pilots max(1, B // this) samples per prompt (default 16)")
     args = ap.parse_args(argv)
     budgets = sorted(int(x) for x in args.budgets.split(","))
     if args.problems < args.folds or args.levels < 1 or not budgets or min(budgets) < 1:
         raise SystemExit("need --problems >= --folds, --levels >= 1 and budgets >= 1")
+    def pilot_of(b):
+        return max(1, b // args.pilot_divisor)
+
     t0 = time.perf_counter()
     policy = load_policy("small", root=args.models)
     verifier = load_verifier(args.verifier, root=args.models)
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
     h_pilots, h_right = _pools(policy, verifier, held, seed=args.seed, chunk=args.chunk_size, settings=s)
     trials = torch.full_like(right, POOL)
     cals, ece = {}, {}
-    for pilot_n in sorted({max(1, b // 4) for b in budgets}):
+    for pilot_n in sorted({pilot_of(b) for b in budgets}):
         cal = Calibration.fit(_features(pilots, pilot_n), right, trials)
         cals[pilot_n] = cal
         ece[str(pilot_n)] = {
@@ -163,29 +173,48 @@ def main(argv=None) -> int:
         print(f"calibration, pilot of {pilot_n}: coef {[round(c, 3) for c in cal.coef]} intercept "
               f"{cal.intercept:.3f}; ECE validation {ece[str(pilot_n)]['validation']:.3f}, "
               f"held-out {ece[str(pilot_n)]['heldout']:.3f}", flush=True)
-    mid = max(1, budgets[len(budgets) // 2] // 4)
+    mid = pilot_of(budgets[len(budgets) // 2])
     p_mid = cals[mid].predict(_features(pilots, mid))
     qs = torch.quantile(p_mid, torch.tensor([1 - (k + 1) / args.levels for k in range(args.levels - 1)],
                                             dtype=torch.float64)).tolist()
-    edges = tuple(sorted(qs, reverse=True))
+    edges = []
+    for q in sorted(qs, reverse=True):  # (nearly) tied quantiles (many equal p) would leave a level empty
+        if not edges or edges[-1] - q > 1e-3:
+            edges.append(q)
+    edges = tuple(edges)
+    n_levels = len(edges) + 1
     print(f"level edges (calibrated p): {[round(e, 3) for e in edges]}", flush=True)
-    correct = _uniform_runs(policy, verifier, val, budgets, seed=args.seed + 1, chunk=args.chunk_size, settings=s)
-    tables, report = {}, {}
-    for b in budgets:  # a budget's levels come from its own pilot size's calibration
-        pilot_n = max(1, b // 4)
+    grid = sorted(set(budgets) | {pilot_of(b) for b in budgets})
+    correct = _uniform_runs(policy, verifier, val, grid, seed=args.seed + 1, chunk=args.chunk_size, settings=s)
+    plans, report, measured = {}, {}, {}
+    for b in budgets:  # a call's levels come from its own pilot size's calibration
+        pilot_n = pilot_of(b)
         lv = [sum(float(x) < e for e in edges) for x in cals[pilot_n].predict(_features(pilots, pilot_n))]
-        t, r = choose_table(correct, lv, args.levels, [b], folds=args.folds, seed=args.seed)
-        tables.update(t)
-        report.update(r)
-        print(f"budget {b}: kept {r[str(b)]['kept']} (cross-validated accuracy per level "
-              f"{r[str(b)]['cv_accuracy']['per_level']:.3f}, single {r[str(b)]['cv_accuracy']['single']:.3f}): "
-              + ", ".join(f"level {k} {v[0]}/{v[1]}" for k, v in sorted(t[b].items())), flush=True)
-    table = OptimalTable(cals, edges, tables, meta={
+        plans[b] = {L: {} for L in range(n_levels)}
+        report[str(b)], measured[str(b)] = {}, {}
+        for t in [t for t in grid if t >= pilot_n]:
+            if t == pilot_n:  # the pilot alone: weighted best-of-pilot_n
+                chosen = {L: ("weighted_best_of_n", 1) for L in range(n_levels)}
+                r = {"kept": "pilot"}
+            else:
+                tab, rep = choose_table(correct, lv, n_levels, [t], folds=args.folds, seed=args.seed)
+                chosen, r = tab[t], rep[str(t)]
+            report[str(b)][str(t)] = {k: v for k, v in r.items() if k != "accuracy"}
+            for L in range(n_levels):
+                idx = [i for i in range(len(val)) if lv[i] == L] or list(range(len(val)))
+                accs = {f"{c}/{w}": sum(correct[(c, w)][t][i] for i in idx) / len(idx)
+                        for c, w in CANDIDATES if t in correct[(c, w)]}
+                measured[str(b)].setdefault(str(L), {})[str(t)] = accs
+                plans[b][L][t] = (*chosen[L], accs[f"{chosen[L][0]}/{chosen[L][1]}"])
+        print(f"budget {b} (pilot {pilot_n}, levels {[lv.count(L) for L in range(n_levels)]}): "
+              + "; ".join(f"L{L} " + ", ".join(f"{t}:{p[0]}/{p[1]} {p[2]:.2f}" for t, p in sorted(plans[b][L].items()))
+                          for L in range(n_levels)), flush=True)
+    table = OptimalTable(cals, edges, plans, meta={
         "verifier": args.verifier, "validation": {"split": "train", "seed": VALIDATION_SEED, "problems": args.problems},
         "heldout": {"split": "test", "seed": HELDOUT_SEED, "problems": args.heldout}, "budgets": budgets,
-        "folds": args.folds, "candidates": [list(c) for c in CANDIDATES], "calibration_error": ece,
-        "strategy_choice": report, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1),
-        "torch": torch.__version__})
+        "grid": grid, "folds": args.folds, "candidates": [list(c) for c in CANDIDATES], "calibration_error": ece,
+        "strategy_choice": report, "measured": measured, "seed": args.seed,
+        "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__})
     table.save(args.out)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0

@@ -4,7 +4,8 @@
 (``N`` per prompt on average, the meaning ``budget`` has for every strategy), after Snell et al.
 (arXiv 2408.03314), in four moves:
 
-1. **Pilot.** Weighted best-of-``pilot_n`` on every prompt (default ``pilot_n = max(1, N // 4)``). The
+1. **Pilot.** Weighted best-of-``pilot_n`` on every prompt (default: the size the table was fitted with,
+   ``max(1, N // 16)`` for the bundled one; without a table ``max(1, N // 4)``). The
    pilot's samples count toward the budget and stay in the final selection: every prompt keeps at least
    its pilot, and whatever else it gets is added to it.
 2. **Difficulty.** Pilot statistics per prompt (:func:`pilot_features`: mean and best verifier score,
@@ -13,11 +14,14 @@
    :class:`Calibration`) and to a difficulty level by the table's fixed edges (a prompt's level does not
    depend on the other prompts). Without one: ``p_i`` = mean score times agreement (uncalibrated) and
    levels by quantiles of ``p`` over the call (level 0: easiest).
-3. **Allocation.** The budget left after the pilot is split over *all* the prompts of the call by
-   :func:`~tts_kernels.allocate_budget` to maximise ``sum_i 1 - (1 - p_i)^N_i``; each prompt's strategy
-   comes from its (level, pilot + allocated samples) (:meth:`OptimalTable.choose`; without a table a
-   fixed ``plan`` per level); a tree search's count is rounded down to a multiple of its beam width and
-   what rounding frees is handed back, a beam width at a time, where it adds the most expected coverage,
+3. **Allocation.** The whole budget is split over *all* the prompts of the call, the pilot being every
+   prompt's floor. With a table: each prompt spends one of its level's fitted sample counts ``t`` and the
+   counts maximise the summed *measured* accuracy of (level, ``t``) (:meth:`OptimalTable.allocate`, a
+   knapsack over the validation curves); without one: :func:`~tts_kernels.allocate_budget` maximises
+   ``sum_i 1 - (1 - p_i)^N_i`` (pass@N, the oracle-verifier objective). Each prompt's strategy comes from
+   its (level, samples) (:meth:`OptimalTable.choose`; without a table a fixed ``plan`` per level); a tree
+   search's count is rounded down to a multiple of its beam width and what rounding (or a table whose
+   curves stop rising) leaves is handed back, a beam width at a time, where pass@N coverage rises most,
    so the spend is exact whenever a best-of-N prompt can take single samples.
 4. **Search.** One batched call per (strategy, samples, beam width), split into batches of at most
    ``Settings.max_rows`` rows (prompts times samples; memory) without changing the allocation; each
@@ -141,15 +145,21 @@ def calibration_error(p: torch.Tensor, successes: torch.Tensor, trials: torch.Te
 class OptimalTable:
     """A fitted compute-optimal plan (what :mod:`tts_kernels.bundled.fit_optimal` writes).
 
-    ``calibrations[pilot_n]``: the :class:`Calibration` for a pilot of that many samples; ``edges``: the
-    calibrated-``p`` edges between levels, descending (``p >= edges[0]``: level 0, the easiest);
-    ``table[budget][level]``: ``(strategy, beam_width)`` chosen for prompts given about ``budget``
-    samples; ``meta``: how it was fitted (validation split, cross-validated accuracies, calibration
-    error, models)."""
+    * ``calibrations[pilot_n]``: the :class:`Calibration` for a pilot of that many samples;
+    * ``edges``: the calibrated-``p`` edges between levels, descending (``p >= edges[0]``: level 0, the
+      easiest);
+    * ``plans[budget][level][t]``: for a call of ``budget`` samples per prompt (whose pilot sizes its
+      levels), a prompt of ``level`` that spends ``t`` samples in all runs ``(strategy, beam_width)`` and
+      was measured to be right with probability ``accuracy`` on the validation split: ``t`` equal to the
+      pilot's size is the pilot alone (weighted best-of-``t``); a larger ``t`` adds a search of
+      ``t - pilot`` samples;
+    * ``meta``: how it was fitted (validation split, cross-validated accuracies, calibration error,
+      every candidate's measured accuracy).
+    """
 
     calibrations: dict[int, Calibration]
     edges: tuple[float, ...]
-    table: dict[int, dict[int, tuple[str, int]]]
+    plans: dict[int, dict[int, dict[int, tuple[str, int, float]]]]
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -157,14 +167,19 @@ class OptimalTable:
             raise ValueError("OptimalTable.calibrations must hold at least one pilot size")
         if list(self.edges) != sorted(self.edges, reverse=True):
             raise ValueError(f"OptimalTable.edges must be descending, got {self.edges!r}")
-        for budget, row in self.table.items():
+        if not self.plans:
+            raise ValueError("OptimalTable.plans must hold at least one budget")
+        for budget, row in self.plans.items():
             for lv in range(self.levels):
-                strat, bw = row.get(lv, (None, None))
-                if strat not in STRATEGIES or not isinstance(bw, int) or bw < 1:
-                    raise ValueError(f"OptimalTable.table[{budget}][{lv}] must be (one of {STRATEGIES}, "
-                                     f"beam_width >= 1), got {row.get(lv)!r}")
-        if not self.table:
-            raise ValueError("OptimalTable.table must hold at least one budget")
+                opts = row.get(lv)
+                if not opts:
+                    raise ValueError(f"OptimalTable.plans[{budget}][{lv}] must map samples to a plan, got {opts!r}")
+                for t, plan in opts.items():
+                    ok = (isinstance(t, int) and t >= 1 and len(plan) == 3 and plan[0] in STRATEGIES
+                          and isinstance(plan[1], int) and plan[1] >= 1 and 0.0 <= plan[2] <= 1.0)
+                    if not ok:
+                        raise ValueError(f"OptimalTable.plans[{budget}][{lv}][{t}] must be (one of {STRATEGIES}, "
+                                         f"beam_width >= 1, accuracy in [0, 1]), got {plan!r}")
 
     @property
     def levels(self) -> int:
@@ -179,24 +194,85 @@ class OptimalTable:
         """Each prompt's level: how many edges its ``p`` falls below."""
         return [sum(float(x) < e for e in self.edges) for x in p.tolist()]
 
-    def choose(self, level: int, samples: int) -> tuple[str, int]:
-        """The strategy for a prompt of ``level`` spending ``samples`` in all: the row of the largest
-        fitted budget not above it (the smallest one when it is below them all)."""
-        budgets = sorted(self.table)
-        fit = [b for b in budgets if b <= samples]
-        return tuple(self.table[fit[-1] if fit else budgets[0]][level])
+    def row(self, budget: int) -> dict[int, dict[int, tuple[str, int, float]]]:
+        """The plans of the largest fitted budget not above ``budget`` (the smallest when it is below them all)."""
+        fit = [b for b in sorted(self.plans) if b <= budget]
+        return self.plans[fit[-1] if fit else min(self.plans)]
+
+    def pilot(self, budget: int) -> int:
+        """The pilot size the table was fitted with for a call of ``budget`` (its rows' smallest ``t``)."""
+        return min(min(opts) for opts in self.row(budget).values())
+
+    def choose(self, budget: int, level: int, samples: int) -> tuple[str, int]:
+        """``(strategy, beam_width)`` for a prompt of ``level`` spending ``samples`` in all, in a call of
+        ``budget``: the plan of the largest fitted ``t`` not above ``samples``."""
+        opts = self.row(budget)[level]
+        fit = [t for t in sorted(opts) if t <= samples]
+        return tuple(opts[fit[-1] if fit else min(opts)][:2])
+
+    def allocate(self, budget: int, levels: list[int], pilot_n: int, total: int) -> list[int]:
+        """Samples ``t_i`` per prompt (each one of its level's fitted ``t >= pilot_n``, at least the pilot)
+        maximising the summed measured accuracy with ``sum t_i <= total``: a multiple-choice knapsack,
+        solved greedily over each level's upper concave hull of (samples, running-max accuracy) (exact on
+        the hulls up to the last upgrade that does not fit). Upgrades that measured no gain are bought
+        last, with what is left. Ties go to the lower prompt index."""
+        import heapq
+
+        row = self.row(budget)
+        hulls = {}
+        for lv in set(levels):
+            pts = sorted((t, a) for t, (_, _, a) in row[lv].items() if t >= pilot_n)
+            pts = [(pilot_n, max([a for t, a in pts if t == pilot_n], default=0.0))] + [x for x in pts if x[0] > pilot_n]
+            hull, top = [pts[0]], pts[0][1]
+            for t, a in pts[1:]:
+                a = top = max(a, top)  # more samples never measured worse: a dip is noise (a flat step is bought last)
+                while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (t - hull[-1][0]) <= \
+                        (a - hull[-1][1]) * (hull[-1][0] - hull[-2][0]):
+                    hull.pop()  # not on the upper concave hull
+                hull.append((t, a))
+            hulls[lv] = hull
+        at = [0] * len(levels)
+        left = total - pilot_n * len(levels)
+        heap = []
+
+        def push(i):
+            h = hulls[levels[i]]
+            if at[i] + 1 < len(h):
+                (t0, a0), (t1, a1) = h[at[i]], h[at[i] + 1]
+                heapq.heappush(heap, (-(a1 - a0) / (t1 - t0), i))
+
+        for i in range(len(levels)):
+            push(i)
+        while heap and left > 0:
+            _, i = heapq.heappop(heap)
+            h = hulls[levels[i]]
+            cost = h[at[i] + 1][0] - h[at[i]][0]
+            if cost <= left:
+                at[i] += 1
+                left -= cost
+                push(i)
+        return [hulls[lv][k][0] for lv, k in zip(levels, at)]
 
     def only(self, strategy: str, beam_width: int = 1) -> OptimalTable:
-        """This table's calibration and levels with ``(strategy, beam_width)`` in every row."""
-        return OptimalTable(self.calibrations, self.edges,
-                            {b: {lv: (strategy, beam_width) for lv in row} for b, row in self.table.items()},
-                            dict(self.meta, only=strategy))
+        """This table's calibration and levels with ``(strategy, beam_width)`` in every plan, with that
+        candidate's own measured accuracies where ``meta["measured"]`` holds them."""
+        measured = self.meta.get("measured", {})
+        key = f"{strategy}/{beam_width}"
+
+        def acc(b, lv, t, a):
+            return measured.get(str(b), {}).get(str(lv), {}).get(str(t), {}).get(key, a)
+
+        plans = {b: {lv: {t: ((strategy, beam_width, acc(b, lv, t, a)) if t > min(opts) else (s, w, a))
+                          for t, (s, w, a) in opts.items()} for lv, opts in row.items()}
+                 for b, row in self.plans.items()}
+        return OptimalTable(self.calibrations, self.edges, plans, dict(self.meta, only=strategy))
 
     def to_dict(self) -> dict:
         return {"calibrations": {str(k): {"coef": list(c.coef), "intercept": c.intercept, "features": PILOT_FEATURES}
                                  for k, c in self.calibrations.items()},
                 "edges": list(self.edges),
-                "table": {str(b): {str(lv): list(v) for lv, v in row.items()} for b, row in self.table.items()},
+                "plans": {str(b): {str(lv): {str(t): list(v) for t, v in opts.items()} for lv, opts in row.items()}
+                          for b, row in self.plans.items()},
                 "meta": self.meta}
 
     @classmethod
@@ -204,7 +280,8 @@ class OptimalTable:
         return cls(calibrations={int(k): Calibration(tuple(v["coef"]), float(v["intercept"]))
                                  for k, v in d["calibrations"].items()},
                    edges=tuple(float(e) for e in d["edges"]),
-                   table={int(b): {int(lv): (v[0], int(v[1])) for lv, v in row.items()} for b, row in d["table"].items()},
+                   plans={int(b): {int(lv): {int(t): (v[0], int(v[1]), float(v[2])) for t, v in opts.items()}
+                                   for lv, opts in row.items()} for b, row in d["plans"].items()},
                    meta=d.get("meta", {}))
 
     @classmethod
@@ -234,22 +311,25 @@ def default_plan(levels: int, strategies: Sequence[str] = ("weighted_best_of_n",
             for lv in range(levels)}
 
 
-def _top_up(alloc: list[int], widths: list[int], p: list[float], left: int, n_max: int | None) -> int:
+def _top_up(alloc: list[int], widths: list[int], p: list[float], left: int, n_max: int | None,
+            floor: int = 0) -> int:
     """Hand ``left`` samples back, one beam width at a time, to the prompt whose expected coverage
-    ``1 - (1 - p)^N`` rises most per sample (ties to the lower index); returns what is left."""
-    while left > 0:
-        best, gain = None, -1.0
-        for i, (a, w) in enumerate(zip(alloc, widths)):
-            if w > left or (n_max is not None and a + w > n_max):
-                continue
-            g = ((1 - p[i]) ** a) * (1 - (1 - p[i]) ** w) / w
-            if g > gain:
-                best, gain = i, g
-        if best is None:
-            return left
-        alloc[best] += widths[best]
-        left -= widths[best]
-    return 0
+    ``1 - (1 - p)^(floor + N)`` rises most per sample (ties to the lower index); returns what is left."""
+    import heapq
+
+    def gain(i):
+        return ((1 - p[i]) ** (floor + alloc[i])) * (1 - (1 - p[i]) ** widths[i]) / widths[i]
+
+    heap = [(-gain(i), i) for i in range(len(alloc))]
+    heapq.heapify(heap)
+    while heap and left > 0:
+        _, i = heapq.heappop(heap)
+        if widths[i] > left or (n_max is not None and alloc[i] + widths[i] > n_max):
+            continue  # never fits again: what is left only shrinks
+        alloc[i] += widths[i]
+        left -= widths[i]
+        heapq.heappush(heap, (-gain(i), i))
+    return left
 
 
 def _batches(idx: list[int], per_prompt: int, max_rows: int) -> list[list[int]]:
@@ -283,18 +363,20 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
     P = len(prompts)
     keys = Seeds.of(seed, P)
     check_int("budget", budget, minimum=1)
-    pilot_n = max(1, budget // 4) if pilot_n is None else check_int("pilot_n", pilot_n, minimum=1)
-    total = budget * P
-    if total < P * pilot_n:
-        raise ValueError(f"budget={budget} per prompt is below the pilot's pilot_n = {pilot_n} samples per prompt")
-    if n_max is not None:
-        check_int("n_max", n_max, minimum=0)
     table = table if table is not None else s.optimal_table
     if table is not None and not isinstance(table, OptimalTable):
         try:
             table = OptimalTable.load(table)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"table: cannot read an OptimalTable from {table!r}: {exc}") from exc
+    if pilot_n is None:
+        pilot_n = min(table.pilot(budget), budget) if table is not None else max(1, budget // 4)
+    check_int("pilot_n", pilot_n, minimum=1)
+    total = budget * P
+    if total < P * pilot_n:
+        raise ValueError(f"budget={budget} per prompt is below the pilot's pilot_n = {pilot_n} samples per prompt")
+    if n_max is not None:
+        check_int("n_max", n_max, minimum=0)
     if table is None:
         if isinstance(strategies, str) or not strategies or any(x not in STRATEGIES for x in strategies):
             raise ValueError(f"strategies must be a non-empty list from {STRATEGIES}, got {strategies!r}")
@@ -329,14 +411,21 @@ def compute_optimal(policy, verifier, prompts: Sequence[str], *, budget: int, pi
         lv = _levels(p, s.levels)
 
     rest = total - P * pilot_n
-    alloc = allocate_budget(p, rest, n_min=0, n_max=n_max).tolist()
+    if table is not None:  # measured accuracy per (level, samples): a knapsack over the fitted plans
+        alloc = [t - pilot_n for t in table.allocate(budget, lv, pilot_n, total)]
+        if n_max is not None:
+            alloc = [min(a, n_max) for a in alloc]
+    else:  # coverage counts the pilot's samples too: the whole budget with the pilot as each floor
+        alloc = (allocate_budget(p, total, n_min=pilot_n, n_max=None if n_max is None else pilot_n + n_max)
+                 - pilot_n).tolist()
     pick = []
     for i in range(P):
-        strat, bw = (table.choose(lv[i], pilot_n + alloc[i]) if table is not None else plan[lv[i]])
-        pick.append((strat, min(_width(strat, bw), max(budget, 1))))
+        strat, bw = (table.choose(budget, lv[i], pilot_n + alloc[i]) if table is not None else plan[lv[i]])
+        # A beam wider than the samples it gets runs as wide as they allow (as every registered tree search does).
+        pick.append((strat, max(1, min(_width(strat, bw), alloc[i]))))
     widths = [w for _, w in pick]
     n_run = [a - a % w for a, w in zip(alloc, widths)]
-    _top_up(n_run, widths, p.tolist(), rest - sum(n_run), n_max)
+    _top_up(n_run, widths, p.tolist(), rest - sum(n_run), n_max, pilot_n)
 
     info = [{"p": float(p[i]), "level": lv[i], "strategy": "pilot", "beam_width": None, "n": 0,
              "pilot_answer": pilot.predictions[i]} for i in range(P)]
