@@ -108,7 +108,7 @@ def test_demo_and_eval_share_the_verifier_and_strategies_flags():
         return next(a for a in sub[cmd]._actions if flag in a.option_strings)
 
     demo_v, eval_v = option("demo", "--verifier"), option("eval", "--verifier")
-    assert demo_v.choices == eval_v.choices and demo_v.default == eval_v.default == "likelihood"
+    assert demo_v.choices == eval_v.choices and demo_v.default == eval_v.default == "prm"
     assert option("demo", "--strategies").dest == option("eval", "--strategies").dest == "strategies"
     # Every registered strategy but greedy (the reference line) runs in the demo by default.
     assert option("demo", "--strategies").default.split(",") == [s for s in STRATEGIES if s != "greedy"]

@@ -27,7 +27,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def models():
-    return bundled.load_policy("small"), bundled.load_verifier("likelihood")
+    return bundled.load_policy("small"), bundled.load_verifier("prm")  # what the server loads by default
 
 
 def offline(models, strategy, prompts, budget, seed, **settings):
