@@ -71,3 +71,8 @@ def test_fields_map_to_settings_and_seeds():
     with pytest.raises(APIError) as e:  # 60 prompt tokens + 20 new > a context of 64
         parse({"model": "m", "prompt": "x" * 60}, chat=False, cfg=cfg, policy=pol, has_verifier=True)
     assert e.value.param == "max_tokens"
+    # A file path on the server is not a request's to choose.
+    with pytest.raises(APIError, match="set by the server") as e:
+        parse({"model": "m", "prompt": "a", "budget": 4, "optimal_table": "/etc/passwd"}, chat=False, cfg=cfg,
+              policy=pol, has_verifier=True)
+    assert e.value.param == "optimal_table"

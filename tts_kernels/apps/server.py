@@ -58,7 +58,10 @@ FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "f
 # OpenAI fields this server does not implement: refused when set, rather than silently ignored.
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
                "functions", "function_call", "response_format", "frequency_penalty", "presence_penalty")
-_SETTINGS = {f for f in Settings.__dataclass_fields__}
+# Search settings a request may set. Not optimal_table: a path on the server is the server's configuration,
+# never a client's to choose (a request naming it is refused).
+SERVER_ONLY = ("optimal_table",)
+_SETTINGS = {f for f in Settings.__dataclass_fields__} - set(SERVER_ONLY)
 
 
 class APIError(Exception):
@@ -161,6 +164,9 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
     budget = _int(body, "budget", n, minimum=1, maximum=cfg.max_budget)
     if n > budget:
         raise _bad("n", f"n ({n}) must be <= budget ({budget}): choices come from the search's candidates")
+    for name in SERVER_ONLY:
+        if body.get(name) is not None:
+            raise _bad(name, f"{name} is set by the server, not by a request")
     overrides = {name: value for name, value in body.items() if name in _SETTINGS}  # (stop: checked below)
     if body.get("max_tokens") is not None:
         overrides["max_new_tokens"] = _int(body, "max_tokens", minimum=1)
