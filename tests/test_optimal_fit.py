@@ -42,12 +42,13 @@ def test_verifier_quality_by_hand():
     a0, a1 = probs[0].answer, probs[1].answer
     pool = [[f"The answer is {a0}", f"The answer is {a0 + 1}", f"The answer is {a0 + 1}", "no answer"],
             [f"The answer is {a1 + 2}", f"The answer is {a1}", f"The answer is {a1 + 2}", f"The answer is {a1 + 2}"]]
-    scores = [[0.9, 0.5, 0.4, 0.1], [0.2, 0.1, 0.3, 0.2]]
+    # Scores as a verifier returns them (float32 values: 0.5 + 0.25 ties 0.75 exactly, in float64 sums too).
+    scores = [[0.75, 0.5, 0.25, 0.125], [0.2, 0.1, 0.3, 0.2]]
     q = quality(probs, pool, scores, ks=(2, 4))
-    # problem 0: right 0.9 vs wrong 0.5, 0.4, 0.1 -> 3/3; problem 1: right 0.1 vs wrong 0.2, 0.3, 0.2 -> 0/3
+    # problem 0: right 0.75 vs wrong 0.5, 0.25, 0.125 -> 3/3; problem 1: right 0.1 vs wrong 0.2, 0.3, 0.2 -> 0/3
     assert q["pair_ordering"] == 0.5 and q["pairs"] == 6
     assert q["best_of_2"] == 0.5 and q["best_of_4"] == 0.5
-    assert q["weighted_4"] == 0.5  # problem 0: a0 0.9 vs a0+1 0.9 -> tie to the first seen; problem 1: wrong 0.7
+    assert q["weighted_4"] == 0.5  # problem 0: a0 0.75 vs a0+1 0.75 -> tie to the first seen; problem 1: wrong 0.7
     b = baselines(probs, pool, ks=(2, 4))
     assert b["single"] == 2 / 8 and b["pass_2"] == 1.0 and b["majority_4"] == 0.0
 

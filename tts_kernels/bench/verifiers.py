@@ -13,26 +13,12 @@ and, verifier-free: single-sample accuracy, majority@k and pass@k (any of the fi
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
 
 import torch
 
 from ..bundled import arith
 from ..search.answers import extract_answer
-
-
-def sample_pool(policy, problems, n: int, *, temperature: float = 0.8, seed: int = 0, max_new_tokens: int = 96,
-                chunk: int = 50) -> list[list[str]]:
-    """``n`` sampled solution texts per problem."""
-    from ..search.best_of_n import sample_completions
-
-    out = []
-    for i in range(0, len(problems), chunk):
-        part = problems[i: i + chunk]
-        texts, _, _, _ = sample_completions(policy, [p.prompt for p in part], n, max_new_tokens=max_new_tokens,
-                                            temperature=temperature, seed=seed + i)
-        out += texts
-    return out
+from ..search.result import Candidate, select_candidates
 
 
 @torch.no_grad()
@@ -46,43 +32,25 @@ def score_pool(verifier, problems, pool, *, chunk: int = 25) -> list[list[float]
     return out
 
 
-def _pick_best(scores, k):
-    return max(range(k), key=lambda j: (scores[j], -j))
-
-
-def _weighted(answers, scores, k):
-    tot = defaultdict(float)
-    for a, s in zip(answers[:k], scores[:k]):
-        if a is not None:
-            tot[a] += s
-    return max(tot, key=tot.get) if tot else None
-
-
-def _majority(answers, k):
-    c = Counter(a for a in answers[:k] if a is not None)
-    return c.most_common(1)[0][0] if c else None
+def _accuracy(problems, pool, scores, k: int, rule: str) -> float:
+    """Accuracy of ``select_candidates``'s ``rule`` over each problem's first ``k`` samples."""
+    cands = [[Candidate(t, extract_answer(t), s) for t, s in zip(ts[:k], sc[:k])] for ts, sc in zip(pool, scores)]
+    _, answers = select_candidates(cands, rule)
+    return sum(arith.grade(a, p) for a, p in zip(answers, problems)) / len(problems)
 
 
 def quality(problems, pool, scores, ks=(4, 16)) -> dict:
     """Pair ordering, best-of-k and weighted-k of one verifier's ``scores`` of ``pool``."""
     pairs = ordered = 0.0
-    best = {k: 0 for k in ks}
-    weighted = {k: 0 for k in ks}
     for p, texts, sc in zip(problems, pool, scores):
-        answers = [extract_answer(t) for t in texts]
-        right = [arith.grade(a, p) for a in answers]
-        rs = [s for s, r in zip(sc, right) if r]
-        ws = [s for s, r in zip(sc, right) if not r]
-        for r in rs:
-            for w in ws:
+        right = [arith.grade(extract_answer(t), p) for t in texts]
+        for r in (s for s, ok in zip(sc, right) if ok):
+            for w in (s for s, ok in zip(sc, right) if not ok):
                 pairs += 1
                 ordered += 1.0 if r > w else 0.5 if r == w else 0.0
-        for k in ks:
-            best[k] += right[_pick_best(sc, k)]
-            weighted[k] += arith.grade(_weighted(answers, sc, k), p)
-    P = len(problems)
     return {"pair_ordering": ordered / max(pairs, 1), "pairs": int(pairs),
-            **{f"best_of_{k}": best[k] / P for k in ks}, **{f"weighted_{k}": weighted[k] / P for k in ks}}
+            **{f"best_of_{k}": _accuracy(problems, pool, scores, k, "best") for k in ks},
+            **{f"weighted_{k}": _accuracy(problems, pool, scores, k, "weighted") for k in ks}}
 
 
 def baselines(problems, pool, ks=(4, 16)) -> dict:
@@ -90,10 +58,10 @@ def baselines(problems, pool, ks=(4, 16)) -> dict:
     P = len(problems)
     out = {"single": sum(arith.grade(extract_answer(t), p) for p, ts in zip(problems, pool) for t in ts)
            / (P * len(pool[0]))}
+    unscored = [[float("nan")] * len(ts) for ts in pool]
     for k in ks:
-        ans = [[extract_answer(t) for t in ts[:k]] for ts in pool]
-        out[f"majority_{k}"] = sum(arith.grade(_majority(a, k), p) for a, p in zip(ans, problems)) / P
-        out[f"pass_{k}"] = sum(any(arith.grade(x, p) for x in a) for a, p in zip(ans, problems)) / P
+        out[f"majority_{k}"] = _accuracy(problems, pool, unscored, k, "majority")
+        out[f"pass_{k}"] = sum(any(arith.grade(extract_answer(t), p) for t in ts[:k]) for ts, p in zip(pool, problems)) / P
     return out
 
 
@@ -104,7 +72,8 @@ def run(*, problems: int = 200, samples: int = 16, seed: int = 77, verifiers=("p
 
     probs = bundled.test_problems(problems, seed=seed)
     t0 = time.perf_counter()
-    pool = sample_pool(bundled.load_policy("small", root=root), probs, samples, seed=0)
+    pool = bundled.sample_texts(bundled.load_policy("small", root=root), probs, samples, temperature=0.8, seed=0,
+                                chunk=50)
     out = {"problems": problems, "samples": samples, "seed": seed, "sample_seconds": time.perf_counter() - t0,
            "baselines": baselines(probs, pool, ks=(4, samples)), "verifiers": {}}
     for kind in verifiers:

@@ -125,6 +125,20 @@ def optimal_table(verifier: str = "prm", root=None):
     return table if table.meta.get("verifier") == verifier else None
 
 
+def sample_texts(policy, problems, n: int, *, temperature: float, seed: int, chunk: int,
+                 max_new_tokens: int = 96) -> list[list[str]]:
+    """``n`` sampled solution texts per problem, ``chunk`` problems per batch (batch ``i``, its first
+    problem's index, samples with seed ``seed + i``)."""
+    from ..search.best_of_n import sample_completions
+
+    out = []
+    for i in range(0, len(problems), chunk):
+        texts, _, _, _ = sample_completions(policy, [p.prompt for p in problems[i: i + chunk]], n,
+                                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i)
+        out += texts
+    return out
+
+
 def test_problems(n: int = 100, *, seed: int = TEST_SEED, levels=tuple(arith.LEVELS)) -> list[arith.Problem]:
     """The held-out problems (``"test"`` split): never seen in training."""
     return arith.generate(n, seed=seed, split="test", levels=levels)

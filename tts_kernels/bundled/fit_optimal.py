@@ -37,10 +37,10 @@ import time
 
 import torch
 
-from . import ROOT, arith, load_policy, load_verifier, test_problems
+from . import ROOT, arith, load_policy, load_verifier, sample_texts, test_problems
 from ..search import Settings, run_together
 from ..search.answers import extract_answer
-from ..search.best_of_n import best_of_n, sample_completions
+from ..search.best_of_n import best_of_n
 from ..search.compute_optimal import Calibration, OptimalTable, calibration_error, pilot_features
 
 VALIDATION_SEED = 31337
@@ -53,14 +53,13 @@ POOL = 16  # pilot pool and fresh samples per problem for the calibration
 def _pools(policy, verifier, problems, *, seed: int, chunk: int, settings: Settings):
     """Per problem: the scored pilot pool (``POOL`` candidates) and the right count of ``POOL`` fresh samples."""
     prompts = [p.prompt for p in problems]
-    pilots, right = [], []
+    pilots = []
     for i in range(0, len(prompts), chunk):
-        part = prompts[i: i + chunk]
-        res = best_of_n(policy, verifier, part, n=POOL, select="weighted", settings=settings, seed=seed + i)
-        pilots += res.candidates
-        texts, _, _, _ = sample_completions(policy, part, POOL, max_new_tokens=settings.max_new_tokens,
-                                            temperature=settings.temperature, seed=seed + 10**6 + i)
-        right += [sum(arith.grade(extract_answer(t), p) for t in row) for row, p in zip(texts, problems[i: i + chunk])]
+        pilots += best_of_n(policy, verifier, prompts[i: i + chunk], n=POOL, select="weighted", settings=settings,
+                            seed=seed + i).candidates
+    fresh = sample_texts(policy, problems, POOL, temperature=settings.temperature, seed=seed + 10**6, chunk=chunk,
+                         max_new_tokens=settings.max_new_tokens)
+    right = [sum(arith.grade(extract_answer(t), p) for t in row) for row, p in zip(fresh, problems)]
     return pilots, torch.tensor(right, dtype=torch.float64)
 
 
@@ -121,13 +120,7 @@ def choose_table(correct: dict, levels: list[int], n_levels: int, budgets, *, fo
                           if any(x == lv for x in levels) else single) for lv in range(n_levels)}
         kept = "per_level" if cv["per_level"] > cv["single"] else "single"
         table[b] = per_level if kept == "per_level" else {lv: single for lv in range(n_levels)}
-        report[str(b)] = {"cv_accuracy": cv, "kept": kept,
-                          "accuracy": {f"{s}/{w}": {"all": sum(correct[(s, w)][b]) / P,
-                                                    **{f"level{lv}": (sum(correct[(s, w)][b][i] for i in everyone
-                                                                          if levels[i] == lv)
-                                                                      / max(1, levels.count(lv)))
-                                                       for lv in range(n_levels)}}
-                                       for s, w in CANDIDATES if b in correct[(s, w)]}}
+        report[str(b)] = {"cv_accuracy": cv, "kept": kept}
     return table, report
 
 
@@ -199,7 +192,7 @@ def main(argv=None) -> int:
             else:
                 tab, rep = choose_table(correct, lv, n_levels, [t], folds=args.folds, seed=args.seed)
                 chosen, r = tab[t], rep[str(t)]
-            report[str(b)][str(t)] = {k: v for k, v in r.items() if k != "accuracy"}
+            report[str(b)][str(t)] = r
             for L in range(n_levels):
                 idx = [i for i in range(len(val)) if lv[i] == L] or list(range(len(val)))
                 accs = {f"{c}/{w}": sum(correct[(c, w)][t][i] for i in idx) / len(idx)

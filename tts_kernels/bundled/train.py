@@ -44,7 +44,6 @@ import torch
 
 from . import arith
 from ..models.text import split_steps
-from ..search.best_of_n import sample_completions
 
 BUNDLED = Path(__file__).resolve().parent / "weights"
 
@@ -236,15 +235,11 @@ def sampled_verifier_data(policy_model, tokenizer, problems, *, samples: int, te
     """:func:`verifier_example` of ``samples`` sampled solutions per problem (``tts_kernels``' own batched
     sampler), and the share of them that leave the reference somewhere."""
     from ..models.policy import HFPolicy
+    from . import sample_texts
 
-    policy = HFPolicy(policy_model, tokenizer)
-    out = []
-    chunk = 64
-    for i in range(0, len(problems), chunk):
-        part = problems[i: i + chunk]
-        texts, _, _, _ = sample_completions(policy, [p.prompt for p in part], samples, max_new_tokens=max_new_tokens,
-                                            temperature=temperature, seed=seed + i)
-        out += [verifier_example(tokenizer, p, t) for p, row in zip(part, texts) for t in row]
+    texts = sample_texts(HFPolicy(policy_model, tokenizer), problems, samples, temperature=temperature, seed=seed,
+                         chunk=64, max_new_tokens=max_new_tokens)
+    out = [verifier_example(tokenizer, p, t) for p, row in zip(problems, texts) for t in row]
     return out, sum(any(w >= 0 for w in e[2]) for e in out) / max(len(out), 1)
 
 
