@@ -20,6 +20,12 @@ likelihood of the text, e.g. a stronger policy reading a weaker one's steps. A s
 probability; :func:`~tts_kernels.ops.prm.prefix_likelihood`), so like a Math-Shepherd label
 a step's score covers its whole prefix. The prompt's tokens are not scored.
 
+Published PRMs load natively, without ``trust_remote_code`` (:meth:`HFPRM.from_pretrained`, the
+format detected): Math-Shepherd and RLHFlow as the causal LMs they are, token classifiers as
+themselves, and Qwen2.5-Math-PRM (``Qwen2ForProcessRewardModel``) and Skywork-o1-Open-PRM
+(``Qwen2ForPrmModel``), whose classes are remote code, as transformers' Qwen2 body with the head
+read from their checkpoint (:mod:`.prm_heads`).
+
 Incremental scoring: a :class:`PRMSession` prefills each prompt once into the PRM's own
 paged KV cache, forks it per candidate (no KV bytes move), and each
 :meth:`PRMSession.add_steps` call runs only the new steps' tokens through the model
@@ -166,20 +172,39 @@ class HFPRM:
     @classmethod
     def from_pretrained(cls, path_or_model, preset: str | None = None, *, tokenizer=None,
                         dtype: torch.dtype | None = None, device=None, model_kwargs: dict | None = None,
-                        **kwargs) -> "HFPRM":
-        """A published PRM in its own format: ``path_or_model`` is a folder or hub id (loaded with the
-        class its preset reads: a causal LM for ``math-shepherd`` / ``rlhflow`` / ``skywork-prm``, a token
-        classifier for ``qwen2.5-math-prm``; ``model_kwargs`` go to ``from_pretrained``, e.g.
-        ``trust_remote_code=True`` for Qwen's own class) or a loaded model (then ``tokenizer`` is
-        required). ``preset=None`` detects it (:func:`~tts_kernels.models.prm_formats.detect_preset`) and
-        logs the choice; ``kwargs`` go to :class:`HFPRM` (``step_delimiter``, ``system_prompt``,
-        ``head_module``, pool sizes)."""
+                        gguf_file: str | None = None, **kwargs) -> "HFPRM":
+        """A published PRM in its own format, loaded natively (no ``trust_remote_code``).
+
+        ``path_or_model`` is a folder or hub id, or a loaded model (then ``tokenizer`` is required).
+        ``preset=None`` detects the format (:func:`~tts_kernels.models.prm_formats.detect_preset`) and
+        logs the choice. What a folder loads as, by preset:
+
+        * ``math-shepherd``, ``rlhflow``: the causal LM (``AutoModelForCausalLM``).
+        * ``qwen2.5-math-prm``, ``skywork-prm``: a ``*ForTokenClassification`` checkpoint as itself;
+          otherwise the published layouts (Qwen/Qwen2.5-Math-PRM-*'s ``Qwen2ForProcessRewardModel``,
+          Skywork-o1-Open-PRM's ``Qwen2ForPrmModel``): the body with transformers' own class for the
+          config's ``model_type`` (``AutoModel``: Qwen2Model; the folder's ``auto_map`` is not followed)
+          and the head from the checkpoint's ``score.0/score.2`` or ``v_head.summary`` weights
+          (:mod:`.prm_heads`; safetensors or ``pytorch_model.bin``, sharded or not). A checkpoint with
+          neither is refused, naming what was looked for. ``head_module=`` (a head of your own) or
+          ``model_kwargs={"trust_remote_code": True}`` (the folder's own class) skip that reading.
+
+        ``dtype`` (default float32) and ``device`` place the model; ``model_kwargs`` go to the
+        transformers ``from_pretrained`` calls (config and model). ``gguf_file``: a GGUF file in the
+        folder or repository, passed to the config, tokenizer and model loads (transformers
+        dequantizes it); it holds a transformers body, so it suits the causal-LM presets, and a head
+        preset's head still comes from safetensors/``.bin`` weights beside it or ``head_module=``.
+        ``kwargs`` go to :class:`HFPRM` (``step_delimiter``, ``system_prompt``, ``head_module``, pool sizes)."""
         from transformers import AutoConfig, AutoTokenizer
 
+        from .prm_heads import HUB_KWARGS, ScoredModel, read_head
+
         name = path_or_model if isinstance(path_or_model, str) else _model_name(path_or_model)
+        gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
+        model_kwargs = {**(model_kwargs or {}), **gguf}
         if isinstance(path_or_model, str):
-            config = AutoConfig.from_pretrained(path_or_model, **(model_kwargs or {}))
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_model)
+            config = AutoConfig.from_pretrained(path_or_model, **model_kwargs)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_model, **gguf)
         else:
             if tokenizer is None:
                 raise ValueError("HFPRM.from_pretrained(model) needs tokenizer= when given a loaded model")
@@ -194,14 +219,20 @@ class HFPRM:
             from transformers import AutoModel, AutoModelForCausalLM, AutoModelForTokenClassification
 
             arch = list(getattr(config, "architectures", None) or [])
-            if preset == "qwen2.5-math-prm":
-                auto = AutoModel if any(a.endswith("ForProcessRewardModel") for a in arch) \
-                    else AutoModelForTokenClassification
-            elif preset == "skywork-prm" and any(a.endswith("ForTokenClassification") for a in arch):
+            head_preset = preset in ("qwen2.5-math-prm", "skywork-prm")
+            head = None
+            if head_preset and any(a.endswith("ForTokenClassification") for a in arch):
                 auto = AutoModelForTokenClassification
+            elif head_preset and "head_module" not in kwargs and not model_kwargs.get("trust_remote_code"):
+                # Read (and checked) before the body loads: a folder without a head fails at once.
+                head = read_head(path_or_model, config.get_text_config().hidden_size,
+                                 {k: v for k, v in model_kwargs.items() if k in HUB_KWARGS})
+                auto = AutoModel
             else:
-                auto = AutoModelForCausalLM
-            model = auto.from_pretrained(path_or_model, dtype=dtype or torch.float32, **(model_kwargs or {}))
+                auto = AutoModel if preset == "qwen2.5-math-prm" else AutoModelForCausalLM
+            model = auto.from_pretrained(path_or_model, dtype=dtype or torch.float32, **model_kwargs)
+            if head is not None:
+                model = ScoredModel(model, head)
             if device is not None:
                 model = model.to(device)
             model.eval()

@@ -24,15 +24,17 @@ score is read. The rules, and where each comes from:
     step separator ``"<extra_0>"`` (which replaces the step's delimiter, and follows the last step
     too). Tokenized whole with ``encode``'s defaults. A step scores ``softmax(logits)[1]`` at its
     separator. The card's model is ``Qwen2ForProcessRewardModel`` (``score``: Linear, ReLU,
-    Linear); a ``*ForTokenClassification`` with 2 labels reads the same way.
+    Linear; ``HFPRM.from_pretrained`` builds it from the checkpoint without the remote code:
+    :mod:`.prm_heads`); a ``*ForTokenClassification`` with 2 labels reads the same way.
 ``"skywork-prm"`` (Skywork/Skywork-o1-Open-PRM-Qwen-2.5-*; the card's ``prepare_input`` in
     skywork-o1-prm-inference, used as is by search-and-learn's ``SkyworkO1``). A value head on a
     causal LM. Unlike the others the pieces are tokenized apart: ``encode(bos + question + "\\n")``,
     then per step ``encode(step)`` (empty step: no tokens) followed by the id of ``"\\n"``. A step
     scores ``sigmoid(value)`` at that newline. Their code splits a response at every ``"\\n"``;
     here a step is one of the search's steps (the PRM's ``step_delimiter`` removed), so set
-    ``step_delimiter="\\n"`` to score every line as their code does. The value head is the model's
-    1-label ``*ForTokenClassification`` head or ``head_module=`` (e.g. Skywork's ``v_head.summary``).
+    ``step_delimiter="\\n"`` to score every line as their code does. The value head is Skywork's
+    ``v_head.summary`` (read from the checkpoint by ``HFPRM.from_pretrained``: :mod:`.prm_heads`),
+    a 1-label ``*ForTokenClassification`` head, or ``head_module=``.
 
 Every preset takes the steps as the searches give them (the delimiter kept at the end of every
 step but the last) and strips one trailing ``step_delimiter`` from each to get the step's body.
@@ -305,8 +307,9 @@ def detect_preset(config, tokenizer, name: str = "") -> str:
 
     1. the name (``name`` or ``config._name_or_path``) mentions a published PRM: ``math-shepherd``,
        ``rlhflow``, ``qwen2.5-math-prm``, ``skywork`` with ``prm``;
-    2. a ``*ForProcessRewardModel`` architecture, or a token classifier with 2 labels whose tokenizer
-       has ``<extra_0>``: ``qwen2.5-math-prm``; a token classifier with 1 label: ``skywork-prm``;
+    2. a ``*ForProcessRewardModel`` architecture (Qwen's), or a token classifier with 2 labels whose
+       tokenizer has ``<extra_0>``: ``qwen2.5-math-prm``; a ``*ForPrmModel`` architecture (Skywork's
+       ``Qwen2ForPrmModel``) or a token classifier with 1 label: ``skywork-prm``;
     3. a causal LM without a chat template whose tokenizer has the Math-Shepherd tag: ``math-shepherd``.
     """
     label = name or getattr(config, "_name_or_path", "") or ""
@@ -322,6 +325,8 @@ def detect_preset(config, tokenizer, name: str = "") -> str:
     vocab = tokenizer.get_vocab()
     if any(a.endswith("ForProcessRewardModel") for a in arch):
         return "qwen2.5-math-prm"
+    if any(a.endswith("ForPrmModel") for a in arch):
+        return "skywork-prm"
     if any(a.endswith("ForTokenClassification") for a in arch):
         if labels == 2 and QWEN_SEPARATOR in vocab:
             return "qwen2.5-math-prm"
