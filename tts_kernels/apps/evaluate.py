@@ -105,7 +105,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--data", default=None, help="JSONL dataset (default: the bundled held-out arithmetic problems)")
     add_strategies_argument(ap, "weighted_best_of_n")
     ap.add_argument("--budgets", default="1,4,16", help="samples (or beams) per problem, comma list (default 1,4,16)")
-    ap.add_argument("--policy", default=None, help="policy model folder (default: the bundled policy-small)")
+    ap.add_argument("--policy", default=None, help="policy model: a transformers folder or a .gguf file (default: the bundled policy-small)")
     add_verifier_argument(ap)
     ap.add_argument("--verifier-model", "--prm", dest="verifier_model", default=None,
                     help="verifier model folder: a causal LM for --verifier likelihood (default: the bundled "
@@ -169,10 +169,14 @@ class _Dist:
 # ---------------------------------------------------------------- config
 
 def _digest(folder: Path) -> str:
-    """sha256 of a model folder's config, tokenizer and weights (each file's name, then its bytes)."""
+    """sha256 of a model folder's config, tokenizer and weights (each file's name, then its bytes), or of a
+    GGUF file (which holds all three)."""
     h = hashlib.sha256()
-    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
-                   or p.name in ("config.json", "tokenizer.json"))
+    if folder.suffix.lower() == ".gguf":
+        folder, names = folder.parent, [folder.name]
+    else:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")
+                       or p.name in ("config.json", "tokenizer.json"))
     for name in names:
         h.update(name.encode() + b"\0")
         with open(folder / name, "rb") as f:
@@ -218,22 +222,22 @@ def check_config(out: Path, cfg: dict) -> None:
 
 def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm_head: str = "classifier",
                  prm_preset: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
 
     from ..models import HFPRM, HFPolicy
+    from ..models.loading import load_model, load_tokenizer
 
     hf_logging.disable_progress_bar()  # its loading bars would cut through the eval bars
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device).eval()
-    policy = HFPolicy(model, AutoTokenizer.from_pretrained(policy_path))
+    policy = HFPolicy.from_pretrained(policy_path, device=device)  # a folder or a .gguf file
     prm = None
     if prm_path is not None and prm_preset:
         prm = HFPRM.from_pretrained(str(prm_path), None if prm_preset == "auto" else prm_preset, device=device,
                                     step_delimiter=settings.step_delimiter)
     elif prm_path is not None:
         auto = AutoModelForCausalLM if prm_head == "likelihood" else AutoModelForTokenClassification
-        m = auto.from_pretrained(prm_path, dtype=torch.float32).to(device).eval()
-        prm = HFPRM(m, AutoTokenizer.from_pretrained(prm_path), head=prm_head, step_delimiter=settings.step_delimiter)
+        m = load_model(prm_path, auto=auto, device=device)
+        prm = HFPRM(m, load_tokenizer(prm_path), head=prm_head, step_delimiter=settings.step_delimiter)
     return policy, prm
 
 
@@ -362,9 +366,10 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     prm_path = (Path(args.verifier_model) if args.verifier_model else bundled.path(default_folder)) if needs_prm \
         else None
     for p in (policy_path, prm_path):
-        if p is not None and not (p / "config.json").is_file():
-            raise FileNotFoundError(f"no model folder (config.json) at {p}")
-    prm_head = "likelihood" if args.verifier == "likelihood" or prm_path is None else bundled.verifier_head(prm_path)
+        if p is not None and not (p / "config.json").is_file() and not (p.suffix.lower() == ".gguf" and p.is_file()):
+            raise FileNotFoundError(f"no model folder (config.json) or .gguf file at {p}")
+    prm_head = "likelihood" if args.verifier == "likelihood" or prm_path is None or prm_path.suffix.lower() == ".gguf" \
+        else bundled.verifier_head(prm_path)  # a GGUF file holds a causal LM
     if args.verifier_preset and args.verifier != "prm":
         raise SystemExit("--verifier-preset reads a trained PRM: use it with --verifier prm")
     settings = Settings.recipe(args.recipe, vote_key=args.vote_key) if args.recipe else Settings(vote_key=args.vote_key)

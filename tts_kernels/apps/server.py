@@ -448,7 +448,8 @@ HEADS = ("classifier", "label_token", "value_head", "likelihood")
 def add_arguments(ap) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--policy", default=None, help="policy model folder (default: the bundled policy-small)")
+    ap.add_argument("--policy", default=None,
+                    help="policy model: a transformers folder or a .gguf file (default: the bundled policy-small)")
     ap.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                     help="what generates: the transformers model on this package's paged cache (hf), or a vLLM "
                          "engine (vllm: needs vLLM installed, e.g. .venv-vllm from make test-vllm)")
@@ -489,26 +490,25 @@ def load_models(args):
         name = DEFAULT_MODEL if args.policy is None else Path(args.policy).name
     elif args.policy is None:
         policy, name = bundled.load_policy("small", device=args.device, dtype=dtype), DEFAULT_MODEL
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    else:  # a folder, hub id or .gguf file
         from ..models import HFPolicy
 
-        model = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype).to(args.device).eval()
-        policy, name = HFPolicy(model, AutoTokenizer.from_pretrained(args.policy)), Path(args.policy).name
+        policy = HFPolicy.from_pretrained(args.policy, dtype=dtype, device=args.device)
+        name = Path(args.policy).stem if args.policy.lower().endswith(".gguf") else Path(args.policy).name
     if args.verifier == "none":
         verifier = None
     elif args.verifier in bundled.VERIFIERS:
         verifier = bundled.load_verifier(args.verifier, device=args.device, dtype=dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+    else:  # a folder, hub id or .gguf file
+        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
         from ..models import HFPRM
+        from ..models.loading import load_model, load_tokenizer
 
         auto = AutoModelForCausalLM if args.verifier_head in ("likelihood", "label_token") else \
             AutoModelForTokenClassification
-        m = auto.from_pretrained(args.verifier, dtype=dtype).to(args.device).eval()
-        verifier = HFPRM(m, AutoTokenizer.from_pretrained(args.verifier), head=args.verifier_head)
+        m = load_model(args.verifier, auto=auto, dtype=dtype, device=args.device)
+        verifier = HFPRM(m, load_tokenizer(args.verifier), head=args.verifier_head)
     for m in (policy, verifier):
         if m is not None and args.kv_blocks is not None and hasattr(m, "num_blocks"):
             m.num_blocks = args.kv_blocks
