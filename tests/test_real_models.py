@@ -6,7 +6,7 @@ offline. Skipped, with the reason, when the models have not been fetched (`make 
 import pytest
 import torch
 
-from tts_kernels.apps import real_models
+from tts_kernels.bundled import real_models
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.apps.server import render_chat
 from tts_kernels.bench.serving import ServerProcess

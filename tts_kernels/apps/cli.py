@@ -23,10 +23,10 @@ from ..bench import kv_reorder as kv
 from ..bench import paged_attention as pa
 from ..bench import resample as rs
 from ..bench import sample as sp
+from ..bundled import real_models as real_models_app
 from . import check as check_app
 from . import demo as demo_app
 from . import evaluate as eval_app
-from . import real_models as real_models_app
 from . import server as server_app
 from .report import COLUMNS, machine_info, print_table, write_json
 

