@@ -2,7 +2,8 @@
 
 - :mod:`.hf_paged` — ``PagedCache`` (a transformers ``Cache`` over ``PagedKVCache``) and the
   ``"tts_paged"`` attention;
-- :mod:`.policy` — ``HFPolicy``: a causal LM as a search :class:`~tts_kernels.search.Policy`;
+- :mod:`.policy` — ``HFPolicy``: a causal LM as a search :class:`~tts_kernels.search.Policy`
+  (paged for :data:`PAGED_ARCHITECTURES`, else :mod:`.fallback`'s ``DenseSession`` on a ``DynamicCache``);
 - :mod:`.prm` — ``HFPRM``: label-token, classifier, value-head and likelihood verifiers, scored
   incrementally (a search :class:`~tts_kernels.search.Verifier`);
 - :mod:`.hf_decoding` — calling a causal LM as ``generate()`` does (the token-level beam search);
@@ -19,7 +20,8 @@ import importlib
 _EXPORTS = {
     "ATTN_IMPLEMENTATION": "hf_paged", "PagedCache": "hf_paged", "paged_attention_forward": "hf_paged",
     "register": "hf_paged", "use_paged_attention": "hf_paged",
-    "HFPolicy": "policy", "PolicySession": "policy",
+    "PAGED_ARCHITECTURES": "hf_paged", "paged_unsupported": "hf_paged",
+    "HFPolicy": "policy", "PolicySession": "policy", "DenseSession": "fallback",
     "HFPRM": "prm", "PRMScores": "prm", "PRMSession": "prm",
     "split_steps": "text",
 }

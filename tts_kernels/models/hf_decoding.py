@@ -7,24 +7,42 @@ reorders move no KV bytes). Positions and masks follow ``generate()``: positions
 mask (``cumsum - 1``, 0 at pads, then +1 per step), an all-ones mask dropped.
 :func:`~tts_kernels.search.beam_search` drives it; the search logic lives there, the model
 plumbing here.
+
+Paged mode only for the architectures the paged attention is known to be exact for
+(:func:`~tts_kernels.models.hf_paged.paged_unsupported`): for any other, ``paged=True`` runs the
+DynamicCache mode (the model's own attention, exactly as ``generate()``) and says so in one warning on
+the ``"tts_kernels"`` logger, and :func:`switch_to_paged_attention` leaves the model's attention alone.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+from transformers import DynamicCache
 
 from ..ops.kv import kv_reorder_
 from .compat import cache_keyword, forward_params
-from .hf_paged import ATTN_IMPLEMENTATION, PagedCache, use_paged_attention
+from .hf_paged import ATTN_IMPLEMENTATION, PagedCache, paged_unsupported, use_paged_attention
+
+log = logging.getLogger("tts_kernels")
+
+
+class _FreeableDynamicCache(DynamicCache):
+    """A DynamicCache with :meth:`PagedCache.free`'s name (drops the tensors): what :class:`HFDecoder` uses when
+    paged mode was asked for and is off, so the caller's clean-up of a paged cache works on it too."""
+
+    def free(self) -> None:
+        self.layers = []
 
 
 class HFDecoder:
     """Calls the model the way generate() does for a plain decoder-only LM, one DynamicCache
-    (or, ``paged=True``, one PagedCache with the model's attention set to ``"tts_paged"``)."""
+    (or, ``paged=True``, one PagedCache with the model's attention set to ``"tts_paged"``; on an
+    architecture the paged attention is not known exact for, the DynamicCache, logged once: ``self.paged``
+    says which ran)."""
 
     def __init__(self, model, mask: torch.Tensor, max_new_tokens: int, paged: bool = False, block_size: int = 16,
                  num_beams: int = 1):
-        from transformers import DynamicCache
-
         params = forward_params(model)
         self.model = model
         self.cache_kw = cache_keyword(model, params)
@@ -33,7 +51,13 @@ class HFDecoder:
             raise TypeError(f"{type(model).__name__} keeps its own kind of cache, not a DynamicCache; "
                             "beam_search does not support it")
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        reason = paged_unsupported(model) if paged else None
+        if reason is not None:
+            log.warning("beam_search: the paged fast path is off for %s: %s; using a DynamicCache (the model's own "
+                        "attention, as generate())", type(model).__name__, reason)
+            paged = False
         self.paged = paged
+        fell_back = reason is not None
         B, L = mask.shape
         if paged:
             # Room for every beam's full sequence (an upper bound: blocks shared by beams count once),
@@ -43,7 +67,8 @@ class HFDecoder:
                                     block_size=block_size, max_seqs=B * (num_beams + 1),
                                     max_seq_len=L + max_new_tokens)
         else:
-            self.cache = DynamicCache(config=cfg)
+            # A caller that asked for paged mode frees the cache when done (PagedCache.free): so can this one.
+            self.cache = _FreeableDynamicCache(config=cfg) if fell_back else DynamicCache(config=cfg)
         self.extra = {"use_cache": True}
         if "logits_to_keep" in params:
             self.extra["logits_to_keep"] = 1
@@ -127,9 +152,11 @@ def _plain_reorder():
 
 
 def switch_to_paged_attention(model):
-    """Switch ``model`` to the ``"tts_paged"`` attention; returns the function that switches it back."""
+    """Switch ``model`` to the ``"tts_paged"`` attention; returns the function that switches it back.
+    A model the paged attention is not known exact for is left as it is (``None``: :class:`HFDecoder`
+    then runs it on a DynamicCache and logs why)."""
     before = getattr(model.config, "_attn_implementation", None)
-    if before == ATTN_IMPLEMENTATION:
+    if before == ATTN_IMPLEMENTATION or paged_unsupported(model) is not None:
         return None
     use_paged_attention(model)
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:

@@ -28,6 +28,15 @@ real tokens, so masks come from lengths alone, the sliding window (Mistral, Qwen
 needed when decoding. Positions: :meth:`PagedCache.position_ids` gives what ``generate()``
 uses (real-token index: ``cumsum(mask) - 1``).
 
+Which models: the paged path is exact only where the model's attention goes through transformers'
+attention interface with the keys ``PagedCache.update`` returned, and computes nothing the pool
+does not know (no logit soft-capping, no attention sinks, causal). :data:`PAGED_ARCHITECTURES` lists
+the model types tested exact against ``generate()`` (``tests/test_architectures.py``);
+:func:`paged_unsupported` says why a model is not one of them, and ``HFPolicy`` / the token beam
+search then run the model's own forward on a ``DynamicCache`` (``HFPRM`` refuses it). As a last guard,
+a layer whose attention does not go through ``"tts_paged"`` after it appended to a ``PagedCache``
+(remote code with its own attention) makes the next append raise.
+
 Usage::
 
     model = use_paged_attention(model)               # model.set_attn_implementation("tts_paged")
@@ -67,6 +76,41 @@ _ACTIVE = threading.local()
 
 def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+# Model types (``config.model_type``) whose every layer the paged path runs exactly as transformers'
+# sdpa attention does, checked against generate() (greedy through HFPolicy, beam_search K=4) in
+# tests/test_architectures.py: Llama, Mistral and Qwen2 (sliding windows per layer), Qwen3 (q/k norms),
+# Gemma 3 text (sliding and full layers from layer_types, q/k norms, scaled embeddings,
+# query_pre_attn_scalar, a rope base per layer type) and GPT-2 (learned positions).
+PAGED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"})
+
+
+def paged_unsupported(model_or_config) -> str | None:
+    """Why the paged fast path is not known to be exact for this model, or ``None`` when it is.
+
+    Exact means: ``config.model_type`` is in :data:`PAGED_ARCHITECTURES` and the config turns on nothing
+    the paged attention does not compute (attention logit soft-capping, bidirectional attention)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    kind = getattr(config, "model_type", None) or "?"
+    name = type(model_or_config).__name__ if isinstance(model_or_config, torch.nn.Module) else type(config).__name__
+    if kind not in PAGED_ARCHITECTURES:
+        return (f"model type {kind!r} ({name}) is not one the paged attention is tested exact for "
+                f"(supported: {', '.join(sorted(PAGED_ARCHITECTURES))})")
+    cfg = _text_config(config)
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return (f"{name} (model type {kind!r}) sets attn_logit_softcapping={cfg.attn_logit_softcapping}: the paged "
+                "attention does not soft-cap attention logits")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return f"{name} (model type {kind!r}) sets use_bidirectional_attention: the paged attention is causal"
+    return None
+
+
+def require_paged(model, who: str) -> None:
+    """Raise a ``ValueError`` naming the architecture when ``who`` cannot run ``model`` on the paged cache."""
+    reason = paged_unsupported(model)
+    if reason is not None:
+        raise ValueError(f"{who} needs the paged KV cache and it is not known to be exact here: {reason}")
 
 
 class KVLedger:
@@ -228,6 +272,9 @@ class PagedCache(Cache):
         # A forward pass that raised between its layer-0 and last-layer appends leaves a step open;
         # its tokens never became visible, so abandoning it is all that is needed (no-op otherwise).
         self.kv.abort_step()
+        cur = getattr(_ACTIVE, "cur", None)
+        if cur is not None and cur[0] is self:
+            _ACTIVE.cur = None
 
     # transformers' names for the same things (generate()-style code calls these)
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -276,6 +323,13 @@ class PagedCache(Cache):
         B, _, t, _ = key_states.shape
         if B != self.batch_size:
             raise ValueError(f"the forward has batch {B} but the cache has {self.batch_size} rows")
+        prev = getattr(_ACTIVE, "cur", None)
+        if prev is not None and prev[0] is self:
+            # The last layer that appended here never attended through "tts_paged" (its attention read the
+            # returned keys, which are only the new tokens): that model's output was wrong. Refuse to go on.
+            _ACTIVE.cur = None
+            raise RuntimeError(f"layer {prev[1]} of the model attended without the 'tts_paged' attention after "
+                               "appending to a PagedCache; this model cannot run on the paged cache")
         if layer_idx == 0:
             self._start = self._pads(t)
             self._mask = None

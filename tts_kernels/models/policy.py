@@ -17,17 +17,24 @@ the same methods works:
 ``HFPolicy`` implements it over a :class:`~tts_kernels.models.PagedCache`: prompts are
 left-padded and prefilled in one forward that stores only real tokens and computes
 logits for the last position only; forks share blocks; a decode step keeps each row's
-position on the device (no sync).
+position on the device (no sync). That is the fast path, for the architectures it is known to be
+exact for (:data:`~tts_kernels.models.hf_paged.PAGED_ARCHITECTURES`); any other decoder runs on
+:class:`~tts_kernels.models.fallback.DenseSession` (its own forward and attention on a
+``DynamicCache``, as ``generate()``), chosen once per policy (``policy.paged``) and logged once.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 
 from .compat import ForwardArgs
-from .hf_paged import KVLedger, PagedCache, use_paged_attention
+from .fallback import DenseSession, dense_cache_layers, dense_forward_args
+from .hf_paged import KVLedger, PagedCache, paged_unsupported, use_paged_attention
+
+log = logging.getLogger("tts_kernels")
 
 
 def eos_ids(config, tokenizer) -> list[int]:
@@ -73,17 +80,42 @@ class HFPolicy:
     template's end-of-turn token (one of :data:`END_OF_TURN` the tokenizer has) then also ends a
     completion. Off by default: prompts are read as they are (what a server's completions endpoint
     and a chat endpoint that renders its own messages need).
+    ``paged``: ``None`` (default) runs the paged fast path when the architecture is known to be exact on
+    it (:func:`~tts_kernels.models.hf_paged.paged_unsupported`) and otherwise the dense fallback
+    (:class:`~tts_kernels.models.fallback.DenseSession`: the model's own attention on a ``DynamicCache``;
+    one warning on the ``"tts_kernels"`` logger says why); ``True`` requires the fast path (a
+    ``ValueError`` naming the architecture when it is not known exact); ``False`` forces the fallback.
+    The choice is ``policy.paged``. On the fallback the model's attention implementation is left as it
+    is and ``kv_ledger`` counts the sessions with 0 blocks (they hold no pool).
     """
 
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  eos_token_ids: list[int] | None = None, chat_template: bool = False,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, paged: bool | None = None):
+        if paged not in (None, True, False):
+            raise TypeError(f"paged must be None, True or False, got {paged!r}")
         if system_prompt is not None and not chat_template:
             raise ValueError("system_prompt needs chat_template=True (it is a turn of the chat)")
         if chat_template:
             _check_template(tokenizer, system_prompt)
-        self.model = use_paged_attention(model)
-        self.forward_args = ForwardArgs(model)  # the cache keyword this transformers version declares
+        reason = paged_unsupported(model)
+        if paged and reason is not None:
+            raise ValueError(f"paged=True, but the paged fast path is not known to be exact here: {reason}")
+        self.paged = reason is None if paged is None else bool(paged)
+        if self.paged:
+            self.model = use_paged_attention(model)
+            self.forward_args = ForwardArgs(model)  # the cache keyword this transformers version declares
+        else:  # the model's own attention, on a DynamicCache (fallback.DenseSession)
+            self.model = model
+            self.forward_args = dense_forward_args(model)
+            self.dense_layers = dense_cache_layers(model)
+            if reason is not None:
+                log.warning("HFPolicy: the paged fast path is off for %s: %s; running the model's own forward on a "
+                            "DynamicCache instead (exact, slower: forks copy the KV history)",
+                            getattr(model.config, "_name_or_path", "") or type(model).__name__, reason)
+            else:
+                log.info("HFPolicy: paged=False: running %s on a DynamicCache (the dense fallback)",
+                         type(model).__name__)
         self.tokenizer = tokenizer
         self.block_size, self.num_blocks = block_size, num_blocks
         self.chat_template, self.system_prompt = bool(chat_template), system_prompt
@@ -112,8 +144,9 @@ class HFPolicy:
         return self.tokenizer(prompt).input_ids
 
     def start(self, prompt_ids: list[list[int]], *, rows_hint: int | None = None,
-              max_new_tokens: int = 0) -> "PolicySession":
-        return PolicySession(self, prompt_ids, rows_hint or len(prompt_ids), max_new_tokens)
+              max_new_tokens: int = 0) -> "PolicySession | DenseSession":
+        session = PolicySession if self.paged else DenseSession
+        return session(self, prompt_ids, rows_hint or len(prompt_ids), max_new_tokens)
 
 
 class PolicySession:

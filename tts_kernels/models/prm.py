@@ -55,7 +55,7 @@ import torch
 from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, init_likelihood_state, label_token_head,
                        prefix_likelihood, prm_score)
 from .compat import ForwardArgs
-from .hf_paged import KVLedger, PagedCache, use_paged_attention
+from .hf_paged import KVLedger, PagedCache, require_paged, use_paged_attention
 from .prm_formats import PRESETS, detect_preset, make_format
 from .text import split_steps
 
@@ -123,6 +123,7 @@ class HFPRM:
             raise ValueError(f"reduce must be one of {LIKELIHOOD_REDUCES}, got {reduce!r}")
         if head == "likelihood" and step_tag is not None:
             raise ValueError("step_tag has no meaning for head='likelihood' (the tag's own tokens would be scored)")
+        require_paged(model, "HFPRM (incremental scoring)")  # a ValueError naming the architecture
         self.model = use_paged_attention(model)
         self.tokenizer = tokenizer
         self.head_kind = head
