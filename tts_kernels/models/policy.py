@@ -126,6 +126,18 @@ class HFPolicy:
             self.eos_token_ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in self.eos_token_ids]
         self.kv_ledger = KVLedger()  # KV blocks held by this policy's open sessions
 
+    @classmethod
+    def from_pretrained(cls, path, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, device=None,
+                        model_kwargs: dict | None = None, **kwargs) -> "HFPolicy":
+        """The causal LM at ``path`` with its tokenizer: a transformers folder or hub id, or a GGUF file
+        (``path`` ending in ``.gguf``, or a folder with ``gguf_file=``), dequantized to ``dtype``
+        (:mod:`.loading`). ``model_kwargs`` go to ``from_pretrained``; ``kwargs`` to :class:`HFPolicy`
+        (``chat_template``, ``system_prompt``, pool sizes)."""
+        from .loading import load_model, load_tokenizer
+
+        model = load_model(path, gguf_file=gguf_file, dtype=dtype, device=device, **(model_kwargs or {}))
+        return cls(model, load_tokenizer(path, gguf_file=gguf_file), **kwargs)
+
     def render(self, prompt: str) -> str:
         """The text the model reads for ``prompt`` (the chat rendering when ``chat_template``)."""
         if not self.chat_template:
