@@ -75,6 +75,17 @@ def cache_keyword(model, params: frozenset[str] | None = None) -> str:
                     "need a model that takes a transformers Cache (supported: transformers " + SUPPORTED + ")")
 
 
+def returned_cache(out, current):
+    """The cache a model's output hands back (``cache``, or ``past_key_values`` before transformers 5.20), else
+    ``current``: a DynamicCache is updated in place, but a model may return a new object."""
+    if hasattr(out, "get"):
+        for key in ("cache", "past_key_values"):
+            new = out.get(key, None)
+            if new is not None:
+                return new
+    return current
+
+
 class ForwardArgs:
     """Keyword arguments for one model's ``forward``, checked against its signature once.
 

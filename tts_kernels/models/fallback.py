@@ -25,7 +25,19 @@ import copy
 
 import torch
 
-from .compat import ForwardArgs
+from .compat import ForwardArgs, returned_cache
+
+
+def left_pad(prompt_ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, both ``[P, longest]`` int64 on ``device``: the prompts left-padded with ``pad``, mask 0 at
+    pads (host-side packing of token lists, one copy to the device each)."""
+    t = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), t), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompt_ids), t, dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    return ids.to(device), mask.to(device)
 
 
 def dense_cache_layers(model) -> int:
@@ -74,23 +86,15 @@ class DenseSession:
             raise ValueError("every prompt must have at least one token")
         self.policy = policy
         dev = policy.device
-        P = len(prompt_ids)
-        t = max(len(p) for p in prompt_ids)
-        pad = policy.tokenizer.pad_token_id or 0
-        ids = torch.full((P, t), pad, dtype=torch.long)
-        mask = torch.zeros(P, t, dtype=torch.long)
-        for i, p in enumerate(prompt_ids):  # host-side packing of token lists
-            ids[i, t - len(p):] = torch.tensor(p)
-            mask[i, t - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_pad(prompt_ids, policy.tokenizer.pad_token_id or 0, dev)
         self.cache = _new_cache(policy.dense_layers)
-        self.width = t  # cache columns T (host int)
+        self.width = ids.shape[1]  # cache columns T (host int)
         self.positions = mask.sum(1)  # real tokens of each row = its next position (device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
             out = policy.model(**policy.forward_args(self.cache, input_ids=ids, attention_mask=mask, use_cache=True,
                                                      optional={"position_ids": pos, "logits_to_keep": 1}))
-        self._adopt(out)
+        self.cache = returned_cache(out, self.cache)
         self.logits = out.logits[:, -1]
         self.prefill_tokens = int(sum(len(p) for p in prompt_ids))
         self.tokens = self.prefill_tokens
@@ -100,13 +104,6 @@ class DenseSession:
     @property
     def rows(self) -> int:
         return int(self.logits.shape[0])
-
-    def _adopt(self, out) -> None:
-        new = out.get("cache", None) if hasattr(out, "get") else None
-        if new is None and hasattr(out, "get"):
-            new = out.get("past_key_values", None)
-        if new is not None:
-            self.cache = new
 
     def _mask(self, width: int, lengths: torch.Tensor) -> torch.Tensor:
         return (torch.arange(width, device=lengths.device)[None] >= (width - lengths)[:, None]).to(torch.long)
@@ -170,7 +167,7 @@ class DenseSession:
         out = self.policy.model(**self.policy.forward_args(
             self.cache, input_ids=tokens[:, None], attention_mask=mask, use_cache=True,
             optional={"position_ids": n[:, None]}))
-        self._adopt(out)
+        self.cache = returned_cache(out, self.cache)
         self.width = T + 1
         logits = out.logits[:, -1]
         self.tokens += int(tokens.shape[0])

@@ -21,18 +21,10 @@ import torch
 from transformers import DynamicCache
 
 from ..ops.kv import kv_reorder_
-from .compat import cache_keyword, forward_params
+from .compat import cache_keyword, forward_params, returned_cache
 from .hf_paged import ATTN_IMPLEMENTATION, PagedCache, paged_unsupported, use_paged_attention
 
 log = logging.getLogger("tts_kernels")
-
-
-class _FreeableDynamicCache(DynamicCache):
-    """A DynamicCache with :meth:`PagedCache.free`'s name (drops the tensors): what :class:`HFDecoder` uses when
-    paged mode was asked for and is off, so the caller's clean-up of a paged cache works on it too."""
-
-    def free(self) -> None:
-        self.layers = []
 
 
 class HFDecoder:
@@ -57,7 +49,6 @@ class HFDecoder:
                         "attention, as generate())", type(model).__name__, reason)
             paged = False
         self.paged = paged
-        fell_back = reason is not None
         B, L = mask.shape
         if paged:
             # Room for every beam's full sequence (an upper bound: blocks shared by beams count once),
@@ -67,8 +58,7 @@ class HFDecoder:
                                     block_size=block_size, max_seqs=B * (num_beams + 1),
                                     max_seq_len=L + max_new_tokens)
         else:
-            # A caller that asked for paged mode frees the cache when done (PagedCache.free): so can this one.
-            self.cache = _FreeableDynamicCache(config=cfg) if fell_back else DynamicCache(config=cfg)
+            self.cache = DynamicCache(config=cfg)
         self.extra = {"use_cache": True}
         if "logits_to_keep" in params:
             self.extra["logits_to_keep"] = 1
@@ -94,7 +84,7 @@ class HFDecoder:
         if self.use_mask:
             kw["attention_mask"] = self.mask[:, : self.L]
         out = self.model(input_ids=input_ids, return_dict=True, **{self.cache_kw: self.cache}, **kw)
-        self._adopt(out)
+        self.cache = returned_cache(out, self.cache)
         return out.logits[:, -1, :]
 
     def fork(self, k: int) -> None:
@@ -112,15 +102,8 @@ class HFDecoder:
         if self.use_mask:
             kw["attention_mask"] = self.mask[:, : self.L + t]
         out = self.model(input_ids=tokens, return_dict=True, **{self.cache_kw: self.cache}, **kw)
-        self._adopt(out)
+        self.cache = returned_cache(out, self.cache)
         return out.logits[:, -1, :]
-
-    def _adopt(self, out) -> None:
-        new = out.get("cache", None) if hasattr(out, "get") else None
-        if new is None and hasattr(out, "get"):
-            new = out.get("past_key_values", None)
-        if new is not None:
-            self.cache = new
 
     def reorder(self, flat_parents: torch.Tensor) -> None:
         """cache[i] <- cache[flat_parents[i]] for every layer: one kv_reorder_ call over all plain K/V tensors;

@@ -31,7 +31,7 @@ import logging
 import torch
 
 from .compat import ForwardArgs
-from .fallback import DenseSession, dense_cache_layers, dense_forward_args
+from .fallback import DenseSession, dense_cache_layers, dense_forward_args, left_pad
 from .hf_paged import KVLedger, PagedCache, paged_unsupported, use_paged_attention
 
 log = logging.getLogger("tts_kernels")
@@ -176,13 +176,7 @@ class PolicySession:
         blocks = policy.num_blocks or (P * (t // B + 1) + rows_hint * (max_new_tokens // B + 2) + 8)
         self.cache = PagedCache(policy.model, batch_size=P, num_blocks=blocks, block_size=B,
                                 max_seqs=max(2 * rows_hint + P, 16))
-        pad = policy.tokenizer.pad_token_id or 0
-        ids = torch.full((P, t), pad, dtype=torch.long)
-        mask = torch.zeros(P, t, dtype=torch.long)
-        for i, p in enumerate(prompt_ids):  # host-side packing of token lists
-            ids[i, t - len(p):] = torch.tensor(p)
-            mask[i, t - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_pad(prompt_ids, policy.tokenizer.pad_token_id or 0, dev)
         self.cache.set_attention_mask(mask)
         pos = self.cache.position_ids(t)
         self.cache.set_attention_mask(mask)

@@ -227,8 +227,8 @@ def beam_search(
     ``cache``: ``"dense"`` (a transformers ``DynamicCache``, reordered in place by ``kv_reorder_``)
     or ``"paged"`` (a :class:`~tts_kernels.models.PagedCache` of ``block_size``-token blocks: forks
     and beam steps copy no history; the model's attention is ``"tts_paged"`` for the call and is
-    restored after it; supported: models whose attention goes through transformers' attention
-    interface, e.g. Llama, Qwen2, Mistral, GPT-2). The result is the same either way.
+    restored after it; for the architectures in :data:`~tts_kernels.models.hf_paged.PAGED_ARCHITECTURES`,
+    any other model runs on the ``DynamicCache``, logged once). The result is the same either way.
 
     ``model`` may also be a :class:`~tts_kernels.search.protocols.Policy` (an
     :class:`~tts_kernels.models.HFPolicy`, or any backend): the search then runs on the policy's
@@ -281,7 +281,7 @@ def beam_search(
                 return _search(dec, input_ids, num_beams, max_new_tokens, eos, pad, length_penalty, early_stopping,
                                num_return_sequences, sync_every, think)
             finally:
-                if paged:
+                if dec.paged:  # the paged mode ran (an architecture off the fast path ran on a DynamicCache)
                     dec.cache.free()
     finally:
         if restore is not None:
