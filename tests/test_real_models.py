@@ -9,6 +9,7 @@ import torch
 from tts_kernels.bundled import real_models
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.apps.server import render_chat
+from tts_kernels.bench.real_models import encode_padded
 from tts_kernels.bench.serving import ServerProcess
 from tts_kernels.search import Settings, beam_search, run
 
@@ -38,20 +39,13 @@ def policy_of(name):
     return _POLICIES[name]
 
 
-def padded(policy, prompts):
-    ids = [policy.encode(q) for q in prompts]
-    width, pad = max(map(len, ids)), policy.tokenizer.pad_token_id or 0
-    return (torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
-            torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]), ids)
-
-
 @pytest.mark.parametrize("name", sorted(CHAT))
 def test_greedy_is_generate(name):
     policy = policy_of(name)
     assert policy.paged, f"{name} should run on the paged fast path"
     n = 40
     res = run("greedy", policy, None, QUESTIONS, budget=1, settings=Settings(max_new_tokens=n))
-    for ids, cands in zip(padded(policy, QUESTIONS)[2], res.candidates):
+    for ids, cands in zip(encode_padded(policy, QUESTIONS)[2], res.candidates):
         ref = policy.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=n, do_sample=False, eos_token_id=policy.eos_token_ids,
                                     pad_token_id=policy.tokenizer.pad_token_id)[0, len(ids):].tolist()
@@ -63,7 +57,7 @@ def test_greedy_is_generate(name):
 @pytest.mark.parametrize("name", sorted(CHAT))
 def test_beam_search_is_generate(name):
     policy = policy_of(name)
-    input_ids, mask, _ = padded(policy, QUESTIONS)
+    input_ids, mask, _ = encode_padded(policy, QUESTIONS)
     kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=24)
     ref = policy.model.generate(input_ids, do_sample=False, **kw)
     for cache in ("dense", "paged"):

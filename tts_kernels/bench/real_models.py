@@ -82,11 +82,13 @@ def chat_prompts(tokenizer, questions, system_prompt: str | None = SYSTEM_PROMPT
                                           add_generation_prompt=True) for q in questions]
 
 
-def left_pad(policy, prompts):
+def encode_padded(policy, prompts):
+    """``(input_ids, attention_mask, ids)``: ``prompts`` encoded by ``policy`` and left-padded, as ``generate()``
+    takes a batch (``models.fallback.left_pad``), and the unpadded id lists."""
+    from ..models.fallback import left_pad
+
     ids = [policy.encode(p) for p in prompts]
-    width, pad = max(map(len, ids)), policy.tokenizer.pad_token_id or 0
-    return (torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
-            torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]), ids)
+    return (*left_pad(ids, policy.tokenizer.pad_token_id or 0, policy.device), ids)
 
 
 def generated_tokens(sequences: torch.Tensor, width: int, eos: list[int]) -> int:
@@ -103,13 +105,13 @@ def exactness(policy, prompts, *, max_new_tokens: int = 48, beam_tokens: int = 3
     res = run("greedy", policy, None, prompts, budget=1, settings=Settings(max_new_tokens=max_new_tokens))
     pad = policy.tokenizer.pad_token_id
     same = 0
-    for ids, cands in zip(left_pad(policy, prompts)[2], res.candidates):
+    input_ids, mask, unpadded = encode_padded(policy, prompts)
+    for ids, cands in zip(unpadded, res.candidates):
         ref = policy.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=policy.eos_token_ids,
                                     pad_token_id=pad)[0, len(ids):].tolist()
         ours = list(cands[0].token_ids)
         same += ours == ref[: len(ours)] and set(ref[len(ours):]) <= {pad}
-    input_ids, mask, _ = left_pad(policy, prompts)
     kw = dict(attention_mask=mask, num_beams=4, max_new_tokens=beam_tokens)
     ref = policy.model.generate(input_ids, do_sample=False, **kw)
     beams = {c: bool(torch.equal(beam_search(policy.model, input_ids, cache=c, **kw).sequences, ref))
@@ -128,7 +130,7 @@ def sampling(policy, prompts, *, n: int = 16, max_new_tokens: int = 128, tempera
     s = Settings(max_new_tokens=max_new_tokens, temperature=temperature)
     ours_s, res = _median(lambda: run("majority", policy, None, prompts, budget=n, settings=s, seed=0), rounds)
     ours_tok = res.compute.policy_generated_tokens
-    input_ids, mask, _ = left_pad(policy, prompts)
+    input_ids, mask, _ = encode_padded(policy, prompts)
     eos, pad = policy.eos_token_ids, policy.tokenizer.pad_token_id
     hf_s, seqs = _median(lambda: policy.model.generate(
         input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -202,7 +204,7 @@ def gemm(model, *, rows: int = 256, rounds: int = 5) -> list[dict]:
 def beam(policy, prompts, *, width: int = 4, max_new_tokens: int = 32, rounds: int = 1) -> list[dict]:
     from ..search import beam_search
 
-    input_ids, mask, _ = left_pad(policy, prompts)
+    input_ids, mask, _ = encode_padded(policy, prompts)
     kw = dict(attention_mask=mask, num_beams=width, max_new_tokens=max_new_tokens)
     ours_s, ours = _median(lambda: beam_search(policy.model, input_ids, cache="paged", **kw), rounds)
     hf_s, ref = _median(lambda: policy.model.generate(input_ids, do_sample=False, **kw), rounds)
