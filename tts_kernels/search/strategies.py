@@ -36,73 +36,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from ..ops._validate import check_int
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import OptimalTable, compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
+from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
+from .registry import check_strategy as _check
 from .result import SearchResult
 from .revise import revise
 from .seeds import check_seed
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search
 from .validate import check_prompts
-
-StrategyFn = Callable[..., SearchResult]
-# fn(policy, verifier, prompts, *, budget, settings, seed, extract) -> SearchResult
-GroupFn = Callable[..., dict]
-# group(names, policy, verifier, prompts, *, budget, settings, seed, extract) -> {name: SearchResult}
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """A registered strategy: its function, whether it needs a verifier, (optionally) a group
-    function that runs several strategies of one family on shared work (:func:`run_together`), and
-    whether it pools its budget over the prompts of a call (``pooled``: a prompt's result then
-    depends on the other prompts, so the server runs each request of it alone)."""
-
-    name: str
-    fn: StrategyFn
-    needs_verifier: bool = True
-    description: str = ""
-    group: GroupFn | None = None
-    pooled: bool = False
-
-
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True, description: str = "",
-                      group: GroupFn | None = None, pooled: bool = False, replace: bool = False) -> Strategy:
-    """Register ``fn`` as strategy ``name``: ``fn(policy, verifier, prompts, *, budget, settings, seed,
-    extract) -> SearchResult`` (``prompts`` a checked list, ``settings`` a :class:`Settings`).
-
-    ``needs_verifier``: :func:`run` refuses ``verifier=None`` for it. ``group``: strategies sharing
-    one ``group`` function run together in :func:`run_together`. ``pooled``: the budget is spent
-    across the prompts of a call (their results depend on each other). Registering a taken name is an
-    error unless ``replace=True``. Returns the :class:`Strategy`.
-    """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name must be an identifier-like string (letters, digits, _), got {name!r}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    if name in STRATEGIES and not replace:
-        raise ValueError(f"strategy {name!r} is already registered (pass replace=True to replace it)")
-    entry = Strategy(name, fn, bool(needs_verifier), description, group, bool(pooled))
-    STRATEGIES[name] = entry
-    return entry
-
-
-def _check(strategy: str, verifier, budget) -> Strategy:
-    entry = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
-    if entry is None:
-        raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-    check_int("budget", budget, minimum=1)
-    if entry.needs_verifier and verifier is None:
-        raise ValueError(f"strategy {strategy!r} needs a verifier (got verifier=None)")
-    return entry
 
 
 def run(strategy: str, policy, verifier, prompts: Sequence[str], *, budget: int, settings: Settings | None = None,
@@ -218,14 +164,15 @@ def _particles(name, entropic, driver=particle_filter):
 
 register_strategy("greedy", _greedy, needs_verifier=False, description="one greedy completion (budget ignored)")
 register_strategy("majority", _sampling("majority"), needs_verifier=False, group=_sampling_group,
-                  description="N samples, the most frequent answer")
+                  description="N samples, the most frequent answer", select="majority")
 register_strategy("best_of_n", _sampling("best_of_n"), group=_sampling_group,
-                  description="N samples, the verifier's best")
+                  description="N samples, the verifier's best", select="best")
 register_strategy("weighted_best_of_n", _sampling("weighted_best_of_n"), group=_sampling_group,
-                  description="N samples, the answer with the largest summed verifier score")
+                  description="N samples, the answer with the largest summed verifier score", select="weighted")
 register_strategy("prm_beam_search", _step("prm_beam_search", prm_beam_search),
-                  description="step-level beam search: N beams, the best N/beam_width kept each step")
-register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees")
+                  description="step-level beam search: N beams, the best N/beam_width kept each step", select="best")
+register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees",
+                  select="weighted")
 register_strategy("compute_optimal", _optimal("compute_optimal", ("weighted_best_of_n", "prm_beam_search")),
                   description="pilot, difficulty levels, a strategy per level, N*P samples allocated", pooled=True)
 register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("weighted_best_of_n",)),
