@@ -23,12 +23,12 @@ import torch
 from ..ops._validate import check_int
 from .accounting import Compute, count_flops
 from .answers import extract_answer
-from .best_of_n import _check_select, sample_completions, score_texts
+from .best_of_n import sample_completions, score_texts
 from .cancel import sub_run
 from .result import Candidate, SearchResult, select_candidates
 from .seeds import Seeds, splitmix64
 from .settings import Settings, resolve
-from .validate import check_prompts
+from .validate import check_prompts, check_select
 
 
 def _round_seed(seeds: Seeds, p: int, chain: int, r: int) -> int:
@@ -47,7 +47,7 @@ def revise(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "w
     s = resolve(settings, overrides)
     prompts = check_prompts(prompts)
     check_int("n", n, minimum=1)
-    _check_select(select, verifier)
+    check_select(select, verifier)
     k = s.revisions
     if n % (k + 1):
         raise ValueError(f"n ({n}) must be a multiple of revisions + 1 ({k + 1}): each chain spends revisions + 1 "
