@@ -265,6 +265,13 @@ class PolicySession:
         full = torch.zeros(self.rows, dtype=torch.long, device=dev).index_copy(0, rows, tokens)
         self.decode(full, rows=rows)
 
+    def release(self, rows: torch.Tensor) -> None:
+        """Rows where the bool mask ``rows [rows]`` is True give their KV blocks back to the pool now (a
+        masked truncate to length 0 on the device: no host sync). They must not run as active rows again
+        (an early-stopped candidate: the caller pauses it and drops it from the batch at its next look)."""
+        lens = self.cache.lengths()
+        self.cache.truncate(torch.arange(self.rows, device=lens.device), torch.where(rows.to(lens.device), 0, lens))
+
     def free(self) -> None:
         self.cache.free()
         self.policy.kv_ledger.release(self)

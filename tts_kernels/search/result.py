@@ -19,7 +19,7 @@ from .answers import answer_ids
 from .answers import vote_key as key_fn
 
 SELECT_RULES = ("best", "majority", "weighted")
-FINISH_REASONS = ("eos", "stop", "length", "empty", "final", "sibling")
+FINISH_REASONS = ("eos", "stop", "length", "empty", "final", "sibling", "aborted", "rejected")
 
 
 @dataclass
@@ -33,12 +33,18 @@ class Candidate:
         finish: why it ended: ``"eos"``, ``"stop"`` (a stop string), ``"length"`` (the token
             limit of a completion, or of a step with no delimiter), ``"empty"`` (an empty step),
             ``"final"`` (a step-level search's last iteration), ``"sibling"`` (an expansion a DVTS
-            subtree did not choose at its last step, returned with ``return_siblings``).
+            subtree did not choose at its last step, returned with ``return_siblings``), ``"aborted"``
+            (stopped by its own token confidence, ``deepconf``), ``"rejected"`` (stopped by the verifier's
+            score of the partial candidate, ``speculative_rejection``).
         steps: the step texts (``text`` split by the step delimiter; a step-level search's steps
             as generated); ``step_scores`` their verifier scores (empty when not scored).
         token_ids: the generated token ids (sampling strategies; ``None`` where not kept).
         thinking_tokens: of its tokens, those written while thinking (``Settings.thinking``; ``None``
             without a thinking budget).
+        confidence: the early-stopping strategies' summary of its token statistics (``mean``,
+            ``lowest_group``, ``tail`` confidence, mean ``entropy`` and ``self_certainty``;
+            :mod:`~tts_kernels.search.early_stop`); ``token_confidence`` the confidence of each token.
+            ``None`` where not computed.
     """
 
     text: str
@@ -49,6 +55,8 @@ class Candidate:
     step_scores: list[float] = field(default_factory=list)
     token_ids: list[int] | None = None
     thinking_tokens: int | None = None
+    confidence: dict | None = None
+    token_confidence: list[float] | None = None
 
 
 @dataclass

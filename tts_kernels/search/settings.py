@@ -90,6 +90,21 @@ class Settings:
         sweeps, reference_particles: particle Gibbs (:func:`~tts_kernels.search.particle_gibbs`):
             passes of ``budget // sweeps`` particles each, and the reference particles carried from
             one pass into the next.
+        confidence_k, confidence_window: the early-stopping strategies (:mod:`~tts_kernels.search.early_stop`):
+            a token's confidence is the negated mean of its distribution's ``confidence_k`` largest
+            log-probabilities; a candidate's group confidence is the mean over its last
+            ``confidence_window`` tokens.
+        deepconf_warmup, deepconf_keep, consensus: ``deepconf``: candidates per prompt run whole to set
+            the threshold (0: ``max(2, budget // 4)``), the share of candidates the threshold keeps (the
+            threshold is the ``1 - deepconf_keep`` quantile of the warm-up's lowest group confidence;
+            ``deepconf_offline`` keeps that share of its candidates), and the confidence-weighted vote
+            share at which a prompt stops sampling (1.0: never early).
+        stop_confidence, parallel_samples: ``adaptive_consistency``: a prompt stops sampling once
+            ``P(p_1 > p_2)`` under the Beta posterior of its two most frequent answers exceeds
+            ``stop_confidence``; candidates of a prompt running at once (0: ``max(2, budget // 4)``).
+        checkpoint_tokens, rejection_rate: ``speculative_rejection``: the verifier scores the live partial
+            candidates every ``checkpoint_tokens`` tokens and the worst ``rejection_rate`` of each
+            prompt's stop.
     """
 
     temperature: float = 0.8
@@ -128,6 +143,15 @@ class Settings:
     thinking: ThinkingBudget | None = None
     revisions: int = 1
     revision_prompt: str = "\n\nCheck the solution above and write it again, correcting any mistake.\n\n"
+    confidence_k: int = 20
+    confidence_window: int = 32
+    deepconf_warmup: int = 0
+    deepconf_keep: float = 0.9
+    consensus: float = 0.95
+    stop_confidence: float = 0.95
+    parallel_samples: int = 0
+    checkpoint_tokens: int = 16
+    rejection_rate: float = 0.5
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -155,6 +179,14 @@ class Settings:
         if not isinstance(self.revision_prompt, str):
             raise ValueError(f"Settings.revision_prompt must be a string, got {self.revision_prompt!r}")
         number("reference_particles", lambda v: v >= 0, ">= 0", int)
+        for name in ("confidence_k", "confidence_window", "checkpoint_tokens"):
+            number(name, lambda v: v >= 1, ">= 1", int)
+        for name in ("deepconf_warmup", "parallel_samples"):
+            number(name, lambda v: v >= 0, ">= 0 (0: automatic)", int)
+        number("deepconf_keep", lambda v: 0 < v <= 1, "in (0, 1]")
+        number("consensus", lambda v: 0 < v <= 1, "in (0, 1] (1: no early stop)")
+        number("stop_confidence", lambda v: 0.5 <= v < 1, "in [0.5, 1)")
+        number("rejection_rate", lambda v: 0 <= v < 1, "in [0, 1)")
         number("ess_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("weight_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
         number("entropy_target", lambda v: 0 <= v <= 1, "in [0, 1]")

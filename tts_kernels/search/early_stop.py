@@ -1,0 +1,608 @@
+"""Sampling that stops early: candidates aborted by their token confidence, prompts whose vote has
+settled, partial samples rejected by the verifier, and the freed rows refilled.
+
+One decode loop (:class:`TraceRun`) serves four strategies; each is a small rule (a *controller*) over it:
+
+* ``deepconf`` (online; Fu et al. 2025, "Deep Think with Confidence"): per prompt, the first
+  ``warmup`` candidates run to the end; the threshold is the ``1 - deepconf_keep`` quantile of their
+  *lowest group confidence*; every later candidate stops (``finish="aborted"``) the token its group
+  confidence (the mean token confidence over the last ``confidence_window`` tokens) falls below it. A
+  prompt stops starting candidates once the confidence-weighted vote of its finished, unaborted
+  candidates gives one answer at least ``consensus`` of the weight. The answer: that vote.
+* ``deepconf_offline``: ``N`` candidates to the end (the same draws as ``majority``); the
+  ``deepconf_keep`` share with the highest confidence vote, weighted by it.
+* ``adaptive_consistency`` (Aggarwal et al. 2023): per prompt the Beta stopping rule over its answers:
+  stop once ``P(p_1 > p_2) > stop_confidence`` for the two most frequent answers' counts ``a, b``
+  (``p ~ Beta(a + 1, b + 1)``; exact for integers via the binomial sum).
+* ``speculative_rejection`` (Sun et al. 2024): every ``checkpoint_tokens`` tokens the verifier scores
+  each live partial candidate and the worst ``rejection_rate`` of each prompt's live candidates stop
+  (``finish="rejected"``); the verifier's best finished candidate is the answer.
+
+**Device work.** Every token: :func:`~tts_kernels.sample` with ``stats_k`` returns the token
+confidence (the negated mean of the top-``confidence_k`` log-probabilities), the entropy and the
+self-certainty of each row's distribution, read where the logits are read; a
+:class:`~tts_kernels.ops.confidence.SlidingWindow` keeps each row's group confidence; a row whose
+window mean is below its prompt's threshold stops in that step and its KV blocks go back to the pool in
+that step (``PolicySession.release``: a masked truncate to length 0, no host sync). Every
+``sync_every`` tokens the host looks: it records finished candidates, applies the prompt rules, and
+re-lays the batch: finished and stopped rows leave it, and new candidates of prompts that still need
+them take their place (forked from the prompt's row, which every prompt keeps parked at the head of
+the batch: no prompt is prefilled twice).
+
+**Reproducible.** Candidate ``j`` of prompt ``p`` draws under (``p``'s seed, stream ``j``) at offsets
+``0, 1, ...`` of its own tokens, wherever and whenever it runs: with one seed per prompt it is the same
+candidate as ``majority``'s ``j``-th. Every rule reads a prompt's candidates in index order only (the
+decision after candidates ``0..k-1`` have all finished), so a prompt's result does not depend on the
+batch: what the schedule changes is only how many tokens candidates past the decision spent before they
+were stopped, and those are counted.
+
+**Accounting.** ``Compute.policy_generated_tokens`` counts every token sampled for a candidate while it
+ran (aborted, rejected and cut-off ones included); the FLOPs count every row the policy ran (finished
+rows riding along until the next look included); ``prm_tokens`` every token the verifier ran
+(speculative rejection re-scores each live partial candidate from its prompt at a checkpoint).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .._threads import in_search_pool
+from ..models.text import split_steps
+from ..ops._validate import check_int
+from ..ops.sample import sample
+from .accounting import Compute, count_flops
+from .answers import extract_answer, vote_key
+from .cancel import cancelled
+from .result import Candidate, SearchResult, select_candidates
+from .seeds import Seeds
+from .settings import Settings, resolve
+from .validate import check_prompts
+
+
+@dataclass
+class Trace:
+    """One candidate as generated: its prompt, its index there, its tokens (EOS included), why it
+    ended, and per token the confidence; the entropy and self-certainty summed over its tokens."""
+
+    prompt: int
+    index: int
+    ids: list[int]
+    finish: str
+    confidence: list[float]
+    entropy_sum: float = 0.0
+    certainty_sum: float = 0.0
+    text: str = ""
+
+    def summary(self, window: int) -> dict:
+        """``mean``, ``lowest_group`` (the lowest mean over ``window`` consecutive tokens; the mean when
+        shorter), ``tail`` (the mean of the last ``window``), ``entropy`` and ``self_certainty`` (means)."""
+        c, n = self.confidence, len(self.confidence)
+        if n == 0:
+            nan = float("nan")
+            return {"mean": nan, "lowest_group": nan, "tail": nan, "entropy": nan, "self_certainty": nan}
+        tail = c[-window:]
+        return {"mean": sum(c) / n, "lowest_group": lowest_group(c, window), "tail": sum(tail) / len(tail),
+                "entropy": self.entropy_sum / n, "self_certainty": self.certainty_sum / n}
+
+
+def lowest_group(conf: Sequence[float], window: int) -> float:
+    """DeepConf's lowest group confidence: the smallest mean over ``window`` consecutive values (the
+    mean of all when there are fewer)."""
+    n = len(conf)
+    if n == 0:
+        return float("nan")
+    if n <= window:
+        return sum(conf) / n
+    acc = sum(conf[:window])
+    low = acc
+    for i in range(window, n):
+        acc += conf[i] - conf[i - window]
+        low = min(low, acc)
+    return low / window
+
+
+def beta_settled(a: int, b: int, confidence: float) -> bool:
+    """Adaptive consistency's Beta stopping rule: ``P(X > 1/2) > confidence`` for ``X ~ Beta(a + 1, b + 1)``
+    (``a``, ``b``: the two largest answer counts). Exact: ``P(X <= 1/2) = P(Binomial(a + b + 1, 1/2) >= a + 1)``."""
+    m = a + b + 1
+    tail = sum(math.comb(m, i) for i in range(a + 1, m + 1)) / 2 ** m
+    return 1.0 - tail > confidence
+
+
+def _same(a: str) -> str:
+    return a
+
+
+def weighted_share(answers: Sequence[str | None], weights: Sequence[float], key) -> float:
+    """The largest share of the summed weight one answer holds (answers ``None`` do not vote; 0 without votes)."""
+    votes: dict = {}
+    for a, w in zip(answers, weights):
+        if a is not None and math.isfinite(w):
+            votes[key(a)] = votes.get(key(a), 0.0) + w
+    total = sum(votes.values())
+    return max(votes.values()) / total if total > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- controllers
+
+class Rule:
+    """What a strategy decides at the host looks (the base: ``n`` candidates each, all at once, no stop)."""
+
+    needs_release = False  # rows can stop on their confidence (the step frees their blocks)
+    checkpoint_tokens = 0  # speculative rejection: the verifier looks every this many tokens
+
+    def __init__(self, P: int, n: int):
+        self.P, self.n = P, n
+        self.traces: list[dict[int, Trace]] = [{} for _ in range(P)]
+        self.settled = [False] * P  # no more candidates; running ones stop
+        self.decided: list[int | None] = [None] * P  # candidates 0..k-1 decide the prompt
+
+    def startable(self, p: int) -> int:
+        """Candidates prompt ``p`` may have started by now (in index order)."""
+        return self.n
+
+    def in_flight(self, p: int) -> int:
+        """Candidates of ``p`` running at once at most."""
+        return self.n
+
+    def threshold(self, p: int) -> float:
+        return float("-inf")
+
+    def finished(self, p: int, trace: Trace) -> None:
+        self.traces[p][trace.index] = trace
+        if not self.settled[p]:
+            self.update(p)
+
+    def update(self, p: int) -> None:
+        """After a candidate of ``p`` finished: decide whether ``p`` is settled."""
+
+    def prefix(self, p: int) -> list[Trace]:
+        """``p``'s finished candidates ``0, 1, ...`` up to the first not finished."""
+        out, t = [], self.traces[p]
+        while len(out) in t:
+            out.append(t[len(out)])
+        return out
+
+    def settle(self, p: int, k: int) -> None:
+        self.settled[p], self.decided[p] = True, k
+
+
+class DeepConfOnline(Rule):
+    needs_release = True
+
+    def __init__(self, P, n, *, warmup, keep, consensus, window, extract, key):
+        super().__init__(P, n)
+        self.warmup, self.keep, self.consensus, self.window = min(warmup, n), keep, consensus, window
+        self.extract, self.key = extract, key
+        self.thresholds = [float("-inf")] * P
+        self.ready = [False] * P
+
+    def startable(self, p):
+        return self.n if self.ready[p] else self.warmup
+
+    def in_flight(self, p):
+        return self.warmup
+
+    def threshold(self, p):
+        return self.thresholds[p]
+
+    def retained(self, p: int, t: Trace) -> bool:
+        """Whether ``t`` votes: not aborted, and its lowest group confidence not below the threshold."""
+        return t.finish != "aborted" and not lowest_group(t.confidence, self.window) < self.thresholds[p]
+
+    def update(self, p):
+        pre = self.prefix(p)
+        if not self.ready[p] and len(pre) >= self.warmup:
+            lows = sorted(lowest_group(t.confidence, self.window) for t in pre[: self.warmup])
+            lows = [x for x in lows if math.isfinite(x)]
+            self.thresholds[p] = quantile(lows, 1.0 - self.keep) if lows else float("-inf")
+            self.ready[p] = True
+        if not self.ready[p] or self.consensus >= 1.0:
+            return
+        for k in range(max(self.warmup, 1), len(pre) + 1):  # the first k at which the vote has settled
+            kept = [t for t in pre[:k] if self.retained(p, t)]
+            share = weighted_share([self.extract(t.text) for t in kept],
+                                   [lowest_group(t.confidence, self.window) for t in kept], self.key)
+            if share >= self.consensus:
+                self.settle(p, k)
+                return
+
+
+class AdaptiveConsistency(Rule):
+    def __init__(self, P, n, *, parallel, confidence, extract, key):
+        super().__init__(P, n)
+        self.parallel, self.confidence, self.extract, self.key = parallel, confidence, extract, key
+
+    def in_flight(self, p):
+        return self.parallel
+
+    def update(self, p):
+        pre = self.prefix(p)
+        for k in range(2, len(pre) + 1):
+            counts = Counter(self.key(a) for a in (self.extract(t.text) for t in pre[:k]) if a is not None)
+            top = counts.most_common(2) + [(None, 0), (None, 0)]
+            if top[0][1] and beta_settled(top[0][1], top[1][1], self.confidence):
+                self.settle(p, k)
+                return
+
+
+class Rejection(Rule):
+    def __init__(self, P, n, *, checkpoint_tokens, rate):
+        super().__init__(P, n)
+        self.checkpoint_tokens, self.rate = checkpoint_tokens, rate
+
+    def reject(self, live: list[tuple[int, float]]) -> set[int]:
+        """Rows to stop among one prompt's live rows ``(row, partial score)``: the worst ``rate`` of them
+        (NaN scores worst; ties to the later candidate), at least one kept."""
+        drop = min(int(math.floor(self.rate * len(live))), len(live) - 1)
+        order = sorted(live, key=lambda x: (x[1] if x[1] == x[1] else float("-inf"), -x[0]))
+        return {r for r, _ in order[:drop]}
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (linear interpolation between order statistics, numpy's default)."""
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# ----------------------------------------------------------------------------- the decode loop
+
+@dataclass
+class RunOutput:
+    traces: list[dict[int, Trace]]
+    generated: int
+    compute: Compute
+    forward_tokens: int
+    blocks_in_use: list[tuple[int, int]] = field(default_factory=list)  # (step, blocks) at each look
+
+
+class TraceRun:
+    """The decode loop of the early-stopping strategies (see the module docstring)."""
+
+    def __init__(self, policy, prompts: Sequence[str], rule: Rule, s: Settings, *, seeds: Seeds,
+                 cancelled_prompts: Callable[[], frozenset] = frozenset, verifier=None, track_blocks: bool = False):
+        self.policy, self.prompts, self.rule, self.s = policy, list(prompts), rule, s
+        self.seeds, self.cancelled, self.verifier = seeds, cancelled_prompts, verifier
+        self.track_blocks = track_blocks
+
+    def _keys(self, slots, dev):
+        """Per row (``slots``: ``(prompt, candidate)`` or ``None`` for a parked prompt row): seed and stream."""
+        owner = [sl[0] if sl is not None else i for i, sl in enumerate(slots)]
+        cand = [0 if sl is None else sl[1] for sl in slots]
+        if self.seeds.keyed:
+            seed = torch.tensor([self.seeds.per_prompt[o] for o in owner], dtype=torch.int64, device=dev)
+            stream = torch.tensor(cand, dtype=torch.int64, device=dev)
+        else:  # one run seed: stream (prompt, candidate)
+            seed = torch.tensor(self.seeds.seed, dtype=torch.int64, device=dev)
+            stream = torch.tensor([o * self.rule.n + c for o, c in zip(owner, cand)], dtype=torch.int64, device=dev)
+        return seed, stream
+
+    @torch.no_grad()
+    def run(self) -> RunOutput:
+        s, rule, policy = self.s, self.rule, self.policy
+        P, T, W = len(self.prompts), s.max_new_tokens, s.confidence_window
+        tok = policy.tokenizer
+        eos_ids = list(policy.eos_token_ids)
+        eos_set = set(eos_ids)
+        total_rows = sum(min(rule.in_flight(p), rule.n) for p in range(P))
+        session = policy.start([policy.encode(p) for p in self.prompts], rows_hint=total_rows + P, max_new_tokens=T)
+        release = getattr(session, "release", None) if rule.needs_release else None
+        dev = session.logits.device
+        eos = torch.tensor(eos_ids or [-1], device=dev)
+        started = [0] * P
+        generated = 0
+        looks: list[tuple[int, int]] = []
+        slots: list = [None] * P  # rows 0..P-1: each prompt's parked row
+        # Per row, on the device (a parked row holds the empty state every new candidate starts from).
+        buf = torch.full((P, T), -1, dtype=torch.long, device=dev)
+        cbuf = torch.zeros((P, T), dtype=torch.float32, device=dev)
+        counts = torch.zeros(P, dtype=torch.long, device=dev)
+        sums = torch.zeros((P, 2), dtype=torch.float32, device=dev)  # entropy, self-certainty
+        done = torch.zeros(P, dtype=torch.bool, device=dev)
+        aborted = torch.zeros(P, dtype=torch.bool, device=dev)
+        from ..ops.confidence import SlidingWindow
+        window = SlidingWindow.start(P, W, dev)
+        active = torch.zeros(P, dtype=torch.bool, device=dev)
+        run = None
+        step = 0
+        try:
+            while True:
+                # ---- the host looks: record finished rows, apply the rules, re-lay the batch
+                finished_h = done.tolist()
+                aborted_h = aborted.tolist()
+                counts_h = counts.tolist()
+                gone = self.cancelled() or frozenset()
+                fin_rows = [r for r in range(P, len(slots)) if finished_h[r]]
+                if fin_rows:
+                    idx = torch.tensor(fin_rows, device=dev)
+                    ids_h, conf_h, sums_h = buf[idx].tolist(), cbuf[idx].tolist(), sums[idx].tolist()
+                    for i, r in enumerate(fin_rows):
+                        p, j = slots[r]
+                        n_tok = counts_h[r]
+                        ids = ids_h[i][:n_tok]
+                        fin = "aborted" if aborted_h[r] else ("eos" if ids and ids[-1] in eos_set else "length")
+                        text = tok.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
+                        generated += n_tok
+                        trace = Trace(p, j, ids, fin, conf_h[i][:n_tok], sums_h[i][0], sums_h[i][1], text)
+                        rule.finished(p, trace)
+                keep = []
+                live_rows = [r for r in range(P, len(slots)) if not finished_h[r]]
+                stop_rows = set()
+                if s.stop and live_rows:  # stop strings: on the host, at the looks
+                    idx = torch.tensor(live_rows, device=dev)
+                    ids_h = buf[idx].tolist()
+                    for i, r in enumerate(live_rows):
+                        n_tok = counts_h[r]
+                        text = tok.decode([t for t in ids_h[i][:n_tok] if t not in eos_set], skip_special_tokens=True)
+                        hits = [(text.find(x), x) for x in s.stop if x in text]
+                        if hits:
+                            pos, x = min(hits)
+                            p, j = slots[r]
+                            rule.finished(p, Trace(p, j, ids_h[i][:n_tok], "stop", cbuf[r, :n_tok].tolist(),
+                                                   *sums[r].tolist(), text[: pos + len(x)]))
+                            stop_rows.add(r)
+                if rule.checkpoint_tokens and step and step % rule.checkpoint_tokens == 0:
+                    stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows], slots, buf, counts_h,
+                                                  eos_set, rule)
+                for r in live_rows:
+                    p = slots[r][0]
+                    if r in stop_rows:
+                        generated += counts_h[r]
+                        continue
+                    if rule.settled[p] or p in gone:
+                        generated += counts_h[r]  # its tokens were spent; the candidate is not kept
+                        continue
+                    keep.append(r)
+                running = Counter(slots[r][0] for r in keep)
+                new = []
+                for p in range(P):
+                    if rule.settled[p] or p in gone:
+                        continue
+                    while running[p] < rule.in_flight(p) and started[p] < min(rule.startable(p), rule.n):
+                        new.append((p, started[p]))
+                        started[p] += 1
+                        running[p] += 1
+                if not keep and not new:
+                    break
+                order = list(range(P)) + keep + [p for p, _ in new]
+                idx = torch.tensor(order, dtype=torch.long, device=dev)
+                session.fork(idx)
+                slots = [None] * P + [slots[r] for r in keep] + new
+                buf, cbuf, counts, sums = (x.index_select(0, idx) for x in (buf, cbuf, counts, sums))
+                window = window.select(idx)
+                R = len(slots)
+                done = torch.zeros(R, dtype=torch.bool, device=dev)
+                aborted = torch.zeros(R, dtype=torch.bool, device=dev)
+                active = torch.ones(R, dtype=torch.bool, device=dev)
+                active[:P] = False
+                run = torch.arange(P, R, device=dev)
+                seed_t, stream_t = self._keys(slots, dev)
+                thr = torch.tensor([float("-inf")] * P + [rule.threshold(sl[0]) for sl in slots[P:]],
+                                   dtype=torch.float32, device=dev)
+                if self.track_blocks:
+                    looks.append((step, _blocks_in_use(session)))
+                # ---- sync_every tokens on the device (to the next checkpoint at most), no host look
+                burst = s.sync_every
+                if rule.checkpoint_tokens:
+                    burst = min(burst, rule.checkpoint_tokens - step % rule.checkpoint_tokens)
+                for _ in range(burst):
+                    toks, _, st = sample(session.logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                         min_p=s.min_p, seed=seed_t, offset=counts, stream=stream_t,
+                                         stats_k=s.confidence_k)
+                    conf = st[:, 0]
+                    pos = counts.clamp(max=T - 1)[:, None]
+                    buf.scatter_(1, pos, torch.where(active, toks, buf.gather(1, pos)[:, 0])[:, None])
+                    cbuf.scatter_(1, pos, torch.where(active, conf, cbuf.gather(1, pos)[:, 0])[:, None])
+                    sums += torch.where(active[:, None], st[:, 1:], 0.0)
+                    window.push(conf, active)
+                    counts = counts + active
+                    is_eos = torch.isin(toks, eos) & active
+                    low = active & ~is_eos & (window.count >= W) & (window.mean < thr)
+                    full = active & (counts >= T)
+                    feed = active & ~is_eos & ~low & ~full
+                    done = done | (active & ~feed)
+                    aborted = aborted | low
+                    active = feed
+                    if release is not None:
+                        release(low)  # the aborted rows' blocks go back to the pool now
+                    session.decode(toks, active=feed, rows=run)
+                    step += 1
+            forward = session.tokens
+            compute = Compute(policy_prefill_tokens=session.prefill_tokens, policy_generated_tokens=generated,
+                              policy_flops=count_flops(policy.model, forward, int(session.keys)))
+            if self.track_blocks:
+                looks.append((step, _blocks_in_use(session)))
+        finally:
+            session.free()
+        return RunOutput(rule.traces, generated, compute, forward, looks)
+
+    def _checkpoint(self, rows, slots, buf, counts_h, eos_set, rule) -> set[int]:
+        """Speculative rejection's look: score every live partial candidate, stop the worst of each prompt."""
+        if not rows:
+            return set()
+        tok = self.policy.tokenizer
+        ids_h = buf[torch.tensor(rows, device=buf.device)].tolist()
+        texts = [tok.decode([t for t in ids_h[i][:counts_h[r]] if t not in eos_set], skip_special_tokens=True)
+                 for i, r in enumerate(rows)]
+        prompts = [self.prompts[slots[r][0]] for r in rows]
+        steps = [[split_steps(t, self.s.step_delimiter)] for t in texts]
+        scored = self.verifier.score_steps(prompts, steps, agg=self.s.agg)
+        self.prm_tokens += scored.tokens
+        self.prm_keys += int(scored.keys)
+        agg = scored.aggregate.reshape(-1).tolist()
+        by_prompt: dict[int, list] = {}
+        for r, a in zip(rows, agg):
+            by_prompt.setdefault(slots[r][0], []).append((r, a))
+        out = set()
+        for p, live in by_prompt.items():
+            for r in rule.reject(live):
+                out.add(r)
+                pp, j = slots[r]
+                n_tok = counts_h[r]
+                rule.finished(pp, Trace(pp, j, ids_h[rows.index(r)][:n_tok], "rejected", [], 0.0, 0.0,
+                                        texts[rows.index(r)]))
+        return out
+
+    prm_tokens = 0  # the checkpoints' verifier tokens and keys attended
+    prm_keys = 0
+
+
+def _blocks_in_use(session) -> int:
+    kv = getattr(getattr(session, "cache", None), "kv", None)
+    return -1 if kv is None else int(kv.num_blocks - kv.num_free_blocks)
+
+
+# ----------------------------------------------------------------------------- the strategies
+
+def _auto(v: int, n: int) -> int:
+    return min(n, v if v else max(2, n // 4))
+
+
+def _start(name, policy, verifier, prompts, n, settings, overrides, *, needs_verifier=False):
+    s = resolve(settings, overrides)
+    prompts = check_prompts(prompts)
+    check_int("n", n, minimum=1)
+    if needs_verifier and verifier is None:
+        raise ValueError(f"{name} needs a verifier (it scores the partial candidates)")
+    if s.thinking is not None:
+        raise ValueError(f"{name} does not take Settings.thinking")
+    if hasattr(policy, "generate") and not hasattr(policy, "start"):
+        raise ValueError(f"{name} needs per-token statistics from this package's decode loop")
+    return s, prompts
+
+
+def _candidate(t: Trace, s: Settings, extract, *, score=None, voting=True) -> Candidate:
+    summ = t.summary(s.confidence_window)
+    return Candidate(text=t.text, answer=extract(t.text) if voting else None,
+                     score=summ["lowest_group"] if score is None else score, finish=t.finish,
+                     steps=split_steps(t.text, s.step_delimiter), token_ids=list(t.ids), confidence=summ,
+                     token_confidence=list(t.confidence))
+
+
+def _run(policy, prompts, rule, s, seed, *, verifier=None, track_blocks=False) -> tuple[RunOutput, TraceRun]:
+    runner = TraceRun(policy, prompts, rule, s, seeds=Seeds.of(seed, len(prompts)), cancelled_prompts=cancelled,
+                      verifier=verifier, track_blocks=track_blocks)
+    return runner.run(), runner
+
+
+def _result(name, n, cands, out: RunOutput, s, device, *, select="weighted", compute=None, info=None,
+            prompt_info=None) -> SearchResult:
+    chosen, answers = select_candidates(cands, select, device, s.vote_key)
+    return SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
+                        compute=compute or out.compute, samples=sum(len(c) for c in out.traces),
+                        prompt_info=prompt_info or [{} for _ in cands],
+                        info={"policy_forward_tokens": out.forward_tokens, "blocks_in_use": out.blocks_in_use,
+                              **(info or {})})
+
+
+@torch.no_grad()
+@in_search_pool
+def deepconf(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
+             seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
+             track_blocks: bool = False, **overrides) -> SearchResult:
+    """DeepConf online (see the module docstring): at most ``n`` candidates per prompt, no verifier.
+
+    Candidates are those of the decision (``0..k-1``); an aborted one keeps its text but casts no vote.
+    ``prompt_info[p]``: ``threshold``, ``decided_at`` (``k``; ``None``: all ``n`` ran), ``aborted``.
+    Settings read: ``deepconf_warmup``, ``deepconf_keep``, ``consensus``, ``confidence_k``,
+    ``confidence_window``, the sampling settings and ``max_new_tokens``, ``sync_every``, ``stop``,
+    ``vote_key``."""
+    s, prompts = _start("deepconf", policy, verifier, prompts, n, settings, overrides)
+    rule = DeepConfOnline(len(prompts), n, warmup=_auto(s.deepconf_warmup, n), keep=s.deepconf_keep,
+                          consensus=s.consensus, window=s.confidence_window, extract=extract,
+                          key=vote_key(s.vote_key) or _same)
+    out, _ = _run(policy, prompts, rule, s, seed, track_blocks=track_blocks)
+    cands, info = [], []
+    for p in range(len(prompts)):
+        k = rule.decided[p]
+        pre = rule.prefix(p)[:k] if k is not None else rule.prefix(p)
+        thr = rule.thresholds[p]
+        retained = [rule.retained(p, t) for t in pre]
+        if not any(retained):
+            retained = [t.finish != "aborted" for t in pre]
+        cands.append([_candidate(t, s, extract, voting=v) for t, v in zip(pre, retained)])
+        info.append({"threshold": thr, "decided_at": k, "aborted": sum(t.finish == "aborted" for t in pre)})
+    return _result("deepconf", n, cands, out, s, policy.device, prompt_info=info)
+
+
+@torch.no_grad()
+@in_search_pool
+def deepconf_offline(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
+                     seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
+                     **overrides) -> SearchResult:
+    """DeepConf offline: ``n`` whole candidates per prompt (with one seed per prompt, ``majority``'s
+    candidates); the ``deepconf_keep`` share with the highest lowest group confidence (at least one) vote,
+    weighted by it. No verifier. The others stay in ``candidates`` without a vote (``answer`` kept in
+    ``prompt_info[p]["filtered"]``, their indices)."""
+    s, prompts = _start("deepconf_offline", policy, verifier, prompts, n, settings, overrides)
+    rule = Rule(len(prompts), n)
+    out, _ = _run(policy, prompts, rule, s, seed)
+    cands, info = [], []
+    for p in range(len(prompts)):
+        pre = rule.prefix(p)
+        conf = [t.summary(s.confidence_window)["lowest_group"] for t in pre]
+        keep_n = max(1, math.ceil(s.deepconf_keep * len(pre)))
+        order = sorted(range(len(pre)), key=lambda i: (-(conf[i] if conf[i] == conf[i] else -math.inf), i))
+        kept = set(order[:keep_n])
+        cands.append([_candidate(t, s, extract, voting=i in kept) for i, t in enumerate(pre)])
+        info.append({"filtered": sorted(set(range(len(pre))) - kept)})
+    return _result("deepconf_offline", n, cands, out, s, policy.device, prompt_info=info)
+
+
+@torch.no_grad()
+@in_search_pool
+def adaptive_consistency(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
+                         seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
+                         **overrides) -> SearchResult:
+    """Adaptive consistency: at most ``n`` candidates per prompt, ``parallel_samples`` of them running at
+    once, a prompt stopping at the first ``k`` whose answers settle the Beta rule (``stop_confidence``);
+    the majority of candidates ``0..k-1``. No verifier. ``prompt_info[p]["decided_at"]``: ``k`` (``None``:
+    all ``n`` ran)."""
+    s, prompts = _start("adaptive_consistency", policy, verifier, prompts, n, settings, overrides)
+    rule = AdaptiveConsistency(len(prompts), n, parallel=_auto(s.parallel_samples, n), confidence=s.stop_confidence,
+                               extract=extract, key=vote_key(s.vote_key) or _same)
+    out, _ = _run(policy, prompts, rule, s, seed)
+    cands, info = [], []
+    for p in range(len(prompts)):
+        k = rule.decided[p]
+        pre = rule.prefix(p)[:k] if k is not None else rule.prefix(p)
+        cands.append([_candidate(t, s, extract, score=float("nan")) for t in pre])
+        info.append({"decided_at": k})
+    return _result("adaptive_consistency", n, cands, out, s, policy.device, select="majority", prompt_info=info)
+
+
+@torch.no_grad()
+@in_search_pool
+def speculative_rejection(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
+                          seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
+                          **overrides) -> SearchResult:
+    """Speculative rejection: ``n`` candidates per prompt start; every ``checkpoint_tokens`` tokens the
+    verifier scores the live partial ones and the worst ``rejection_rate`` of each prompt's stop
+    (``finish="rejected"``, no vote); the finished ones are scored whole and the best is the answer."""
+    s, prompts = _start("speculative_rejection", policy, verifier, prompts, n, settings, overrides,
+                        needs_verifier=True)
+    rule = Rejection(len(prompts), n, checkpoint_tokens=s.checkpoint_tokens, rate=s.rejection_rate)
+    out, runner = _run(policy, prompts, rule, s, seed, verifier=verifier)
+    traces = [rule.prefix(p) for p in range(len(prompts))]
+    whole = [[t for t in row if t.finish != "rejected"] for row in traces]
+    steps = [[split_steps(t.text, s.step_delimiter) for t in row] for row in whole]
+    flat_p = [prompts[p] for p, row in enumerate(whole) for _ in row]
+    scored = verifier.score_steps(flat_p, [[st] for row in steps for st in row], agg=s.agg) if flat_p else None
+    agg = scored.aggregate.reshape(-1).tolist() if scored is not None else []
+    prm_tokens = runner.prm_tokens + (scored.tokens if scored is not None else 0)
+    prm_keys = runner.prm_keys + (int(scored.keys) if scored is not None else 0)
+    it = iter(agg)
+    cands = [[_candidate(t, s, extract, score=next(it)) if t.finish != "rejected"
+              else _candidate(t, s, extract, score=float("nan"), voting=False) for t in row] for row in traces]
+    compute = out.compute + Compute(prm_tokens=prm_tokens,
+                                    prm_flops=count_flops(verifier.flop_module, prm_tokens, prm_keys))
+    info = [{"rejected": sum(t.finish == "rejected" for t in row)} for row in traces]
+    return _result("speculative_rejection", n, cands, out, s, policy.device, select="best", compute=compute,
+                   prompt_info=info)
