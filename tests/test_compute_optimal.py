@@ -10,7 +10,7 @@ import torch
 from tiny_models import search_models
 
 from tts_kernels.ops.allocate import allocate_budget, expected_coverage
-from tts_kernels.search import Settings, run
+from tts_kernels.search import STRATEGIES, Settings, best_of_n, register_strategy, run
 from tts_kernels.search.compute_optimal import (Calibration, OptimalTable, _top_up, calibration_error,
                                                 compute_optimal, default_plan, pilot_features)
 from tts_kernels.search.result import Candidate, select_candidates
@@ -249,3 +249,101 @@ def test_bad_arguments(models, tmp_path):
         Settings(max_rows=-1)
     with pytest.raises(ValueError, match="optimal_table"):
         Settings(optimal_table=3)
+
+
+def _toy_table(strategy: str, calibration_levels: int = 1) -> OptimalTable:
+    """Every level: the pilot alone (1 sample) or ``strategy`` at beam width 2 for 3 samples in all."""
+    return OptimalTable({1: Calibration((0.0, 0.0, 0.0), 0.0)}, edges=(), plans={
+        3: {0: {1: ("weighted_best_of_n", 1, 0.1), 3: (strategy, 2, 0.5)}}})
+
+
+@pytest.mark.parametrize("select", [None, "weighted"])
+def test_a_strategy_registered_later_runs_where_the_table_names_it(models, select):
+    policy, prm = models
+    calls = []
+
+    def toy_last(policy, verifier, prompts, *, budget, settings, seed, extract):
+        calls.append((list(prompts), budget, settings.beam_width, seed))
+        res = best_of_n(policy, verifier, prompts, n=budget, select="best", settings=settings, seed=seed,
+                        extract=extract)
+        res.strategy = "toy_last"  # its own rule: the last candidate
+        res.chosen = [len(row) - 1 for row in res.candidates]
+        res.predictions = [row[-1].answer for row in res.candidates]
+        return res
+
+    register_strategy("toy_last", toy_last, select=select, description="a test's strategy")
+    try:
+        table = _toy_table("toy_last")
+        seeds = [21, 22, 23, 24, 25]
+        res = compute_optimal(policy, prm, PROMPTS, budget=3, table=table, seed=seeds, **KW)
+        # The knapsack gives every prompt t = 3: its 1-sample pilot and 2 samples of toy_last at beam width 2.
+        assert calls == [(PROMPTS, 2, 2, [s + 1 for s in seeds])]  # one call, the searches' seeds (seed + 1)
+        assert [(r["strategy"], r["beam_width"], r["n"]) for r in res.prompt_info] == [("toy_last", 2, 2)] * P
+        assert res.samples == 3 * P  # exact: pilot 1 + 2 per prompt, as allocated and as spent
+        pilot = best_of_n(policy, prm, PROMPTS, n=1, select="weighted", seed=seeds, max_new_tokens=10,
+                          max_step_tokens=8, num_iterations=2, step_delimiter="e", temperature=1.0,
+                          extract=KW["extract"])
+        search = best_of_n(policy, prm, PROMPTS, n=2, select="best", seed=[s + 1 for s in seeds], max_new_tokens=10,
+                           max_step_tokens=8, num_iterations=2, step_delimiter="e", temperature=1.0, beam_width=2,
+                           extract=KW["extract"])
+        assert res.compute == pilot.compute + search.compute
+        for i in range(P):
+            assert [c.text for c in res.candidates[i]] == [c.text for c in pilot.candidates[i] + search.candidates[i]]
+        if select is None:  # its own pick, counted after the pilot's candidates
+            assert res.chosen == [3 - 1] * P and res.predictions == [row[-1].answer for row in res.candidates]
+        else:  # its declared rule over the pilot and the search together
+            _check_pick(res, ["weighted"] * P)
+        # A plan without a table names it too.
+        calls.clear()
+        got = compute_optimal(policy, prm, PROMPTS, budget=4, pilot_n=2, levels=1, plan={0: ("toy_last", 2)},
+                              seed=3, **KW)
+        assert all(r["strategy"] in ("toy_last", "pilot") for r in got.prompt_info)
+        assert sum(len(c[0]) * c[1] for c in calls) == sum(r["n"] for r in got.prompt_info) == got.samples - 2 * P
+    finally:
+        STRATEGIES.pop("toy_last", None)
+    with pytest.raises(ValueError, match=r"plans\[3\]\[0\]\[3\]: strategy 'toy_last' is not a registered strategy"):
+        _toy_table("toy_last")
+
+
+def test_plans_name_registered_per_prompt_strategies_only(models):
+    policy, prm = models
+    with pytest.raises(ValueError, match=r"plans\[3\]\[0\]\[3\]: strategy 'compute_optimal' pools its budget"):
+        _toy_table("compute_optimal")
+    with pytest.raises(ValueError, match=r"plan\[0\]: strategy 'mcts' is not a registered strategy"):
+        compute_optimal(policy, prm, PROMPTS, budget=4, pilot_n=1, levels=1, plan={0: ("mcts", 1)}, **KW)
+    with pytest.raises(ValueError, match="strategies: strategy 'adaptive_best_of_n' pools"):
+        compute_optimal(policy, prm, PROMPTS, budget=4, strategies=("adaptive_best_of_n",), **KW)
+
+    def overspender(policy, verifier, prompts, *, budget, settings, seed, extract):
+        res = best_of_n(policy, verifier, prompts, n=budget + 1, settings=settings, seed=seed, extract=extract)
+        return res
+
+    register_strategy("toy_overspend", overspender)
+    try:
+        with pytest.raises(RuntimeError, match="strategy 'toy_overspend' spent"):
+            compute_optimal(policy, prm, PROMPTS, budget=3, table=_toy_table("toy_overspend"), seed=0, **KW)
+    finally:
+        STRATEGIES.pop("toy_overspend", None)
+
+
+def test_phases_over_parts_equal_one_call(models):
+    # What eval does: each part's pilot, one allocation over every prompt, each part's searches. With per-prompt
+    # seeds that is the one call over all prompts.
+    policy, prm = models
+    strat = STRATEGIES["compute_optimal"].fn
+    s = Settings(levels=2, beam_width=2, **{k: v for k, v in KW.items() if k != "extract"})
+    seeds, ex = [31, 32, 33, 34, 35], KW["extract"]
+    one = run("compute_optimal", policy, prm, PROMPTS, budget=6, settings=s, seed=seeds, extract=ex)
+    parts = [[0, 1], [2, 3, 4]]
+    pilots = [strat.pilot(policy, prm, [PROMPTS[i] for i in part], budget=6, table=None, settings=s,
+                          seed=[seeds[i] for i in part], extract=ex) for part in parts]
+    feats = torch.cat([pilot_features(pl.candidates) for pl in pilots])
+    alloc = strat.allocate(feats, budget=6, table=None, settings=s)
+    assert alloc.samples <= 6 * P and len(alloc) == P
+    got = [strat.search(policy, prm, [PROMPTS[i] for i in part], pl, alloc.take(part), settings=s,
+                        seed=[seeds[i] for i in part], extract=ex) for part, pl in zip(parts, pilots)]
+    assert sum(g.samples for g in got) == one.samples
+    assert [r for g in got for r in g.prompt_info] == one.prompt_info
+    assert [p for g in got for p in g.predictions] == one.predictions
+    assert [[c.text for c in row] for g in got for row in g.candidates] == [[c.text for c in row]
+                                                                             for row in one.candidates]

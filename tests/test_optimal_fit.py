@@ -7,7 +7,8 @@ import pytest
 from tts_kernels import bundled
 from tts_kernels.bench.verifiers import baselines, quality
 from tts_kernels.bundled import arith
-from tts_kernels.bundled.fit_optimal import CANDIDATES, choose_table, main
+from tts_kernels.bundled.fit_optimal import CANDIDATES, choose_table, main, parse_candidates
+from tts_kernels.search import STRATEGIES, register_strategy, run
 from tts_kernels.search.compute_optimal import OptimalTable, compute_optimal
 
 
@@ -75,3 +76,42 @@ def test_fit_command_at_a_toy_size(tmp_path):
     res = compute_optimal(bundled.load_policy("small"), bundled.load_verifier("prm"), [p.prompt for p in probs],
                           budget=4, table=out, seed=0)
     assert res.samples <= 12 and all(len(c) >= 1 for c in res.candidates)
+
+
+def test_candidates_are_registered_per_prompt_strategies():
+    assert parse_candidates("best_of_n/1,dvts/4,majority") == (("best_of_n", 1), ("dvts", 4), ("majority", 1))
+    assert parse_candidates(",".join(f"{s}/{w}" for s, w in CANDIDATES)) == CANDIDATES
+    with pytest.raises(ValueError, match="--candidates 'mcts/2': strategy 'mcts' is not a registered strategy"):
+        parse_candidates("best_of_n/1,mcts/2")
+    with pytest.raises(ValueError, match="strategy 'compute_optimal' pools its budget"):
+        parse_candidates("compute_optimal/1")
+    with pytest.raises(ValueError, match="beam width >= 1"):
+        parse_candidates("dvts/0")
+    with pytest.raises(SystemExit, match="'mcts' is not a registered strategy"):
+        main(["--candidates", "mcts/2", "--problems", "2", "--folds", "2"])
+
+
+@pytest.mark.models
+def test_fit_measures_a_strategy_registered_later(tmp_path):
+    # A strategy registered after the library (here: DVTS under another name) is measured, chosen and run.
+    def toy_tree(policy, verifier, prompts, *, budget, settings, seed, extract):
+        res = run("dvts", policy, verifier, prompts, budget=budget, settings=settings, seed=seed, extract=extract)
+        res.strategy = "toy_tree"
+        return res
+
+    register_strategy("toy_tree", toy_tree, select="weighted")
+    out = tmp_path / "table.json"
+    try:
+        assert main(["--problems", "4", "--heldout", "2", "--budgets", "4", "--folds", "2", "--levels", "1",
+                     "--chunk-size", "4", "--candidates", "toy_tree/2", "--out", str(out)]) == 0
+        table = OptimalTable.load(out)
+        assert table.plans[4][0][4][:2] == ("toy_tree", 2)  # the only candidate above the pilot
+        assert json.loads(out.read_text())["meta"]["candidates"] == [["toy_tree", 2]]
+        probs = bundled.test_problems(2)
+        res = compute_optimal(bundled.load_policy("small"), bundled.load_verifier("prm"), [p.prompt for p in probs],
+                              budget=4, table=out, seed=0)
+        assert {i["strategy"] for i in res.prompt_info} <= {"toy_tree", "pilot"} and res.samples <= 8
+    finally:
+        STRATEGIES.pop("toy_tree", None)
+    with pytest.raises(ValueError, match="'toy_tree' is not a registered strategy"):
+        OptimalTable.load(out)

@@ -13,9 +13,10 @@ small policy and the bundled verifier (``--verifier``):
    validation split and, with the same procedure, on ``--heldout`` held-out test problems (seed 77).
 2. **Levels.** ``--levels`` bins by quantiles of the calibrated ``p`` (at the middle budget's pilot size; tied quantiles merged),
    stored as fixed edges: a prompt's level never depends on the other prompts of a call.
-3. **Plans per (budget, level, samples).** Every candidate (:data:`CANDIDATES`: best-of-N, weighted
-   best-of-N, PRM beam search and DVTS at beam widths 2 and 4) runs uniformly on every validation problem
-   at every sample count of the grid (the budgets and the pilot sizes). For a call of budget ``B``
+3. **Plans per (budget, level, samples).** Every candidate (``--candidates``, default :data:`CANDIDATES`:
+   best-of-N, weighted best-of-N, PRM beam search and DVTS at beam widths 2 and 4; any registered strategy
+   that spends its budget per prompt, as ``name/beam_width``) runs uniformly, through the strategy registry,
+   on every validation problem at every sample count of the grid (the budgets and the pilot sizes). For a call of budget ``B``
    (levels from its pilot), at each count ``t`` above the pilot, a per-level choice (each level's most
    accurate candidate) and a single choice (the most accurate overall) are compared by
    ``--folds``-fold cross-validation (fit on the other folds, score on the held-out fold); the per-level
@@ -38,15 +39,17 @@ import time
 import torch
 
 from . import ROOT, arith, load_policy, load_verifier, sample_texts, test_problems
-from ..search import Settings, run_together
+from ..search import STRATEGIES, Settings, run_together
 from ..search.answers import extract_answer
 from ..search.best_of_n import best_of_n
-from ..search.compute_optimal import Calibration, OptimalTable, calibration_error, pilot_features
+from ..search.compute_optimal import SAMPLING, Calibration, OptimalTable, calibration_error, pilot_features
+from ..search.optimal_table import plan_strategy
 
 VALIDATION_SEED = 31337
 HELDOUT_SEED = 77  # held-out problems for the calibration error (not the demo's TEST_SEED problems)
 CANDIDATES = (("best_of_n", 1), ("weighted_best_of_n", 1), ("prm_beam_search", 2), ("prm_beam_search", 4),
               ("dvts", 2), ("dvts", 4))
+PILOT = ("weighted_best_of_n", 1)  # what the pilot runs (compute_optimal's weighted best-of-pilot_n)
 POOL = 16  # pilot pool and fresh samples per problem for the calibration
 
 
@@ -67,15 +70,40 @@ def _features(pilots, pilot_n: int) -> torch.Tensor:
     return pilot_features([row[:pilot_n] for row in pilots])
 
 
-def _uniform_runs(policy, verifier, problems, budgets, *, seed: int, chunk: int, settings: Settings) -> dict:
-    """``correct[(strategy, width)][budget]``: per-problem correctness of every candidate run uniformly."""
+def parse_candidates(text: str) -> tuple[tuple[str, int], ...]:
+    """``--candidates``: ``name/beam_width`` (or ``name``: width 1), comma-separated, each a registered strategy
+    that spends its budget per prompt (a ``ValueError`` names any other)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, _, width = item.partition("/")
+        try:
+            w = int(width or 1)
+        except ValueError:
+            raise ValueError(f"--candidates: {item!r} must be name/beam_width with an int width") from None
+        if w < 1:
+            raise ValueError(f"--candidates: {item!r} needs a beam width >= 1")
+        plan_strategy(name, f"--candidates {item!r}")
+        out.append((name, w))
+    if not out:
+        raise ValueError(f"--candidates must name at least one strategy, got {text!r}")
+    return tuple(dict.fromkeys(out))
+
+
+def _uniform_runs(policy, verifier, problems, budgets, *, seed: int, chunk: int, settings: Settings,
+                  candidates=CANDIDATES) -> dict:
+    """``correct[(strategy, width)][budget]``: per-problem correctness of every candidate run uniformly
+    (through the registry; candidates of one width and one registry group share one run)."""
     prompts = [p.prompt for p in problems]
-    out: dict = {c: {} for c in CANDIDATES}
+    out: dict = {c: {} for c in candidates}
+    batches: dict = {}  # (width, registry group or name) -> names, in candidates' order
+    for strat, width in candidates:
+        batches.setdefault((width, STRATEGIES[strat].group or strat), []).append(strat)
     for b in budgets:
-        for strat, width in CANDIDATES:
-            if strat == "weighted_best_of_n" or (strat != "best_of_n" and width > b):
-                continue  # weighted shares best_of_n's run; a beam wider than the budget is not a choice
-            names = ["best_of_n", "weighted_best_of_n"] if strat == "best_of_n" else [strat]
+        for (width, _), names in batches.items():
+            if width > b and not all(n in SAMPLING for n in names):
+                continue  # a beam wider than the budget is not a choice
             got = {n: [] for n in names}
             for i in range(0, len(prompts), chunk):
                 res = run_together(names, policy, verifier, prompts[i: i + chunk], budget=b, seed=seed + 7919 * i,
@@ -95,8 +123,11 @@ def _best(cands, correct, idx, b):
     return max(ok, key=lambda c: (sum(correct[c][b][i] for i in idx), -ok.index(c)))
 
 
-def choose_table(correct: dict, levels: list[int], n_levels: int, budgets, *, folds: int, seed: int):
-    """Per budget: the per-level and the single choice, their cross-validated accuracies, the one kept."""
+def choose_table(correct: dict, levels: list[int], n_levels: int, budgets, *, folds: int, seed: int,
+                 candidates=None):
+    """Per budget: the per-level and the single choice, their cross-validated accuracies, the one kept.
+    ``candidates``: in preference order for ties (default: ``correct``'s keys in order)."""
+    candidates = list(correct) if candidates is None else list(candidates)
     P = len(levels)
     order = list(range(P))
     random.Random(seed).shuffle(order)
@@ -107,16 +138,16 @@ def choose_table(correct: dict, levels: list[int], n_levels: int, budgets, *, fo
         for f in range(folds):
             train = [i for i in range(P) if fold_of[i] != f]
             test = [i for i in range(P) if fold_of[i] == f]
-            single = _best(CANDIDATES, correct, train, b)
+            single = _best(candidates, correct, train, b)
             cv["single"] += sum(correct[single][b][i] for i in test)
             for lv in range(n_levels):
                 tr = [i for i in train if levels[i] == lv]
-                pick = _best(CANDIDATES, correct, tr, b) if tr else single
+                pick = _best(candidates, correct, tr, b) if tr else single
                 cv["per_level"] += sum(correct[pick][b][i] for i in test if levels[i] == lv)
         cv = {k: v / P for k, v in cv.items()}
         everyone = list(range(P))
-        single = _best(CANDIDATES, correct, everyone, b)
-        per_level = {lv: (_best(CANDIDATES, correct, [i for i in everyone if levels[i] == lv], b)
+        single = _best(candidates, correct, everyone, b)
+        per_level = {lv: (_best(candidates, correct, [i for i in everyone if levels[i] == lv], b)
                           if any(x == lv for x in levels) else single) for lv in range(n_levels)}
         kept = "per_level" if cv["per_level"] > cv["single"] else "single"
         table[b] = per_level if kept == "per_level" else {lv: single for lv in range(n_levels)}
@@ -137,10 +168,17 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, default=20)
+    ap.add_argument("--candidates", default=",".join(f"{s}/{w}" for s, w in CANDIDATES),
+                    help="strategies measured, name/beam_width, comma-separated: any registered strategy that spends "
+                         "its budget per prompt (default: %(default)s)")
     ap.add_argument("--pilot-divisor", type=int, default=16,
                     help="a call of budget B pilots max(1, B // this) samples per prompt (default 16)")
     args = ap.parse_args(argv)
     budgets = sorted(int(x) for x in args.budgets.split(","))
+    try:
+        candidates = parse_candidates(args.candidates)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.problems < args.folds or args.levels < 1 or not budgets or min(budgets) < 1:
         raise SystemExit("need --problems >= --folds, --levels >= 1 and budgets >= 1")
     def pilot_of(b):
@@ -178,7 +216,9 @@ def main(argv=None) -> int:
     n_levels = len(edges) + 1
     print(f"level edges (calibrated p): {[round(e, 3) for e in edges]}", flush=True)
     grid = sorted(set(budgets) | {pilot_of(b) for b in budgets})
-    correct = _uniform_runs(policy, verifier, val, grid, seed=args.seed + 1, chunk=args.chunk_size, settings=s)
+    runs = tuple(dict.fromkeys(candidates + (PILOT,)))  # the pilot alone (t = pilot) is measured too
+    correct = _uniform_runs(policy, verifier, val, grid, seed=args.seed + 1, chunk=args.chunk_size, settings=s,
+                            candidates=runs)
     plans, report, measured = {}, {}, {}
     for b in budgets:  # a call's levels come from its own pilot size's calibration
         pilot_n = pilot_of(b)
@@ -187,16 +227,17 @@ def main(argv=None) -> int:
         report[str(b)], measured[str(b)] = {}, {}
         for t in [t for t in grid if t >= pilot_n]:
             if t == pilot_n:  # the pilot alone: weighted best-of-pilot_n
-                chosen = {L: ("weighted_best_of_n", 1) for L in range(n_levels)}
+                chosen = {L: PILOT for L in range(n_levels)}
                 r = {"kept": "pilot"}
             else:
-                tab, rep = choose_table(correct, lv, n_levels, [t], folds=args.folds, seed=args.seed)
+                tab, rep = choose_table(correct, lv, n_levels, [t], folds=args.folds, seed=args.seed,
+                                        candidates=candidates)
                 chosen, r = tab[t], rep[str(t)]
             report[str(b)][str(t)] = r
             for L in range(n_levels):
                 idx = [i for i in range(len(val)) if lv[i] == L] or list(range(len(val)))
                 accs = {f"{c}/{w}": sum(correct[(c, w)][t][i] for i in idx) / len(idx)
-                        for c, w in CANDIDATES if t in correct[(c, w)]}
+                        for c, w in runs if t in correct[(c, w)]}
                 measured[str(b)].setdefault(str(L), {})[str(t)] = accs
                 plans[b][L][t] = (*chosen[L], accs[f"{chosen[L][0]}/{chosen[L][1]}"])
         print(f"budget {b} (pilot {pilot_n}, levels {[lv.count(L) for L in range(n_levels)]}): "
@@ -205,7 +246,7 @@ def main(argv=None) -> int:
     table = OptimalTable(cals, edges, plans, meta={
         "verifier": args.verifier, "validation": {"split": "train", "seed": VALIDATION_SEED, "problems": args.problems},
         "heldout": {"split": "test", "seed": HELDOUT_SEED, "problems": args.heldout}, "budgets": budgets,
-        "grid": grid, "folds": args.folds, "candidates": [list(c) for c in CANDIDATES], "calibration_error": ece,
+        "grid": grid, "folds": args.folds, "candidates": [list(c) for c in candidates], "calibration_error": ece,
         "strategy_choice": report, "measured": measured, "seed": args.seed,
         "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__})
     table.save(args.out)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
-from .compute_optimal import OptimalTable, compute_optimal
+from .compute_optimal import OptimalStrategy
 from .particle_filter import particle_filter, particle_gibbs
 from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
 from .registry import check_strategy as _check
@@ -143,13 +143,8 @@ def _step(name, search):
 
 
 def _optimal(name, strategies):
-    def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
-        table = settings.optimal_table
-        if table is not None and len(strategies) == 1:  # the table's calibration, one strategy everywhere
-            table = OptimalTable.load(table).only(strategies[0])
-        return compute_optimal(policy, verifier, prompts, budget=budget, strategies=strategies, settings=settings,
-                               table=table, seed=seed, extract=extract, name=name)
-    return fn
+    # One strategy: the table's calibration, that strategy everywhere. Its phases let eval pool a whole run.
+    return OptimalStrategy(name, tuple(strategies))
 
 
 def _particles(name, entropic, driver=particle_filter):
