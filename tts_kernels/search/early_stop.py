@@ -174,8 +174,9 @@ class Rule:
 class DeepConfOnline(Rule):
     needs_release = True
 
-    def __init__(self, P, n, *, warmup, keep, consensus, window, extract, key):
+    def __init__(self, P, n, *, warmup, keep, consensus, window, extract, key, parallel):
         super().__init__(P, n)
+        self.parallel = parallel
         self.warmup, self.keep, self.consensus, self.window = min(warmup, n), keep, consensus, window
         self.extract, self.key = extract, key
         self.thresholds = [float("-inf")] * P
@@ -185,7 +186,7 @@ class DeepConfOnline(Rule):
         return self.n if self.ready[p] else self.warmup
 
     def in_flight(self, p):
-        return self.warmup
+        return self.parallel if self.ready[p] else self.warmup
 
     def threshold(self, p):
         return self.thresholds[p]
@@ -291,10 +292,11 @@ class TraceRun:
         tok = policy.tokenizer
         eos_ids = list(policy.eos_token_ids)
         eos_set = set(eos_ids)
-        total_rows = sum(min(rule.in_flight(p), rule.n) for p in range(P))
-        session = policy.start([policy.encode(p) for p in self.prompts], rows_hint=total_rows + P, max_new_tokens=T)
+        # At most n candidates of a prompt run at once (fewer in waves): size the pool for that.
+        session = policy.start([policy.encode(p) for p in self.prompts], rows_hint=P * rule.n + P, max_new_tokens=T)
         release = getattr(session, "release", None) if rule.needs_release else None
         dev = session.logits.device
+        on_cpu = dev.type == "cpu"
         eos = torch.tensor(eos_ids or [-1], device=dev)
         started = [0] * P
         generated = 0
@@ -410,8 +412,10 @@ class TraceRun:
                     done = done | (active & ~feed)
                     aborted = aborted | low
                     active = feed
-                    if release is not None:
-                        release(low)  # the aborted rows' blocks go back to the pool now
+                    # The aborted rows' blocks go back to the pool now (on a CPU, reading the mask costs no
+                    # device sync: the release is skipped when nothing stopped).
+                    if release is not None and (not on_cpu or bool(low.any())):
+                        release(low)
                     session.decode(toks, active=feed, rows=run)
                     step += 1
             forward = session.tokens
@@ -517,7 +521,7 @@ def deepconf(policy, verifier, prompts: Sequence[str], *, n: int, settings: Sett
     s, prompts = _start("deepconf", policy, verifier, prompts, n, settings, overrides)
     rule = DeepConfOnline(len(prompts), n, warmup=_auto(s.deepconf_warmup, n), keep=s.deepconf_keep,
                           consensus=s.consensus, window=s.confidence_window, extract=extract,
-                          key=vote_key(s.vote_key) or _same)
+                          key=vote_key(s.vote_key) or _same, parallel=s.parallel_samples or n)
     out, _ = _run(policy, prompts, rule, s, seed, track_blocks=track_blocks)
     cands, info = [], []
     for p in range(len(prompts)):
@@ -536,14 +540,14 @@ def deepconf(policy, verifier, prompts: Sequence[str], *, n: int, settings: Sett
 @in_search_pool
 def deepconf_offline(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings | None = None,
                      seed: int | Sequence[int] = 0, extract: Callable[[str], str | None] = extract_answer,
-                     **overrides) -> SearchResult:
+                     track_blocks: bool = False, **overrides) -> SearchResult:
     """DeepConf offline: ``n`` whole candidates per prompt (with one seed per prompt, ``majority``'s
     candidates); the ``deepconf_keep`` share with the highest lowest group confidence (at least one) vote,
     weighted by it. No verifier. The others stay in ``candidates`` without a vote (``answer`` kept in
     ``prompt_info[p]["filtered"]``, their indices)."""
     s, prompts = _start("deepconf_offline", policy, verifier, prompts, n, settings, overrides)
     rule = Rule(len(prompts), n)
-    out, _ = _run(policy, prompts, rule, s, seed)
+    out, _ = _run(policy, prompts, rule, s, seed, track_blocks=track_blocks)
     cands, info = [], []
     for p in range(len(prompts)):
         pre = rule.prefix(p)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import OptimalStrategy
+from .early_stop import adaptive_consistency, deepconf, deepconf_offline, speculative_rejection
 from .particle_filter import particle_filter, particle_gibbs
 from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
 from .registry import check_strategy as _check
@@ -189,3 +190,22 @@ register_strategy("particle_gibbs", _gibbs,
                               "last (Puri et al. 2025)")
 register_strategy("entropic_particle_filtering", _particles("entropic_particle_filtering", "adaptive"),
                   description="particle filtering with entropy-targeting resampling temperatures (Giannone et al. 2025)")
+
+
+def _early(driver):
+    def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
+        return driver(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
+    return fn
+
+
+register_strategy("deepconf", _early(deepconf), needs_verifier=False, select="weighted",
+                  description="DeepConf online: warm-up candidates set a confidence threshold, later ones stop "
+                              "below it, sampling stops at consensus (Fu et al. 2025)")
+register_strategy("deepconf_offline", _early(deepconf_offline), needs_verifier=False, select="weighted",
+                  description="DeepConf offline: N candidates, the most confident share votes weighted by confidence")
+register_strategy("adaptive_consistency", _early(adaptive_consistency), needs_verifier=False, select="majority",
+                  description="majority vote that stops sampling a prompt once its Beta rule settles "
+                              "(Aggarwal et al. 2023)")
+register_strategy("speculative_rejection", _early(speculative_rejection), select="best",
+                  description="N candidates, the verifier drops the worst partial ones at checkpoints "
+                              "(Sun et al. 2024)")
