@@ -9,6 +9,8 @@ token lists, so a hash collision never drops a beam (duplicates are the rows com
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 _MODS = (2**31 - 1, 2**31 - 19)
@@ -47,6 +49,12 @@ class RowHashes:
 
     def fork(self, idx: torch.Tensor) -> None:
         self.h = self.h.index_select(0, idx)
+
+    def select(self, idx: torch.Tensor) -> RowHashes:
+        """A copy whose row ``j`` is row ``idx[j]`` of this one (forks, reorders, dropping rows)."""
+        out = copy.copy(self)
+        out.h = self.h.index_select(0, idx)
+        return out
 
     def duplicates(self, group: int, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows in consecutive groups of ``group``: ``(dup [rows] bool, first [rows] int64)``: a live row

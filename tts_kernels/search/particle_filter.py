@@ -3,7 +3,9 @@
 After Puri et al. 2025 ("A Probabilistic Inference Approach to Inference-Time Scaling of LLMs
 using Particle-Based Monte Carlo Methods"), read for its meaning; the waste is removed as in the
 step searches (:mod:`~tts_kernels.search.step_search`): all prompts in one batch, histories kept
-in the paged cache and forked, the verifier scoring only each new step.
+in the paged cache and forked, the verifier scoring only each new step. Both are policies over the
+same rows (:class:`~tts_kernels.search.rows.StepRows`): a resample is a fork, particle Gibbs's
+references are parked rows, and a reference drawn part-way is a copy rolled back.
 
 ``N = budget`` particles per prompt. Each iteration every live particle samples one step (up to
 ``step_delimiter``; the last iteration generates to the end) and the verifier scores it. A
@@ -60,21 +62,21 @@ from ..ops.select import select_best, weighted_vote
 from .answers import answer_ids, extract_answer, vote_key
 from .cancel import cancelled
 from .result import Candidate, SearchResult
+from .rows import History, StepRows
 from .seeds import Seeds
 from .settings import Settings, resolve
-from .step_search import _Search
 from .validate import check_prompts
 
 _RESAMPLE_OFFSET = 1 << 40  # resampling's uniforms: a counter range tokens never reach
 _LOGIT_EPS = 1e-6
 
 
-def _log_weights(search: _Search, kind: str) -> torch.Tensor:
+def _log_weights(rows: StepRows, kind: str) -> torch.Tensor:
     """``[rows]`` float64 log-weights of the live rows (``-inf`` where nothing was scored yet)."""
     if kind == "self_certainty":
-        mean = search.lp_sum.double() / search.lp_count.clamp(min=1)
-        return torch.where(search.lp_count > 0, mean, float("-inf"))
-    a = search.prm.aggregate.double()
+        mean = rows.logprob_sum.double() / rows.logprob_count.clamp(min=1)
+        return torch.where(rows.logprob_count > 0, mean, float("-inf"))
+    a = rows.prm.aggregate.double()
     p = a.clamp(_LOGIT_EPS, 1 - _LOGIT_EPS)
     return torch.where(torch.isnan(a), float("-inf"), torch.log(p) - torch.log1p(-p))
 
@@ -133,7 +135,7 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
     info = [{"resampled": [], "ess": []} for _ in prompts]
     seed = Seeds.of(seed, len(prompts))
     done, lw, compute = _sweep(policy, verifier, prompts, s, n=n, seed=seed, sweep=0, refs=None, extract=extract,
-                               info=info)
+                               info=info, cancelled=cancelled)
     return _result("particle_filtering", _candidates(done), lw, s, seed, compute, info)
 
 
@@ -180,7 +182,7 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     for sweep in range(s.sweeps):
         part = [{"resampled": [], "ess": []} for _ in prompts]
         done, lw, c = _sweep(policy, verifier, prompts, s, n=N, seed=seed, sweep=sweep, refs=refs,
-                             extract=extract, info=part)
+                             extract=extract, info=part, cancelled=cancelled)
         compute = c if compute is None else compute + c
         if sweep < s.sweeps - 1 and R:
             key, stream = seed.prompts(lw.device)
@@ -198,9 +200,12 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     return _result("particle_gibbs", _candidates(done), lw, s, seed, compute, info, budget=n)
 
 
-def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep: int, refs, extract, info):
-    """One particle-filter pass over ``n`` slots per prompt; the last ``R`` are ``refs[p]`` (candidate,
-    (completion token ids, tokens per step), final log-weight) when given (particle Gibbs).
+def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep: int, refs, extract, info,
+           cancelled=None):
+    """One particle-filter pass over ``n`` slots per prompt, a policy over
+    :class:`~tts_kernels.search.rows.StepRows`; the last ``R`` slots are ``refs[p]`` (candidate,
+    (completion token ids, tokens per step), final log-weight) when given (particle Gibbs): parked rows.
+    ``cancelled``: returns the prompts to drop now.
 
     Returns each slot's final (candidate, (token ids, tokens per step)), the ``[P, n]`` log-weights
     and the pass's compute.
@@ -209,34 +214,34 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
     R = len(refs[0]) if refs else 0
     F = N - R  # free slots
     use_verifier = s.particle_weight == "verifier"
-    extra = [(p, refs[p][k][1][0]) for p in range(P) for k in range(R)]  # the references' rows, parked
-    search = _Search(policy, verifier if use_verifier else None, prompts, s, seed=seed, rows=P * N + len(extra),
-                     track_logprobs=not use_verifier, extra=extra)
-    search.offset = sweep << 24  # each sweep its own token draws (sweep 0: particle_filter's)
-    dev = search.pol.logits.device
+    # The references' rows, parked after the live ones: reference i of this list is row len(slot_of) + i.
+    extra = [(p, k) for p in range(P) for k in range(R)]
+    parked = [History(prompt=p, ids=refs[p][k][1][0], text=refs[p][k][0].text, steps=list(refs[p][k][0].steps),
+                      step_scores=list(refs[p][k][0].step_scores), step_ntok=list(refs[p][k][1][1]))
+              for p, k in extra]
+    search = StepRows(policy, verifier if use_verifier else None, prompts, s, seeds=seed, cancelled=cancelled,
+                      capacity=P * N + len(extra), track_logprobs=not use_verifier, parked=parked,
+                      offset=sweep << 24)  # each sweep its own token draws (sweep 0: particle_filter's)
+    dev = search.device
     lw = torch.full((P, N), float("-inf"), dtype=torch.float64, device=dev)  # every slot's log-weight
     done: list[list] = [[None] * N for _ in range(P)]  # (candidate, data) of the finished particle in a slot
-    for i, (p, _) in enumerate(extra):  # the parked rows know their whole history
-        cand, (ids, ntok), w = refs[p][i % R]
-        row = P + i
-        search.texts[row], search.steps[row] = cand.text, list(cand.steps)
-        search.step_scores[row], search.step_ntok[row] = list(cand.step_scores), list(ntok)
-        done[p][F + i % R] = (cand, (ids, ntok))
-        lw[p, F + i % R] = w
+    for p, k in extra:  # the parked rows know their whole history
+        cand, (ids, ntok), w = refs[p][k]
+        done[p][F + k] = (cand, (ids, ntok))
+        lw[p, F + k] = w
     slot_of = [(p, j) for p in range(P) for j in range(F)]  # the slot each live row fills (rows 0..)
-    # The parked reference rows follow the live ones: reference i of extra is row len(slot_of) + i.
     arange = torch.arange(F, device=dev).expand(P, F)
     off = _RESAMPLE_OFFSET + (sweep << 12)
     key, stream = seed.prompts(dev)
     try:
-        search.fork([p for p in range(P) for _ in range(F)] + [P + i for i in range(len(extra))])
+        search.fork([p for p in range(P) for _ in range(F)])  # the parked references follow
         for it in range(s.num_iterations):
             last = it == s.num_iterations - 1
             live_n = len(slot_of)
-            _, finish = search.step(last, rows=list(range(live_n)) if extra else None)
+            _, finish = search.step(last)  # the parked references do not sample
             flat = torch.tensor([p * N + j for p, j in slot_of], dtype=torch.long, device=dev)
             lw.view(-1).index_copy_(0, flat, _log_weights(search, s.particle_weight)[:live_n])
-            agg = search.prm.aggregate.tolist() if use_verifier else [float("nan")] * search.rows
+            agg = search.prm.aggregate.tolist() if use_verifier else [float("nan")] * len(search)
             live_rows = []
             for r in range(live_n):
                 p, j = slot_of[r]
@@ -254,7 +259,7 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
             alive = torch.zeros(P, dtype=torch.bool, device=dev)
             alive[torch.tensor(alive_h, device=dev)] = True
             do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
-            gone = sorted(cancelled())  # prompts nobody waits for: their particles stop here
+            gone = sorted(search.cancelled_prompts())  # prompts nobody waits for: their particles stop here
             if gone:
                 do[torch.tensor(gone, device=dev)] = False
             idx = resample(lw, method=s.resampling, seed=key, offset=off + it, temperature=T,
@@ -294,7 +299,7 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
             done, slot_of = new_done, new_slots
             if not rows:
                 break
-            search.fork(rows + [live_n + i for i in range(len(extra))])
+            search.fork(rows)  # a reference's copy is a live row; the parked references follow
             if rollback:
                 _roll_back(search, rollback, refs, it + 1)
         compute = search.compute()
@@ -307,35 +312,15 @@ def _candidates(done) -> list[list[Candidate | None]]:
     return [[x[0] if x is not None else None for x in row] for row in done]
 
 
-def _roll_back(search: _Search, rollback, refs, t: int) -> None:
-    """Rows forked from parked references continue from the references' first ``t`` steps: the policy
-    row is rolled back on the cache (the kept last token runs again), the verifier row (the prompt
-    only) scores those steps, and the host bookkeeping keeps the prefix."""
+def _roll_back(search: StepRows, rollback, refs, t: int) -> None:
+    """Rows forked from parked references continue from the references' first ``t`` steps
+    (:meth:`StepRows.roll_back <tts_kernels.search.rows.StepRows.roll_back>`: the policy row cut back on
+    the cache, the verifier row, which holds the prompt only, scoring those steps). ``rollback``: (row,
+    prompt, reference) triples; ``refs`` the references (their histories are the rows' own)."""
     if not hasattr(search.pol, "truncate"):
         raise TypeError("particle_gibbs needs a policy session with truncate(rows, lengths, tokens) "
                         "(tts_kernels.search.protocols)")
-    dev = search.pol.logits.device
-    rows, lengths, tokens = [], [], []
-    steps = [[] for _ in range(search.rows)]
-    for r, p, k in rollback:
-        cand, (ids, ntok), _ = refs[p][k]
-        keep = sum(ntok[:t])
-        prompt = search.prompt_ids[p]
-        full = prompt + ids[:keep]
-        rows.append(r)
-        lengths.append(len(full))
-        tokens.append(full[-1])
-        search.ids[r] = list(ids[:keep])
-        search.steps[r] = list(cand.steps[:t])
-        search.step_ntok[r] = list(ntok[:t])
-        search.texts[r] = "".join(cand.steps[:t])
-        steps[r] = list(cand.steps[:t])
-    search.pol.truncate(torch.tensor(rows, device=dev), torch.tensor(lengths, device=dev),
-                        torch.tensor(tokens, device=dev))
-    search.forward_rows += len(rows)
-    scores = search.prm.add_steps(steps).tolist()
-    for r, _, _ in rollback:
-        search.step_scores[r] = scores[r][: len(steps[r])]
+    search.roll_back([r for r, _, _ in rollback], t)
 
 
 def _result(name: str, done, lw, s: Settings, seed: Seeds, compute, info, budget: int | None = None) -> SearchResult:
