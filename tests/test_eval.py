@@ -6,6 +6,7 @@ best-of-N sharing one sampling run). Single-process runs go through ``cli.main``
 process (on one thread, as torchrun gives each rank); the 2-rank, killed and held runs are
 child processes.
 """
+import hashlib
 import json
 import os
 import re
@@ -377,3 +378,108 @@ def test_lock_file(tmp_path, capsys):
         (out / LOCK_NAME).write_text(text)
         with acquire(out):
             assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------- pooled strategies: one budget over the whole run
+
+POOLED = ["--strategies", "compute_optimal,adaptive_best_of_n,majority", "--budgets", "2,4"]
+WIDE = ("compute_optimal", "adaptive_best_of_n")
+PILOTS_PER_CHUNK = 2 * 2 * 2  # problems x run-wide strategies x budgets
+FINALS_PER_CHUNK = 2 * 3 * 2  # problems x strategies x budgets
+
+
+@pytest.fixture(scope="module")
+def pooled_reference(tmp_path_factory):
+    """An uninterrupted single-process run of two run-wide pooled strategies beside a per-chunk one."""
+    out = tmp_path_factory.mktemp("eval") / "pooled"
+    assert run_here(out, *POOLED) == 0
+    return out
+
+
+def test_pooled_strategies_allocate_over_the_whole_run(pooled_reference):
+    from tts_kernels.search import STRATEGIES
+
+    parts = lines(pooled_reference / "parts" / "rank-0-of-1.jsonl")
+    # Every chunk's pilot is committed before any chunk's searches.
+    assert [(r.get("stage", "final"), r["chunk_done"]) for r in parts if "chunk_done" in r] == \
+        [("pilot", 0), ("pilot", 1), ("pilot", 2), ("final", 0), ("final", 1), ("final", 2)]
+    pilots = [r for r in parts if r.get("stage") == "pilot" and "chunk_done" not in r]
+    assert len(pilots) == 3 * PILOTS_PER_CHUNK
+    recs = lines(pooled_reference / "results.jsonl")
+    assert keys(recs) == [(p.id, s, b) for p in bundled.test_problems(6) for s in POOLED[1].split(",") for b in (2, 4)]
+    assert all("stage" not in r for r in recs)  # the results are the final records only
+    table = bundled.optimal_table("prm")
+    cfg = json.loads((pooled_reference / "config.json").read_text())
+    assert cfg["pooled"] == {"allocation": {"compute_optimal": "run", "adaptive_best_of_n": "run"},
+                             "optimal_table": hashlib.sha256(bundled.optimal_table_path().read_bytes()).hexdigest()}
+    for s in WIDE:
+        for b in (2, 4):
+            mine = sorted((r for r in pilots if (r["strategy"], r["budget"]) == (s, b)), key=lambda r: r["index"])
+            # One allocation over all 6 problems, from the pilot records as committed.
+            alloc = STRATEGIES[s].fn.allocate(torch.tensor([r["features"] for r in mine], dtype=torch.float64),
+                                              budget=b, table=table, settings=Settings())
+            final = [r for r in recs if (r["strategy"], r["budget"]) == (s, b)]
+            assert [r["info"]["n"] for r in final] == alloc.n
+            assert [r["info"]["level"] for r in final] == alloc.level
+            assert [r["info"]["strategy"] for r in final] == [x or "pilot" for x in alloc.strategy]
+            for r, p in zip(final, mine):
+                assert r["answers"][:p["pilot_n"]] == p["answers"] and r["scores"][:p["pilot_n"]] == p["scores"]
+                assert r["info"]["pilot_answer"] == p["prediction"]
+            # Exact accounting over the run: what was allocated was spent, within budget * problems.
+            per_chunk = {r["chunk"]: r["chunk_compute"] for r in final}
+            assert sum(cc["samples"] for cc in per_chunk.values()) == alloc.samples <= b * 6
+            pilot_compute = {r["chunk"]: r["chunk_compute"] for r in mine}
+            if b == 2:  # per chunk (2 problems, 2 samples left) no 3-sample upgrade of the table fits; run-wide some do
+                chunked = [n for c in range(3) for n in STRATEGIES[s].fn.allocate(
+                    torch.tensor([r["features"] for r in mine[2 * c: 2 * c + 2]], dtype=torch.float64), budget=b,
+                    table=table, settings=Settings()).n]
+                assert chunked == [1] * 6 and max(alloc.n) == 3
+            # A record's compute is its chunk's pilot and searches together.
+            assert all(per_chunk[c][k] >= pilot_compute[c][k] > 0 for c in per_chunk
+                       for k in ("samples", "policy_flops", "prm_tokens"))
+    # A pilot size shared by strategies and budgets is one pilot run: the same candidates.
+    by = {(r["strategy"], r["budget"], r["index"]): r for r in pilots}
+    for i in range(6):
+        a, b = by[("compute_optimal", 2, i)], by[("adaptive_best_of_n", 4, i)]
+        if a["pilot_n"] == b["pilot_n"]:
+            assert a["answers"] == b["answers"] and a["scores"] == b["scores"]
+
+
+def test_pooled_runs_equal_across_ranks_and_resumes(pooled_reference, tmp_path):
+    want = (pooled_reference / "results.jsonl").read_text()
+    res = run_child(tmp_path / "two", *POOLED, nproc=2)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "two" / "results.jsonl").read_text() == want
+    # Killed in the pilot pass (3 records into the second chunk's pilots), resumed by one process.
+    out = tmp_path / "killed_in_pilots"
+    res = run_child(out, *POOLED, env={STOP_ENV: str(PILOTS_PER_CHUNK + 3)})
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert run_here(out, *POOLED) == 0
+    assert (out / "results.jsonl").read_text() == want
+    part = lines(out / "parts" / "rank-0-of-1.jsonl")
+    assert [(r.get("stage", "final"), r["chunk_done"]) for r in part if "chunk_done" in r][:1] == [("pilot", 0)]
+    assert len(part) == 3 * (PILOTS_PER_CHUNK + 1) + 3 * (FINALS_PER_CHUNK + 1)  # nothing twice
+    # Killed in the search pass (5 records into the second chunk), resumed by two ranks.
+    out = tmp_path / "killed_in_searches"
+    res = run_child(out, *POOLED, env={STOP_ENV: str(3 * PILOTS_PER_CHUNK + FINALS_PER_CHUNK + 5)})
+    assert res.returncode == 3, res.stdout + res.stderr
+    res = run_child(out, *POOLED, nproc=2)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming: 2 problems done, 4 to do" in res.stdout
+    assert (out / "results.jsonl").read_text() == want
+    assert not (out / "parts" / "rank-0-of-2.jsonl").read_text().count('"stage": "pilot"')  # pilots not redone
+
+
+def test_pooled_config_records_the_table_and_the_allocation(pooled_reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(pooled_reference, out)
+    assert run_here(out, *POOLED, "--optimal-table", "none") == 2
+    assert "pooled.optimal_table" in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["pooled"]  # a folder of an earlier release, which allocated per chunk without the table
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert run_here(out, *POOLED) == 2
+    err = capsys.readouterr().err
+    assert "pooled.allocation.compute_optimal: '<absent>' in" in err and "'run' now" in err
+    with pytest.raises(SystemExit, match="--optimal-table: no file"):
+        run_here(tmp_path / "other", *POOLED, "--optimal-table", str(tmp_path / "missing.json"))

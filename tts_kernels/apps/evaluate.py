@@ -33,6 +33,19 @@ written by the first run; a later run with any of these changed is refused
 :class:`~tts_kernels.search.Settings` after it was written) counts as equal when it has its
 default value, which is how the old run behaved. Part files: :mod:`tts_kernels.apps.eval_parts`.
 
+Strategies that pool their budget over the prompts of a call (``compute_optimal``,
+``adaptive_best_of_n``) spend it over the whole run instead of per chunk
+(:mod:`tts_kernels.apps.eval_pooled`): a first pass runs every chunk's pilot (stage ``"pilot"`` of the part
+files, resumable and dealt over the ranks like the chunks), then one allocation per (strategy, budget)
+over every problem is computed from the pilot records read back from the part files (the same on every
+rank and after any restart), then each chunk runs its searches with the allocated samples together with the
+other strategies' work. Their problems draw under per-problem seeds, and they read the fitted
+compute-optimal table ``--optimal-table`` names (default ``auto``: the bundled table when the bundled
+policy and verifier run, else none); ``config.json`` records the table's sha256 and each pooled
+strategy's allocation (``"run"``; ``"chunk"`` with ``--pooled-allocation chunk``, which allocates within each
+chunk under the chunk's seed as the other strategies run, and for a pooled strategy registered without
+separable moves).
+
 Per-record compute: a chunk's :class:`~tts_kernels.search.Compute` is spent on its problems
 together (shared prefill, batched decoding), so each record carries an even share of it
 (``policy_tokens``, ``prm_tokens``, ``policy_flops``, ``prm_flops``, ``samples``: chunk total /
@@ -67,12 +80,13 @@ from pathlib import Path
 import torch
 
 from .. import __version__, bundled
-from ..search import STRATEGIES, Settings, run, run_together
+from ..search import STRATEGIES, OptimalTable, Settings, run, run_together
 from ..models.prm_formats import PRESETS
 from ..search.settings import RECIPES, VOTE_KEYS
 from .eval_data import DatasetError, bundled_dataset, describe_bad, load_jsonl
 from .eval_lock import FolderBusy, acquire
-from .eval_parts import CommitTail, expected_keys, repair, scan
+from .eval_parts import FINAL, PILOT, CommitTail, expected_keys, repair, scan
+from .eval_pooled import pilot_chunk, plan, run_wide, search_chunk
 from .grading import GRADERS, get_grader, grader_name
 from .options import add_strategies_argument, add_verifier_argument, parse_budgets, parse_strategies
 from .report import machine_info, plot_scaling, print_summary, summarize
@@ -128,6 +142,13 @@ def add_arguments(ap) -> None:
     ap.add_argument("--grader", default="auto",
                     help=f"{', '.join(GRADERS)} or module:function (auto: integer if every answer is one)")
     ap.add_argument("--chunk-size", type=int, default=8, help="problems per batch; part of the config (default 8)")
+    ap.add_argument("--optimal-table", default="auto",
+                    help="compute_optimal/adaptive_best_of_n: a fitted table file (python -m "
+                         "tts_kernels.bundled.fit_optimal), none, or auto (default: the bundled table when the "
+                         "bundled policy and verifier run); its sha256 is part of the config")
+    ap.add_argument("--pooled-allocation", default="run", choices=("run", "chunk"),
+                    help="compute_optimal/adaptive_best_of_n: spend the budget over the whole run (run: pilots of "
+                         "every chunk, one allocation, then the searches; default) or within each chunk (chunk)")
     ap.add_argument("--skip-bad", action="store_true", help="skip malformed dataset lines instead of stopping")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -245,15 +266,19 @@ def _score(s):
     return None if s is None or (isinstance(s, float) and math.isnan(s)) else float(s)
 
 
-def run_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed: int, grader):
-    """Records (in problem, strategy, budget order) and the commit line of chunk ``c``."""
+def run_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed: int, grader, planned=None):
+    """Records (in problem, strategy, budget order) and the commit line of chunk ``c``. ``planned``: the
+    run-wide pooled strategies' pilots and allocations (:func:`~tts_kernels.apps.eval_pooled.plan`)."""
     prompts = [p.prompt for p in probs]
     runs, seconds, greedy = {}, {}, None
+    wide = run_wide(strategies) if planned is not None else []
     for b in budgets:
         t0 = time.perf_counter()
-        names = [s for s in strategies if s != "greedy"]
+        names = [s for s in strategies if s != "greedy" and s not in wide]
         got = {} if not names else run_together(names, policy, prm, prompts, budget=b, settings=settings,
                                                 seed=chunk_seed(seed, c))
+        for s in wide:
+            got[s] = search_chunk(probs, s, b, policy, prm, settings, seed, planned, c)
         if "greedy" in strategies:  # the budget does not change greedy decoding: run it once per chunk
             greedy = greedy or run("greedy", policy, None, prompts, budget=1, settings=settings)
             got["greedy"] = greedy
@@ -385,6 +410,21 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     for key, value in (("recipe", args.recipe), ("prm_preset", args.verifier_preset)):
         if value:  # only when given, so folders written before these flags existed still resume
             cfg[key] = value
+    wide = run_wide(strategies) if args.pooled_allocation == "run" else []
+    table, run_settings = None, settings
+    pooled = [s for s in strategies if STRATEGIES[s].pooled]
+    if pooled:  # only then, so folders of runs without them still resume
+        table_path = _optimal_table(args)
+        if table_path is not None:
+            try:
+                table = OptimalTable.load(table_path)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(f"--optimal-table: cannot read an OptimalTable from {table_path}: {exc}") from None
+            run_settings = settings.replace(optimal_table=str(table_path))  # what a per-chunk pooled strategy reads
+        cfg["pooled"] = {"allocation": {s: "run" if s in wide else "chunk" for s in pooled},
+                         "optimal_table": None if table_path is None else hashlib.sha256(table_path.read_bytes())
+                         .hexdigest()}
+        cfg["info"]["optimal_table"] = None if table_path is None else str(table_path)
     out = Path(args.out)
     _claim(out, dist, held)  # one writer per folder: nothing in `out` is written before this
     parts = out / "parts"
@@ -398,18 +438,24 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
 
     chunks = [data.problems[i:i + args.chunk_size] for i in range(0, len(data.problems), args.chunk_size)]
     expected = expected_keys(chunks, strategies, budgets)
+    if wide:
+        expected.update(expected_keys(chunks, wide, budgets, stage=PILOT))
     mine_path = parts / f"rank-{dist.rank}-of-{dist.world}.jsonl"
     repair(mine_path, expected)
     todo = None
     if rank0:
         complete = scan(parts, expected)
-        todo = [c for c in range(len(chunks)) if c not in complete]
-        done_before = sum(len(chunks[c]) for c in complete)
+        finals = [c for c in range(len(chunks)) if (FINAL, c) not in complete]
+        pilots = [c for c in range(len(chunks)) if (PILOT, c) not in complete] if wide and finals else []
+        done_before = sum(len(chunks[c]) for c in range(len(chunks)) if (FINAL, c) in complete)
         print(f"tts-kernels eval: {len(data.problems)} problems ({data.source}), {', '.join(strategies)} at budgets "
               f"{budgets}, {dist.world} rank{'s' if dist.world > 1 else ''}, device {args.device}"
               + (f"; resuming: {done_before} problems done, {len(data.problems) - done_before} to do"
-                 if complete else ""), flush=True)
-    todo = dist.broadcast(todo)
+                 if complete else "")
+              + (f"; {', '.join(wide)}: budget spent over the whole run, pilots of {len(pilots)} chunk"
+                 f"{'s' if len(pilots) != 1 else ''} first" if wide and finals else ""), flush=True)
+        todo = (pilots, finals)
+    pilots_todo, todo = dist.broadcast(todo)
     mine = todo[dist.rank::dist.world]
     t_work = time.perf_counter()
     total = len(data.problems)
@@ -419,27 +465,33 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
                disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     if rank0:
         bar.update(tail.problems())
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
-    pause_after, pause_until = _pause_hook()
-    written = 0
-    if mine:
-        policy, prm = _load_models(policy_path, prm_path, dist.device, settings, prm_head, args.verifier_preset)
-        with open(mine_path, "a", encoding="utf-8") as f:
-            for c in mine:
-                records, commit = run_chunk(c, chunks[c], strategies, budgets, policy, prm, settings, args.seed, grader)
-                for rec in records:
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    written += 1
-                    if written == stop_after:  # the test hook: die like a killed process
-                        os.fsync(f.fileno())
-                        os._exit(3)
-                    if written == pause_after:  # the test hook: hold the folder mid-run
-                        _pause(pause_until)
-                f.write(json.dumps(commit) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(tail.problems() - bar.n if rank0 else len(chunks[c]))
+    models: list = []
+
+    def loaded():
+        if not models:
+            models.extend(_load_models(policy_path, prm_path, dist.device, settings, prm_head, args.verifier_preset))
+        return models
+
+    with _PartWriter(mine_path) as writer:
+        for c in pilots_todo[dist.rank::dist.world]:  # run-wide pooled strategies: every chunk's pilot first
+            writer.block(*pilot_chunk(c, chunks[c], wide, budgets, *loaded(), settings, args.seed, table))
+        planned = None
+        if wide and todo:  # one allocation over the whole run, from the pilot records every rank committed
+            dist.barrier()
+            if rank0:
+                complete = scan(parts, expected)
+                lost = [c for c in range(len(chunks)) if (PILOT, c) not in complete]
+                planned = ("lost", lost) if lost else plan({c: complete[(PILOT, c)][0] for c in range(len(chunks))},
+                                                           len(chunks), wide, budgets, settings, table)
+            planned = dist.broadcast(planned)
+            if isinstance(planned, tuple):
+                raise RuntimeError(f"pilot chunks {planned[1][:10]} are not complete in {parts} after every rank "
+                                   f"finished its pilots")
+        for c in mine:
+            records, commit = run_chunk(c, chunks[c], strategies, budgets, *loaded(), run_settings, args.seed, grader,
+                                        planned)
+            writer.block(records, commit)
+            bar.update(tail.problems() - bar.n if rank0 else len(chunks[c]))
     if dist.world > 1:  # rank 0 keeps its bar moving while the others finish
         work = torch.distributed.barrier(async_op=True)
         while rank0 and not work.is_completed():
@@ -462,10 +514,12 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
 
 def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path, world, timing, skipped):
     """Rank 0: merge the parts into results.jsonl, then summary.json, the table and scaling.png."""
-    complete = scan(parts, expected)
-    missing = [c for c in range(len(chunks)) if c not in complete]
+    units = scan(parts, expected)
+    missing = [c for c in range(len(chunks)) if (FINAL, c) not in units]
     if missing:
         raise RuntimeError(f"chunks {missing[:10]} are not complete in {parts} after every rank finished")
+    complete = {c: units[(FINAL, c)] for c in range(len(chunks))}
+    pilot_seconds = {c: units[(PILOT, c)][1]["seconds"] for c in range(len(chunks)) if (PILOT, c) in units}
     tmp = out / "results.jsonl.tmp"
     with open(tmp, "w") as f:
         for c in range(len(chunks)):
@@ -480,7 +534,8 @@ def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path,
             recs = [r for c in range(len(chunks)) for r in complete[c][0] if r["strategy"] == s and r["budget"] == b]
             firsts = {r["chunk"]: r["chunk_compute"] for r in reversed(recs)}  # one per chunk: its totals
             comp = {k: sum(cc[k] for cc in firsts.values()) for k in COMPUTE_FIELDS}
-            seconds = sum(complete[c][1]["seconds"][str(b)] for c in range(len(chunks))) / len(strategies)
+            seconds = sum(complete[c][1]["seconds"][str(b)] + pilot_seconds.get(c, {}).get(str(b), 0.0)
+                          for c in range(len(chunks))) / len(strategies)
             runs.append({"model": model, "strategy": s, "budget": b, "correct": sum(r["correct"] for r in recs),
                          "samples": sum(cc["samples"] for cc in firsts.values()), "compute": comp, "seconds": seconds})
     rows = summarize(runs, n)
@@ -494,6 +549,56 @@ def _finish(out, parts, expected, chunks, strategies, budgets, cfg, policy_path,
                "skipped_lines": [{"line": ln, "why": why} for ln, why in skipped], "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'results.jsonl'}, {out / 'summary.json'}, {out / 'scaling.png'}")
+
+
+class _PartWriter:
+    """Appends units to a rank's part file (opened at the first one): records flushed one by one, then the
+    commit line, then fsync. Runs the test hooks (:data:`STOP_ENV`, :data:`PAUSE_ENV`) on the records."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.written = path, None, 0
+        self.stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+        self.pause_after, self.pause_until = _pause_hook()
+
+    def block(self, records: list[dict], commit: dict) -> None:
+        if self.f is None:
+            self.f = open(self.path, "a", encoding="utf-8")
+        f = self.f
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            self.written += 1
+            if self.written == self.stop_after:  # the test hook: die like a killed process
+                os.fsync(f.fileno())
+                os._exit(3)
+            if self.written == self.pause_after:  # the test hook: hold the folder mid-run
+                _pause(self.pause_until)
+        f.write(json.dumps(commit) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+    def __enter__(self) -> _PartWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _optimal_table(args) -> Path | None:
+    """The table file ``--optimal-table`` names: ``none``; ``auto``: the bundled table when the bundled
+    policy and the bundled verifier it was fitted for run (else none); or a path."""
+    if args.optimal_table == "none":
+        return None
+    if args.optimal_table == "auto":
+        bundled_models = args.policy is None and args.verifier_model is None and not args.verifier_preset
+        if bundled_models and bundled.optimal_table(args.verifier) is not None:
+            return bundled.optimal_table_path()
+        return None
+    path = Path(args.optimal_table)
+    if not path.is_file():
+        raise SystemExit(f"--optimal-table: no file {path} (a fitted table, none or auto)")
+    return path
 
 
 def plot(rows: list[dict], path: Path) -> None:

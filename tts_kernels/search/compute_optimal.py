@@ -280,9 +280,9 @@ def search_allocated(policy, verifier, prompts: Sequence[str], pilot: SearchResu
         entry = plan_strategy(strat, f"prompt {idx[0]}'s plan")
         for b, part in enumerate(_batches(idx, n, s.max_rows)):
             with sub_run(part):  # a prompt cancelled in this run is cancelled in the sub-search, by its new index
-                res = entry.fn(policy, verifier, [prompts[i] for i in part], budget=n, settings=s.replace(beam_width=bw),
-                               seed=keys.take(part).per_prompt if keys.keyed else keys.seed + 7919 * b,
-                               extract=extract)
+                res = entry.fn(policy, verifier, [prompts[i] for i in part], budget=n,
+                               settings=s.replace(beam_width=bw), extract=extract,
+                               seed=keys.take(part).per_prompt if keys.keyed else keys.seed + 7919 * b)
             if res.samples > n * len(part):
                 raise RuntimeError(f"strategy {strat!r} spent {res.samples} samples where it was allocated {n} for "
                                    f"each of {len(part)} prompts")
