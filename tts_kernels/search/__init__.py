@@ -8,7 +8,7 @@ beams) per prompt for every strategy. Models plug in through the protocols of
 
 The drivers behind the strategies stay public and return :class:`SearchResult` too:
 :func:`best_of_n`, :func:`prm_beam_search`, :func:`dvts`, :func:`compute_optimal`,
-:func:`particle_filter`, :func:`particle_gibbs`, :func:`revise`; the
+:func:`particle_filter`, :func:`particle_gibbs`, :func:`revise`, :func:`rebase`; the
 token-level :func:`beam_search` keeps ``generate()``'s signature (it is the transformers
 drop-in) and returns :class:`BeamSearchOutput`.
 """
@@ -19,6 +19,7 @@ from .best_of_n import best_of_n, sample_completions
 from .compute_optimal import OptimalTable, compute_optimal
 from .particle_filter import particle_filter, particle_gibbs
 from .protocols import Policy, PolicySession, StepScores, Tokenizer, Verifier, VerifierSession
+from .rebase import rebase
 from .result import Candidate, SearchResult, select_candidates
 from .revise import revise
 from .settings import Settings
@@ -29,4 +30,4 @@ from .thinking import ThinkingBudget
 __all__ = ["run", "run_together", "STRATEGIES", "Strategy", "register_strategy", "Settings", "SearchResult",
            "Candidate", "select_candidates", "Compute", "count_flops", "Policy", "PolicySession", "Verifier",
            "VerifierSession", "StepScores", "Tokenizer", "best_of_n", "sample_completions", "prm_beam_search", "dvts",
-           "compute_optimal", "OptimalTable", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer", "revise", "ThinkingBudget"]
+           "compute_optimal", "OptimalTable", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer", "revise", "rebase", "ThinkingBudget"]

@@ -90,6 +90,9 @@ class Settings:
         sweeps, reference_particles: particle Gibbs (:func:`~tts_kernels.search.particle_gibbs`):
             passes of ``budget // sweeps`` particles each, and the reference particles carried from
             one pass into the next.
+        rebase_temperature: ``rebase`` (:mod:`~tts_kernels.search.rebase`): a prompt's remaining width is
+            split over its live nodes by ``softmax(score / rebase_temperature)`` (lower: more children to the
+            best-scored nodes; REBASE's balance temperature).
         confidence_k, confidence_window: the early-stopping strategies (:mod:`~tts_kernels.search.early_stop`):
             a token's confidence is the negated mean of its distribution's ``confidence_k`` largest
             log-probabilities; a candidate's group confidence is the mean over its last
@@ -152,6 +155,7 @@ class Settings:
     parallel_samples: int = 0
     checkpoint_tokens: int = 16
     rejection_rate: float = 0.5
+    rebase_temperature: float = 0.2
 
     def __post_init__(self):
         def number(name, ok, rule, kind=float):
@@ -189,6 +193,7 @@ class Settings:
         number("rejection_rate", lambda v: 0 <= v < 1, "in [0, 1)")
         number("ess_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("weight_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
+        number("rebase_temperature", lambda v: math.isfinite(v) and v > 0, "finite and > 0")
         number("entropy_target", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("anneal_below", lambda v: 0 <= v <= 1, "in [0, 1]")
         number("early_phase", lambda v: 0 <= v <= 1, "in [0, 1]")

@@ -31,6 +31,9 @@ Built-in strategies (``settings`` fields in :class:`~tts_kernels.search.Settings
   each answer fed back with ``settings.revision_prompt`` ``revisions`` times (fewer when the budget is
   smaller; a budget that ``revisions + 1`` does not divide spends its largest multiple); the weighted
   vote over every attempt (majority without a verifier).
+* ``rebase`` — reward-balanced tree search (:func:`~tts_kernels.search.rebase.rebase`, Wu et al. 2024): a
+  prompt's width ``N`` split over its live nodes by ``softmax(score / settings.rebase_temperature)`` at every
+  depth, each finished node one of the ``N`` completed leaves; the weighted vote over them.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from .best_of_n import best_of_n, sampling_results
 from .compute_optimal import OptimalStrategy
 from .early_stop import adaptive_consistency, deepconf, deepconf_offline, speculative_rejection
 from .particle_filter import particle_filter, particle_gibbs
+from .rebase import rebase
 from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
 from .registry import check_strategy as _check
 from .result import SearchResult
@@ -209,3 +213,12 @@ register_strategy("adaptive_consistency", _early(adaptive_consistency), needs_ve
 register_strategy("speculative_rejection", _early(speculative_rejection), select="best",
                   description="N candidates, the verifier drops the worst partial ones at checkpoints "
                               "(Sun et al. 2024)")
+
+
+def _rebase(policy, verifier, prompts, *, budget, settings, seed, extract):
+    return rebase(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
+
+
+register_strategy("rebase", _rebase, select="weighted",
+                  description="REBASE: each depth's remaining width split over the live nodes by softmax of their "
+                              "verifier scores; the weighted vote over the N completed leaves (Wu et al. 2024)")
