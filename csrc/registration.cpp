@@ -9,10 +9,12 @@ TORCH_LIBRARY(tts, m) {
       " -> (Tensor scores, Tensor parents, Tensor tokens)");
   m.def("kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()");
   // Sampling (tts_kernels/ops/sample.py): scalar parameters, each overridden per row by its tensor when given.
+  // `stats` (float32 [R, 3], optional) receives the rows' confidence statistics with top-`stats_k`
+  // (reference.sample_stats_ref), computed in the same pass over the logits.
   m.def(
       "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, int seed, int offset,"
       " Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor? seeds, Tensor? offsets,"
-      " Tensor? streams=None) -> (Tensor tokens, Tensor logprobs)");
+      " Tensor? streams=None, int stats_k=0, Tensor(a!)? stats=None) -> (Tensor tokens, Tensor logprobs)");
   // PagedKVCache bookkeeping (tts_kernels/cache): state = [tables, held, lens, pend, alive, refs,
   // stack, n_free]; each returns an error word and changes nothing when it is non-zero.
   m.def("paged_fork_(Tensor(a!)[] state, Tensor parents, Tensor new_ids) -> int");

@@ -26,7 +26,7 @@ SCHEMAS = {
     "kv_reorder_": "kv_reorder_(Tensor(a!)[] caches, Tensor parents) -> ()",
     "sample": "sample(Tensor logits, float temperature, int top_k, float top_p, float min_p, int seed, int offset,"
     " Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor? seeds, Tensor? offsets,"
-    " Tensor? streams=None) -> (Tensor tokens, Tensor logprobs)",
+    " Tensor? streams=None, int stats_k=0, Tensor(a!)? stats=None) -> (Tensor tokens, Tensor logprobs)",
     # PagedKVCache bookkeeping; without the extension the cache uses its tensor-op backend instead.
     "paged_fork_": "paged_fork_(Tensor(a!)[] state, Tensor parents, Tensor new_ids) -> int",
     "paged_reorder_": "paged_reorder_(Tensor(a!)[] state, Tensor ids, Tensor parents) -> int",

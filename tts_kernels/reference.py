@@ -315,7 +315,8 @@ def sample_ref(
     seed=0,
     offset=0,
     stream=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row, with temperature, top-k, top-p and min-p filters.
 
     Shapes: ``logits [R, V]`` (float32/float16/bfloat16). Each of ``temperature``,
@@ -359,7 +360,14 @@ def sample_ref(
     differ only where two candidates' ``e_v / E_v`` agree to a few ulp, or a
     token's cumulative mass lies within rounding of ``top_p`` (both ~1e-6 events
     per row). Masses for top-p are accumulated in float64 here.
+
+    ``stats_k >= 1`` also returns ``stats [R, 3]`` float32: :func:`sample_stats_ref`
+    with ``k = stats_k`` (the full distribution at temperature 1, whatever the
+    filters; the draw does not depend on it).
     """
+    if stats_k:
+        tokens, logprobs = sample_ref(logits, temperature, top_k, top_p, min_p, seed, offset, stream)
+        return tokens, logprobs, sample_stats_ref(logits, stats_k)
     R, V = logits.shape
     dev = logits.device
     T = _per_row(temperature, R, torch.float32, dev)
@@ -410,15 +418,93 @@ def sample_ref(
     return tokens, logprobs
 
 
+def sample_stats_ref(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Confidence statistics of each row's full distribution at temperature 1: float32 ``[R, 3]``.
+
+    With ``x = logits.float()`` (NaN and +inf -> -inf, as in :func:`sample_ref`) and
+    ``lp = log_softmax(x, -1)`` over the whole vocabulary (no temperature, no filter)::
+
+        stats[:, 0] = -mean(top-k of lp),  k = min(k, V)   # token confidence (DeepConf, Fu et al. 2025)
+        stats[:, 1] = -sum(p * lp),  p = exp(lp)           # entropy; p == 0 terms count 0
+        stats[:, 2] = -log(V) - mean(lp)                    # self-certainty, KL(uniform || p) (Kang et al. 2025)
+
+    Larger confidence and self-certainty mean a more peaked distribution; all
+    three are >= 0. Rows with -inf logits: self-certainty is +inf (p puts no mass
+    where the uniform distribution does), and so is the confidence when fewer than
+    ``k`` logits are finite (a -inf among the top k); the entropy stays finite. A
+    row with no finite logit gives NaN in all three.
+
+    Computed in float64 here (unlike the other references): near a point mass the
+    statistics are tiny differences (log Z = log(1 + small)) that float32's
+    log_softmax rounds away; the kernels get them by summing Z - 1 apart.
+    """
+    R, V = logits.shape
+    k = max(1, min(int(k), V))
+    x = logits.double()
+    x = torch.where(torch.isnan(x) | torch.isposinf(x), torch.full_like(x, float("-inf")), x)
+    dead = torch.isneginf(x.max(dim=1).values)
+    lp = torch.log_softmax(x, dim=1)
+    p = lp.exp()
+    conf = -lp.topk(k, dim=1).values.mean(dim=1)
+    ent = -torch.where(p > 0, p * lp, torch.zeros_like(lp)).sum(dim=1)
+    sc = -math.log(V) - lp.mean(dim=1)
+    stats = torch.stack([conf, ent, sc], dim=1)
+    return torch.where(dead.unsqueeze(1), torch.full_like(stats, float("nan")), stats).float()
+
+
 def sample_op_ref(logits, temperature, top_k, top_p, min_p, seed, offset, temperatures, top_ks, top_ps, min_ps,
-                  seeds, offsets, streams=None):
+                  seeds, offsets, streams=None, stats_k=0, stats=None):
     """``torch.ops.tts.sample``'s argument layout (scalars, each overridden by its
-    per-row tensor when given) on top of :func:`sample_ref`."""
+    per-row tensor when given) on top of :func:`sample_ref`. ``stats`` (optional
+    float32 ``[R, 3]``, written in place) receives :func:`sample_stats_ref` with ``stats_k``."""
     def pick(scalar, tensor):
         return scalar if tensor is None else tensor
 
+    if stats is not None:
+        stats.copy_(sample_stats_ref(logits, stats_k))
     return sample_ref(logits, pick(temperature, temperatures), pick(top_k, top_ks), pick(top_p, top_ps),
                       pick(min_p, min_ps), pick(seed, seeds), pick(offset, offsets), streams)
+
+
+class SlidingWindowRef:
+    """Plain-Python meaning of :class:`tts_kernels.ops.confidence.SlidingWindow` (lists, one per row).
+
+    ``mean``: the mean of the last ``min(count, window)`` values pushed (NaN before the first);
+    ``lowest``: the smallest ``mean`` after any push that left ``count >= window`` (NaN means
+    skipped; +inf until the first full window).
+    """
+
+    def __init__(self, rows: int, window: int):
+        self.window = window
+        self.values = [[] for _ in range(rows)]
+        self.lowest = [math.inf] * rows
+
+    def push(self, values, active) -> None:
+        for r, (v, a) in enumerate(zip(values, active)):
+            if not a:
+                continue
+            self.values[r].append(float(v))
+            m = self.mean[r]
+            if len(self.values[r]) >= self.window and not math.isnan(m):
+                self.lowest[r] = min(self.lowest[r], m)
+
+    @property
+    def count(self) -> list[int]:
+        return [len(v) for v in self.values]
+
+    @property
+    def mean(self) -> list[float]:
+        out = []
+        for vals in self.values:
+            last = vals[-self.window:]
+            out.append(sum(last) / len(last) if last else math.nan)
+        return out
+
+    def select(self, idx) -> "SlidingWindowRef":
+        new = SlidingWindowRef(0, self.window)
+        new.values = [list(self.values[int(i)]) for i in idx]
+        new.lowest = [self.lowest[int(i)] for i in idx]
+        return new
 
 
 # ----------------------------------------------------------------------------- particle resampling

@@ -16,6 +16,16 @@
 // Every filter keeps an upper set of x, so the kept set is {x >= tau} with the
 // min-p test on top; the last pass draws Philox only for 32-token blocks that hold
 // a kept token, so a narrow top-p or top-k pays for a few hundred draws, not V.
+//
+// Confidence statistics (optional, reference.sample_stats_ref) are of the full
+// distribution at temperature 1, y = x - m: with Z = sum e, lp = y - log Z
+// (log Z = log1p(Z - 1), Z - 1 summed without the maximum's e = 1),
+//   confidence   = log Z - mean(k largest y)
+//   entropy      = log Z - sum(e * y) / Z
+//   self-certainty = log Z - log V - mean(y)
+// At T = 1 (and for greedy rows, whose x is unscaled) they reuse x and e of the
+// sampling passes: one more pass over the row, in L1 tile by tile, plus the top-k
+// (a sorted list of k, as for the top-k filter). At T != 1 the row is read once more.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -296,6 +306,123 @@ float top_p_threshold(const float* x, const float* e, int64_t V, float tau_k, do
   return tau;
 }
 
+// ---- confidence statistics -------------------------------------------------
+
+// Sums over one tile of y = x - m (m finite), split so that log Z = log1p(Z - 1) keeps
+// its precision when one token holds nearly all the mass: over the tokens below the
+// maximum with a finite x, zr += e and s += e * y; nmax += #(x == m) (each e = 1, y = 0);
+// sy += y over all tokens (-inf when one is -inf).
+inline void stats_tile_scalar(const float* x, const float* e, int64_t n, float m, float* zr, float* s, float* sy,
+                              int64_t* nmax) {
+  float a = 0.0f, b = 0.0f, c = 0.0f;
+  int64_t top = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = x[i] - m;
+    c += y;
+    if (x[i] == m) {
+      ++top;
+    } else if (x[i] != kNegInf) {
+      a += e[i];
+      b += e[i] * y;
+    }
+  }
+  *zr = a;
+  *s = b;
+  *sy = c;
+  *nmax += top;
+}
+
+#ifdef TTS_X86
+TTS_AVX2 inline float hsum8(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float t = 0.0f;
+  for (int k = 0; k < 8; ++k) t += lanes[k];
+  return t;
+}
+
+TTS_AVX2 inline void stats_tile_avx2(const float* x, const float* e, int64_t n, float m, float* zr, float* s,
+                                     float* sy, int64_t* nmax) {
+  const __m256 mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(kNegInf);
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps();
+  int64_t top = 0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 y = _mm256_sub_ps(xv, mv);
+    const __m256 is_max = _mm256_cmp_ps(xv, mv, _CMP_EQ_OQ);
+    const __m256 rest = _mm256_andnot_ps(is_max, _mm256_cmp_ps(xv, ninf, _CMP_NEQ_OQ));
+    const __m256 ev = _mm256_and_ps(_mm256_loadu_ps(e + i), rest);
+    a = _mm256_add_ps(a, ev);
+    b = _mm256_fmadd_ps(ev, _mm256_and_ps(y, rest), b);  // masked lanes: 0 * 0, never 0 * -inf
+    c = _mm256_add_ps(c, y);
+    top += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(is_max)));
+  }
+  float ta, tb, tc;
+  stats_tile_scalar(x + i, e + i, n - i, m, &ta, &tb, &tc, nmax);
+  *zr = hsum8(a) + ta;
+  *s = hsum8(b) + tb;
+  *sy = hsum8(c) + tc;
+  *nmax += top;
+}
+#endif  // TTS_X86
+
+inline void stats_tile(const float* x, const float* e, int64_t n, float m, float* zr, float* s, float* sy,
+                       int64_t* nmax) {
+#ifdef TTS_X86
+  if (cpu_has_avx2()) return stats_tile_avx2(x, e, n, m, zr, s, sy, nmax);
+#endif
+  stats_tile_scalar(x, e, n, m, zr, s, sy, nmax);
+}
+
+// Confidence, entropy and self-certainty of one row at temperature 1 into out[0:3]:
+// x[0:V) sanitized logits, m = max x; e[0:V) holds exp(x - m) when have_e, else it is
+// scratch space that this fills. No finite logit (m = -inf): NaN, NaN, NaN.
+void row_stats(const float* x, float* e, bool have_e, int64_t V, float m, int64_t k, std::vector<float>& scratch,
+               float* out) {
+  if (m == kNegInf) {
+    out[0] = out[1] = out[2] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  k = std::max<int64_t>(1, std::min(k, V));
+  // Tile sums in float (SIMD lanes), tiles summed in double.
+  double zr = 0.0, s = 0.0, sy = 0.0;
+  int64_t nmax = 0;
+  for (int64_t t0 = 0; t0 < V; t0 += kTile) {
+    const int64_t n = std::min(kTile, V - t0);
+    if (!have_e) exp_tile(x + t0, e + t0, n, m);
+    float tz, ts, tsy;
+    stats_tile(x + t0, e + t0, n, m, &tz, &ts, &tsy, &nmax);
+    zr += tz;
+    s += ts;
+    sy += tsy;
+  }
+  double top;  // sum of the k largest y (-inf when fewer than k are finite)
+  if (k == V) {
+    top = sy;
+  } else {
+    const float tau = kth_largest(x, e, V, k, scratch);
+    top = 0.0;
+    if (k <= kSmallK) {  // scratch holds the k largest
+      for (int64_t i = 0; i < k; ++i) top += static_cast<double>(scratch[i]) - m;
+    } else {  // those above tau, then copies of tau (ties) up to k
+      int64_t above = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (x[i] > tau) {
+          top += static_cast<double>(x[i]) - m;
+          ++above;
+        }
+      }
+      top += static_cast<double>(k - above) * (static_cast<double>(tau) - m);
+    }
+  }
+  const double z = static_cast<double>(nmax) + zr;
+  const double logz = std::log1p(static_cast<double>(nmax - 1) + zr);
+  out[0] = static_cast<float>(logz - top / static_cast<double>(k));
+  out[1] = static_cast<float>(logz - s / z);
+  out[2] = static_cast<float>(logz - std::log(static_cast<double>(V)) - sy / static_cast<double>(V));
+}
+
 // ---- one row ---------------------------------------------------------------
 
 struct Work {
@@ -304,8 +431,10 @@ struct Work {
   std::vector<std::pair<float, float>> group;
 };
 
+// One row: its token and logprob; with stats_out, its statistics (row_stats) too.
 template <typename T>
-void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w, int64_t* tok_out, float* lp_out) {
+void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w, int64_t* tok_out, float* lp_out,
+                int64_t stats_k, float* stats_out) {
   const int64_t Vp = (V + kBlock - 1) / kBlock * kBlock;
   w.x.resize(Vp);
   w.e.resize(Vp);
@@ -314,12 +443,24 @@ void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w,
   const bool greedy = !(p.temperature > 0.0f);
   const bool scale = !greedy && p.temperature != 1.0f;
   float m = kNegInf;
+  if (stats_out != nullptr && scale) {
+    // x / T is not the temperature-1 row: read the row unscaled first (x, e are free until the load below).
+    for (int64_t t0 = 0; t0 < V; t0 += kTile) {
+      const int64_t n = std::min(kTile, V - t0);
+      m = std::max(m, load_tile(row + t0, x + t0, n, 1.0f, false));
+    }
+    row_stats(x, e, false, V, m, stats_k, w.scratch, stats_out);
+    m = kNegInf;
+  }
   for (int64_t t0 = 0; t0 < V; t0 += kTile) {
     const int64_t n = std::min(kTile, V - t0);
     m = std::max(m, load_tile(row + t0, x + t0, n, p.temperature, scale));
   }
   std::fill(x + V, x + Vp, kNegInf);
+  // Unscaled (T = 1 or greedy), x is the temperature-1 row: the statistics read it here.
+  const bool stats_here = stats_out != nullptr && !scale;
   if (m == kNegInf) {  // no finite logit: token 0, logprob -inf
+    if (stats_here) row_stats(x, e, false, V, m, stats_k, w.scratch, stats_out);
     *tok_out = 0;
     *lp_out = kNegInf;
     return;
@@ -329,10 +470,12 @@ void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w,
     while (x[i] != m) ++i;  // the first maximum
     *tok_out = i;
     *lp_out = 0.0f;
+    if (stats_here) row_stats(x, e, false, V, m, stats_k, w.scratch, stats_out);
     return;
   }
   for (int64_t t0 = 0; t0 < V; t0 += kTile) exp_tile(x + t0, e + t0, std::min(kTile, V - t0), m);
   std::fill(e + V, e + Vp, 0.0f);
+  if (stats_here) row_stats(x, e, true, V, m, stats_k, w.scratch, stats_out);
 
   float tau = kNegInf;
   if (p.top_k > 0 && p.top_k < V) tau = kth_largest(x, e, V, p.top_k, w.scratch);
@@ -369,10 +512,13 @@ void sample_row(const T* row, int64_t V, int64_t r, const RowParams& p, Work& w,
 
 template <typename T>
 void sample_kernel(const T* logits, int64_t row_stride, int64_t R, int64_t V, const std::vector<RowParams>& params,
-                   int64_t* tokens, float* logprobs) {
+                   int64_t* tokens, float* logprobs, int64_t stats_k, float* stats) {
   at::parallel_for(0, R, tts::grain_for(V), [&](int64_t begin, int64_t end) {
     Work w;
-    for (int64_t r = begin; r < end; ++r) sample_row(logits + r * row_stride, V, r, params[r], w, tokens + r, logprobs + r);
+    for (int64_t r = begin; r < end; ++r) {
+      sample_row(logits + r * row_stride, V, r, params[r], w, tokens + r, logprobs + r, stats_k,
+                 stats == nullptr ? nullptr : stats + 3 * r);
+    }
   });
 }
 
@@ -396,7 +542,8 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, doubl
                                               const std::optional<at::Tensor>& min_ps,
                                               const std::optional<at::Tensor>& seeds,
                                               const std::optional<at::Tensor>& offsets,
-                                              const std::optional<at::Tensor>& streams) {
+                                              const std::optional<at::Tensor>& streams, int64_t stats_k,
+                                              const std::optional<at::Tensor>& stats) {
   TORCH_CHECK(logits_in.dim() == 2, "sample: logits must be 2-D [R, V]");
   const int64_t R = logits_in.size(0), V = logits_in.size(1);
   TORCH_CHECK(V >= 1, "sample: logits must have at least one column");
@@ -415,20 +562,28 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, doubl
                       [&](int64_t r, int64_t v) { params[r].offset = static_cast<uint64_t>(v); });
   fill_param<int64_t>(streams, at::kLong, "stream", R,
                       [&](int64_t r, int64_t v) { params[r].stream = static_cast<uint32_t>(v); });
+  float* stats_ptr = nullptr;
+  if (stats.has_value()) {
+    TORCH_CHECK(stats->scalar_type() == at::kFloat && stats->device().is_cpu() && stats->dim() == 2 &&
+                    stats->size(0) == R && stats->size(1) == 3 && stats->is_contiguous(),
+                "sample: stats must be a contiguous float32 [R, 3] tensor on the CPU");
+    stats_ptr = stats->data_ptr<float>();
+  }
   auto tokens = at::empty({R}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({R}, logits.options().dtype(at::kFloat));
   const int64_t rs = logits.stride(0);
   switch (logits.scalar_type()) {
     case at::kFloat:
-      sample_kernel(logits.data_ptr<float>(), rs, R, V, params, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+      sample_kernel(logits.data_ptr<float>(), rs, R, V, params, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                    stats_k, stats_ptr);
       break;
     case at::kHalf:
       sample_kernel(reinterpret_cast<const HalfBits*>(logits.data_ptr<at::Half>()), rs, R, V, params,
-                    tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+                    tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), stats_k, stats_ptr);
       break;
     case at::kBFloat16:
       sample_kernel(reinterpret_cast<const BF16Bits*>(logits.data_ptr<at::BFloat16>()), rs, R, V, params,
-                    tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+                    tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), stats_k, stats_ptr);
       break;
     default:
       TORCH_CHECK(false, "sample: logits must be float32, float16 or bfloat16, got ", logits.scalar_type());

@@ -40,6 +40,6 @@ def _paged_attention_fake(query, k_cache, v_cache, block_tables, seq_lens, scale
 
 @torch.library.register_fake("tts::sample")
 def _sample_fake(logits, temperature, top_k, top_p, min_p, seed, offset, temperatures, top_ks, top_ps, min_ps, seeds,
-                 offsets, streams=None):
+                 offsets, streams=None, stats_k=0, stats=None):
     R = logits.shape[0]
     return logits.new_empty((R,), dtype=torch.int64), logits.new_empty((R,), dtype=torch.float32)

@@ -82,7 +82,8 @@ def sample(
     offset: int | torch.Tensor = 0,
     stream: torch.Tensor | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits [R, V]`` (float32/float16/bfloat16).
 
     Filters in transformers' order: ``temperature`` (0: greedy), ``top_k`` (0: off),
@@ -101,14 +102,40 @@ def sample(
     distribution (0 for greedy rows; a row without a finite logit gives token 0
     and -inf). Exact rules: :func:`tts_kernels.reference.sample_ref`.
 
+    ``stats_k`` (int, default 0: off, and the call is unchanged): with ``stats_k >= 1``
+    the call returns ``(tokens, logprobs, stats)``, ``stats [R, 3]`` float32 on the
+    logits' device, computed by the same kernel while it reads the logits, from
+    the full distribution at temperature 1, ``lp = log_softmax(logits.float(), -1)``
+    (whatever the temperature, filters and the token drawn; the draw is the same as
+    without it): ``stats[:, 0]`` token confidence ``-mean(top-k of lp)``, ``k =
+    min(stats_k, V)`` (DeepConf); ``stats[:, 1]`` entropy ``-sum(p * lp)``;
+    ``stats[:, 2]`` self-certainty ``-log(V) - mean(lp)`` = KL(uniform || p),
+    +inf for a row with a -inf logit. A row with no finite logit gives NaN.
+    Exact rules: :func:`tts_kernels.reference.sample_stats_ref`;
+    :class:`tts_kernels.ops.confidence.SlidingWindow` averages them over a decode loop.
+
     ``backend``: ``"auto"`` (default: C++ on CPU, Triton on CUDA, the reference
     where those are missing, logged once), ``"reference"``, ``"cpp"`` (CPU C++) or
     ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``);
     ``TTS_KERNELS_BACKEND`` replaces ``"auto"`` (``tts_kernels/ops/_dispatch.py``).
     """
+    k = _check_stats_k(stats_k)
     scalars, tensors = _validate(logits, temperature, top_k, top_p, min_p, seed, offset)
     stream = _check_stream(stream, logits)
-    return _dispatch.call("sample", logits.device.type, backend, logits, *scalars, *tensors, stream)
+    if not k:
+        return _dispatch.call("sample", logits.device.type, backend, logits, *scalars, *tensors, stream)
+    stats = torch.empty((logits.shape[0], 3), dtype=torch.float32, device=logits.device)
+    tokens, logprobs = _dispatch.call("sample", logits.device.type, backend, logits, *scalars, *tensors, stream,
+                                      min(k, logits.shape[1]), stats)
+    return tokens, logprobs, stats
+
+
+def _check_stats_k(stats_k) -> int:
+    if isinstance(stats_k, bool) or not isinstance(stats_k, int):
+        raise TypeError(f"stats_k must be an int (0: no statistics), got {type(stats_k).__name__}")
+    if stats_k < 0:
+        raise ValueError(f"stats_k must be >= 0 (0: no statistics), got {stats_k}")
+    return stats_k
 
 
 def _check_stream(stream, logits):
