@@ -84,6 +84,91 @@ def _uniform(seed, offset, r, idx):
 
 
 @triton.jit
+def _key_value(key):
+    """The float whose :func:`_order_key` is ``key`` (the map is its own inverse on the bits)."""
+    b = key.to(tl.int32)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _log1p(a):
+    """log(1 + a) for a >= 0 to a few ulp: log(u) * a / (u - 1) with u = 1 + a rounded (Goldberg)."""
+    u = 1.0 + a
+    return tl.where(u == 1.0, a, tl.log(u) * (a / (u - 1.0)))
+
+
+@triton.jit
+def _row_stats(row_ptr, V, k, out_ptr, TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr):
+    """Confidence, entropy and self-certainty of one row at temperature 1 (``sample_stats_ref``)
+    into ``out_ptr[0:3]``. With y = x - m and Z = sum exp(y), lp = y - log Z::
+
+        confidence = log Z - mean(k largest y)   (k-th largest by the key search of top-k)
+        entropy = log Z - sum(e * y) / Z,  self-certainty = log Z - log V - mean(y)
+
+    log Z = log1p(Z - 1), Z - 1 summed without the maximum's e = 1 (precise near a point
+    mass). Passes: the max, the sums, about 8 for the k-th largest when k < V, the top sum.
+    """
+    offs = tl.arange(0, TILE)
+    soffs = tl.arange(0, STILE)
+    piv_j = tl.arange(0, NPIV).to(tl.int64) + 1
+    m = float("-inf")
+    for t in range(0, V, TILE):
+        x, mask = _load_x(row_ptr, t + offs, V, 1.0, False)
+        m = tl.maximum(m, tl.max(x, 0))
+    dead = m == float("-inf")
+    ms = tl.where(dead, 0.0, m)
+    zr = 0.0  # sum of e below the maximum (finite x)
+    s = 0.0  # sum of e * y there
+    sy = 0.0  # sum of y over the row (-inf when a logit is -inf)
+    nmax = 0  # tokens at the maximum
+    for t in range(0, V, TILE):
+        x, mask = _load_x(row_ptr, t + offs, V, 1.0, False)
+        y = x - ms
+        rest = (x < m) & (x > float("-inf"))
+        e = tl.where(rest, tl.exp(y), 0.0)
+        zr += tl.sum(e, 0)
+        s += tl.sum(tl.where(rest, e * y, 0.0), 0)
+        sy += tl.sum(tl.where(mask, y, 0.0), 0)
+        nmax += tl.sum(((x == m) & mask).to(tl.int32), 0)
+    # The k-th largest key: largest t with #(key >= t) >= k (as top-k in the sampler).
+    key_m = _order_key(m)
+    t_k = key_m * 0 + _KEY_NEGINF
+    if k < V:
+        lo = t_k
+        hi = key_m + 1
+        while hi - lo > 1:
+            piv = lo + ((hi - lo) * piv_j) // (NPIV + 1)
+            cnt = tl.zeros([NPIV], tl.int64)
+            for t in range(0, V, STILE):
+                x, mask = _load_x(row_ptr, t + soffs, V, 1.0, False)
+                ge = (_order_key(x)[None, :] >= piv[:, None]) & mask[None, :]
+                cnt += tl.sum(ge.to(tl.int64), 1)
+            ok = cnt >= k
+            lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
+            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), 0))
+        t_k = lo
+    # Sum of the k largest y: those above the k-th largest value, then copies of it.
+    above = 0.0
+    n_above = 0
+    for t in range(0, V, TILE):
+        x, mask = _load_x(row_ptr, t + offs, V, 1.0, False)
+        gt = (_order_key(x) > t_k) & mask
+        above += tl.sum(tl.where(gt, x - ms, 0.0), 0)
+        n_above += tl.sum(gt.to(tl.int32), 0)
+    rem = k - n_above
+    top = above + tl.where(rem > 0, rem.to(tl.float32) * (_key_value(t_k) - ms), 0.0)
+    logz = _log1p((nmax - 1).to(tl.float32) + zr)
+    vf = tl.to_tensor(V).to(tl.float32)  # V == 1 arrives as a constexpr
+    kf = tl.to_tensor(k).to(tl.float32)
+    conf = logz - top / kf
+    ent = logz - s / (nmax.to(tl.float32) + zr)
+    sc = logz - tl.log(vf) - sy / vf
+    tl.store(out_ptr, tl.where(dead, float("nan"), conf))
+    tl.store(out_ptr + 1, tl.where(dead, float("nan"), ent))
+    tl.store(out_ptr + 2, tl.where(dead, float("nan"), sc))
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr, row_stride, V,
     t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
@@ -93,7 +178,48 @@ def _sample_kernel(
     S_PTR: tl.constexpr, O_PTR: tl.constexpr, ST_PTR: tl.constexpr,
     TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr,
 ):
+    _sample_row(
+        tl.program_id(0), logits_ptr, row_stride, V,
+        t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
+        mp_ptr, mp_stride, mp_val, s_ptr, s_stride, s_val, o_ptr, o_stride, o_val,
+        st_ptr, tokens_ptr, logprobs_ptr, T_PTR, K_PTR, P_PTR, MP_PTR, S_PTR, O_PTR, ST_PTR, TILE, STILE, NPIV,
+    )
+
+
+@triton.jit
+def _sample_stats_kernel(
+    logits_ptr, row_stride, V,
+    t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
+    mp_ptr, mp_stride, mp_val, s_ptr, s_stride, s_val, o_ptr, o_stride, o_val,
+    st_ptr, tokens_ptr, logprobs_ptr, stats_ptr, stats_k,
+    T_PTR: tl.constexpr, K_PTR: tl.constexpr, P_PTR: tl.constexpr, MP_PTR: tl.constexpr,
+    S_PTR: tl.constexpr, O_PTR: tl.constexpr, ST_PTR: tl.constexpr,
+    TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr,
+):
+    """``_sample_kernel`` plus the row's statistics (``stats_ptr [R, 3]``, ``1 <= stats_k <= V``),
+    in the same program: the row is read for them right before the sampler reads it."""
     r = tl.program_id(0)
+    _row_stats(logits_ptr + r.to(tl.int64) * row_stride, V, stats_k, stats_ptr + r.to(tl.int64) * 3,
+               TILE, STILE, NPIV)
+    _sample_row(
+        r, logits_ptr, row_stride, V,
+        t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
+        mp_ptr, mp_stride, mp_val, s_ptr, s_stride, s_val, o_ptr, o_stride, o_val,
+        st_ptr, tokens_ptr, logprobs_ptr, T_PTR, K_PTR, P_PTR, MP_PTR, S_PTR, O_PTR, ST_PTR, TILE, STILE, NPIV,
+    )
+
+
+@triton.jit
+def _sample_row(
+    r, logits_ptr, row_stride, V,
+    t_ptr, t_stride, t_val, k_ptr, k_stride, k_val, p_ptr, p_stride, p_val,
+    mp_ptr, mp_stride, mp_val, s_ptr, s_stride, s_val, o_ptr, o_stride, o_val,
+    st_ptr, tokens_ptr, logprobs_ptr,
+    T_PTR: tl.constexpr, K_PTR: tl.constexpr, P_PTR: tl.constexpr, MP_PTR: tl.constexpr,
+    S_PTR: tl.constexpr, O_PTR: tl.constexpr, ST_PTR: tl.constexpr,
+    TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr,
+):
+    """Row ``r`` of the sampler (the body of both kernels)."""
     row_ptr = logits_ptr + r.to(tl.int64) * row_stride
     T = _param(t_ptr, t_stride, t_val, r, T_PTR).to(tl.float32)
     k = _param(k_ptr, k_stride, k_val, r, K_PTR).to(tl.int64)
@@ -201,10 +327,13 @@ def _is_interpreted(kernel) -> bool:
 
 
 def sample_triton(logits, temperature, top_k, top_p, min_p, seed, offset,
-                  temperatures=None, top_ks=None, top_ps=None, min_ps=None, seeds=None, offsets=None, streams=None):
+                  temperatures=None, top_ks=None, top_ps=None, min_ps=None, seeds=None, offsets=None, streams=None,
+                  stats_k=0, stats=None):
     """Triton ``sample`` with ``torch.ops.tts.sample``'s arguments (scalars, each
     overridden by its per-row tensor when given). Arguments are assumed valid
-    (``tts_kernels.ops.sample`` checks them); tensors have the op's dtypes."""
+    (``tts_kernels.ops.sample`` checks them); tensors have the op's dtypes.
+    ``stats`` (float32 ``[R, 3]``, optional) receives the statistics with ``stats_k``
+    (``_sample_stats_kernel``: the same program per row, the statistics first)."""
     if logits.device.type != "cuda" and not _is_interpreted(_sample_kernel):
         raise RuntimeError(
             "the Triton sample kernel runs on CUDA tensors, or on CPU tensors when "
@@ -230,12 +359,18 @@ def sample_triton(logits, temperature, top_k, top_p, min_p, seed, offset,
             t = t.contiguous()
             args += [t, 0 if t.dim() == 0 else 1, value]
             flags.append(True)
-    _sample_kernel[(R,)](
-        logits, row_stride, V, *args, tokens if streams is None else streams.contiguous(), tokens, logprobs,
-        T_PTR=flags[0], K_PTR=flags[1], P_PTR=flags[2], MP_PTR=flags[3], S_PTR=flags[4], O_PTR=flags[5],
-        ST_PTR=streams is not None,
-        TILE=_TILE, STILE=_STILE, NPIV=_NPIV, num_warps=4, enable_fp_fusion=False,
-    )
+    stream_arg = tokens if streams is None else streams.contiguous()
+    consts = dict(T_PTR=flags[0], K_PTR=flags[1], P_PTR=flags[2], MP_PTR=flags[3], S_PTR=flags[4], O_PTR=flags[5],
+                  ST_PTR=streams is not None, TILE=_TILE, STILE=_STILE, NPIV=_NPIV, num_warps=4,
+                  enable_fp_fusion=False)
+    if stats is None:
+        _sample_kernel[(R,)](logits, row_stride, V, *args, stream_arg, tokens, logprobs, **consts)
+    else:
+        if stats.device != logits.device or stats.dtype != torch.float32 or tuple(stats.shape) != (R, 3) \
+                or not stats.is_contiguous():
+            raise ValueError("sample: stats must be a contiguous float32 [R, 3] tensor on the logits' device")
+        k = max(1, min(int(stats_k), V))
+        _sample_stats_kernel[(R,)](logits, row_stride, V, *args, stream_arg, tokens, logprobs, stats, k, **consts)
     return tokens, logprobs
 
 
