@@ -222,7 +222,6 @@ def test_adaptive_consistency_against_reference(conf, parallel):
     s = settings(stop_confidence=conf, parallel_samples=parallel)
     res = adaptive_consistency(pol, None, PROMPTS, n=n, settings=s, seed=SEEDS, extract=first_char)
     ids, _ = full_candidates(pol, PROMPTS, n, s, SEEDS)
-    spent_ref = 0
     for p in range(len(PROMPTS)):
         answers = [first_char(pol.tokenizer.decode([t for t in x if t != 1], skip_special_tokens=True))
                    for x in ids[p]]
@@ -238,10 +237,13 @@ def test_adaptive_consistency_against_reference(conf, parallel):
         votes = Counter(a for a in used if a is not None)
         want = max(votes, key=lambda a: (votes[a], -used.index(a))) if votes else None
         assert res.predictions[p] == want
-        spent_ref += sum(len(x) for x in ids[p][: k_ref or n])
-    assert res.compute.policy_generated_tokens >= spent_ref
-    # at most `parallel` candidates past the decision were started per prompt, each cut short
-    assert res.compute.policy_generated_tokens <= spent_ref + len(PROMPTS) * parallel * s.max_new_tokens
+        # every token spent on the prompt: its returned candidates whole, those started past the decision
+        # each a prefix of majority's candidate of its index
+        info = res.prompt_info[p]
+        assert info["started"] >= (k_ref or n)
+        returned = sum(len(x) for x in ids[p][: k_ref or n])
+        assert returned <= info["tokens"] <= sum(len(x) for x in ids[p][: info["started"]])
+    assert res.compute.policy_generated_tokens == sum(i["tokens"] for i in res.prompt_info)
 
 
 def test_adaptive_consistency_batch_invariant():

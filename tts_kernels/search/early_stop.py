@@ -262,6 +262,8 @@ class RunOutput:
     compute: Compute
     forward_tokens: int
     blocks_in_use: list[tuple[int, int]] = field(default_factory=list)  # (step, blocks) at each look
+    spent: list[int] = field(default_factory=list)  # [P] tokens sampled for the prompt's candidates, kept or not
+    started: list[int] = field(default_factory=list)  # [P] candidates started
 
 
 class TraceRun:
@@ -299,7 +301,8 @@ class TraceRun:
         on_cpu = dev.type == "cpu"
         eos = torch.tensor(eos_ids or [-1], device=dev)
         started = [0] * P
-        generated = 0
+        cap = sum(min(rule.in_flight(p), rule.n) for p in range(P))  # rows at once (refilled up to this)
+        spent = [0] * P  # tokens sampled for each prompt's candidates (kept or not)
         looks: list[tuple[int, int]] = []
         slots: list = [None] * P  # rows 0..P-1: each prompt's parked row
         # Per row, on the device (a parked row holds the empty state every new candidate starts from).
@@ -331,7 +334,7 @@ class TraceRun:
                         ids = ids_h[i][:n_tok]
                         fin = "aborted" if aborted_h[r] else ("eos" if ids and ids[-1] in eos_set else "length")
                         text = tok.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
-                        generated += n_tok
+                        spent[p] += n_tok
                         trace = Trace(p, j, ids, fin, conf_h[i][:n_tok], sums_h[i][0], sums_h[i][1], text)
                         rule.finished(p, trace)
                 keep = []
@@ -356,21 +359,30 @@ class TraceRun:
                 for r in live_rows:
                     p = slots[r][0]
                     if r in stop_rows:
-                        generated += counts_h[r]
+                        spent[p] += counts_h[r]
                         continue
                     if rule.settled[p] or p in gone:
-                        generated += counts_h[r]  # its tokens were spent; the candidate is not kept
+                        spent[p] += counts_h[r]  # its tokens were spent; the candidate is not kept
                         continue
                     keep.append(r)
                 running = Counter(slots[r][0] for r in keep)
                 new = []
-                for p in range(P):
-                    if rule.settled[p] or p in gone:
-                        continue
+                open_ = [p for p in range(P) if not (rule.settled[p] or p in gone)]
+                for p in open_:
                     while running[p] < rule.in_flight(p) and started[p] < min(rule.startable(p), rule.n):
                         new.append((p, started[p]))
                         started[p] += 1
                         running[p] += 1
+                # The rows settled prompts left go to prompts still open (round robin, in prompt order), so the
+                # batch stays as wide as it started: a hard prompt's later candidates run beside, not after.
+                while len(keep) + len(new) < cap:
+                    more = [p for p in open_ if started[p] < min(rule.startable(p), rule.n)]
+                    if not more:
+                        break
+                    for p in more[: cap - len(keep) - len(new)]:
+                        new.append((p, started[p]))
+                        started[p] += 1
+                new.sort()
                 if not keep and not new:
                     break
                 order = list(range(P)) + keep + [p for p, _ in new]
@@ -419,13 +431,13 @@ class TraceRun:
                     session.decode(toks, active=feed, rows=run)
                     step += 1
             forward = session.tokens
-            compute = Compute(policy_prefill_tokens=session.prefill_tokens, policy_generated_tokens=generated,
+            compute = Compute(policy_prefill_tokens=session.prefill_tokens, policy_generated_tokens=sum(spent),
                               policy_flops=count_flops(policy.model, forward, int(session.keys)))
             if self.track_blocks:
                 looks.append((step, _blocks_in_use(session)))
         finally:
             session.free()
-        return RunOutput(rule.traces, generated, compute, forward, looks)
+        return RunOutput(rule.traces, sum(spent), compute, forward, looks, spent, started)
 
     def _checkpoint(self, rows, slots, buf, counts_h, eos_set, rule) -> set[int]:
         """Speculative rejection's look: score every live partial candidate, stop the worst of each prompt."""
@@ -501,7 +513,8 @@ def _result(name, n, cands, out: RunOutput, s, device, *, select="weighted", com
     chosen, answers = select_candidates(cands, select, device, s.vote_key)
     return SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
                         compute=compute or out.compute, samples=sum(len(c) for c in out.traces),
-                        prompt_info=prompt_info or [{} for _ in cands],
+                        prompt_info=[{**i, "started": a, "tokens": t} for i, a, t in
+                                     zip(prompt_info or [{} for _ in cands], out.started, out.spent)],
                         info={"policy_forward_tokens": out.forward_tokens, "blocks_in_use": out.blocks_in_use,
                               **(info or {})})
 
