@@ -483,3 +483,24 @@ def test_pooled_config_records_the_table_and_the_allocation(pooled_reference, tm
     assert "pooled.allocation.compute_optimal: '<absent>' in" in err and "'run' now" in err
     with pytest.raises(SystemExit, match="--optimal-table: no file"):
         run_here(tmp_path / "other", *POOLED, "--optimal-table", str(tmp_path / "missing.json"))
+
+
+def test_pooled_allocation_per_chunk_differs_in_scope_alone(pooled_reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(pooled_reference, out)
+    assert run_here(out, *POOLED, "--pooled-allocation", "chunk") == 2  # another allocation: another config
+    assert "pooled.allocation.compute_optimal: 'run' in" in capsys.readouterr().err
+    out = tmp_path / "chunk"
+    assert run_here(out, *POOLED, "--pooled-allocation", "chunk") == 0
+    assert json.loads((out / "config.json").read_text())["pooled"]["allocation"] == \
+        {"compute_optimal": "chunk", "adaptive_best_of_n": "chunk"}
+
+    def pilots(folder):
+        return [r for r in lines(folder / "parts" / "rank-0-of-1.jsonl") if r.get("stage") == "pilot" and "chunk" in r]
+
+    assert pilots(out) == pilots(pooled_reference)  # the same pilots (seeds per problem)
+    recs = lines(out / "results.jsonl")
+    for s in WIDE:  # budget 2: per chunk no 3-sample upgrade fits, so every problem gets one sample more
+        assert [r["info"]["n"] for r in recs if (r["strategy"], r["budget"]) == (s, 2)] == [1] * 6
+    same = [r for r in recs if r["strategy"] == "majority"]
+    assert same == [r for r in lines(pooled_reference / "results.jsonl") if r["strategy"] == "majority"]

@@ -16,7 +16,8 @@ killed-and-resumed one give the same records):
 2. **One allocation per (strategy, budget)** over every problem of the run, computed from the pilot
    records read back from the part files (never from memory), in dataset order: a pure function of
    the records, so every rank and every resumed run computes the same one. Rank 0 computes it and
-   hands it to the others.
+   hands it to the others. (``--pooled-allocation chunk``: one per chunk instead, from the same pilots,
+   so the two differ in the allocation's scope alone.)
 3. **Searches** (stage ``"final"``, with the other strategies' work of the chunk): each problem runs its
    allocated strategy and samples; its candidates are its pilot's (from its record) followed by its
    search's, and its record's compute is the chunk's pilot compute plus its searches'.
@@ -36,7 +37,7 @@ import torch
 
 from ..search import STRATEGIES, Compute, SearchResult
 from ..search.answers import vote_key
-from ..search.compute_optimal import OptimalStrategy, pilot_features
+from ..search.compute_optimal import Allocation, OptimalStrategy, pilot_features
 from ..search.result import Candidate
 from .eval_parts import PILOT
 
@@ -93,19 +94,27 @@ def pilot_chunk(c: int, probs, strategies, budgets, policy, prm, settings, seed:
     return records, {"chunk_done": c, "stage": PILOT, "problems": P, "records": len(records), "seconds": seconds}
 
 
-def plan(pilot_units: dict, n_chunks: int, strategies, budgets, settings, table) -> dict:
+def plan(pilot_units: dict, n_chunks: int, strategies, budgets, settings, table, scope: str = "run") -> dict:
     """From every chunk's pilot records (``{chunk: records}``, as :func:`~tts_kernels.apps.eval_parts.scan`
     read them): ``{"pilots": {(strategy, budget): {chunk: records}}, "alloc": {(strategy, budget):
-    Allocation over every problem, in dataset order}}``."""
+    Allocation over every problem, in dataset order}}``. ``scope``: ``"run"``, one allocation over every
+    problem; ``"chunk"``, one per chunk over its problems (the same pilots and seeds: what allocating over
+    the whole run changes, alone)."""
     pilots: dict = {(s, b): {} for s in strategies for b in budgets}
     for c in range(n_chunks):
         for rec in pilot_units[c]:
             pilots[(rec["strategy"], rec["budget"])].setdefault(c, []).append(rec)
     alloc = {}
     for (s, b), by_chunk in pilots.items():
-        recs = sorted((r for c in range(n_chunks) for r in by_chunk[c]), key=lambda r: r["index"])
-        features = torch.tensor([r["features"] for r in recs], dtype=torch.float64).reshape(len(recs), 3)
-        alloc[(s, b)] = STRATEGIES[s].fn.allocate(features, budget=b, table=table, settings=settings)
+        groups = [[r for c in range(n_chunks) for r in by_chunk[c]]] if scope == "run" else \
+            [by_chunk[c] for c in range(n_chunks)]
+        parts = []
+        for recs in groups:
+            recs = sorted(recs, key=lambda r: r["index"])
+            features = torch.tensor([r["features"] for r in recs], dtype=torch.float64).reshape(len(recs), 3)
+            parts.append(STRATEGIES[s].fn.allocate(features, budget=b, table=table, settings=settings))
+        alloc[(s, b)] = Allocation(b, parts[0].pilot_n, *([x for a in parts for x in getattr(a, k)]
+                                                          for k in ("p", "level", "strategy", "beam_width", "n")))
     return {"pilots": pilots, "alloc": alloc}
 
 

@@ -42,9 +42,9 @@ rank and after any restart), then each chunk runs its searches with the allocate
 other strategies' work. Their problems draw under per-problem seeds, and they read the fitted
 compute-optimal table ``--optimal-table`` names (default ``auto``: the bundled table when the bundled
 policy and verifier run, else none); ``config.json`` records the table's sha256 and each pooled
-strategy's allocation (``"run"``; ``"chunk"`` with ``--pooled-allocation chunk``, which allocates within each
-chunk under the chunk's seed as the other strategies run, and for a pooled strategy registered without
-separable moves).
+strategy's allocation: ``"run"``; ``"chunk"`` with ``--pooled-allocation chunk`` (the same pilots and seeds,
+one allocation per chunk); ``"call"`` for a pooled strategy registered without separable moves, run as one
+call per chunk under the chunk's seed like the other strategies.
 
 Per-record compute: a chunk's :class:`~tts_kernels.search.Compute` is spent on its problems
 together (shared prefill, batched decoding), so each record carries an even share of it
@@ -148,7 +148,8 @@ def add_arguments(ap) -> None:
                          "bundled policy and verifier run); its sha256 is part of the config")
     ap.add_argument("--pooled-allocation", default="run", choices=("run", "chunk"),
                     help="compute_optimal/adaptive_best_of_n: spend the budget over the whole run (run: pilots of "
-                         "every chunk, one allocation, then the searches; default) or within each chunk (chunk)")
+                         "every chunk, one allocation, then the searches; default) or within each chunk (chunk: "
+                         "the same pilots and seeds, one allocation per chunk)")
     ap.add_argument("--skip-bad", action="store_true", help="skip malformed dataset lines instead of stopping")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -410,8 +411,7 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
     for key, value in (("recipe", args.recipe), ("prm_preset", args.verifier_preset)):
         if value:  # only when given, so folders written before these flags existed still resume
             cfg[key] = value
-    wide = run_wide(strategies) if args.pooled_allocation == "run" else []
-    table, run_settings = None, settings
+    wide, table, run_settings = run_wide(strategies), None, settings
     pooled = [s for s in strategies if STRATEGIES[s].pooled]
     if pooled:  # only then, so folders of runs without them still resume
         table_path = _optimal_table(args)
@@ -421,7 +421,7 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise SystemExit(f"--optimal-table: cannot read an OptimalTable from {table_path}: {exc}") from None
             run_settings = settings.replace(optimal_table=str(table_path))  # what a per-chunk pooled strategy reads
-        cfg["pooled"] = {"allocation": {s: "run" if s in wide else "chunk" for s in pooled},
+        cfg["pooled"] = {"allocation": {s: args.pooled_allocation if s in wide else "call" for s in pooled},
                          "optimal_table": None if table_path is None else hashlib.sha256(table_path.read_bytes())
                          .hexdigest()}
         cfg["info"]["optimal_table"] = None if table_path is None else str(table_path)
@@ -482,7 +482,8 @@ def _run(args, dist: _Dist, held: contextlib.ExitStack) -> int:
                 complete = scan(parts, expected)
                 lost = [c for c in range(len(chunks)) if (PILOT, c) not in complete]
                 planned = ("lost", lost) if lost else plan({c: complete[(PILOT, c)][0] for c in range(len(chunks))},
-                                                           len(chunks), wide, budgets, settings, table)
+                                                           len(chunks), wide, budgets, settings, table,
+                                                           args.pooled_allocation)
             planned = dist.broadcast(planned)
             if isinstance(planned, tuple):
                 raise RuntimeError(f"pilot chunks {planned[1][:10]} are not complete in {parts} after every rank "
