@@ -81,7 +81,7 @@ def findings(rows: list[dict], verifier: str = "prm") -> list[str]:
                        f"({large['accuracy']:.3f}); best is {best['strategy']} at budget {best['budget']} "
                        f"({best['accuracy']:.3f})")
     out += [f for f in (_versus_majority(by, budgets), _optimal_versus_uniform(by, budgets),
-                        _efficiency(by, budgets)) if f]
+                        _efficiency(by, budgets), _early_stopping(by, budgets)) if f]
     for opt, uniform in (("adaptive_best_of_n", "weighted_best_of_n"),):
         pairs = [(b, by[("small", opt, b)], by[("small", uniform, b)]) for b in budgets
                  if ("small", opt, b) in by and ("small", uniform, b) in by and b > 1]
@@ -115,6 +115,26 @@ def _versus_majority(by, budgets) -> str | None:
                      + (f" (best {max(guided, key=lambda r: r['accuracy'])['strategy']} "
                         f"{max(r['accuracy'] for r in guided):.3f})"))
     return "verifier-guided searches vs majority voting at equal budget: " + "; ".join(parts) if parts else None
+
+
+# The early-stopping strategies and the full-budget one each is measured against (same budget).
+EARLY_STOPPING = {"deepconf": "majority", "adaptive_consistency": "majority", "speculative_rejection": "best_of_n"}
+
+
+def _early_stopping(by, budgets) -> str | None:
+    """The headline of stopping samples early: at the largest budget where both ran, each early-stopping
+    strategy's accuracy and policy tokens against the full-budget strategy it saves on."""
+    parts = []
+    for s, ref in EARLY_STOPPING.items():
+        both = [b for b in budgets if b > 1 and ("small", s, b) in by and ("small", ref, b) in by]
+        if not both:
+            continue
+        b = both[-1]
+        e, r = by[("small", s, b)], by[("small", ref, b)]
+        share = e["policy_tokens_per_problem"] / max(r["policy_tokens_per_problem"], 1e-9)
+        parts.append(f"{s} {e['accuracy']:.3f} vs {ref} {r['accuracy']:.3f} at N={b} with {share:.0%} of its "
+                     f"policy tokens")
+    return "stopping samples early: " + "; ".join(parts) if parts else None
 
 
 def _optimal_versus_uniform(by, budgets) -> str | None:
@@ -267,9 +287,11 @@ def main(args) -> int:
     device = torch.device(args.device)
     problems = bundled.test_problems(args.problems)
     prompts = [p.prompt for p in problems]
-    small = bundled.load_policy("small", device=device, root=args.models)
-    large = bundled.load_policy("large", device=device, root=args.models)
-    prm = bundled.load_verifier(args.verifier, device=device, root=args.models)
+    from ..models.loading import load_policy, load_verifier  # the one loader of every command
+
+    small = load_policy("policy-small", device=device, root=args.models)
+    large = load_policy("policy-large", device=device, root=args.models)
+    prm = load_verifier(args.verifier, device=device, root=args.models)
     table = bundled.optimal_table(args.verifier, args.models)
     settings = Settings(optimal_table=None if table is None else str(bundled.optimal_table_path(args.models)))
     print(f"tts-kernels demo: {len(problems)} held-out problems, budgets {budgets}, verifier {args.verifier}, "

@@ -244,22 +244,19 @@ def check_config(out: Path, cfg: dict) -> None:
 
 def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm_head: str = "classifier",
                  prm_preset: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    """The policy and the verifier (or None), through the one loader of every command
+    (:mod:`tts_kernels.models.loading`): the verifier in its published format with ``prm_preset`` (``auto``:
+    detected), else with the generic ``prm_head`` the run's config records."""
     from transformers.utils import logging as hf_logging
 
-    from ..models import HFPRM, HFPolicy
-    from ..models.loading import load_model, load_tokenizer
+    from ..models.loading import load_policy, load_verifier
 
     hf_logging.disable_progress_bar()  # its loading bars would cut through the eval bars
-    policy = HFPolicy.from_pretrained(policy_path, device=device)  # a folder or a .gguf file
+    policy = load_policy(str(policy_path), device=device)  # a folder or a .gguf file
     prm = None
-    if prm_path is not None and prm_preset:
-        prm = HFPRM.from_pretrained(str(prm_path), None if prm_preset == "auto" else prm_preset, device=device,
-                                    step_delimiter=settings.step_delimiter)
-    elif prm_path is not None:
-        auto = AutoModelForCausalLM if prm_head == "likelihood" else AutoModelForTokenClassification
-        m = load_model(prm_path, auto=auto, device=device)
-        prm = HFPRM(m, load_tokenizer(prm_path), head=prm_head, step_delimiter=settings.step_delimiter)
+    if prm_path is not None:
+        prm = load_verifier(str(prm_path), preset=prm_preset or None, head=None if prm_preset else prm_head,
+                            step_delimiter=settings.step_delimiter, device=device)
     return policy, prm
 
 

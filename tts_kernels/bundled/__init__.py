@@ -45,25 +45,22 @@ def load_tokenizer(name: str = "policy-small", root=None):
 def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.float32):
     """An :class:`~tts_kernels.models.HFPolicy` over ``policy-{size}`` (``"small"``, ``"large"``, or
     ``"think"``: policy-small fine-tuned to think before it answers; its prompts are
-    :func:`~tts_kernels.bundled.arith.thinking_prompt`, its thinking ends at ``</think>``)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..models.policy import HFPolicy
+    :func:`~tts_kernels.bundled.arith.thinking_prompt`, its thinking ends at ``</think>``). Loaded as any
+    folder is (:func:`tts_kernels.models.loading.load_policy`)."""
+    from ..models.loading import load_policy as load
 
     if size not in ("small", "large", "think"):
         raise ValueError(f"size must be 'small', 'large' or 'think', got {size!r}")
-    p = path(f"policy-{size}", root)
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
-    return HFPolicy(model, load_tokenizer(f"policy-{size}", root))
+    return load(str(path(f"policy-{size}", root)), device=device, dtype=dtype)
 
 
 def verifier_head(folder: str | Path) -> str:
-    """How a verifier folder is read: ``"likelihood"`` for a causal LM (the bundled PRM), ``"classifier"``
-    for a token classifier (a 2-label step classifier), from its ``config.json``."""
-    import json
+    """How a verifier folder is read without a preset: ``"likelihood"`` for a causal LM (the bundled PRM),
+    ``"classifier"`` for a 2-label token classifier (``"value"``: 1 label), from its ``config.json``
+    (:func:`tts_kernels.models.loading.generic_head`)."""
+    from ..models.loading import generic_head
 
-    arch = (json.loads((Path(folder) / "config.json").read_text()).get("architectures") or [""])[0]
-    return "likelihood" if arch.endswith("ForCausalLM") else "classifier"
+    return generic_head(folder)
 
 
 def load_prm(*, device="cpu", root=None, dtype=torch.float32):
@@ -74,16 +71,11 @@ def load_prm(*, device="cpu", root=None, dtype=torch.float32):
     one made unlikely; :mod:`.train`); a step scores ``exp`` of the lowest token log-probability of its
     prefix (``head="likelihood"``, ``reduce="min"``). A folder holding a token classifier is read as one
     (``head="classifier"``)."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    from ..models.prm import HFPRM
+    from ..models.loading import load_verifier
 
     p = path("prm", root)
-    head = verifier_head(p)
-    auto = AutoModelForCausalLM if head == "likelihood" else AutoModelForTokenClassification
-    model = auto.from_pretrained(p, dtype=dtype).to(device).eval()
-    kw = {"reduce": "min"} if head == "likelihood" else {}
-    return HFPRM(model, load_tokenizer("prm", root), head=head, step_delimiter=arith.STEP_DELIMITER, **kw)
+    return load_verifier(str(p), head=verifier_head(p), reduce="min", step_delimiter=arith.STEP_DELIMITER,
+                         device=device, dtype=dtype)
 
 
 VERIFIERS = ("prm", "likelihood")
@@ -101,10 +93,10 @@ def load_verifier(kind: str = "prm", *, device="cpu", root=None, dtype=torch.flo
         return load_prm(device=device, root=root, dtype=dtype)
     if kind != "likelihood":
         raise ValueError(f"kind must be one of {VERIFIERS}, got {kind!r}")
-    from ..models.prm import HFPRM
+    from ..models.loading import load_verifier as load
 
-    large = load_policy("large", device=device, root=root, dtype=dtype)
-    return HFPRM(large.model, large.tokenizer, head="likelihood", reduce=reduce, step_delimiter=arith.STEP_DELIMITER)
+    return load(str(path("policy-large", root)), head="likelihood", reduce=reduce,
+                step_delimiter=arith.STEP_DELIMITER, device=device, dtype=dtype)
 
 
 def optimal_table_path(root=None) -> Path:

@@ -107,6 +107,27 @@ class PRMFormat:
     def render(self, question: str, steps: list[str]) -> Rendered:
         raise NotImplementedError
 
+    def parse(self, text: str) -> tuple[str, list[str]]:
+        """``(question, steps)`` whose rendering is ``text`` (up to its last scored token; what follows it, a
+        template's closing text, does not change a causal model's scores): the inverse of :meth:`render`, for
+        text written in the format by someone else (a vLLM pooling client). A ``ValueError`` saying why when
+        ``text`` is not in the format."""
+        raise ValueError(f"preset {self.name!r}: its text cannot be read back into a question and steps; send the "
+                         "question and the steps apart")
+
+    def _read_back(self, text: str, question: str, steps: list[str]) -> tuple[str, list[str]]:
+        """``(question, steps)`` once their rendering is checked to be ``text``'s start."""
+        if not steps:
+            raise ValueError(f"preset {self.name!r}: the text has no scored step")
+        if not text.startswith(self.render(question, steps).text):
+            raise ValueError(f"preset {self.name!r}: the text is not in the format {self.model_name} reads "
+                             "(rendering what was read from it does not give it back)")
+        return question, steps
+
+    def _steps(self, pieces: list[str]) -> list[str]:
+        """Steps whose bodies are ``pieces`` (the delimiter after every one but the last, as a search gives them)."""
+        return [p + self.delimiter for p in pieces[:-1]] + pieces[-1:]
+
     def _single(self, text: str, what: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) != 1:
@@ -133,6 +154,24 @@ class MathShepherd(PRMFormat):
 
     def lead(self, question):
         return question
+
+    def parse(self, text):
+        # question + " " + every step's body, tag and delimiter; what follows the last tag is not scored. Where
+        # the question ends cannot be told from the text, nor does it matter (only the tags are scored, and the
+        # text is tokenized whole): the question is read up to the first space.
+        cut = text.find(" ")
+        end = text.rfind(SHEPHERD_TAG)
+        if cut < 0 or end < cut:
+            raise ValueError(f"preset {self.name!r}: the text has no step tag {SHEPHERD_TAG!r} after its question")
+        pieces = text[cut + 1: end].split(SHEPHERD_TAG)  # each but the first starts with its step's delimiter
+        bodies, ends = [pieces[0]], []
+        for p in pieces[1:]:
+            d = self.delimiter if p.startswith(self.delimiter) else ""
+            ends.append(d)
+            bodies.append(p[len(d):])
+        tail = text[end + len(SHEPHERD_TAG):]
+        ends.append(self.delimiter if tail.startswith(self.delimiter) else "")
+        return self._read_back(text, text[:cut], [b + d for b, d in zip(bodies, ends)])
 
     def render(self, question, steps):
         parts, spans, n = [question, " "], [], len(question) + 1
@@ -239,6 +278,19 @@ class QwenMathPRM(PRMFormat):
     def lead(self, question):
         return self.before + (question.strip() if self.trim else question) + self.between
 
+    def parse(self, text):
+        # system turn, question, the assistant turn's steps each followed by <extra_0>, the template's close.
+        if not text.startswith(self.before):
+            raise ValueError(f"preset {self.name!r}: the text does not open with {self.model_name}'s chat template "
+                             f"and the system prompt this verifier was loaded with ({self.system!r})")
+        rest = text[len(self.before):]
+        cut, end = rest.find(self.between), rest.rfind(QWEN_SEPARATOR)
+        if cut < 0 or end < cut + len(self.between):
+            raise ValueError(f"preset {self.name!r}: the text has no assistant turn with a step separator "
+                             f"{QWEN_SEPARATOR!r}")
+        pieces = rest[cut + len(self.between): end].split(QWEN_SEPARATOR)
+        return self._read_back(text, rest[:cut], self._steps(pieces))
+
     def render(self, question, steps):
         head = self.lead(question)
         content, spans = "", []
@@ -272,6 +324,10 @@ class SkyworkPRM(PRMFormat):
         enc = self.tokenizer([b for b in bodies if b]).input_ids if any(bodies) else []
         it = iter(enc)
         return [(next(it) if b else []) + [self.newline] for b in bodies]
+
+
+# preset -> the HFPRM head it reads with (what `serve`/`eval` report before loading a folder).
+PRESET_HEADS = {f.name: f.head for f in (MathShepherd, RLHFlow, QwenMathPRM, SkyworkPRM)}
 
 
 def _check_against_template(fmt, tokenizer, conversation, tail: bool = False) -> None:
