@@ -15,6 +15,19 @@ before any model runs) is retried request by request, so one bad request fails a
 cancelled before its call starts (its client went away, or its time ran out) is dropped; one
 cancelled during its call has its prompts' rows dropped at the search's next host look
 (:mod:`~tts_kernels.search.cancel`) and its result thrown away.
+
+Compute cap. A job with ``token_cap`` (the server's ``--max-request-tokens``) may spend at most that many
+policy and verifier token positions: its share, by prompts, of what its search call has run (the rule
+``usage`` reports by), read at each of the search's host looks through the same cancellation (a
+:class:`Cancellation` whose ``prompts`` also names the prompts of every job over its cap), so an
+over-cap job's rows leave the batch at the next look and it fails with :class:`LimitExceeded`; the
+others go on. Checked again on the call's exact compute when it ends (a strategy that never looks is
+caught there). The spend is read from the sessions the search opens (:class:`Meter` wraps the models
+for the call: transparent, so answers do not change).
+
+Tokenizers. The event loop's threads (request parsing, response building) and the search thread share
+the policy's tokenizer; :class:`LockedTokenizer` (installed by :func:`guard_tokenizers`) makes every use
+of it hold one lock.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import dataclasses
 import functools
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +63,162 @@ class Unavailable(RuntimeError):
     """The server is shutting down."""
 
 
+class LimitExceeded(RuntimeError):
+    """A job spent more than its compute cap (``spent`` token positions against ``cap``)."""
+
+    def __init__(self, spent: int, cap: int, during: bool):
+        self.spent, self.cap, self.during = spent, cap, during
+        super().__init__(f"the request's search spent {'at least ' if during else ''}{spent} policy and verifier "
+                         f"tokens, over this server's limit of {cap} per request (max_request_tokens, "
+                         f"--max-request-tokens); it was {'cancelled' if during else 'refused'}")
+
+
+class LockedTokenizer:
+    """A tokenizer whose every use (a call, a method, an attribute read) holds one lock.
+
+    A transformers fast tokenizer is one Rust object: a call that changes its truncation or padding state
+    borrows it mutably, and another thread using it at that moment fails ("Already borrowed"). The
+    server uses the policy's tokenizer from the threads that parse requests and build responses while
+    the search thread decodes with it; wrapped in this, they take turns. Everything else is the
+    tokenizer's own (``LockedTokenizer(tok).decode(ids) == tok.decode(ids)``)."""
+
+    def __init__(self, tokenizer, lock=None):
+        object.__setattr__(self, "inner", tokenizer)
+        object.__setattr__(self, "lock", lock or threading.RLock())
+
+    def __getattr__(self, name):
+        with self.lock:
+            value = getattr(self.inner, name)
+        if callable(value) and not isinstance(value, type):
+            lock = self.lock
+
+            @functools.wraps(value)
+            def locked(*args, **kwargs):
+                with lock:
+                    return value(*args, **kwargs)
+
+            return locked
+        return value
+
+    def __setattr__(self, name, value):
+        with self.lock:
+            setattr(self.inner, name, value)
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            return self.inner(*args, **kwargs)
+
+    def __len__(self):
+        with self.lock:
+            return len(self.inner)
+
+    def __repr__(self):
+        return f"LockedTokenizer({self.inner!r})"
+
+
+def guard_tokenizers(*models) -> None:
+    """Every model's ``tokenizer`` (and a PRM format's, when it is the same object) wrapped in a
+    :class:`LockedTokenizer`; models sharing a tokenizer share its lock. Idempotent."""
+    wrapped: dict[int, LockedTokenizer] = {}
+    for m in models:
+        tok = getattr(m, "tokenizer", None)
+        if tok is None or isinstance(tok, LockedTokenizer):
+            if isinstance(tok, LockedTokenizer):
+                wrapped[id(tok.inner)] = tok
+            continue
+        guard = wrapped.setdefault(id(tok), LockedTokenizer(tok))
+        m.tokenizer = guard
+        fmt = getattr(m, "format", None)
+        if fmt is not None and getattr(fmt, "tokenizer", None) is tok:
+            fmt.tokenizer = guard
+
+
+class Meter:
+    """Token positions run by the sessions a search opens, read at any moment (from the search's thread).
+
+    :meth:`wrap` gives a model whose sessions (and their clones) are counted; a verifier's whole-candidate
+    :meth:`score_steps` counts its tokens when it returns. The wrappers pass everything else through."""
+
+    def __init__(self):
+        self.sessions: list = []
+        self.done = 0
+
+    def tokens(self) -> int:
+        return self.done + sum(int(s.tokens) for s in self.sessions)
+
+    def wrap(self, model):
+        return None if model is None else _Metered(model, self)
+
+    def session(self, session):
+        self.sessions.append(session)
+        return _MeteredSession(session, self)
+
+    def retire(self, session) -> None:
+        """A freed session: its count kept, the session itself let go."""
+        for i, s in enumerate(self.sessions):
+            if s is session:
+                self.done += int(self.sessions.pop(i).tokens)
+                return
+
+
+class _Passthrough:
+    def __init__(self, inner, meter):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_meter", meter)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+
+class _Metered(_Passthrough):
+    def start(self, *args, **kwargs):
+        return self._meter.session(self._inner.start(*args, **kwargs))
+
+    def score_steps(self, *args, **kwargs):
+        out = self._inner.score_steps(*args, **kwargs)
+        self._meter.done += int(out.tokens)
+        return out
+
+
+class _MeteredSession(_Passthrough):
+    @property
+    def rows(self):
+        return self._inner.rows
+
+    def clone(self, *args, **kwargs):
+        return self._meter.session(self._inner.clone(*args, **kwargs))
+
+    def free(self):
+        self._inner.free()
+        self._meter.retire(self._inner)
+
+
+class _CappedCancellation(Cancellation):
+    """The call's cancellation, plus the prompts of every job whose share of the spend passed its cap
+    (decided when a search looks: :attr:`prompts`)."""
+
+    def __init__(self, meter: Meter, spans: list, total: int):
+        super().__init__()
+        self.meter, self.spans, self.total = meter, spans, total
+        self.over: dict[str, int] = {}  # job id -> its share when it passed its cap
+        self._over_prompts: frozenset[int] = frozenset()
+
+    @property
+    def prompts(self) -> frozenset[int]:
+        spent = None
+        for job, a, b in self.spans:
+            if job.token_cap and job.id not in self.over:
+                spent = self.meter.tokens() if spent is None else spent
+                share = spent * (b - a) / self.total
+                if share > job.token_cap:
+                    self.over[job.id] = int(share)
+                    self._over_prompts = self._over_prompts | frozenset(range(a, b))
+        return super().prompts | self._over_prompts
+
+
 @dataclass
 class Job:
     """One request's search."""
@@ -63,6 +233,7 @@ class Job:
     cancelled: bool = False
     future: asyncio.Future | None = None
     on_cancel: object = None  # set while its search call runs: drops its prompts' rows there
+    token_cap: int | None = None  # policy + verifier token positions its search may spend (its share)
 
     def cancel(self) -> None:
         """Nobody waits for this job any more: dropped if not started, its rows dropped if running."""
@@ -75,7 +246,7 @@ class Job:
         """Jobs with equal keys share one search call (a pooled strategy's job shares with none)."""
         if STRATEGIES[self.strategy].pooled:
             return ("pooled", self.id)
-        return (self.strategy, self.budget, self.settings)
+        return (self.strategy, self.budget, self.settings, self.token_cap)
 
 
 @dataclass
@@ -150,6 +321,13 @@ class Engine:
             job.cancel()
             raise
 
+    async def run_exclusive(self, fn, *args):
+        """``fn(*args)`` on the search thread, between search calls (the models are not re-entrant): what the
+        scoring endpoints run. Raises :class:`Unavailable` while shutting down."""
+        if self._closing or self._queue is None:
+            raise Unavailable("the server is shutting down")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_length.set(self.queued)
@@ -205,15 +383,23 @@ class Engine:
         prompts = [p for j in jobs for p in j.prompts]
         seeds = [s for j in jobs for s in j.seeds]
         verifier = self.verifier if STRATEGIES[head.strategy].needs_verifier else None
-        stop = Cancellation()
-        a = 0
-        for job in jobs:  # a job cancelled from now on has its prompts' rows dropped at the search's next look
-            job.on_cancel = functools.partial(stop.cancel, range(a, a + len(job.prompts)))
+        policy = self.policy
+        spans, a = [], 0
+        for job in jobs:
+            spans.append((job, a, a + len(job.prompts)))
             a += len(job.prompts)
+        if any(job.token_cap for job in jobs):  # the spend is read at every host look
+            meter = Meter()
+            policy, verifier = meter.wrap(policy), meter.wrap(verifier)
+            stop = _CappedCancellation(meter, spans, len(prompts))
+        else:
+            stop = Cancellation()
+        for job, a, b in spans:  # a job cancelled from now on has its prompts' rows dropped at the search's next look
+            job.on_cancel = functools.partial(stop.cancel, range(a, b))
 
         def call():
             with cancellation(stop):
-                return run(head.strategy, self.policy, verifier, prompts, budget=head.budget, settings=head.settings,
+                return run(head.strategy, policy, verifier, prompts, budget=head.budget, settings=head.settings,
                            seed=seeds)
 
         started = time.perf_counter()
@@ -247,12 +433,18 @@ class Engine:
         log.info(json.dumps({"event": "search", "strategy": head.strategy, "budget": head.budget,
                              "requests": len(jobs), "prompts": len(prompts), "seconds": round(seconds, 4),
                              "cancelled_prompts": len(stop.prompts),
+                             "over_cap": sorted(getattr(stop, "over", {})),
                              "policy_tokens": res.compute.policy_prefill_tokens + res.compute.policy_generated_tokens,
                              "verifier_tokens": res.compute.prm_tokens}))
-        a = 0
-        for job in jobs:
-            b = a + len(job.prompts)
-            if not job.future.done():
-                job.future.set_result(Outcome(_slice(res, a, b), len(prompts), len(jobs), res.compute,
-                                              started - job.enqueued, seconds))
-            a = b
+        spent = res.compute.policy_tokens + res.compute.prm_tokens
+        over = getattr(stop, "over", {})
+        for job, a, b in spans:
+            if job.future.done():
+                continue
+            share = spent * (b - a) / len(prompts)  # what its usage reports
+            if job.id in over or (job.token_cap and share > job.token_cap):
+                job.future.set_exception(LimitExceeded(over.get(job.id, int(share)), job.token_cap,
+                                                       during=job.id in over))
+                continue
+            job.future.set_result(Outcome(_slice(res, a, b), len(prompts), len(jobs), res.compute,
+                                          started - job.enqueued, seconds))

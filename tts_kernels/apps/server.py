@@ -7,15 +7,29 @@ with ``stream=true``: server-sent events in OpenAI's chunk format, ending ``data
 :class:`~tts_kernels.apps.engine.Engine`, which batches the requests that arrive
 together into one search call per strategy.
 
-Request fields. Standard: ``model``, ``prompt`` (a string or a list of strings) or
-``messages``, ``max_tokens`` (the ``max_new_tokens`` setting), ``temperature``, ``top_p``,
-``n`` (choices returned per prompt, ranked: the strategy's pick first, then the other
-candidates by verifier score), ``stop``, ``seed``, ``user``, ``stream``, ``stream_options``.
+Request fields: exactly those of :data:`REQUEST_FIELDS` and :data:`SETTING_FIELDS` (the allow-list, each
+field next to its ceiling); any other is refused, naming it. Standard: ``model``, ``prompt`` (a string or a
+list of strings) or ``messages``, ``max_tokens`` (the ``max_new_tokens`` setting; ``max_completion_tokens``
+too), ``temperature``, ``top_p``, ``n`` (choices returned per prompt, ranked: the strategy's pick first,
+then the other candidates by verifier score), ``stop``, ``seed``, ``user``, ``stream``, ``stream_options``.
 Search fields (top-level, what the OpenAI client sends with ``extra_body=``): ``strategy``
 (any registered name; default ``best_of_n`` when ``budget > 1``, else one sample:
 ``majority`` of one, or ``greedy`` at temperature 0), ``budget`` (samples, beams or particles
 per prompt; default ``n``), ``return_candidates`` (every candidate's text, answer, score and
-finish reason in the response), and any :class:`~tts_kernels.search.Settings` field by name.
+finish reason in the response), and the :class:`~tts_kernels.search.Settings` fields the allow-list names.
+The allow-list is explicit: a ``Settings`` field added later is refused (400, ``unknown_field``) until it
+is added to :data:`SETTING_FIELDS` with its ceiling.
+
+Limits (server flags, :data:`LIMITS`): ceilings on ``budget`` and ``n``, budget x prompts, ``max_tokens``,
+``num_iterations``, ``max_step_tokens``, ``lookahead``, ``sweeps``, ``revisions``, the request body's size
+(413), and a compute cap, ``--max-request-tokens``: the policy and verifier token positions a request's
+search may spend, enforced while it runs (:mod:`~tts_kernels.apps.engine`: the request is cancelled at
+the search's next host look, 413 naming the limit, and the requests sharing its call go on).
+
+Scoring: ``POST /v1/score`` (a prompt and candidate solutions in, one verifier score per step out; the
+prompt is prefilled once and forked per candidate, :meth:`~tts_kernels.models.HFPRM.score_steps`) and
+``POST /pooling`` (vLLM's pooling shape, ``{"model", "input"}`` or ``{"model", "messages"}``: per step the
+probabilities ``[1 - p, p]``, as vLLM's token classification returns them for Qwen2.5-Math-PRM).
 
 Seeds: a request's prompts draw under seeds derived from its ``seed``
 (:func:`~tts_kernels.apps.engine.request_seeds`; a random one when absent), so the same request
@@ -33,35 +47,96 @@ Streaming: a search picks its answer at the end, so the events start when the se
 (each choice's text in steps, then its finish reason, then usage when asked).
 
 Errors: an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``: 400 for a
-bad field (named in ``param``), 404 for an unknown model, 408 when a request runs past
-``--request-timeout``, 503 while shutting down, 500 for a failed search.
+bad or unknown field or one over its ceiling (named in ``param``), 404 for an unknown model, 408 when a
+request runs past ``--request-timeout``, 413 for a body over ``--max-body-bytes`` or a search over
+``--max-request-tokens``, 503 while shutting down, 500 for a failed search.
 """
 
 import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..search import STRATEGIES, Settings
-from .engine import BadRequest, Engine, Job, Outcome, Unavailable, request_seeds
+from .engine import BadRequest, Engine, Job, LimitExceeded, Outcome, Unavailable, guard_tokenizers, request_seeds
 from .options import DEFAULT_VERIFIER
 
 log = logging.getLogger("tts_kernels.serve")
 
 DEFAULT_MODEL = "tts-kernels-bundled"
 FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "final": "length", "sibling": "length"}
-# OpenAI fields this server does not implement: refused when set, rather than silently ignored.
+# OpenAI fields this server does not implement: refused when set, rather than silently ignored (their neutral
+# values, which some clients always send, pass).
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
-               "functions", "function_call", "response_format", "frequency_penalty", "presence_penalty")
-# Search settings a request may set. Not optimal_table: a path on the server is the server's configuration,
-# never a client's to choose (a request naming it is refused).
-SERVER_ONLY = ("optimal_table",)
-_SETTINGS = {f for f in Settings.__dataclass_fields__} - set(SERVER_ONLY)
+               "functions", "function_call", "response_format", "frequency_penalty", "presence_penalty",
+               "parallel_tool_calls", "store", "metadata", "service_tier", "modalities", "reasoning_effort")
+# Search settings that are the server's configuration, never a client's: optimal_table (a path on the server)
+# and max_rows (the server's memory bound). Refused by name.
+SERVER_ONLY = ("optimal_table", "max_rows")
+
+# ----------------------------------------------------------------------------- limits and the allow-list
+
+# The server's limits: ServerConfig attribute -> (default, what it bounds). Each is a flag of `serve`
+# (--max-budget, --max-budget-prompts, ...); 0 turns --max-request-tokens off.
+LIMITS = {
+    "max_budget": (64, "largest budget (samples, beams or particles per prompt) and n a request may ask for"),
+    "max_budget_prompts": (256, "largest budget x prompts of a request (its samples in all)"),
+    "max_tokens": (4096, "largest max_tokens (max_new_tokens) of a request, and of its thinking budget"),
+    "max_steps": (64, "largest num_iterations (steps of a step-level search)"),
+    "max_step_tokens": (2048, "largest max_step_tokens"),
+    "max_lookahead": (4, "largest lookahead (greedy steps rolled out per beam)"),
+    "max_sweeps": (16, "largest sweeps (particle Gibbs passes)"),
+    "max_revisions": (8, "largest revisions (sequential revision rounds per chain)"),
+    "max_request_tokens": (0, "compute cap: policy and verifier token positions one request's search may spend, "
+                              "enforced while it runs (its share, by prompts, of its batch's); 0: none"),
+    "max_body_bytes": (1 << 20, "largest request body, in bytes"),
+}
+
+
+@dataclass(frozen=True)
+class Cap:
+    """A field's ceiling: ``bound`` is a number, or the name of a :data:`LIMITS` entry (a server flag); it bounds
+    the field's value (``of="value"``: an int), its length (``"chars"``: a string; ``"items"``: a list, each
+    string in it at most ``item_chars``), or a ``thinking`` budget's token counts (``"thinking"``)."""
+
+    bound: int | str
+    of: str = "value"
+    item_chars: int = 256
+
+
+# The allow-list: every field a request may carry, each with its ceiling (None: its value is checked where it is
+# read, or by Settings). A field not named here is refused with a 400 naming it. SETTING_FIELDS are
+# tts_kernels.search.Settings fields a request sets by name: a Settings field added later is refused until it is
+# added here, with its ceiling (its cost to the server decides whether it is public at all).
+REQUEST_FIELDS: dict[str, Cap | None] = {
+    "model": None, "prompt": None, "messages": None, "user": None, "seed": None, "stream": None,
+    "stream_options": None, "n": Cap("max_budget"), "budget": Cap("max_budget"), "strategy": None,
+    "return_candidates": None, "max_tokens": Cap("max_tokens"), "max_completion_tokens": Cap("max_tokens"),
+    "stop": Cap(4, "items"), **{name: None for name in UNSUPPORTED},
+}
+SETTING_FIELDS: dict[str, Cap | None] = {
+    "temperature": None, "top_p": None, "top_k": None, "min_p": None,
+    "max_new_tokens": Cap("max_tokens"), "max_step_tokens": Cap("max_step_tokens"), "step_cap": None,
+    "num_iterations": Cap("max_steps"), "beam_width": Cap("max_budget"), "agg": None,
+    "step_delimiter": Cap(16, "chars"), "lookahead": Cap("max_lookahead"), "filter_duplicates": None,
+    "return_siblings": None, "sync_every": Cap(64), "stop_at_answer": None, "levels": Cap(16),
+    "resampling": None, "ess_threshold": None, "particle_weight": None, "particle_select": None,
+    "weight_temperature": None, "entropic": None, "entropy_target": None, "keep_best": None,
+    "sweeps": Cap("max_sweeps"), "reference_particles": Cap("max_budget"), "anneal_below": None,
+    "early_phase": None, "vote_key": None, "thinking": Cap("max_tokens", "thinking"),
+    "revisions": Cap("max_revisions"), "revision_prompt": Cap(512, "chars"),
+}
+# Search settings a request may set (the Settings names in the allow-list; `stop` is read as OpenAI's field).
+_SETTINGS = set(SETTING_FIELDS) | {"stop"}
+
+
+def _flag(attr: str) -> str:
+    return "--" + attr.replace("_", "-")
 
 
 class APIError(Exception):
@@ -78,13 +153,88 @@ def _bad(param: str, message: str) -> APIError:
     return APIError(400, message, param, code="invalid_value")
 
 
-class ServerConfig:
-    """What ``serve`` was started with (the limits a request is checked against)."""
+def _limit(param: str, message: str) -> APIError:
+    return APIError(400, message, param, code="limit_exceeded")
 
-    def __init__(self, *, model_name: str = DEFAULT_MODEL, max_budget: int = 64, request_timeout: float = 300.0,
-                 defaults: Settings | None = None):
-        self.model_name, self.max_budget, self.request_timeout = model_name, max_budget, request_timeout
-        self.defaults = defaults or Settings()
+
+class ServerConfig:
+    """What ``serve`` was started with: the model's name, the limits a request is checked against (:data:`LIMITS`,
+    by name), the time limit and the default settings. A default over a limit is lowered to it (and logged), so
+    a request that does not set a field never fails its ceiling."""
+
+    def __init__(self, *, model_name: str = DEFAULT_MODEL, request_timeout: float = 300.0,
+                 defaults: Settings | None = None, verifier_name: str | None = None, **limits):
+        bad = sorted(set(limits) - set(LIMITS))
+        if bad:
+            raise TypeError(f"unknown limit(s) {bad}; limits: {sorted(LIMITS)}")
+        self.model_name, self.request_timeout, self.verifier_name = model_name, request_timeout, verifier_name
+        for name, (default, _) in LIMITS.items():
+            value = limits.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_request_tokens"
+                                                                                else 1):
+                raise ValueError(f"{_flag(name)} must be an integer >= 1 (--max-request-tokens: >= 0), got {value!r}")
+            setattr(self, name, value)
+        defaults = defaults or Settings()
+        lowered = {}
+        for name, cap in SETTING_FIELDS.items():
+            if cap is not None and cap.of == "value" and isinstance(getattr(defaults, name), int):
+                bound = self.bound(cap)
+                if getattr(defaults, name) > bound:
+                    lowered[name] = bound
+        if lowered:
+            log.info(json.dumps({"event": "defaults_lowered_to_limits", **lowered}))
+            defaults = defaults.replace(**lowered)
+        self.defaults = defaults
+
+    def bound(self, cap: Cap) -> int:
+        return getattr(self, cap.bound) if isinstance(cap.bound, str) else cap.bound
+
+    def limits(self) -> dict:
+        return {name: getattr(self, name) for name in LIMITS}
+
+    @property
+    def token_cap(self) -> int | None:
+        return self.max_request_tokens or None
+
+
+def check_fields(body: dict, cfg: ServerConfig, allowed: dict) -> None:
+    """Every field of ``body`` is in ``allowed`` (name -> :class:`Cap` or None) and within its ceiling;
+    else an :class:`APIError` naming the first that is not (the server-only settings by their own rule)."""
+    for name in body:
+        if name in SERVER_ONLY:
+            raise _bad(name, f"{name} is set by the server, not by a request")
+        if name not in allowed:
+            raise APIError(400, f"unknown field {name!r}: this server does not accept it (the request fields and "
+                                "search settings it accepts are listed by GET /v1/strategies)", name,
+                           code="unknown_field")
+    for name, cap in allowed.items():
+        value = body.get(name)
+        if cap is None or value is None:
+            continue
+        bound = cfg.bound(cap)
+        why = f"this server's limit" + (f" ({_flag(cap.bound)})" if isinstance(cap.bound, str) else "")
+        if cap.of == "value" and isinstance(value, int) and not isinstance(value, bool) and value > bound:
+            raise _limit(name, f"{name} must be <= {bound}, {why}; got {value}")
+        if cap.of == "chars" and isinstance(value, str) and len(value) > bound:
+            raise _limit(name, f"{name} must be at most {bound} characters, {why}; got {len(value)}")
+        if cap.of == "items":
+            items = [value] if isinstance(value, str) else value
+            if isinstance(items, list) and len(items) > bound:
+                raise _limit(name, f"{name} must be a string or a list of at most {bound} of them; got {len(items)}")
+            if isinstance(items, list) and any(isinstance(x, str) and len(x) > cap.item_chars for x in items):
+                raise _limit(name, f"each of {name} must be at most {cap.item_chars} characters")
+        if cap.of == "thinking" and isinstance(value, dict):
+            for key in ("min_thinking_tokens", "max_thinking_tokens"):
+                v = value.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > bound:
+                    raise _limit(name, f"{name}.{key} must be <= {bound}, {why} (--max-tokens); got {v}")
+            for key in ("end", "answer_prefix"):
+                if isinstance(value.get(key), str) and len(value[key]) > 256:
+                    raise _limit(name, f"{name}.{key} must be at most 256 characters")
+            cont = value.get("continuations")
+            if isinstance(cont, (list, tuple)) and (len(cont) > 8 or any(isinstance(c, str) and len(c) > 256
+                                                                          for c in cont)):
+                raise _limit(name, f"{name}.continuations must be at most 8 strings of at most 256 characters")
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -146,6 +296,8 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
     if model != cfg.model_name:
         raise APIError(404, f"The model {model!r} does not exist; this server serves {cfg.model_name!r}", "model",
                        code="model_not_found")
+    check_fields(body, cfg, {k: v for k, v in {**REQUEST_FIELDS, **SETTING_FIELDS}.items()
+                             if k != ("prompt" if chat else "messages")})
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, 0, [], {}):
             raise _bad(name, f"{name} is not supported by this server" +
@@ -164,12 +316,16 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
     budget = _int(body, "budget", n, minimum=1, maximum=cfg.max_budget)
     if n > budget:
         raise _bad("n", f"n ({n}) must be <= budget ({budget}): choices come from the search's candidates")
-    for name in SERVER_ONLY:
-        if body.get(name) is not None:
-            raise _bad(name, f"{name} is set by the server, not by a request")
+    if budget * len(prompts) > cfg.max_budget_prompts:
+        raise _limit("budget", f"budget x prompts must be <= {cfg.max_budget_prompts}, this server's limit "
+                               f"(--max-budget-prompts); got {budget} x {len(prompts)}")
     overrides = {name: value for name, value in body.items() if name in _SETTINGS}  # (stop: checked below)
-    if body.get("max_tokens") is not None:
-        overrides["max_new_tokens"] = _int(body, "max_tokens", minimum=1)
+    for name in ("max_tokens", "max_completion_tokens"):  # OpenAI's names of max_new_tokens
+        if body.get(name) is not None:
+            value = _int(body, name, minimum=1)
+            if overrides.get("max_new_tokens", value) != value:
+                raise _bad(name, f"{name} ({value}) and max_new_tokens ({overrides['max_new_tokens']}) disagree")
+            overrides["max_new_tokens"] = value
     stop = body.get("stop")
     if stop is not None:
         stop = [stop] if isinstance(stop, str) else stop
@@ -208,6 +364,11 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
     # max_tokens is what a completion may add at most (a step-level search's steps before its last one
     # may add more: max_step_tokens each; past the context those rows run on extrapolated positions).
     ids = [policy.encode(p) for p in prompts]
+    prompt_tokens = sum(len(i) for i in ids)
+    if cfg.token_cap is not None and prompt_tokens > cfg.token_cap:
+        raise APIError(413, f"the prompts alone are {prompt_tokens} tokens, over this server's limit of "
+                            f"{cfg.token_cap} policy and verifier tokens per request (max_request_tokens, "
+                            "--max-request-tokens)", "messages" if chat else "prompt", code="compute_limit_exceeded")
     context = getattr(getattr(policy.model, "config", None), "max_position_embeddings", None)
     if context is not None and max(len(i) for i in ids) + settings.max_new_tokens > context:
         raise _bad("max_tokens", f"the longest prompt ({max(len(i) for i in ids)} tokens) plus max_tokens "
@@ -215,11 +376,15 @@ def parse(body, *, chat: bool, cfg: ServerConfig, policy, has_verifier: bool) ->
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise _bad("stream_options", "stream_options must be an object")
+    if set(stream_options) - {"include_usage"}:
+        raise APIError(400, f"unknown field(s) {sorted(set(stream_options) - {'include_usage'})} in stream_options",
+                       "stream_options", code="unknown_field")
     job = Job(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], prompts=prompts,
-              seeds=request_seeds(seed, len(prompts)), strategy=strategy, budget=budget, settings=settings)
+              seeds=request_seeds(seed, len(prompts)), strategy=strategy, budget=budget, settings=settings,
+              token_cap=cfg.token_cap)
     opts = {"n": n, "stream": _bool(body, "stream"), "usage_in_stream": _bool(stream_options, "include_usage"),
             "return_candidates": _bool(body, "return_candidates"), "seed": seed, "user": user,
-            "prompt_tokens": sum(len(i) for i in ids), "chat": chat}
+            "prompt_tokens": prompt_tokens, "chat": chat}
     return job, opts
 
 
@@ -275,7 +440,8 @@ def build(job: Job, out: Outcome, opts: dict, cfg: ServerConfig, policy) -> dict
     bc = out.batch_compute
     usage = {"prompt_tokens": opts["prompt_tokens"], "completion_tokens": completion_tokens,
              "total_tokens": opts["prompt_tokens"] + completion_tokens, "search_tokens": search_tokens,
-             "verifier_tokens": round(bc.prm_tokens * share), "flops": bc.total_flops * share,
+             "policy_tokens": round(bc.policy_tokens * share), "verifier_tokens": round(bc.prm_tokens * share),
+             "flops": bc.total_flops * share,
              "batch_prompts": out.batch_prompts, "batch_requests": out.batch_requests}
     if thinking:  # of completion_tokens, those the returned choices wrote while thinking
         usage["completion_tokens_details"] = {"reasoning_tokens": thinking_tokens}
@@ -323,6 +489,206 @@ def stream_events(body: dict, opts: dict, delimiter: str):
     yield "data: [DONE]\n\n"
 
 
+# ----------------------------------------------------------------------------- step scoring
+
+# The fields of POST /v1/score and POST /pooling (each endpoint's allow-list).
+SCORE_FIELDS: dict[str, Cap | None] = {"model": None, "prompt": None, "completions": None,
+                                       "step_separator": Cap(16, "chars"), "agg": None, "user": None}
+POOLING_FIELDS: dict[str, Cap | None] = {"model": None, "input": None, "messages": None, "user": None,
+                                         "task": None, "encoding_format": None}
+POOLING_TASKS = (None, "token_classify", "reward")  # vLLM's names for per-step (token) scores
+
+
+@dataclass
+class ScoreJob:
+    """What a scoring request asks the verifier: ``steps[p][c]``, the steps of candidate ``c`` of prompt ``p``
+    (:meth:`~tts_kernels.models.HFPRM.score_steps`), and where each answer item comes from."""
+
+    prompts: list[str]
+    steps: list[list[list[str]]]
+    agg: str = "last"
+    items: list[tuple[int, int]] | None = None  # pooling: input i -> (prompt, candidate)
+    user: str | None = None
+
+
+def _scoring_model(body, cfg: ServerConfig) -> None:
+    if not isinstance(body, dict):
+        raise _bad("body", "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "model is required (a string); see GET /v1/models")
+    if model not in (cfg.model_name, cfg.verifier_name):
+        served = repr(cfg.model_name) + (f" (its verifier: {cfg.verifier_name!r})" if cfg.verifier_name else "")
+        raise APIError(404, f"The model {model!r} does not exist; this server serves {served}", "model",
+                       code="model_not_found")
+
+
+def _user(body):
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("user", "user must be a string")
+    return user
+
+
+def _no_verifier(verifier) -> None:
+    if verifier is None:
+        raise APIError(400, "this server runs without a verifier (--verifier none): nothing scores steps", None,
+                       code="no_verifier")
+
+
+def parse_score(body, *, cfg: ServerConfig, verifier) -> ScoreJob:
+    """``POST /v1/score``: ``prompt`` (a string, or a list of them) and ``completions`` (its candidate solutions:
+    a list of strings, or one such list per prompt), each split into steps at ``step_separator`` (default: the
+    verifier's step delimiter; the separator stays at the end of every step but the last, as the searches split
+    them), ``agg`` (``last``, ``min``, ``prod``, ``mean``: how a candidate's step scores fold into its score)."""
+    from ..models.text import split_steps
+    from ..search.settings import AGGREGATES
+
+    _scoring_model(body, cfg)
+    check_fields(body, cfg, SCORE_FIELDS)
+    _no_verifier(verifier)
+    prompt, comps = body.get("prompt"), body.get("completions")
+    if isinstance(prompt, str):
+        prompts, comps = [prompt], [comps]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = prompt
+        if not isinstance(comps, list) or len(comps) != len(prompts):
+            raise _bad("completions", "with a list of prompts, completions must be one list of strings per prompt")
+    else:
+        raise _bad("prompt", "prompt must be a non-empty string or a non-empty list of strings")
+    if any(not p.strip() for p in prompts):
+        raise _bad("prompt", "prompt must not be empty")
+    if not all(isinstance(cs, list) and cs and all(isinstance(c, str) for c in cs) for cs in comps):
+        raise _bad("completions", "completions must be a non-empty list of strings (per prompt)")
+    if sum(len(cs) for cs in comps) > cfg.max_budget_prompts:
+        raise _limit("completions", f"at most {cfg.max_budget_prompts} completions per request, this server's limit "
+                                    f"(--max-budget-prompts); got {sum(len(cs) for cs in comps)}")
+    delimiter = getattr(verifier, "step_delimiter", cfg.defaults.step_delimiter)
+    sep = body.get("step_separator", delimiter)
+    if not isinstance(sep, str) or not sep:
+        raise _bad("step_separator", "step_separator must be a non-empty string")
+    if getattr(verifier, "format", None) is not None and sep != delimiter:
+        raise _bad("step_separator", f"the verifier reads the {verifier.preset!r} format, whose steps end with "
+                                     f"{delimiter!r}; step_separator must be that")
+    agg = body.get("agg", "last")
+    if agg not in AGGREGATES:
+        raise _bad("agg", f"agg must be one of {AGGREGATES}, got {agg!r}")
+    return ScoreJob(list(prompts), [[split_steps(c, sep) for c in cs] for cs in comps], agg, user=_user(body))
+
+
+def parse_pooling(body, *, cfg: ServerConfig, verifier) -> ScoreJob:
+    """``POST /pooling`` (vLLM's pooling request): ``input``, a string or a list of them, each the whole text
+    the PRM reads (its preset's rendering, e.g. Qwen2.5-Math-PRM's chat with ``<extra_0>`` after every step:
+    read back into question and steps by the preset, :meth:`~tts_kernels.models.prm_formats.PRMFormat.parse`),
+    or ``messages`` (a chat: an optional system turn, the question as the user turn, the solution as the
+    assistant turn; a preset with a chat template (Qwen2.5-Math-PRM) renders it with the template and reads
+    it back as ``input``, so the solution carries its tags (``<extra_0>`` after every step), as vLLM takes it;
+    otherwise the solution's steps are split at the verifier's step delimiter). Inputs with the same question
+    share its prefill."""
+    from ..models.text import split_steps
+
+    _scoring_model(body, cfg)
+    check_fields(body, cfg, POOLING_FIELDS)
+    _no_verifier(verifier)
+    if body.get("task") not in POOLING_TASKS:
+        raise _bad("task", f"task must be one of {[t for t in POOLING_TASKS if t]} (per-step scores), "
+                           f"got {body.get('task')!r}")
+    if body.get("encoding_format") not in (None, "float"):
+        raise _bad("encoding_format", "encoding_format must be 'float'")
+    if ("input" in body) == ("messages" in body):
+        raise _bad("input", "give input (the text the PRM reads) or messages (a chat), one of them")
+    fmt = getattr(verifier, "format", None)
+    delimiter = getattr(verifier, "step_delimiter", cfg.defaults.step_delimiter)
+    pairs: list[tuple[str, list[str]]] = []
+    if "input" in body:
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise _bad("input", "input must be a non-empty string or a non-empty list of strings (token ids are "
+                                "not supported)")
+        if fmt is None or not hasattr(fmt, "parse"):
+            raise _bad("input", f"this verifier ({getattr(verifier, 'preset', None) or 'a generic head'}) has no "
+                                "text format to read input in; send messages, or use POST /v1/score")
+        for i, text in enumerate(texts):
+            try:
+                pairs.append(fmt.parse(text))
+            except ValueError as exc:
+                raise _bad("input", f"input[{i}]: {exc}") from None
+    else:
+        msgs = body["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in msgs):
+            raise _bad("messages", "messages must be a list of {role, content} objects with text content")
+        roles = [m.get("role") for m in msgs]
+        if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+            raise _bad("messages", f"messages must be [system,] user (the question), assistant (the solution); "
+                                   f"got roles {roles}")
+        template = getattr(getattr(verifier, "tokenizer", None), "chat_template", None)
+        if fmt is not None and hasattr(fmt, "parse") and template:  # vLLM's way: the chat rendered, then read
+            text = verifier.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+            try:
+                pairs.append(fmt.parse(text))
+            except ValueError as exc:
+                raise _bad("messages", f"messages: {exc}") from None
+        elif roles[0] == "system":
+            raise _bad("messages", "this verifier reads no system turn")
+        else:  # the solution's steps at the step delimiter; a preset adds its own tags
+            pairs.append((msgs[-2]["content"], split_steps(msgs[-1]["content"], delimiter)))
+    if len(pairs) > cfg.max_budget_prompts:
+        raise _limit("input", f"at most {cfg.max_budget_prompts} inputs per request, this server's limit "
+                              f"(--max-budget-prompts); got {len(pairs)}")
+    prompts: list[str] = []
+    steps_of: list[list[list[str]]] = []
+    items = []
+    for q, st in pairs:
+        if q not in prompts:
+            prompts.append(q)
+            steps_of.append([])
+        p = prompts.index(q)
+        items.append((p, len(steps_of[p])))
+        steps_of[p].append(st)
+    return ScoreJob(prompts, steps_of, "last", items, user=_user(body))
+
+
+def score_job(verifier, job: ScoreJob, cap: int | None):
+    """Run on the search thread: the verifier's scores of ``job`` (one :meth:`score_steps` call: each prompt
+    prefilled once and forked per candidate). With a compute cap, refused before any model runs when the texts
+    alone are over it (their token count by the verifier's tokenizer), and after, on the exact count."""
+    if cap is not None and getattr(verifier, "tokenizer", None) is not None:
+        texts = list(job.prompts) + [st for cs in job.steps for c in cs for st in c]
+        n = sum(len(x) for x in verifier.tokenizer(texts, add_special_tokens=False).input_ids)
+        if n > cap:
+            raise LimitExceeded(n, cap, during=False)
+    out = verifier.score_steps(job.prompts, job.steps, agg=job.agg)
+    if cap is not None and out.tokens > cap:
+        raise LimitExceeded(int(out.tokens), cap, during=False)
+    return out
+
+
+def score_body(job: ScoreJob, out, model: str) -> dict:
+    """``POST /v1/score``'s answer: one item per candidate, prompt-major."""
+    data, k = [], 0
+    agg = out.aggregate.tolist()
+    for p, cs in enumerate(job.steps):
+        for c, steps in enumerate(cs):
+            data.append({"index": k, "object": "score", "prompt_index": p, "completion_index": c, "steps": steps,
+                         "step_scores": [_score(x) for x in out.step_scores[p][c]], "score": _score(agg[k])})
+            k += 1
+    tokens = int(out.tokens)
+    return {"id": "score-" + uuid.uuid4().hex[:24], "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "verifier_tokens": tokens}}
+
+
+def pooling_body(job: ScoreJob, out, model: str) -> dict:
+    """``POST /pooling``'s answer, vLLM's shape: per input, per step ``[1 - p, p]`` (p: the step's score)."""
+    data = []
+    for i, (p, c) in enumerate(job.items):
+        data.append({"index": i, "object": "pooling",
+                     "data": [[1.0 - x, x] for x in (float(v) for v in out.step_scores[p][c])]})
+    tokens = int(out.tokens)
+    return {"id": "pool-" + uuid.uuid4().hex[:24], "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+
 # ----------------------------------------------------------------------------- the app
 
 def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: int = 32, max_wait_ms: float = 10.0):
@@ -333,6 +699,7 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
     from .metrics import Metrics
 
     cfg = cfg or ServerConfig()
+    guard_tokenizers(policy, verifier)  # shared by the request threads and the search thread: one lock each
     metrics = Metrics(policy, verifier)
     engine = Engine(policy, verifier, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
 
@@ -352,14 +719,34 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
         metrics.requests.labels(strategy=strategy, status=str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    async def read_json(request: Request):
+        """The body as JSON, at most ``--max-body-bytes`` of it read (413 past that)."""
+        limit = cfg.max_body_bytes
+        too_large = APIError(413, f"the request body is over this server's limit of {limit} bytes (--max-body-bytes)",
+                             "body", code="body_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+        try:
+            return json.loads(bytes(data))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise _bad("body", "the request body is not valid JSON") from None
+
+    def compute_limit(exc: LimitExceeded) -> APIError:
+        return APIError(413, str(exc), None, code="compute_limit_exceeded")
+
     async def complete(request: Request, chat: bool):
         t0 = time.perf_counter()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            return error(_bad("body", "the request body is not valid JSON"))
-        try:
-            job, opts = parse(body, chat=chat, cfg=cfg, policy=policy, has_verifier=verifier is not None)
+            body = await read_json(request)
+            # Off the event loop: parsing tokenizes (the tokenizer's lock may be held by the search thread).
+            job, opts = await asyncio.to_thread(parse, body, chat=chat, cfg=cfg, policy=policy,
+                                                has_verifier=verifier is not None)
         except APIError as exc:
             return error(exc)
         task = asyncio.ensure_future(engine.submit(job))
@@ -387,6 +774,10 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
                                        "and was cancelled", None, "timeout", "timeout"), job.strategy)
         try:
             out = task.result()
+        except LimitExceeded as exc:
+            log.info(json.dumps({"event": "request", "id": job.id, "strategy": job.strategy, "status": 413,
+                                 "limit": "max_request_tokens", "spent": exc.spent, "during_search": exc.during}))
+            return error(compute_limit(exc), job.strategy)
         except BadRequest as exc:
             return error(_bad(None, str(exc)), job.strategy)
         except Unavailable as exc:
@@ -394,7 +785,7 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
         except Exception as exc:  # noqa: BLE001
             return error(APIError(500, f"the search failed: {type(exc).__name__}: {exc}", None, "server_error"),
                          job.strategy)
-        resp = build(job, out, opts, cfg, policy)
+        resp = await asyncio.to_thread(build, job, out, opts, cfg, policy)
         metrics.request_done(job.strategy, time.perf_counter() - t0)
         log.info(json.dumps({"event": "request", "id": job.id, "strategy": job.strategy, "budget": job.budget,
                              "prompts": len(job.prompts), "status": 200, "user": opts["user"],
@@ -413,6 +804,49 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
 
+    async def scoring(request: Request, kind: str):
+        t0 = time.perf_counter()
+        try:
+            body = await read_json(request)
+            reader = parse_pooling if kind == "pooling" else parse_score
+            job = await asyncio.to_thread(reader, body, cfg=cfg, verifier=verifier)
+        except APIError as exc:
+            return error(exc, kind)
+        try:
+            out = await asyncio.wait_for(engine.run_exclusive(score_job, verifier, job, cfg.token_cap),
+                                         cfg.request_timeout)
+        except LimitExceeded as exc:
+            return error(compute_limit(exc), kind)
+        except Unavailable as exc:
+            return error(APIError(503, str(exc), None, "unavailable", "shutting_down"), kind)
+        except asyncio.TimeoutError:
+            return error(APIError(408, f"the request ran past the server's time limit of {cfg.request_timeout} s",
+                                  None, "timeout", "timeout"), kind)
+        except (ValueError, TypeError) as exc:  # the verifier refused the texts (named in the message)
+            return error(_bad(None, str(exc)), kind)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("scoring failed")
+            return error(APIError(500, f"scoring failed: {type(exc).__name__}: {exc}", None, "server_error"), kind)
+        model = body["model"]
+        resp = pooling_body(job, out, model) if kind == "pooling" else score_body(job, out, model)
+        metrics.requests.labels(strategy=kind, status="200").inc()
+        metrics.tokens.labels(kind="verifier").inc(int(out.tokens))
+        log.info(json.dumps({"event": "request", "id": resp["id"], "strategy": kind, "status": 200,
+                             "user": job.user, "prompts": len(job.prompts),
+                             "candidates": sum(len(cs) for cs in job.steps), "verifier_tokens": int(out.tokens),
+                             "seconds": round(time.perf_counter() - t0, 4)}))
+        return JSONResponse(resp)
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        """Step scores of candidate solutions (:func:`parse_score`, :func:`score_body`)."""
+        return await scoring(request, "score")
+
+    @app.post("/pooling")
+    async def pooling(request: Request):
+        """vLLM's pooling shape for a PRM (:func:`parse_pooling`, :func:`pooling_body`)."""
+        return await scoring(request, "pooling")
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
@@ -420,8 +854,10 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
 
     @app.get("/v1/strategies")
     async def strategies():
-        """What a request may ask for: the registered strategies, the default settings, the budget cap."""
+        """What a request may ask for: the registered strategies, the default settings, the limits, the fields."""
         return {"object": "list", "max_budget": cfg.max_budget, "settings": cfg.defaults.as_dict(),
+                "limits": cfg.limits(), "request_fields": sorted(REQUEST_FIELDS),
+                "setting_fields": sorted(SETTING_FIELDS),
                 "data": [{"id": name, "description": e.description, "needs_verifier": e.needs_verifier,
                           "pooled": e.pooled, "available": verifier is not None or not e.needs_verifier}
                          for name, e in STRATEGIES.items()]}
@@ -441,30 +877,37 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
 
 # ----------------------------------------------------------------------------- the command
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-HEADS = ("classifier", "label_token", "value_head", "likelihood")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(ap) -> None:
+    from ..models.loading import GENERIC_HEADS
+    from ..models.prm_formats import PRESETS
+
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--policy", default=None,
-                    help="policy model: a transformers folder or a .gguf file (default: the bundled policy-small)")
+                    help="policy model: a transformers folder, hub id or .gguf file (default: the bundled "
+                         "policy-small)")
     ap.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                     help="what generates: the transformers model on this package's paged cache (hf), or a vLLM "
                          "engine (vllm: needs vLLM installed, e.g. .venv-vllm from make test-vllm)")
     ap.add_argument("--verifier", default=DEFAULT_VERIFIER,
                     help=f"'prm' or 'likelihood' (the bundled verifiers, as in demo; default {DEFAULT_VERIFIER!r}), "
-                         "'none', or a PRM model folder")
-    ap.add_argument("--verifier-head", default="classifier", choices=HEADS,
-                    help="how a verifier folder's model scores a step (tts_kernels.models.HFPRM head)")
+                         "'none', or a PRM: a transformers folder, hub id or .gguf file (read in its published "
+                         "format when one is detected, else by its config's generic head)")
+    ap.add_argument("--verifier-preset", default=None, choices=("auto",) + PRESETS,
+                    help="read --verifier as this published PRM format (auto: detect it, or fail)")
+    ap.add_argument("--verifier-head", default=None, choices=GENERIC_HEADS,
+                    help="read --verifier with this generic HFPRM head instead of a preset")
     ap.add_argument("--model-name", default=None, help=f"the model id clients ask for (default {DEFAULT_MODEL!r}, "
                                                        "or the policy folder's name)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--max-batch", type=int, default=32, help="prompts per search call (1: no batching)")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
-    ap.add_argument("--max-budget", type=int, default=64, help="largest budget (and n) a request may ask for")
+    for name, (default, what) in LIMITS.items():
+        ap.add_argument(_flag(name), type=int, default=default, help=f"{what} (default {default})")
     ap.add_argument("--kv-blocks", type=int, default=None,
                     help="KV blocks per session pool (default: sized per search from its rows and lengths; "
                          "the hf backend's policy and the verifier)")
@@ -474,57 +917,42 @@ def add_arguments(ap) -> None:
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
+def _name(source: str) -> str:
+    return Path(source).stem if source.lower().endswith(".gguf") else Path(source).name
+
+
 def load_models(args):
-    """(policy, verifier or None, model name) for the command's model options."""
-    import torch
-
+    """(policy, verifier or None, model name, verifier name or None) for the command's model options, through
+    the one loader of every command (:func:`tts_kernels.models.loading.load_policy` / ``load_verifier``)."""
     from .. import bundled
+    from ..models.loading import load_policy, load_verifier
 
-    dtype = getattr(torch, DTYPES[args.dtype])
-    if args.backend == "vllm":
-        from ..integrations.vllm import VLLMPolicy
-
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        folder = args.policy or bundled.path("policy-small")
-        policy = VLLMPolicy(folder, dtype=args.dtype)
-        name = DEFAULT_MODEL if args.policy is None else Path(args.policy).name
-    elif args.policy is None:
-        policy, name = bundled.load_policy("small", device=args.device, dtype=dtype), DEFAULT_MODEL
-    else:  # a folder, hub id or .gguf file
-        from ..models import HFPolicy
-
-        policy = HFPolicy.from_pretrained(args.policy, dtype=dtype, device=args.device)
-        name = Path(args.policy).stem if args.policy.lower().endswith(".gguf") else Path(args.policy).name
-    if args.verifier == "none":
-        verifier = None
-    elif args.verifier in bundled.VERIFIERS:
-        verifier = bundled.load_verifier(args.verifier, device=args.device, dtype=dtype)
-    else:  # a folder, hub id or .gguf file
-        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-        from ..models import HFPRM
-        from ..models.loading import load_model, load_tokenizer
-
-        auto = AutoModelForCausalLM if args.verifier_head in ("likelihood", "label_token") else \
-            AutoModelForTokenClassification
-        m = load_model(args.verifier, auto=auto, dtype=dtype, device=args.device)
-        verifier = HFPRM(m, load_tokenizer(args.verifier), head=args.verifier_head)
+    policy = load_policy(args.policy, device=args.device, dtype=args.dtype, backend=args.backend)
+    name = DEFAULT_MODEL if args.policy is None else _name(args.policy)
+    verifier = load_verifier(args.verifier, preset=args.verifier_preset, head=args.verifier_head,
+                             step_delimiter=Settings().step_delimiter, device=args.device, dtype=args.dtype)
     for m in (policy, verifier):
         if m is not None and args.kv_blocks is not None and hasattr(m, "num_blocks"):
             m.num_blocks = args.kv_blocks
-    return policy, verifier, args.model_name or name
+    verifier_name = None if args.verifier in bundled.VERIFIERS + ("none",) else _name(args.verifier)
+    return policy, verifier, args.model_name or name, verifier_name
 
 
 def main(args) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
-    if args.max_batch < 1 or args.max_budget < 1 or args.max_wait_ms < 0 or args.request_timeout <= 0:
-        raise SystemExit("--max-batch and --max-budget must be >= 1, --max-wait-ms >= 0, --request-timeout > 0")
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.request_timeout <= 0:
+        raise SystemExit("--max-batch must be >= 1, --max-wait-ms >= 0, --request-timeout > 0")
     if args.kv_blocks is not None and args.kv_blocks < 1:
         raise SystemExit("--kv-blocks must be >= 1")
-    policy, verifier, name = load_models(args)
-    cfg = ServerConfig(model_name=name, max_budget=args.max_budget, request_timeout=args.request_timeout)
+    if args.verifier_preset and args.verifier_head:
+        raise SystemExit("--verifier-preset reads a published format, --verifier-head a generic head: one of them")
+    try:  # the limits checked before the models load
+        cfg = ServerConfig(request_timeout=args.request_timeout, **{k: getattr(args, k) for k in LIMITS})
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    policy, verifier, cfg.model_name, cfg.verifier_name = load_models(args)
     app = create_app(policy, verifier, cfg, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
