@@ -212,7 +212,7 @@ def check_fields(body: dict, cfg: ServerConfig, allowed: dict) -> None:
         if cap is None or value is None:
             continue
         bound = cfg.bound(cap)
-        why = f"this server's limit" + (f" ({_flag(cap.bound)})" if isinstance(cap.bound, str) else "")
+        why = "this server's limit" + (f" ({_flag(cap.bound)})" if isinstance(cap.bound, str) else "")
         if cap.of == "value" and isinstance(value, int) and not isinstance(value, bool) and value > bound:
             raise _limit(name, f"{name} must be <= {bound}, {why}; got {value}")
         if cap.of == "chars" and isinstance(value, str) and len(value) > bound:
@@ -227,7 +227,7 @@ def check_fields(body: dict, cfg: ServerConfig, allowed: dict) -> None:
             for key in ("min_thinking_tokens", "max_thinking_tokens"):
                 v = value.get(key)
                 if isinstance(v, int) and not isinstance(v, bool) and v > bound:
-                    raise _limit(name, f"{name}.{key} must be <= {bound}, {why} (--max-tokens); got {v}")
+                    raise _limit(name, f"{name}.{key} must be <= {bound}, {why}; got {v}")
             for key in ("end", "answer_prefix"):
                 if isinstance(value.get(key), str) and len(value[key]) > 256:
                     raise _limit(name, f"{name}.{key} must be at most 256 characters")
@@ -881,7 +881,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(ap) -> None:
-    from ..models.loading import GENERIC_HEADS
+    from ..models.prm import HEADS
     from ..models.prm_formats import PRESETS
 
     ap.add_argument("--host", default="127.0.0.1")
@@ -898,7 +898,7 @@ def add_arguments(ap) -> None:
                          "format when one is detected, else by its config's generic head)")
     ap.add_argument("--verifier-preset", default=None, choices=("auto",) + PRESETS,
                     help="read --verifier as this published PRM format (auto: detect it, or fail)")
-    ap.add_argument("--verifier-head", default=None, choices=GENERIC_HEADS,
+    ap.add_argument("--verifier-head", default=None, choices=HEADS,
                     help="read --verifier with this generic HFPRM head instead of a preset")
     ap.add_argument("--model-name", default=None, help=f"the model id clients ask for (default {DEFAULT_MODEL!r}, "
                                                        "or the policy folder's name)")

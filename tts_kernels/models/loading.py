@@ -111,7 +111,6 @@ def convert_gguf(path, out_dir, *, gguf_file: str | None = None, dtype: torch.dt
 # ----------------------------------------------------------------------------- the one loader of every command
 
 BUNDLED_POLICIES = {"policy-small": "small", "policy-large": "large", "policy-think": "think"}
-GENERIC_HEADS = ("label_token", "classifier", "value", "likelihood")  # HFPRM's head names (models.prm.HEADS)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -180,14 +179,15 @@ def verifier_plan(source, *, preset: str | None = None, head: str | None = None,
     * ``preset="auto"``: the format detected (:func:`~tts_kernels.models.prm_formats.detect_preset`), an
       error naming the presets when none fits;
     * neither: the detected format when one fits, else the generic head of the config (:func:`generic_head`)."""
+    from .prm import HEADS
     from .prm_formats import PRESET_HEADS, PRESETS, detect_preset
 
     if head is not None and preset is not None:
         raise ValueError(f"pass a preset ({preset!r}, the published format) or a head ({head!r}, a generic one), "
                          "not both")
     if head is not None:
-        if head not in GENERIC_HEADS:
-            raise ValueError(f"head must be one of {GENERIC_HEADS}, got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         return None, head
     if preset is not None and preset != "auto":
         if preset not in PRESETS:
