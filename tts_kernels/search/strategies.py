@@ -197,15 +197,17 @@ register_strategy("entropic_particle_filtering", _particles("entropic_particle_f
 
 
 def _early(driver):
+    # (deepconf's candidate scores are confidences, not verifier scores: no select rule is declared, so
+    # compute_optimal never re-picks them together with a pilot's verifier-scored candidates.)
     def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
         return driver(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
     return fn
 
 
-register_strategy("deepconf", _early(deepconf), needs_verifier=False, select="weighted",
+register_strategy("deepconf", _early(deepconf), needs_verifier=False,
                   description="DeepConf online: warm-up candidates set a confidence threshold, later ones stop "
                               "below it, sampling stops at consensus (Fu et al. 2025)")
-register_strategy("deepconf_offline", _early(deepconf_offline), needs_verifier=False, select="weighted",
+register_strategy("deepconf_offline", _early(deepconf_offline), needs_verifier=False,
                   description="DeepConf offline: N candidates, the most confident share votes weighted by confidence")
 register_strategy("adaptive_consistency", _early(adaptive_consistency), needs_verifier=False, select="majority",
                   description="majority vote that stops sampling a prompt once its Beta rule settles "
