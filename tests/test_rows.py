@@ -225,7 +225,8 @@ def test_refill_starts_new_candidates_from_the_prompt():
         assert [rows.stream[r] for r in new] == [2, 0, 3]  # prompt 0 used streams 0 and 1
         assert rows.owner == [0, 1, 0, 2, 0, 0, 1, 2] and rows.parked == [False] * 5 + [True] * 3
         for r in new:
-            assert rows.texts[r] == "" and rows.steps[r] == [] and torch.equal(rows.pol.logits[r], fresh_logits(rows, r))
+            assert rows.texts[r] == "" and rows.steps[r] == []
+            assert torch.equal(rows.pol.logits[r], fresh_logits(rows, r))
         assert alone.refill([0, 0]) == [1, 2]
         for r in (rows, alone):
             r.step(False)

@@ -126,9 +126,9 @@ class StepRows:
     hashes for :meth:`duplicates`. ``offset``: the first step's draw offset.
     """
 
-    def __init__(self, policy, verifier, prompts: Sequence[str], settings: Settings, *, seeds: Seeds | int | Sequence[int],
-                 cancelled: Callable[[], Collection[int]] | None = None, capacity: int,
-                 parked: Sequence[History] = (), keep_prompts: bool = False, track_logprobs: bool = False,
+    def __init__(self, policy, verifier, prompts: Sequence[str], settings: Settings, *,
+                 seeds: Seeds | int | Sequence[int], cancelled: Callable[[], Collection[int]] | None = None,
+                 capacity: int, parked: Sequence[History] = (), keep_prompts: bool = False, track_logprobs: bool = False,
                  hash_rows: bool = False, offset: int = 0):
         s = settings
         self.policy, self.prm_model = policy, verifier
@@ -237,8 +237,8 @@ class StepRows:
                 roots[self.data.owner[r]] = r
         missing = sorted({p for p in prompts if p not in roots})
         if missing:
-            raise ValueError(f"refill starts rows from their prompt's parked row: start StepRows with keep_prompts=True "
-                             f"(no parked prompt row for prompts {missing})")
+            raise ValueError(f"refill starts rows from their prompt's parked row: start StepRows with "
+                             f"keep_prompts=True (no parked prompt row for prompts {missing})")
         live = [r for r in range(len(self)) if not self.data.parked[r]]
         parked = self.parked_rows()
         stream = [self.data.stream[r] for r in live]
