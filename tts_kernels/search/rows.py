@@ -128,8 +128,8 @@ class StepRows:
 
     def __init__(self, policy, verifier, prompts: Sequence[str], settings: Settings, *,
                  seeds: Seeds | int | Sequence[int], cancelled: Callable[[], Collection[int]] | None = None,
-                 capacity: int, parked: Sequence[History] = (), keep_prompts: bool = False, track_logprobs: bool = False,
-                 hash_rows: bool = False, offset: int = 0):
+                 capacity: int, parked: Sequence[History] = (), keep_prompts: bool = False,
+                 track_logprobs: bool = False, hash_rows: bool = False, offset: int = 0):
         s = settings
         self.policy, self.prm_model = policy, verifier
         self.tok = policy.tokenizer
