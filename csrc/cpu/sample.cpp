@@ -24,8 +24,9 @@
 //   entropy      = log Z - sum(e * y) / Z
 //   self-certainty = log Z - log V - mean(y)
 // At T = 1 (and for greedy rows, whose x is unscaled) they reuse x and e of the
-// sampling passes: one more pass over the row, in L1 tile by tile, plus the top-k
-// (a sorted list of k, as for the top-k filter). At T != 1 the row is read once more.
+// sampling passes: one more pass over the row, tile by tile in L1, which also keeps
+// the k largest in a sorted list (SIMD compares against its floor). At T != 1 the
+// row is read once more and exponentiated at temperature 1 before the sampler reads it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -308,12 +309,37 @@ float top_p_threshold(const float* x, const float* e, int64_t V, float tau_k, do
 
 // ---- confidence statistics -------------------------------------------------
 
+// The k largest values seen, sorted descending (k <= kSmallK; -inf until filled), fed
+// in the statistics pass: a value enters only above floor(), which after the first
+// tiles few do (expected insertions ~k ln(V/k)).
+struct TopK {
+  float* top = nullptr;
+  int64_t k = 0;
+  void reset(std::vector<float>& buf, int64_t kk) {
+    buf.assign(kk, kNegInf);
+    top = buf.data();
+    k = kk;
+  }
+  float floor() const { return top[k - 1]; }
+  void offer(float v) {
+    if (!(v > top[k - 1])) return;
+    int64_t pos = k - 1;
+    while (pos > 0 && v > top[pos - 1]) {
+      top[pos] = top[pos - 1];
+      --pos;
+    }
+    top[pos] = v;
+  }
+};
+
 // Sums over one tile of y = x - m (m finite), split so that log Z = log1p(Z - 1) keeps
 // its precision when one token holds nearly all the mass: over the tokens below the
-// maximum with a finite x, zr += e and s += e * y; nmax += #(x == m) (each e = 1, y = 0);
-// sy += y over all tokens (-inf when one is -inf).
+// maximum with y >= -87, zr += e and s += e * y; nmax += #(x == m) (each e = 1, y = 0);
+// sy += y over all tokens (-inf when one is -inf). Below -87 exp_nonpos clamps (its
+// e would be exp(-87), not exp(y)), and a true term there is < 1.4e-36: it counts 0.
+// With topk, the tile's values are offered to it.
 inline void stats_tile_scalar(const float* x, const float* e, int64_t n, float m, float* zr, float* s, float* sy,
-                              int64_t* nmax) {
+                              int64_t* nmax, TopK* topk) {
   float a = 0.0f, b = 0.0f, c = 0.0f;
   int64_t top = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -321,10 +347,11 @@ inline void stats_tile_scalar(const float* x, const float* e, int64_t n, float m
     c += y;
     if (x[i] == m) {
       ++top;
-    } else if (x[i] != kNegInf) {
+    } else if (y >= -87.0f) {
       a += e[i];
       b += e[i] * y;
     }
+    if (topk != nullptr) topk->offer(x[i]);
   }
   *zr = a;
   *s = b;
@@ -341,25 +368,34 @@ TTS_AVX2 inline float hsum8(__m256 v) {
   return t;
 }
 
+template <bool kTop>
 TTS_AVX2 inline void stats_tile_avx2(const float* x, const float* e, int64_t n, float m, float* zr, float* s,
-                                     float* sy, int64_t* nmax) {
-  const __m256 mv = _mm256_set1_ps(m), ninf = _mm256_set1_ps(kNegInf);
+                                     float* sy, int64_t* nmax, TopK* topk) {
+  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f);
   __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps();
+  __m256 floor = _mm256_set1_ps(kTop ? topk->floor() : 0.0f);
   int64_t top = 0;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
     const __m256 y = _mm256_sub_ps(xv, mv);
     const __m256 is_max = _mm256_cmp_ps(xv, mv, _CMP_EQ_OQ);
-    const __m256 rest = _mm256_andnot_ps(is_max, _mm256_cmp_ps(xv, ninf, _CMP_NEQ_OQ));
+    const __m256 rest = _mm256_andnot_ps(is_max, _mm256_cmp_ps(y, lo, _CMP_GE_OQ));
     const __m256 ev = _mm256_and_ps(_mm256_loadu_ps(e + i), rest);
     a = _mm256_add_ps(a, ev);
     b = _mm256_fmadd_ps(ev, _mm256_and_ps(y, rest), b);  // masked lanes: 0 * 0, never 0 * -inf
     c = _mm256_add_ps(c, y);
     top += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(is_max)));
+    if (kTop) {
+      unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(xv, floor, _CMP_GT_OQ)));
+      if (bits != 0) {
+        for (; bits != 0; bits &= bits - 1) topk->offer(x[i + __builtin_ctz(bits)]);
+        floor = _mm256_set1_ps(topk->floor());
+      }
+    }
   }
   float ta, tb, tc;
-  stats_tile_scalar(x + i, e + i, n - i, m, &ta, &tb, &tc, nmax);
+  stats_tile_scalar(x + i, e + i, n - i, m, &ta, &tb, &tc, nmax, kTop ? topk : nullptr);
   *zr = hsum8(a) + ta;
   *s = hsum8(b) + tb;
   *sy = hsum8(c) + tc;
@@ -368,16 +404,21 @@ TTS_AVX2 inline void stats_tile_avx2(const float* x, const float* e, int64_t n, 
 #endif  // TTS_X86
 
 inline void stats_tile(const float* x, const float* e, int64_t n, float m, float* zr, float* s, float* sy,
-                       int64_t* nmax) {
+                       int64_t* nmax, TopK* topk) {
 #ifdef TTS_X86
-  if (cpu_has_avx2()) return stats_tile_avx2(x, e, n, m, zr, s, sy, nmax);
+  if (cpu_has_avx2()) {
+    if (topk != nullptr) return stats_tile_avx2<true>(x, e, n, m, zr, s, sy, nmax, topk);
+    return stats_tile_avx2<false>(x, e, n, m, zr, s, sy, nmax, nullptr);
+  }
 #endif
-  stats_tile_scalar(x, e, n, m, zr, s, sy, nmax);
+  stats_tile_scalar(x, e, n, m, zr, s, sy, nmax, topk);
 }
 
 // Confidence, entropy and self-certainty of one row at temperature 1 into out[0:3]:
 // x[0:V) sanitized logits, m = max x; e[0:V) holds exp(x - m) when have_e, else it is
 // scratch space that this fills. No finite logit (m = -inf): NaN, NaN, NaN.
+// One pass, tile by tile (exp if needed, the sums, the top-k list for k <= kSmallK);
+// a larger k < V selects its threshold afterwards (kth_largest's histogram).
 void row_stats(const float* x, float* e, bool have_e, int64_t V, float m, int64_t k, std::vector<float>& scratch,
                float* out) {
   if (m == kNegInf) {
@@ -385,6 +426,9 @@ void row_stats(const float* x, float* e, bool have_e, int64_t V, float m, int64_
     return;
   }
   k = std::max<int64_t>(1, std::min(k, V));
+  TopK list;
+  const bool small = k < V && k <= kSmallK;
+  if (small) list.reset(scratch, k);
   // Tile sums in float (SIMD lanes), tiles summed in double.
   double zr = 0.0, s = 0.0, sy = 0.0;
   int64_t nmax = 0;
@@ -392,29 +436,26 @@ void row_stats(const float* x, float* e, bool have_e, int64_t V, float m, int64_
     const int64_t n = std::min(kTile, V - t0);
     if (!have_e) exp_tile(x + t0, e + t0, n, m);
     float tz, ts, tsy;
-    stats_tile(x + t0, e + t0, n, m, &tz, &ts, &tsy, &nmax);
+    stats_tile(x + t0, e + t0, n, m, &tz, &ts, &tsy, &nmax, small ? &list : nullptr);
     zr += tz;
     s += ts;
     sy += tsy;
   }
-  double top;  // sum of the k largest y (-inf when fewer than k are finite)
+  double top = 0.0;  // sum of the k largest y (-inf when fewer than k are finite)
   if (k == V) {
     top = sy;
-  } else {
+  } else if (small) {
+    for (int64_t i = 0; i < k; ++i) top += static_cast<double>(list.top[i]) - m;
+  } else {  // those above the k-th largest value, then copies of it (ties) up to k
     const float tau = kth_largest(x, e, V, k, scratch);
-    top = 0.0;
-    if (k <= kSmallK) {  // scratch holds the k largest
-      for (int64_t i = 0; i < k; ++i) top += static_cast<double>(scratch[i]) - m;
-    } else {  // those above tau, then copies of tau (ties) up to k
-      int64_t above = 0;
-      for (int64_t i = 0; i < V; ++i) {
-        if (x[i] > tau) {
-          top += static_cast<double>(x[i]) - m;
-          ++above;
-        }
+    int64_t above = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      if (x[i] > tau) {
+        top += static_cast<double>(x[i]) - m;
+        ++above;
       }
-      top += static_cast<double>(k - above) * (static_cast<double>(tau) - m);
     }
+    top += static_cast<double>(k - above) * (static_cast<double>(tau) - m);
   }
   const double z = static_cast<double>(nmax) + zr;
   const double logz = std::log1p(static_cast<double>(nmax - 1) + zr);

@@ -6,6 +6,10 @@ numbers are range-checked; tensors are checked for dtype, shape and device, and
 the kernels give every value a defined meaning (see ``sample_ref``). Then the
 call goes to ``torch.ops.tts.sample``: the C++ kernel on CPU, the Triton kernel
 registered for CUDA (``_dispatch.py``).
+
+``stats_k >= 1`` adds the rows' confidence statistics: the op's optional ``stats``
+argument (float32 ``[R, 3]``, allocated here) is written by the same kernel call, so
+the op's outputs (and every caller of ``torch.ops.tts.sample``) stay as they were.
 """
 from __future__ import annotations
 

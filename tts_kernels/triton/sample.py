@@ -23,6 +23,12 @@ first. The uniforms are ``tl.philox`` (Philox-4x32-10) on the counter
 ``(v >> 2, r, offset_lo, offset_hi)`` with key ``(seed_lo, seed_hi)``, word
 ``v & 3``: the same bits as the reference and the CPU kernel.
 
+With ``stats`` (``sample(..., stats_k=k)``), ``_sample_stats_kernel`` runs the same
+sampler body after the row's confidence statistics at temperature 1 (``_row_stats``:
+the max, one pass of sums, the k-th largest by the same key search as top-k when
+k < V, and the sum above it), in the same program, so the row is hot in cache when
+the sampler reads it. ``_sample_kernel`` (no statistics) is unchanged.
+
 On CPU tensors the kernel runs in the Triton interpreter, which must be switched
 on (``TRITON_INTERPRET=1``) before this module is imported.
 """
