@@ -287,11 +287,9 @@ def main(args) -> int:
     device = torch.device(args.device)
     problems = bundled.test_problems(args.problems)
     prompts = [p.prompt for p in problems]
-    from ..models.loading import load_policy, load_verifier  # the one loader of every command
-
-    small = load_policy("policy-small", device=device, root=args.models)
-    large = load_policy("policy-large", device=device, root=args.models)
-    prm = load_verifier(args.verifier, device=device, root=args.models)
+    small = bundled.policy_from("policy-small", device=device, root=args.models)  # the loader of every command
+    large = bundled.policy_from("policy-large", device=device, root=args.models)
+    prm = bundled.verifier_from(args.verifier, device=device, root=args.models)
     table = bundled.optimal_table(args.verifier, args.models)
     settings = Settings(optimal_table=None if table is None else str(bundled.optimal_table_path(args.models)))
     print(f"tts-kernels demo: {len(problems)} held-out problems, budgets {budgets}, verifier {args.verifier}, "

@@ -245,18 +245,17 @@ def check_config(out: Path, cfg: dict) -> None:
 def _load_models(policy_path: Path, prm_path: Path | None, device, settings, prm_head: str = "classifier",
                  prm_preset: str | None = None):
     """The policy and the verifier (or None), through the one loader of every command
-    (:mod:`tts_kernels.models.loading`): the verifier in its published format with ``prm_preset`` (``auto``:
-    detected), else with the generic ``prm_head`` the run's config records."""
+    (:func:`tts_kernels.bundled.policy_from` / ``verifier_from``): the verifier in its published format with
+    ``prm_preset`` (``auto``: detected), else with the generic ``prm_head`` the run's config records."""
     from transformers.utils import logging as hf_logging
 
-    from ..models.loading import load_policy, load_verifier
 
     hf_logging.disable_progress_bar()  # its loading bars would cut through the eval bars
-    policy = load_policy(str(policy_path), device=device)  # a folder or a .gguf file
+    policy = bundled.policy_from(policy_path, device=device)  # a folder or a .gguf file
     prm = None
     if prm_path is not None:
-        prm = load_verifier(str(prm_path), preset=prm_preset or None, head=None if prm_preset else prm_head,
-                            step_delimiter=settings.step_delimiter, device=device)
+        prm = bundled.verifier_from(prm_path, preset=prm_preset or None, head=None if prm_preset else prm_head,
+                                    step_delimiter=settings.step_delimiter, device=device)
     return policy, prm
 
 

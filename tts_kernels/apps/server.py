@@ -923,14 +923,13 @@ def _name(source: str) -> str:
 
 def load_models(args):
     """(policy, verifier or None, model name, verifier name or None) for the command's model options, through
-    the one loader of every command (:func:`tts_kernels.models.loading.load_policy` / ``load_verifier``)."""
+    the one loader of every command (:func:`tts_kernels.bundled.policy_from` / ``verifier_from``)."""
     from .. import bundled
-    from ..models.loading import load_policy, load_verifier
 
-    policy = load_policy(args.policy, device=args.device, dtype=args.dtype, backend=args.backend)
+    policy = bundled.policy_from(args.policy, device=args.device, dtype=args.dtype, backend=args.backend)
     name = DEFAULT_MODEL if args.policy is None else _name(args.policy)
-    verifier = load_verifier(args.verifier, preset=args.verifier_preset, head=args.verifier_head,
-                             step_delimiter=Settings().step_delimiter, device=args.device, dtype=args.dtype)
+    verifier = bundled.verifier_from(args.verifier, preset=args.verifier_preset, head=args.verifier_head,
+                                     step_delimiter=Settings().step_delimiter, device=args.device, dtype=args.dtype)
     for m in (policy, verifier):
         if m is not None and args.kv_blocks is not None and hasattr(m, "num_blocks"):
             m.num_blocks = args.kv_blocks

@@ -46,12 +46,12 @@ def load_policy(size: str = "small", *, device="cpu", root=None, dtype=torch.flo
     """An :class:`~tts_kernels.models.HFPolicy` over ``policy-{size}`` (``"small"``, ``"large"``, or
     ``"think"``: policy-small fine-tuned to think before it answers; its prompts are
     :func:`~tts_kernels.bundled.arith.thinking_prompt`, its thinking ends at ``</think>``). Loaded as any
-    folder is (:func:`tts_kernels.models.loading.load_policy`)."""
-    from ..models.loading import load_policy as load
+    folder is (:meth:`~tts_kernels.models.HFPolicy.from_pretrained`)."""
+    from ..models.policy import HFPolicy
 
     if size not in ("small", "large", "think"):
         raise ValueError(f"size must be 'small', 'large' or 'think', got {size!r}")
-    return load(str(path(f"policy-{size}", root)), device=device, dtype=dtype)
+    return HFPolicy.from_pretrained(str(path(f"policy-{size}", root)), device=device, dtype=dtype)
 
 
 def verifier_head(folder: str | Path) -> str:
@@ -71,10 +71,10 @@ def load_prm(*, device="cpu", root=None, dtype=torch.float32):
     one made unlikely; :mod:`.train`); a step scores ``exp`` of the lowest token log-probability of its
     prefix (``head="likelihood"``, ``reduce="min"``). A folder holding a token classifier is read as one
     (``head="classifier"``)."""
-    from ..models.loading import load_verifier
+    from ..models.prm import load_verifier as load
 
     p = path("prm", root)
-    return load_verifier(str(p), head=verifier_head(p), reduce="min", step_delimiter=arith.STEP_DELIMITER,
+    return load(str(p), head=verifier_head(p), reduce="min", step_delimiter=arith.STEP_DELIMITER,
                          device=device, dtype=dtype)
 
 
@@ -93,10 +93,63 @@ def load_verifier(kind: str = "prm", *, device="cpu", root=None, dtype=torch.flo
         return load_prm(device=device, root=root, dtype=dtype)
     if kind != "likelihood":
         raise ValueError(f"kind must be one of {VERIFIERS}, got {kind!r}")
-    from ..models.loading import load_verifier as load
+    from ..models.prm import load_verifier as load
 
     return load(str(path("policy-large", root)), head="likelihood", reduce=reduce,
                 step_delimiter=arith.STEP_DELIMITER, device=device, dtype=dtype)
+
+
+POLICIES = {"policy-small": "small", "policy-large": "large", "policy-think": "think"}
+
+
+def policy_from(source=None, *, device="cpu", dtype=torch.float32, backend: str = "hf", root=None, **kwargs):
+    """The policy ``source`` names, as every command (``demo``, ``eval``, ``serve``) loads one:
+
+    * ``None`` or a bundled name (``"policy-small"``, ``"policy-large"``, ``"policy-think"``; ``root``: another
+      folder of bundled models): the bundled policy;
+    * a transformers folder, a hub id or a ``.gguf`` file: :meth:`~tts_kernels.models.HFPolicy.from_pretrained`
+      (``kwargs`` go to it: ``chat_template``, ``system_prompt``, pool sizes).
+
+    ``backend="vllm"``: a :class:`~tts_kernels.integrations.vllm.VLLMPolicy` over the folder instead (vLLM
+    installed; a bundled name resolves to its folder; ``kwargs`` go to ``vllm.LLM``)."""
+    from ..models.loading import torch_dtype
+    from ..models.policy import HFPolicy
+
+    source = None if source is None else str(source)
+    folder = str(path(source or "policy-small", root)) if source is None or source in POLICIES else source
+    if backend == "vllm":
+        import os
+
+        from ..integrations.vllm import VLLMPolicy
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        return VLLMPolicy(folder, dtype=str(torch_dtype(dtype)).removeprefix("torch."), **kwargs)
+    if backend != "hf":
+        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    return HFPolicy.from_pretrained(folder, device=device, dtype=torch_dtype(dtype), **kwargs)
+
+
+def verifier_from(source, *, preset: str | None = None, head: str | None = None, reduce: str = "min",
+                  step_delimiter: str = "\n\n", device="cpu", dtype=torch.float32, root=None, **kwargs):
+    """The verifier ``source`` names, as every command (``demo``, ``eval``, ``serve``) loads one; ``None`` for
+    ``None`` or ``"none"``:
+
+    * a bundled name (``"prm"``, ``"likelihood"``; ``root``: another folder of bundled models): :func:`load_verifier`
+      (``reduce`` for ``"likelihood"``);
+    * a transformers folder, a hub id or a ``.gguf`` file: :func:`tts_kernels.models.prm.load_verifier` (its
+      published format when ``preset`` names one or one is detected, else a generic ``head``; ``kwargs`` go to
+      it)."""
+    from ..models.prm import load_verifier as load
+
+    if source is None or source == "none":
+        return None
+    source = str(source)
+    if source in VERIFIERS:
+        if preset is not None or head is not None:
+            raise ValueError(f"the bundled verifier {source!r} has its own format; a preset or head is for a folder")
+        return load_verifier(source, device=device, root=root, dtype=dtype, reduce=reduce)
+    return load(source, preset=preset, head=head, reduce=reduce, step_delimiter=step_delimiter, device=device,
+                dtype=dtype, **kwargs)
 
 
 def optimal_table_path(root=None) -> Path:

@@ -108,47 +108,15 @@ def convert_gguf(path, out_dir, *, gguf_file: str | None = None, dtype: torch.dt
     return out
 
 
-# ----------------------------------------------------------------------------- the one loader of every command
+# ----------------------------------------------------------------------------- helpers of the one loader
 
-BUNDLED_POLICIES = {"policy-small": "small", "policy-large": "large", "policy-think": "think"}
-
-
-def _dtype(dtype) -> torch.dtype:
+def torch_dtype(dtype) -> torch.dtype:
+    """``dtype`` as a ``torch.dtype`` (a dtype, or its name: ``"float32"``, ``"bfloat16"``, ``"float16"``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
     raise ValueError(f"dtype must be a torch dtype or its name (float32, bfloat16, float16), got {dtype!r}")
-
-
-def load_policy(source=None, *, device="cpu", dtype=torch.float32, backend: str = "hf", root=None, **kwargs):
-    """The policy ``source`` names, for every command (``demo``, ``eval``, ``serve``) and the bundled loaders:
-
-    * ``None`` or a bundled name (``"policy-small"``, ``"policy-large"``, ``"policy-think"``; ``root``: another
-      folder of bundled models): the bundled policy;
-    * a transformers folder, a hub id or a ``.gguf`` file: :meth:`~tts_kernels.models.HFPolicy.from_pretrained`
-      (``kwargs`` go to it: ``chat_template``, ``system_prompt``, pool sizes).
-
-    ``backend="vllm"``: a :class:`~tts_kernels.integrations.vllm.VLLMPolicy` over the folder instead (vLLM
-    installed; the bundled names resolve to their folders)."""
-    from .. import bundled
-
-    dtype = _dtype(dtype)
-    if source is not None and not isinstance(source, str):
-        source = str(source)
-    folder = bundled.path(source or "policy-small", root) if source is None or source in BUNDLED_POLICIES else None
-    if backend == "vllm":
-        import os
-
-        from ..integrations.vllm import VLLMPolicy
-
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        return VLLMPolicy(str(folder or source), dtype=str(dtype).removeprefix("torch."), **kwargs)
-    if backend != "hf":
-        raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
-    from .policy import HFPolicy
-
-    return HFPolicy.from_pretrained(folder or source, dtype=dtype, device=device, **kwargs)
 
 
 def generic_head(config) -> str:
@@ -167,86 +135,3 @@ def generic_head(config) -> str:
         return "likelihood"
     labels = getattr(config, "num_labels", None) or len(getattr(config, "id2label", None) or {}) or 2
     return "value" if labels == 1 else "classifier"
-
-
-def verifier_plan(source, *, preset: str | None = None, head: str | None = None, tokenizer=None, config=None,
-                  gguf_file: str | None = None) -> tuple[str | None, str]:
-    """``(preset or None, head)``: how :func:`load_verifier` reads ``source`` (a folder, hub id or ``.gguf``
-    file), without loading its weights.
-
-    * ``head`` given (one of HFPRM's heads): that generic head, no preset;
-    * ``preset`` a name of :data:`~tts_kernels.models.prm_formats.PRESETS`: that published format;
-    * ``preset="auto"``: the format detected (:func:`~tts_kernels.models.prm_formats.detect_preset`), an
-      error naming the presets when none fits;
-    * neither: the detected format when one fits, else the generic head of the config (:func:`generic_head`)."""
-    from .prm import HEADS
-    from .prm_formats import PRESET_HEADS, PRESETS, detect_preset
-
-    if head is not None and preset is not None:
-        raise ValueError(f"pass a preset ({preset!r}, the published format) or a head ({head!r}, a generic one), "
-                         "not both")
-    if head is not None:
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        return None, head
-    if preset is not None and preset != "auto":
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be 'auto' or one of {PRESETS}, got {preset!r}")
-        return preset, PRESET_HEADS[preset]
-    path, gguf_file = split_gguf(source, gguf_file)
-    config = config or load_config(path, gguf_file=gguf_file)
-    tokenizer = tokenizer or load_tokenizer(path, gguf_file=gguf_file)
-    try:
-        found = detect_preset(config, tokenizer, str(source))
-    except ValueError:
-        if preset == "auto":
-            raise
-        return None, "likelihood" if gguf_file else generic_head(config)
-    return found, PRESET_HEADS[found]
-
-
-def load_verifier(source, *, preset: str | None = None, head: str | None = None, reduce: str = "min",
-                  step_delimiter: str = "\n\n", device="cpu", dtype=torch.float32, root=None, gguf_file=None,
-                  model_kwargs: dict | None = None, **kwargs):
-    """The verifier ``source`` names, for every command (``demo``, ``eval``, ``serve``) and the bundled loaders;
-    ``None`` for ``None`` or ``"none"``:
-
-    * a bundled name (``"prm"``, ``"likelihood"``; ``root``: another folder of bundled models): the bundled
-      verifier (:func:`tts_kernels.bundled.load_verifier`, ``reduce`` for ``"likelihood"``);
-    * a transformers folder, a hub id or a ``.gguf`` file, read as :func:`verifier_plan` says: a published
-      format (``preset``) through :meth:`~tts_kernels.models.HFPRM.from_pretrained`, or a generic head
-      (``head``: ``"likelihood"`` and ``"label_token"`` load a causal LM, ``"classifier"`` and ``"value"`` a
-      token classifier; ``reduce`` is the likelihood's). The choice is logged.
-
-    ``step_delimiter`` splits completions in :meth:`HFPRM.score`; ``kwargs`` go to :class:`HFPRM` (a label-token
-    head's ``good_token``/``bad_token``, ``system_prompt``, pool sizes)."""
-    from .. import bundled
-    from .prm import HFPRM
-
-    if source is None or source == "none":
-        return None
-    dtype = _dtype(dtype)
-    if not isinstance(source, str):
-        source = str(source)
-    if source in bundled.VERIFIERS:
-        if preset is not None or head is not None:
-            raise ValueError(f"the bundled verifier {source!r} has its own format; a preset or head is for a folder")
-        return bundled.load_verifier(source, device=device, root=root, dtype=dtype, reduce=reduce)
-    model_kwargs = dict(model_kwargs or {})
-    path, gguf_file = split_gguf(source, gguf_file)
-    tokenizer = load_tokenizer(path, gguf_file=gguf_file)
-    config = load_config(path, gguf_file=gguf_file, **model_kwargs) if head is None else None
-    preset, head = verifier_plan(source, preset=preset, head=head, tokenizer=tokenizer, config=config,
-                                 gguf_file=gguf_file)
-    log.info("verifier %s read as %s", source, f"preset {preset!r}" if preset else f"generic head {head!r}")
-    if preset is not None:
-        return HFPRM.from_pretrained(path, preset, tokenizer=tokenizer, dtype=dtype, device=device,
-                                     gguf_file=gguf_file, model_kwargs=model_kwargs, step_delimiter=step_delimiter,
-                                     **kwargs)
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    auto = AutoModelForCausalLM if head in ("likelihood", "label_token") else AutoModelForTokenClassification
-    model = load_model(path, gguf_file=gguf_file, auto=auto, dtype=dtype, device=device, **model_kwargs)
-    if head == "likelihood":
-        kwargs["reduce"] = reduce
-    return HFPRM(model, tokenizer, head=head, step_delimiter=step_delimiter, **kwargs)

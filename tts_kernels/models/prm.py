@@ -57,7 +57,7 @@ from ..ops.prm import (LIKELIHOOD_REDUCES, fold_step_scores, init_aggregate, ini
                        prefix_likelihood, prm_score)
 from .compat import ForwardArgs
 from .hf_paged import KVLedger, PagedCache, require_paged, use_paged_attention
-from .prm_formats import PRESETS, detect_preset, make_format
+from .prm_formats import PRESET_HEADS, PRESETS, detect_preset, make_format
 from .text import split_steps
 
 log = logging.getLogger("tts_kernels")
@@ -351,6 +351,79 @@ class HFPRM:
                              keys=session.keys)
         finally:
             session.free()
+
+
+# ----------------------------------------------------------------------------- the one verifier loader
+
+def verifier_plan(source, *, preset: str | None = None, head: str | None = None, tokenizer=None, config=None,
+                  gguf_file: str | None = None) -> tuple[str | None, str]:
+    """``(preset or None, head)``: how :func:`load_verifier` reads ``source`` (a folder, hub id or ``.gguf``
+    file), without loading its weights.
+
+    * ``head`` given (one of HFPRM's heads): that generic head, no preset;
+    * ``preset`` a name of :data:`~tts_kernels.models.prm_formats.PRESETS`: that published format;
+    * ``preset="auto"``: the format detected (:func:`~tts_kernels.models.prm_formats.detect_preset`), an
+      error naming the presets when none fits;
+    * neither: the detected format when one fits, else the generic head of the config
+      (:func:`~tts_kernels.models.loading.generic_head`)."""
+    from .loading import generic_head, load_config, load_tokenizer, split_gguf
+
+    if head is not None and preset is not None:
+        raise ValueError(f"pass a preset ({preset!r}, the published format) or a head ({head!r}, a generic one), "
+                         "not both")
+    if head is not None:
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        return None, head
+    if preset is not None and preset != "auto":
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be 'auto' or one of {PRESETS}, got {preset!r}")
+        return preset, PRESET_HEADS[preset]
+    path, gguf_file = split_gguf(source, gguf_file)
+    config = config or load_config(path, gguf_file=gguf_file)
+    tokenizer = tokenizer or load_tokenizer(path, gguf_file=gguf_file)
+    try:
+        found = detect_preset(config, tokenizer, str(source))
+    except ValueError:
+        if preset == "auto":
+            raise
+        return None, "likelihood" if gguf_file else generic_head(config)
+    return found, PRESET_HEADS[found]
+
+
+def load_verifier(source, *, preset: str | None = None, head: str | None = None, reduce: str = "min",
+                  step_delimiter: str = "\n\n", device="cpu", dtype=torch.float32, gguf_file=None,
+                  model_kwargs: dict | None = None, **kwargs):
+    """The verifier at ``source`` (a transformers folder, a hub id or a ``.gguf`` file), as every command and the
+    bundled loaders load one, read as :func:`verifier_plan` says: a published format (``preset``) through
+    :meth:`~tts_kernels.models.HFPRM.from_pretrained`, or a generic head (``head``: ``"likelihood"`` and
+    ``"label_token"`` load a causal LM, ``"classifier"`` and ``"value"`` a token classifier; ``reduce`` is the
+    likelihood's). The choice is logged. Names (the bundled verifiers, ``"none"``) are resolved above this
+    layer, by :func:`tts_kernels.bundled.verifier_from`; the folder is read with :mod:`.loading`.
+
+    ``step_delimiter`` splits completions in :meth:`HFPRM.score`; ``kwargs`` go to :class:`HFPRM` (a label-token
+    head's ``good_token``/``bad_token``, ``system_prompt``, pool sizes)."""
+    from .loading import load_config, load_model, load_tokenizer, split_gguf, torch_dtype
+
+    dtype = torch_dtype(dtype)
+    model_kwargs = dict(model_kwargs or {})
+    path, gguf_file = split_gguf(str(source), gguf_file)
+    tokenizer = load_tokenizer(path, gguf_file=gguf_file)
+    config = load_config(path, gguf_file=gguf_file, **model_kwargs) if head is None else None
+    preset, head = verifier_plan(str(source), preset=preset, head=head, tokenizer=tokenizer, config=config,
+                                 gguf_file=gguf_file if not str(source).lower().endswith(".gguf") else None)
+    log.info("verifier %s read as %s", source, f"preset {preset!r}" if preset else f"generic head {head!r}")
+    if preset is not None:
+        return HFPRM.from_pretrained(path, preset, tokenizer=tokenizer, dtype=dtype, device=device,
+                                     gguf_file=gguf_file, model_kwargs=model_kwargs, step_delimiter=step_delimiter,
+                                     **kwargs)
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    auto = AutoModelForCausalLM if head in ("likelihood", "label_token") else AutoModelForTokenClassification
+    model = load_model(path, gguf_file=gguf_file, auto=auto, dtype=dtype, device=device, **model_kwargs)
+    if head == "likelihood":
+        kwargs["reduce"] = reduce
+    return HFPRM(model, tokenizer, head=head, step_delimiter=step_delimiter, **kwargs)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
