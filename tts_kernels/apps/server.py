@@ -69,7 +69,8 @@ from .options import DEFAULT_VERIFIER
 log = logging.getLogger("tts_kernels.serve")
 
 DEFAULT_MODEL = "tts-kernels-bundled"
-FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "final": "length", "sibling": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "empty": "stop", "length": "length", "final": "length", "sibling": "length",
+          "aborted": "length", "rejected": "length"}  # (cut short by their confidence / by the verifier)
 # OpenAI fields this server does not implement: refused when set, rather than silently ignored (their neutral
 # values, which some clients always send, pass).
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "tools", "tool_choice",
@@ -130,6 +131,11 @@ SETTING_FIELDS: dict[str, Cap | None] = {
     "sweeps": Cap("max_sweeps"), "reference_particles": Cap("max_budget"), "anneal_below": None,
     "early_phase": None, "vote_key": None, "thinking": Cap("max_tokens", "thinking"),
     "revisions": Cap("max_revisions"), "revision_prompt": Cap(512, "chars"),
+    # the early-stopping strategies (search/early_stop.py) and rebase: their cost is bounded by the budget and
+    # max_tokens already; confidence_k by the top-k the sampling op computes per token
+    "confidence_k": Cap(64), "confidence_window": Cap("max_tokens"), "deepconf_warmup": Cap("max_budget"),
+    "deepconf_keep": None, "consensus": None, "stop_confidence": None, "parallel_samples": Cap("max_budget"),
+    "checkpoint_tokens": Cap("max_tokens"), "rejection_rate": None, "rebase_temperature": None,
 }
 # Search settings a request may set (the Settings names in the allow-list; `stop` is read as OpenAI's field).
 _SETTINGS = set(SETTING_FIELDS) | {"stop"}
