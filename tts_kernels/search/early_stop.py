@@ -76,6 +76,7 @@ class Trace:
     entropy_sum: float = 0.0
     certainty_sum: float = 0.0
     text: str = ""
+    lowest: float | None = None  # its lowest group confidence, once a rule has computed it
 
     def summary(self, window: int) -> dict:
         """``mean``, ``lowest_group`` (the lowest mean over ``window`` consecutive tokens; the mean when
@@ -181,6 +182,8 @@ class DeepConfOnline(Rule):
         self.extract, self.key = extract, key
         self.thresholds = [float("-inf")] * P
         self.ready = [False] * P
+        self.votes: dict[int, dict] = {}  # per prompt: confidence-weighted votes of the candidates checked
+        self.checked: dict[int, int] = {}  # per prompt: candidates 0..k-1 checked for consensus
 
     def startable(self, p):
         return self.n if self.ready[p] else self.warmup
@@ -191,44 +194,67 @@ class DeepConfOnline(Rule):
     def threshold(self, p):
         return self.thresholds[p]
 
+    def lowest(self, t: Trace) -> float:
+        """``t``'s lowest group confidence (computed once)."""
+        if t.lowest is None:
+            t.lowest = lowest_group(t.confidence, self.window)
+        return t.lowest
+
     def retained(self, p: int, t: Trace) -> bool:
         """Whether ``t`` votes: not aborted, and its lowest group confidence not below the threshold."""
-        return t.finish != "aborted" and not lowest_group(t.confidence, self.window) < self.thresholds[p]
+        return t.finish != "aborted" and not self.lowest(t) < self.thresholds[p]
 
     def update(self, p):
         pre = self.prefix(p)
         if not self.ready[p] and len(pre) >= self.warmup:
-            lows = sorted(lowest_group(t.confidence, self.window) for t in pre[: self.warmup])
+            lows = sorted(self.lowest(t) for t in pre[: self.warmup])
             lows = [x for x in lows if math.isfinite(x)]
             self.thresholds[p] = quantile(lows, 1.0 - self.keep) if lows else float("-inf")
             self.ready[p] = True
         if not self.ready[p] or self.consensus >= 1.0:
             return
-        for k in range(max(self.warmup, 1), len(pre) + 1):  # the first k at which the vote has settled
-            kept = [t for t in pre[:k] if self.retained(p, t)]
-            share = weighted_share([self.extract(t.text) for t in kept],
-                                   [lowest_group(t.confidence, self.window) for t in kept], self.key)
-            if share >= self.consensus:
+        # The first k (from the warm-up on) at which the vote has settled, checked as the prefix grows: the
+        # votes of candidates 0..k-1 are kept per prompt, so each candidate is added once.
+        votes = self.votes.setdefault(p, {})
+        k = self.checked.get(p, 0)
+        while k < len(pre):
+            t = pre[k]
+            k += 1
+            a = self.extract(t.text) if self.retained(p, t) else None
+            w = self.lowest(t)
+            if a is not None and math.isfinite(w):
+                votes[self.key(a)] = votes.get(self.key(a), 0.0) + w
+            total = sum(votes.values())
+            if k >= max(self.warmup, 1) and total > 0 and max(votes.values()) / total >= self.consensus:
                 self.settle(p, k)
-                return
+                break
+        self.checked[p] = k
 
 
 class AdaptiveConsistency(Rule):
     def __init__(self, P, n, *, parallel, confidence, extract, key):
         super().__init__(P, n)
         self.parallel, self.confidence, self.extract, self.key = parallel, confidence, extract, key
+        self.counts: dict[int, Counter] = {}
+        self.checked: dict[int, int] = {}
 
     def in_flight(self, p):
         return self.parallel
 
     def update(self, p):
         pre = self.prefix(p)
-        for k in range(2, len(pre) + 1):
-            counts = Counter(self.key(a) for a in (self.extract(t.text) for t in pre[:k]) if a is not None)
+        counts = self.counts.setdefault(p, Counter())  # answers of candidates 0..k-1, added once each
+        k = self.checked.get(p, 0)
+        while k < len(pre):
+            a = self.extract(pre[k].text)
+            k += 1
+            if a is not None:
+                counts[self.key(a)] += 1
             top = counts.most_common(2) + [(None, 0), (None, 0)]
-            if top[0][1] and beta_settled(top[0][1], top[1][1], self.confidence):
+            if k >= 2 and top[0][1] and beta_settled(top[0][1], top[1][1], self.confidence):
                 self.settle(p, k)
-                return
+                break
+        self.checked[p] = k
 
 
 class Rejection(Rule):
