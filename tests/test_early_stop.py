@@ -343,3 +343,32 @@ def test_deepconf_on_llama_frees_blocks_and_matches_majority(llama_policy):
     assert res.compute.policy_generated_tokens < full.compute.policy_generated_tokens
     assert pol.kv_ledger.blocks == 0
     assert res.info["blocks_in_use"] and all(b >= 0 for _, b in res.info["blocks_in_use"])
+
+
+def test_stop_strings_cut_as_majority_does():
+    pol = ScriptedPolicy(seed=2)
+    s = settings(stop=("d",))
+    res = deepconf_offline(pol, None, PROMPTS, n=5, settings=s, seed=SEEDS, extract=first_char)
+    texts, _, fins, _ = sample_completions(pol, PROMPTS, 5, max_new_tokens=s.max_new_tokens, temperature=1.0,
+                                           seed=SEEDS, sync_every=s.sync_every, stop=["d"])
+    assert any(f == "stop" for row in fins for f in row)
+    for p in range(len(PROMPTS)):
+        assert [c.text for c in res.candidates[p]] == texts[p]
+        assert [c.finish for c in res.candidates[p]] == fins[p]
+
+
+def test_text_level_engine_refused():
+    class TextSession:
+        rows, generate, logits = 1, None, torch.zeros(1, 4)
+        freed = False
+
+        def free(self):
+            TextSession.freed = True
+
+    class TextPolicy(ScriptedPolicy):
+        def start(self, prompt_ids, **kw):
+            return TextSession()
+
+    with pytest.raises(ValueError, match="text-level engine"):
+        deepconf(TextPolicy(seed=0), None, PROMPTS[:1], n=2, settings=settings())
+    assert TextSession.freed

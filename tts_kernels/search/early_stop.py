@@ -322,6 +322,10 @@ class TraceRun:
         eos_set = set(eos_ids)
         # At most n candidates of a prompt run at once (fewer in waves): size the pool for that.
         session = policy.start([policy.encode(p) for p in self.prompts], rows_hint=P * rule.n + P, max_new_tokens=T)
+        if hasattr(session, "generate"):  # a text-level engine (the vLLM backend) samples whole completions
+            session.free()
+            raise ValueError("the early-stopping strategies need per-token statistics from this package's decode "
+                             "loop; a text-level engine (the vLLM backend) does not give them")
         release = getattr(session, "release", None) if rule.needs_release else None
         dev = session.logits.device
         on_cpu = dev.type == "cpu"
@@ -360,6 +364,10 @@ class TraceRun:
                         ids = ids_h[i][:n_tok]
                         fin = "aborted" if aborted_h[r] else ("eos" if ids and ids[-1] in eos_set else "length")
                         text = tok.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
+                        hits = [(text.find(x), x) for x in s.stop if x in text] if fin == "length" else []
+                        if hits:  # a stop string in a row that did not end otherwise: cut after it, as majority does
+                            pos, x = min(hits)
+                            text, fin = text[: pos + len(x)], "stop"
                         spent[p] += n_tok
                         trace = Trace(p, j, ids, fin, conf_h[i][:n_tok], sums_h[i][0], sums_h[i][1], text)
                         rule.finished(p, trace)
@@ -515,8 +523,6 @@ def _start(name, policy, verifier, prompts, n, settings, overrides, *, needs_ver
         raise ValueError(f"{name} needs a verifier (it scores the partial candidates)")
     if s.thinking is not None:
         raise ValueError(f"{name} does not take Settings.thinking")
-    if hasattr(policy, "generate") and not hasattr(policy, "start"):
-        raise ValueError(f"{name} needs per-token statistics from this package's decode loop")
     return s, prompts
 
 
