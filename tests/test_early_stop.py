@@ -372,3 +372,21 @@ def test_text_level_engine_refused():
     with pytest.raises(ValueError, match="text-level engine"):
         deepconf(TextPolicy(seed=0), None, PROMPTS[:1], n=2, settings=settings())
     assert TextSession.freed
+
+
+def test_speculative_rejection_incremental_scores_equal_whole_scoring(llama_policy):
+    from transformers import LlamaForTokenClassification
+
+    from tts_kernels.models.prm import HFPRM
+
+    tok = char_tokenizer()
+    prm = HFPRM(tiny_llama(4, cls=LlamaForTokenClassification, num_labels=2), tok, head="classifier")
+    prompts = ["Q: 12+30?\nA:", "Q: 2*3?\nA:"]
+    s = Settings(temperature=1.0, max_new_tokens=24, sync_every=4, checkpoint_tokens=6, rejection_rate=0.5,
+                 step_delimiter=" ")  # short steps: the checkpoints see complete steps and partial tails
+    res = speculative_rejection(llama_policy, prm, prompts, n=4, settings=s, seed=[3, 4], extract=first_char)
+    assert sum(i["rejected"] for i in res.prompt_info) > 0
+    kept = [(p, c) for p in range(2) for c in res.candidates[p] if c.finish != "rejected"]
+    whole = prm.score_steps([prompts[p] for p, _ in kept], [[split_steps(c.text, " ")] for _, c in kept], agg="last")
+    for (_, c), ref in zip(kept, whole.aggregate.reshape(-1).tolist()):
+        assert c.score == pytest.approx(ref, rel=1e-4, abs=1e-5)

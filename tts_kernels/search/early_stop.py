@@ -300,6 +300,7 @@ class TraceRun:
         self.policy, self.prompts, self.rule, self.s = policy, list(prompts), rule, s
         self.seeds, self.cancelled, self.verifier = seeds, cancelled_prompts, verifier
         self.track_blocks = track_blocks
+        self.scorer = None if verifier is None else PartialScorer(verifier, self.prompts, rule.n, s)
 
     def _keys(self, slots, dev):
         """Per row (``slots``: ``(prompt, candidate)`` or ``None`` for a parked prompt row): seed and stream."""
@@ -481,12 +482,7 @@ class TraceRun:
         ids_h = buf[torch.tensor(rows, device=buf.device)].tolist()
         texts = [tok.decode([t for t in ids_h[i][:counts_h[r]] if t not in eos_set], skip_special_tokens=True)
                  for i, r in enumerate(rows)]
-        prompts = [self.prompts[slots[r][0]] for r in rows]
-        steps = [[split_steps(t, self.s.step_delimiter)] for t in texts]
-        scored = self.verifier.score_steps(prompts, steps, agg=self.s.agg)
-        self.prm_tokens += scored.tokens
-        self.prm_keys += int(scored.keys)
-        agg = scored.aggregate.reshape(-1).tolist()
+        agg = self.scorer.partial([slots[r] for r in rows], texts, rule)
         by_prompt: dict[int, list] = {}
         for r, a in zip(rows, agg):
             by_prompt.setdefault(slots[r][0], []).append((r, a))
@@ -500,8 +496,67 @@ class TraceRun:
                                         texts[rows.index(r)]))
         return out
 
-    prm_tokens = 0  # the checkpoints' verifier tokens and keys attended
-    prm_keys = 0
+
+class PartialScorer:
+    """The verifier's view of speculative rejection's candidates: one verifier row per candidate (prompt ``p``'s
+    candidate ``j`` is row ``p * n + j``), forked from the prompt's, holding the candidate's complete steps.
+    A checkpoint adds each candidate's steps completed since the last one, then scores the partial last step
+    on a throw-away clone; the final scores add the remaining steps. Each token is run about once (the
+    partial tails again at each checkpoint), instead of every prefix from its prompt; the scores are those
+    of ``score_steps`` on the same texts."""
+
+    def __init__(self, verifier, prompts: list[str], n: int, s: Settings):
+        self.n, self.delim = n, s.step_delimiter
+        P = len(prompts)
+        # (room for the step formats' tags and the partial tails' clones beside the completions)
+        self.session = verifier.start(list(prompts), agg=s.agg, rows=P * n, max_new_tokens=2 * s.max_new_tokens + 64)
+        dev = verifier.device
+        self.session.fork(torch.arange(P, device=dev).repeat_interleave(n))
+        self.dev = dev
+        self.held = [0] * (P * n)  # complete steps each row holds
+        self.tokens = self.keys = 0
+
+    def _complete(self, text: str) -> tuple[list[str], str | None]:
+        parts = text.split(self.delim)
+        done = [x + self.delim for x in parts[:-1] if (x + self.delim).strip()]
+        return done, (parts[-1] if parts[-1].strip() else None)
+
+    def _add(self, new: dict[int, list[str]]) -> None:
+        if any(new.values()):
+            self.session.add_steps([new.get(r, []) for r in range(len(self.held))])
+            for r, steps in new.items():
+                self.held[r] += len(steps)
+
+    def partial(self, cands: list[tuple[int, int]], texts: list[str], rule) -> list[float]:
+        """Aggregate scores of the candidates ``(p, j)`` as far as ``texts``, their partial last step included."""
+        rows = [p * self.n + j for p, j in cands]
+        split = [self._complete(t) for t in texts]
+        self._add({r: done[self.held[r]:] for r, (done, _) in zip(rows, split)})
+        scores = self.session.aggregate.index_select(0, torch.tensor(rows, device=self.dev)).clone()
+        tails = [i for i, (_, tail) in enumerate(split) if tail is not None]
+        if tails:
+            idx = torch.tensor([rows[i] for i in tails], device=self.dev)
+            clone = self.session.clone(idx)
+            try:
+                clone.add_steps([[split[i][1]] for i in tails])
+                scores[torch.tensor(tails, device=self.dev)] = clone.aggregate.to(scores.dtype)
+                self.tokens += clone.tokens
+                self.keys += int(clone.keys)
+            finally:
+                clone.free()
+        return scores.tolist()
+
+    def final(self, cands: list[tuple[int, int]], texts: list[str]) -> list[float]:
+        """Aggregate scores of finished candidates ``(p, j)`` with texts ``texts`` (all their steps)."""
+        rows = [p * self.n + j for p, j in cands]
+        self._add({r: split_steps(t, self.delim)[self.held[r]:] for r, t in zip(rows, texts)})
+        return self.session.aggregate.index_select(0, torch.tensor(rows, device=self.dev)).tolist() if rows else []
+
+    def free(self) -> tuple[int, int]:
+        """Free the verifier rows; the tokens run and keys attended in all."""
+        tokens, keys = self.session.tokens + self.tokens, int(self.session.keys) + self.keys
+        self.session.free()
+        return tokens, keys
 
 
 def _blocks_in_use(session) -> int:
@@ -638,17 +693,17 @@ def speculative_rejection(policy, verifier, prompts: Sequence[str], *, n: int, s
     s, prompts = _start("speculative_rejection", policy, verifier, prompts, n, settings, overrides,
                         needs_verifier=True)
     rule = Rejection(len(prompts), n, checkpoint_tokens=s.checkpoint_tokens, rate=s.rejection_rate)
-    out, runner = _run(policy, prompts, rule, s, seed, verifier=verifier)
-    traces = [rule.prefix(p) for p in range(len(prompts))]
-    whole = [[t for t in row if t.finish != "rejected"] for row in traces]
-    steps = [[split_steps(t.text, s.step_delimiter) for t in row] for row in whole]
-    flat_p = [prompts[p] for p, row in enumerate(whole) for _ in row]
-    scored = verifier.score_steps(flat_p, [[st] for row in steps for st in row], agg=s.agg) if flat_p else None
-    agg = scored.aggregate.reshape(-1).tolist() if scored is not None else []
-    prm_tokens = runner.prm_tokens + (scored.tokens if scored is not None else 0)
-    prm_keys = runner.prm_keys + (int(scored.keys) if scored is not None else 0)
-    it = iter(agg)
-    cands = [[_candidate(t, s, extract, score=next(it)) if t.finish != "rejected"
+    runner = TraceRun(policy, prompts, rule, s, seeds=Seeds.of(seed, len(prompts)), cancelled_prompts=cancelled,
+                      verifier=verifier)
+    try:
+        out = runner.run()
+        traces = [rule.prefix(p) for p in range(len(prompts))]
+        whole = [t for row in traces for t in row if t.finish != "rejected"]
+        final = dict(zip([(t.prompt, t.index) for t in whole],
+                         runner.scorer.final([(t.prompt, t.index) for t in whole], [t.text for t in whole])))
+    finally:
+        prm_tokens, prm_keys = runner.scorer.free()
+    cands = [[_candidate(t, s, extract, score=final[t.prompt, t.index]) if t.finish != "rejected"
               else _candidate(t, s, extract, score=float("nan"), voting=False) for t in row] for row in traces]
     compute = out.compute + Compute(prm_tokens=prm_tokens,
                                     prm_flops=count_flops(verifier.flop_module, prm_tokens, prm_keys))
