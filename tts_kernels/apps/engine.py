@@ -16,6 +16,12 @@ cancelled before its call starts (its client went away, or its time ran out) is 
 cancelled during its call has its prompts' rows dropped at the search's next host look
 (:mod:`~tts_kernels.search.cancel`) and its result thrown away.
 
+Streaming. A job with a ``listener`` (a streamed request) hears its search's progress
+(:func:`~tts_kernels.search.cancel.progress`, installed for the call when any of its jobs listens): at
+each host look the call's hook splits the event by job, so each request gets its own prompts' rows only,
+in its own prompt indices. The listener runs on the search thread (the server's hands the event to the
+event loop with ``call_soon_threadsafe``).
+
 Compute cap. A job with ``token_cap`` (the server's ``--max-request-tokens``) may spend at most that many
 policy and verifier token positions: its share, by prompts, of what its search call has run (the rule
 ``usage`` reports by), read at each of the search's host looks through the same cancellation (a
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -42,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..search import STRATEGIES, Compute, SearchResult, Settings, run
-from ..search.cancel import Cancellation, cancellation
+from ..search.cancel import Cancellation, cancellation, progress
 from ..search.seeds import splitmix64
 
 log = logging.getLogger("tts_kernels.serve")
@@ -234,6 +241,7 @@ class Job:
     future: asyncio.Future | None = None
     on_cancel: object = None  # set while its search call runs: drops its prompts' rows there
     token_cap: int | None = None  # policy + verifier token positions its search may spend (its share)
+    listener: object = None  # streaming: called on the search thread with (kind, data), its own prompts' indices
 
     def cancel(self) -> None:
         """Nobody waits for this job any more: dropped if not started, its rows dropped if running."""
@@ -266,6 +274,34 @@ def _slice(res: SearchResult, a: int, b: int) -> SearchResult:
     return dataclasses.replace(res, predictions=res.predictions[a:b], chosen=res.chosen[a:b],
                                candidates=res.candidates[a:b], prompt_info=res.prompt_info[a:b],
                                samples=res.budget * (b - a), info=dict(res.info))
+
+
+def _progress_hook(spans: list):
+    """The call's progress listener (:func:`~tts_kernels.search.cancel.progress`): each event goes to the
+    listener of the job whose prompts it is about, in that job's own prompt indices; a job without a
+    listener (or cancelled) gets nothing. Runs on the search thread."""
+    owner = {}
+    for job, a, b in spans:
+        for p in range(a, b):
+            owner[p] = (job, a)
+
+    def hook(kind: str, data: dict) -> None:
+        if kind == "tokens":
+            per: dict = {}
+            for (p, j), ids in zip(data["rows"], data["ids"]):
+                job, a = owner[p]
+                if job.listener is not None and not job.cancelled:
+                    got = per.setdefault(job.id, (job, {"rows": [], "ids": []}))[1]
+                    got["rows"].append((p - a, j))
+                    got["ids"].append(ids)
+            for job, got in per.values():
+                job.listener(kind, got)
+        elif "prompt" in data:
+            job, a = owner[data["prompt"]]
+            if job.listener is not None and not job.cancelled:
+                job.listener(kind, {**data, "prompt": data["prompt"] - a})
+
+    return hook
 
 
 class Engine:
@@ -397,8 +433,10 @@ class Engine:
         for job, a, b in spans:  # a job cancelled from now on has its prompts' rows dropped at the search's next look
             job.on_cancel = functools.partial(stop.cancel, range(a, b))
 
+        hook = _progress_hook(spans) if any(job.listener is not None for job in jobs) else None
+
         def call():
-            with cancellation(stop):
+            with cancellation(stop), (progress(hook) if hook is not None else contextlib.nullcontext()):
                 return run(head.strategy, policy, verifier, prompts, budget=head.budget, settings=head.settings,
                            seed=seeds)
 

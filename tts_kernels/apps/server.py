@@ -43,8 +43,16 @@ request's share, by prompts, of the exact compute of the search call it ran in, 
 ``batch_prompts``); with a ``thinking`` budget (a request field: ``ThinkingBudget``'s fields),
 ``completion_tokens_details.reasoning_tokens`` (the returned choices' thinking tokens).
 
-Streaming: a search picks its answer at the end, so the events start when the search ends
-(each choice's text in steps, then its finish reason, then usage when asked).
+Streaming (``stream=true``): events while the search runs, fed by its progress at its host looks
+(:func:`~tts_kernels.search.cancel.progress`; :class:`LiveStream`). Sampling strategies (``greedy``,
+``majority``, ``best_of_n``, ``weighted_best_of_n``) with ``n == budget`` stream every candidate's tokens
+as they are sampled, choice ``p * n + j`` being candidate ``j`` of prompt ``p``, its last chunk naming its
+``rank`` (its place in the non-streamed response; 0: the strategy's pick; greedy: the only one). Step
+searches (``prm_beam_search``, ``dvts``) stream each step of each prompt's best row as an extension
+event ``{"choices": [], "tts_step": {"prompt", "index", "text", "score"}}``. The choices the stream has
+not sent yet (every choice of the other strategies, and of sampling with ``n < budget``) come when the
+search ends, in steps; then each finish reason (with ``answer``, ``score``), usage when
+``stream_options.include_usage``, ``[DONE]``. A failure after the first event is an ``error`` event.
 
 Errors: an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 bad or unknown field or one over its ceiling (named in ``param``), 404 for an unknown model, 408 when a
@@ -495,6 +503,124 @@ def stream_events(body: dict, opts: dict, delimiter: str):
     yield "data: [DONE]\n\n"
 
 
+# Strategies whose candidates are the sampling loop's rows (streamed token by token as choices when every
+# candidate is a choice: n == budget).
+SAMPLING = frozenset({"greedy", "majority", "best_of_n", "weighted_best_of_n"})
+
+
+def _chunk_head(job: Job, cfg: ServerConfig, opts: dict) -> dict:
+    return {"id": job.id, "object": "chat.completion.chunk" if opts["chat"] else "text_completion",
+            "created": int(time.time()), "model": cfg.model_name, "system_fingerprint": f"seed-{opts['seed']}"}
+
+
+class LiveStream:
+    """One streamed request's events while its search runs (:meth:`update`, fed by the search's progress)
+    and when it ends (:meth:`finish`, from the response body).
+
+    Sampling strategies with ``n == budget`` stream every candidate as it is sampled: choice ``p * n + j``
+    is candidate ``j`` of prompt ``p`` (sampling order), its text sent as it grows (decoded at each host
+    look; what may still change -- an incomplete character, the last character, text past a stop
+    string -- is held back), the rest and its finish reason at the end, with ``rank``: its place among the
+    prompt's choices in the non-streamed response (0: the strategy's pick). Step searches send each
+    step of each prompt's best row as ``{"choices": [], "tts_step": {"prompt", "index", "text",
+    "score"}}``, and the choices (ranked, as the non-streamed response) when the search ends."""
+
+    def __init__(self, job: Job, opts: dict, cfg: ServerConfig, policy):
+        self.job, self.opts, self.policy = job, opts, policy
+        self.chat = opts["chat"]
+        self.head = _chunk_head(job, cfg, opts)
+        self.by_candidate = job.strategy in SAMPLING and opts["n"] == job.budget
+        self.eos = set(policy.eos_token_ids)
+        self.stop = list(job.settings.stop or ())
+        self.ids: dict = {}  # (prompt, candidate) -> its token ids so far
+        self.ended: set = set()  # (prompt, candidate) whose EOS was sampled
+        self.sent: dict = {}  # choice index -> text sent
+        self.opened: set = set()  # chat: choices whose role was sent
+
+    def event(self, choices, **more) -> str:
+        return "data: " + json.dumps({**self.head, "choices": choices, **more}) + "\n\n"
+
+    def _delta(self, index: int, text: str) -> list[str]:
+        out = []
+        if self.chat and index not in self.opened:
+            self.opened.add(index)
+            out.append(self.event([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None, "logprobs": None}]))
+        if text:
+            self.sent[index] = self.sent.get(index, "") + text
+            out.append(self.event([{"index": index, "delta": {"content": text}, "finish_reason": None,
+                                    "logprobs": None} if self.chat else
+                                   {"index": index, "text": text, "finish_reason": None, "logprobs": None}]))
+        return out
+
+    def _settled(self, ids: list[int]) -> str:
+        """The part of a candidate's text that its end cannot change."""
+        text = self.policy.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [(text.find(s), s) for s in self.stop if s in text]
+        if hits:  # as sample_completions cuts it (its end may be longer, never shorter)
+            pos, s = min(hits)
+            return text[: pos + len(s)]
+        return text.rstrip("\ufffd")[:-1]
+
+    def update(self, kind: str, data: dict) -> list[str]:
+        """The events of one progress report (runs off the event loop: it decodes)."""
+        if kind == "step":
+            step = {k: data[k] for k in ("prompt", "index", "text", "score")}
+            return [self.event([], tts_step=step)]
+        if kind != "tokens" or not self.by_candidate:
+            return []
+        out = []
+        for (p, j), new in zip(data["rows"], data["ids"]):
+            key = (p, j)
+            if key in self.ended:
+                continue
+            ids = self.ids.setdefault(key, [])
+            for t in new:
+                if t < 0:
+                    break
+                if t in self.eos:
+                    self.ended.add(key)
+                    break
+                ids.append(t)
+            index = p * self.opts["n"] + j
+            text = self._settled(ids)
+            done = self.sent.get(index, "")
+            if len(text) > len(done) and text.startswith(done):
+                out += self._delta(index, text[len(done):])
+        return out
+
+    def finish(self, body: dict, result) -> list[str]:
+        """The closing events: each choice's rest and finish reason, usage when asked, ``[DONE]``."""
+        out = []
+        n = self.opts["n"]
+        if self.by_candidate:  # (stream index: candidate order, rank among the prompt's choices, body choice)
+            by_index = {ch["index"]: ch for ch in body["choices"]}
+            order = sorted((p * n + i, k, by_index[p * n + k]) for p in range(len(self.job.prompts))
+                           for k, i in enumerate(_ranked(result, p)[:n]))
+        else:
+            order = [(ch["index"], None, ch) for ch in body["choices"]]
+        for index, rank, ch in order:
+            text = ch["message"]["content"] if self.chat else ch["text"]
+            done = self.sent.get(index, "")
+            if not text.startswith(done):  # cannot be taken back: logged (the rule above should prevent it)
+                log.warning(json.dumps({"event": "stream_mismatch", "id": self.job.id, "choice": index}))
+                done = ""
+            rest = text[len(done):]
+            pieces = _pieces(rest, self.job.settings.step_delimiter) if rest else []
+            for piece in pieces or [""]:
+                out += self._delta(index, piece)
+            last = {"index": index, "finish_reason": ch["finish_reason"], "logprobs": None, "answer": ch["answer"],
+                    "score": ch["score"], **({"rank": rank} if rank is not None else {})}
+            out.append(self.event([{**last, "delta": {}} if self.chat else {**last, "text": ""}]))
+        if self.opts["usage_in_stream"]:
+            out.append(self.event([], usage=body["usage"]))
+        out.append("data: [DONE]\n\n")
+        return out
+
+    def error(self, exc: APIError) -> list[str]:
+        return ["data: " + json.dumps(exc.body()) + "\n\n", "data: [DONE]\n\n"]
+
+
 # ----------------------------------------------------------------------------- step scoring
 
 # The fields of POST /v1/score and POST /pooling (each endpoint's allow-list).
@@ -755,6 +881,13 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
                                                 has_verifier=verifier is not None)
         except APIError as exc:
             return error(exc)
+        live = events = first = None
+        if opts["stream"]:  # the search's progress, from its thread to this loop: one queue per request
+            loop = asyncio.get_running_loop()
+            events = asyncio.Queue()
+            live = LiveStream(job, opts, cfg, policy)
+            job.listener = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+            first = asyncio.ensure_future(events.get())
         task = asyncio.ensure_future(engine.submit(job))
 
         async def gone():
@@ -762,11 +895,19 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
                 await asyncio.sleep(0.05)
 
         watch = asyncio.ensure_future(gone())
-        try:
-            done, _ = await asyncio.wait({task, watch}, timeout=cfg.request_timeout,
+        try:  # until the search ends, or (streaming) its first progress: errors before it are plain responses
+            done, _ = await asyncio.wait({task, watch} | ({first} if first else set()), timeout=cfg.request_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
+        early = []  # the progress events taken off the queue already
+        if first is not None:
+            first.cancel()
+            if first.done() and not first.cancelled():
+                early.append(first.result())
+        if early and task not in done:
+            return StreamingResponse(stream_live(live, events, early, task, job, opts, t0),
+                                     media_type="text/event-stream")
         if task not in done:
             task.cancel()
             job.cancel()
@@ -797,10 +938,87 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
                              "prompts": len(job.prompts), "status": 200, "user": opts["user"],
                              "batch_prompts": out.batch_prompts, "queue_s": round(out.queue_seconds, 4),
                              "search_s": round(out.search_seconds, 4), "seconds": round(time.perf_counter() - t0, 4)}))
-        if opts["stream"]:
-            return StreamingResponse(stream_events(resp, opts, job.settings.step_delimiter),
-                                     media_type="text/event-stream")
+        if opts["stream"]:  # the search ended before any progress came out: its progress, then its end
+            while not events.empty():
+                early.append(events.get_nowait())
+
+            async def replay():
+                for kind, data in early:
+                    for e in await asyncio.to_thread(live.update, kind, data):
+                        yield e
+                for e in await asyncio.to_thread(live.finish, resp, out.result):
+                    yield e
+
+            return StreamingResponse(replay(), media_type="text/event-stream")
         return JSONResponse(resp)
+
+    async def stream_live(live: LiveStream, events: asyncio.Queue, early: list, task, job: Job, opts: dict,
+                          t0: float):
+        """The events of a search under way: its progress as it comes, then its end (a failure after the
+        stream began is an ``error`` event). A client that goes away cancels the job (its rows are dropped)."""
+        deadline = t0 + cfg.request_timeout
+        try:
+            for kind, data in early:
+                for e in await asyncio.to_thread(live.update, kind, data):
+                    yield e
+            while True:
+                get = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({get, task}, timeout=max(0.0, deadline - time.perf_counter()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    if get.done() and not get.cancelled():
+                        done = done | {get}
+                if get in done:
+                    kind, data = get.result()
+                    for e in await asyncio.to_thread(live.update, kind, data):
+                        yield e
+                    continue
+                break
+            if not task.done():
+                task.cancel()
+                job.cancel()
+                log.info(json.dumps({"event": "request", "id": job.id, "strategy": job.strategy, "status": "408",
+                                     "stream": True, "seconds": round(time.perf_counter() - t0, 4)}))
+                metrics.requests.labels(strategy=job.strategy, status="408").inc()
+                for e in live.error(APIError(408, f"the request ran past the server's time limit of "
+                                                  f"{cfg.request_timeout} s and was cancelled", None, "timeout",
+                                             "timeout")):
+                    yield e
+                return
+            while not events.empty():
+                for e in await asyncio.to_thread(live.update, *events.get_nowait()):
+                    yield e
+            try:
+                out = task.result()
+            except LimitExceeded as exc:
+                err = compute_limit(exc)
+            except BadRequest as exc:
+                err = _bad(None, str(exc))
+            except Unavailable as exc:
+                err = APIError(503, str(exc), None, "unavailable", "shutting_down")
+            except Exception as exc:  # noqa: BLE001
+                err = APIError(500, f"the search failed: {type(exc).__name__}: {exc}", None, "server_error")
+            else:
+                err = None
+            if err is not None:
+                metrics.requests.labels(strategy=job.strategy, status=str(err.status)).inc()
+                for e in live.error(err):
+                    yield e
+                return
+            resp = await asyncio.to_thread(build, job, out, opts, cfg, policy)
+            metrics.request_done(job.strategy, time.perf_counter() - t0)
+            log.info(json.dumps({"event": "request", "id": job.id, "strategy": job.strategy, "budget": job.budget,
+                                 "prompts": len(job.prompts), "status": 200, "stream": True, "user": opts["user"],
+                                 "batch_prompts": out.batch_prompts, "queue_s": round(out.queue_seconds, 4),
+                                 "search_s": round(out.search_seconds, 4),
+                                 "seconds": round(time.perf_counter() - t0, 4)}))
+            for e in await asyncio.to_thread(live.finish, resp, out.result):
+                yield e
+        finally:  # the client went away (or the stream failed): nobody waits for the search any more
+            if not task.done():
+                task.cancel()
+                job.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: Request):

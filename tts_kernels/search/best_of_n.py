@@ -42,7 +42,7 @@ from ..ops.sample import sample
 from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
 from .accounting import Compute, count_flops
 from .answers import extract_answer
-from .cancel import cancelled
+from .cancel import cancelled, listening, report
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .seeds import Seeds, engine_seeds
 from .settings import Settings, resolve
@@ -103,6 +103,7 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
                 out[r, : len(row)] = torch.tensor(row[:max_new_tokens], dtype=torch.long, device=dev)
         else:
             offset = torch.zeros((), dtype=torch.int64, device=dev)
+            looked = 0  # the step after the last look (progress reports the tokens since)
             for step in range(max_new_tokens):
                 logits = session.logits if rule is None else thinking_logits(session.logits, think, rule)
                 tokens, _ = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -117,6 +118,10 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
                 if (step + 1) % sync_every == 0 or last:
                     done_h = done.tolist()  # the host looks: once every sync_every steps
                     rows_h = live.tolist()
+                    if listening():  # progress: each row's tokens since the last look (-1: after its end)
+                        report("tokens", {"rows": [(r // n, r % n) for r in rows_h],
+                                          "ids": out[live, looked: step + 1].tolist()})
+                        looked = step + 1
                     gone = cancelled()
                     if gone:  # prompts nobody waits for any more: their rows leave the batch here
                         done_h = [d or r // n in gone for d, r in zip(done_h, rows_h)]

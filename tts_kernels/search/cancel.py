@@ -13,15 +13,26 @@ some of its prompts (``compute_optimal``), or over prompts of its own made from 
 one per chain), runs each inside :func:`sub_run`, so the sub-search sees the cancelled prompts by
 its own indices. Scopes are per thread (``contextvars``): set it in
 the thread that runs the search.
+
+Progress. Beside cancellation, ``with progress(fn):`` installs a listener that the built-in drivers
+call at the same host looks, never elsewhere (so listening adds no host sync): the sampling loop
+(:func:`~tts_kernels.search.best_of_n.sample_completions`) calls ``fn("tokens", {"rows": [(prompt,
+candidate), ...], "ids": [[token ids sampled since the last look], ...]})`` every ``sync_every`` tokens,
+and the step searches (``prm_beam_search``, ``dvts``) call ``fn("step", {"prompt", "index", "text",
+"score"})`` once per step for each prompt's best row (the one whose newest step scored highest).
+``fn`` runs on the search thread: it must be quick (the server hands the event to its event loop).
+:func:`report` is a no-op when nobody listens, and drivers test :func:`listening` before they build
+an event. Inside :func:`sub_run` nobody listens (a sub-search's indices are not the run's).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("tts_kernels_cancellation", default=None)
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("tts_kernels_progress", default=None)
 
 
 class Cancellation:
@@ -70,17 +81,40 @@ def sub_run(prompts: Sequence[int]):
     """Searches run inside this block are over ``prompts`` (indices into the enclosing run's prompts,
     repeats allowed): their :func:`cancelled` maps the enclosing cancellation to their own indices."""
     parent = _CURRENT.get()
-    if parent is None:
-        yield
-        return
-    token = _CURRENT.set(_SubRun(parent, prompts))
+    quiet = _PROGRESS.set(None)  # a sub-search's events would carry its own indices: nobody listens there
+    token = None if parent is None else _CURRENT.set(_SubRun(parent, prompts))
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        if token is not None:
+            _CURRENT.reset(token)
+        _PROGRESS.reset(quiet)
 
 
 def cancelled() -> frozenset[int]:
     """The prompts to drop now (empty outside a :func:`cancellation` block)."""
     c = _CURRENT.get()
     return frozenset() if c is None else c.prompts
+
+
+@contextlib.contextmanager
+def progress(fn: Callable[[str, dict], None]):
+    """Searches run inside this block (in this thread) call ``fn(kind, data)`` at their host looks
+    (see the module docstring)."""
+    token = _PROGRESS.set(fn)
+    try:
+        yield fn
+    finally:
+        _PROGRESS.reset(token)
+
+
+def listening() -> bool:
+    """Someone listens to progress here (a driver builds an event only then)."""
+    return _PROGRESS.get() is not None
+
+
+def report(kind: str, data: dict) -> None:
+    """Hand an event to the listener (a no-op when nobody listens)."""
+    fn = _PROGRESS.get()
+    if fn is not None:
+        fn(kind, data)

@@ -33,7 +33,7 @@ from ..ops._validate import check_int
 from ..ops.select import select_best, topk_per_group
 from .accounting import Compute
 from .answers import extract_answer
-from .cancel import cancelled
+from .cancel import cancelled, listening, report
 from .dedupe import RowHashes  # noqa: F401 (tests patch step_search.RowHashes)
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
 from .rows import StepRows
@@ -73,6 +73,8 @@ def _run(policy, prm, prompts, *, n: int, s: Settings, seeds: Seeds, cancelled, 
         for it in range(s.num_iterations):
             last = it == s.num_iterations - 1
             _, finish = rows.step(last)
+            if listening():  # progress: each prompt's best newest step (host data of this look only)
+                _report_steps(rows)
             keep = choose(rows, finish, last, completed)
             gone = rows.cancelled_prompts()
             if gone:  # prompts nobody waits for any more: their rows are not continued
@@ -84,6 +86,26 @@ def _run(policy, prm, prompts, *, n: int, s: Settings, seeds: Seeds, cancelled, 
     finally:
         rows.free()
     return completed, compute
+
+
+def _report_steps(rows: StepRows) -> None:
+    """``report("step", ...)`` per prompt: the newest step of its row whose newest step scored highest
+    (NaN lowest; without a verifier, its first row)."""
+    d = rows.data
+    best: dict[int, int] = {}
+    for r, steps in enumerate(d.steps):
+        if not steps or d.parked[r]:
+            continue
+        score = d.step_scores[r][-1] if len(d.step_scores[r]) == len(steps) else float("nan")
+        key = (len(steps), score if score == score else float("-inf"))
+        p = d.owner[r]
+        if p not in best or key > best[p][0]:
+            best[p] = (key, r)
+    for p in sorted(best):
+        r = best[p][1]
+        score = d.step_scores[r][-1] if len(d.step_scores[r]) == len(d.steps[r]) else None
+        report("step", {"prompt": p, "index": len(d.steps[r]) - 1, "text": d.steps[r][-1],
+                        "score": None if score is None or score != score else float(score)})
 
 
 def _result(name: str, n: int, completed, compute: Compute, select: str, device, vote_key: str) -> SearchResult:
