@@ -107,3 +107,20 @@ def test_batched_streams_each_get_their_own_rows(server):
             assert text == whole.choices[(idx // 2) * 2 + rank[idx]].text
         shared += chunks[-1].usage.model_extra["batch_prompts"] > 2
     assert shared
+
+
+def test_client_that_leaves_mid_stream_frees_everything(server):
+    for _ in range(3):
+        with server.client().completions.create(model=MODEL, prompt=PROMPTS[:8], max_tokens=128, seed=1, n=16,
+                                                stream=True, extra_body={"strategy": "majority", "budget": 16,
+                                                                         "sync_every": 1}) as s:
+            next(iter(s))  # the first chunk, then the connection closes
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = server.get("/health")
+        if health["running"] == 0 and health["kv_blocks_in_use"] == 0:
+            break
+        time.sleep(0.1)
+    assert health == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+    after = server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=32, seed=2)
+    assert after.choices[0].text is not None

@@ -474,35 +474,6 @@ def _pieces(text: str, delimiter: str) -> list[str]:
     return [p + delimiter for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
-def stream_events(body: dict, opts: dict, delimiter: str):
-    """The server-sent events of a finished response: each choice's text in steps, its finish reason,
-    usage when asked, then ``[DONE]``."""
-    chat = opts["chat"]
-    head = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": body["created"], "model": body["model"], "system_fingerprint": body["system_fingerprint"]}
-
-    def event(choices, **more):
-        return "data: " + json.dumps({**head, "choices": choices, **more}) + "\n\n"
-
-    for ch in body["choices"]:
-        i = ch["index"]
-        text = ch["message"]["content"] if chat else ch["text"]
-        if chat:
-            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                          "logprobs": None}])
-        for piece in _pieces(text, delimiter):
-            if chat:
-                yield event([{"index": i, "delta": {"content": piece}, "finish_reason": None, "logprobs": None}])
-            else:
-                yield event([{"index": i, "text": piece, "finish_reason": None, "logprobs": None}])
-        last = {"index": i, "finish_reason": ch["finish_reason"], "logprobs": None, "answer": ch["answer"],
-                "score": ch["score"]}
-        yield event([{**last, "delta": {}} if chat else {**last, "text": ""}])
-    if opts["usage_in_stream"]:
-        yield event([], usage=body["usage"])
-    yield "data: [DONE]\n\n"
-
-
 # Strategies whose candidates are the sampling loop's rows (streamed token by token as choices when every
 # candidate is a choice: n == budget).
 SAMPLING = frozenset({"greedy", "majority", "best_of_n", "weighted_best_of_n"})
