@@ -614,7 +614,8 @@ def deepconf(policy, verifier, prompts: Sequence[str], *, n: int, settings: Sett
     """DeepConf online (see the module docstring): at most ``n`` candidates per prompt, no verifier.
 
     Candidates are those of the decision (``0..k-1``); an aborted one keeps its text but casts no vote.
-    ``prompt_info[p]``: ``threshold``, ``decided_at`` (``k``; ``None``: all ``n`` ran), ``aborted``.
+    ``prompt_info[p]``: ``threshold`` (``None``: the warm-up had no finite confidence), ``decided_at`` (``k``;
+    ``None``: all ``n`` ran), ``aborted``, ``started``, ``tokens`` (spent on the prompt, kept or not).
     Settings read: ``deepconf_warmup``, ``deepconf_keep``, ``consensus``, ``confidence_k``,
     ``confidence_window``, the sampling settings and ``max_new_tokens``, ``sync_every``, ``stop``,
     ``vote_key``."""
@@ -632,7 +633,8 @@ def deepconf(policy, verifier, prompts: Sequence[str], *, n: int, settings: Sett
         if not any(retained):
             retained = [t.finish != "aborted" for t in pre]
         cands.append([_candidate(t, s, extract, voting=v) for t, v in zip(pre, retained)])
-        info.append({"threshold": thr, "decided_at": k, "aborted": sum(t.finish == "aborted" for t in pre)})
+        info.append({"threshold": thr if math.isfinite(thr) else None, "decided_at": k,
+                     "aborted": sum(t.finish == "aborted" for t in pre)})
     return _result("deepconf", n, cands, out, s, policy.device, prompt_info=info)
 
 
