@@ -40,7 +40,7 @@ def test_bundled_policy_generates_through_vllm(models):
     assert vpol.tokenizer.decode(out[:-1], skip_special_tokens=True) == ref.candidates[0][0].text
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(s for s in STRATEGIES if not STRATEGIES[s].token_loop))
 def test_every_strategy_runs_on_vllm(models, strategy):
     vpol, _, verifier = models
     res = run(strategy, vpol, verifier if STRATEGIES[strategy].needs_verifier else None, PROMPTS[:2], budget=4,
@@ -54,6 +54,16 @@ def test_every_strategy_runs_on_vllm(models, strategy):
         (STRATEGIES[strategy].pooled or strategy in ("particle_gibbs", "revise"))
         and res.compute.policy_prefill_tokens > prompt_tokens)
     assert res.compute.policy_generated_tokens > 0 and res.compute.policy_flops > 0
+
+
+@pytest.mark.parametrize("strategy", sorted(s for s in STRATEGIES if STRATEGIES[s].token_loop))
+def test_token_loop_strategies_refuse_vllm(models, strategy):
+    # They stop rows mid-completion on per-token statistics, which vLLM's whole-completion generate() cannot.
+    vpol, _, verifier = models
+    assert strategy in ("deepconf", "deepconf_offline", "adaptive_consistency", "speculative_rejection")
+    with pytest.raises(ValueError, match="text-level engine"):
+        run(strategy, vpol, verifier if STRATEGIES[strategy].needs_verifier else None, PROMPTS[:2], budget=4,
+            settings=S, seed=[1, 2])
 
 
 @pytest.mark.parametrize("strategy", ["best_of_n", "prm_beam_search", "dvts", "particle_filtering",

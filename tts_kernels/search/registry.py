@@ -30,7 +30,8 @@ class Strategy:
     rule (``"best"``, ``"majority"``, ``"weighted"``) by which it picks a prompt's answer from its
     candidates, when it is one of :func:`~tts_kernels.search.select_candidates`' rules (``None``:
     it picks otherwise); ``compute_optimal`` applies it to the pilot's and the search's candidates
-    together."""
+    together. ``token_loop``: it needs this package's token-by-token decode loop (per-token statistics,
+    rows stopped mid-completion), so a text-level engine (the vLLM backend) is refused."""
 
     name: str
     fn: StrategyFn
@@ -39,6 +40,7 @@ class Strategy:
     group: GroupFn | None = None
     pooled: bool = False
     select: str | None = None
+    token_loop: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -46,14 +48,15 @@ STRATEGIES: dict[str, Strategy] = {}
 
 def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True, description: str = "",
                       group: GroupFn | None = None, pooled: bool = False, select: str | None = None,
-                      replace: bool = False) -> Strategy:
+                      token_loop: bool = False, replace: bool = False) -> Strategy:
     """Register ``fn`` as strategy ``name``: ``fn(policy, verifier, prompts, *, budget, settings, seed,
     extract) -> SearchResult`` (``prompts`` a checked list, ``settings`` a :class:`Settings`).
 
     ``needs_verifier``: :func:`run` refuses ``verifier=None`` for it. ``group``: strategies sharing
     one ``group`` function run together in :func:`run_together`. ``pooled``: the budget is spent
     across the prompts of a call (their results depend on each other). ``select``: the rule it picks
-    its answer by, if it is one of ``"best"``, ``"majority"``, ``"weighted"``. Registering a taken
+    its answer by, if it is one of ``"best"``, ``"majority"``, ``"weighted"``. ``token_loop``: it runs
+    only on a backend that decodes token by token (not the vLLM backend). Registering a taken
     name is an error unless ``replace=True``. Returns the :class:`Strategy`.
     """
     if not isinstance(name, str) or not name.isidentifier():
@@ -64,7 +67,7 @@ def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True,
         raise ValueError(f"select must be None or one of {SELECT_RULES}, got {select!r}")
     if name in STRATEGIES and not replace:
         raise ValueError(f"strategy {name!r} is already registered (pass replace=True to replace it)")
-    entry = Strategy(name, fn, bool(needs_verifier), description, group, bool(pooled), select)
+    entry = Strategy(name, fn, bool(needs_verifier), description, group, bool(pooled), select, bool(token_loop))
     STRATEGIES[name] = entry
     return entry
 

@@ -204,15 +204,16 @@ def _early(driver):
     return fn
 
 
-register_strategy("deepconf", _early(deepconf), needs_verifier=False,
+register_strategy("deepconf", _early(deepconf), token_loop=True, needs_verifier=False,
                   description="DeepConf online: warm-up candidates set a confidence threshold, later ones stop "
                               "below it, sampling stops at consensus (Fu et al. 2025)")
-register_strategy("deepconf_offline", _early(deepconf_offline), needs_verifier=False,
+register_strategy("deepconf_offline", _early(deepconf_offline), token_loop=True, needs_verifier=False,
                   description="DeepConf offline: N candidates, the most confident share votes weighted by confidence")
-register_strategy("adaptive_consistency", _early(adaptive_consistency), needs_verifier=False, select="majority",
+register_strategy("adaptive_consistency", _early(adaptive_consistency), token_loop=True, needs_verifier=False,
+                  select="majority",
                   description="majority vote that stops sampling a prompt once its Beta rule settles "
                               "(Aggarwal et al. 2023)")
-register_strategy("speculative_rejection", _early(speculative_rejection), select="best",
+register_strategy("speculative_rejection", _early(speculative_rejection), token_loop=True, select="best",
                   description="N candidates, the verifier drops the worst partial ones at checkpoints "
                               "(Sun et al. 2024)")
 
