@@ -13,3 +13,13 @@ def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:
     parts = text.split(delimiter)
     steps = [p + delimiter for p in parts[:-1]] + [parts[-1]]
     return [s for s in steps if s.strip()]
+
+
+def cut_at_stop(text: str, stop) -> str | None:
+    """``text`` up to and including the earliest of the ``stop`` strings in it (ties: the smaller string);
+    ``None`` when none occurs. The sampling strategies end a completion there."""
+    hits = [(text.find(x), x) for x in stop if x in text]
+    if not hits:
+        return None
+    pos, x = min(hits)
+    return text[: pos + len(x)]

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._threads import in_search_pool
-from ..models.text import split_steps
+from ..models.text import cut_at_stop, split_steps
 from ..ops._validate import check_int
 from ..ops.sample import sample
 from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
@@ -168,10 +168,9 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
             fin = "length"
         text = tok.decode([t for t in row if t not in eos_ids], skip_special_tokens=True)
         if stop and fin != "eos":
-            hits = [(text.find(s), s) for s in stop if s in text]
-            if hits:
-                pos, s = min(hits)
-                text, fin = text[: pos + len(s)], "stop"
+            cut = cut_at_stop(text, stop)
+            if cut is not None:
+                text, fin = cut, "stop"
         texts.append(text)
         ids.append(row)
         fins.append(fin)

@@ -51,8 +51,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .._threads import in_search_pool
-from ..models.text import split_steps
+from ..models.text import cut_at_stop, split_steps
 from ..ops._validate import check_int
+from ..ops.confidence import SlidingWindow
 from ..ops.sample import sample
 from .accounting import Compute, count_flops
 from .answers import extract_answer, vote_key
@@ -284,7 +285,6 @@ def quantile(xs: Sequence[float], q: float) -> float:
 @dataclass
 class RunOutput:
     traces: list[dict[int, Trace]]
-    generated: int
     compute: Compute
     forward_tokens: int
     blocks_in_use: list[tuple[int, int]] = field(default_factory=list)  # (step, blocks) at each look
@@ -298,21 +298,17 @@ class TraceRun:
     def __init__(self, policy, prompts: Sequence[str], rule: Rule, s: Settings, *, seeds: Seeds,
                  cancelled_prompts: Callable[[], frozenset] = frozenset, verifier=None, track_blocks: bool = False):
         self.policy, self.prompts, self.rule, self.s = policy, list(prompts), rule, s
-        self.seeds, self.cancelled, self.verifier = seeds, cancelled_prompts, verifier
+        self.seeds, self.cancelled = seeds, cancelled_prompts
         self.track_blocks = track_blocks
         self.scorer = None if verifier is None else PartialScorer(verifier, self.prompts, rule.n, s)
 
     def _keys(self, slots, dev):
         """Per row (``slots``: ``(prompt, candidate)`` or ``None`` for a parked prompt row): seed and stream."""
-        owner = [sl[0] if sl is not None else i for i, sl in enumerate(slots)]
-        cand = [0 if sl is None else sl[1] for sl in slots]
-        if self.seeds.keyed:
-            seed = torch.tensor([self.seeds.per_prompt[o] for o in owner], dtype=torch.int64, device=dev)
-            stream = torch.tensor(cand, dtype=torch.int64, device=dev)
-        else:  # one run seed: stream (prompt, candidate)
-            seed = torch.tensor(self.seeds.seed, dtype=torch.int64, device=dev)
-            stream = torch.tensor([o * self.rule.n + c for o, c in zip(owner, cand)], dtype=torch.int64, device=dev)
-        return seed, stream
+        owner = torch.tensor([sl[0] if sl is not None else i for i, sl in enumerate(slots)], device=dev)
+        cand = torch.tensor([0 if sl is None else sl[1] for sl in slots], device=dev)
+        seed, stream = self.seeds.rows(owner, cand, dev)
+        # one run seed: the stream is (prompt, candidate), so a candidate draws the same wherever its row sits
+        return seed, (owner * self.rule.n + cand if stream is None else stream)
 
     @torch.no_grad()
     def run(self) -> RunOutput:
@@ -343,7 +339,6 @@ class TraceRun:
         sums = torch.zeros((P, 2), dtype=torch.float32, device=dev)  # entropy, self-certainty
         done = torch.zeros(P, dtype=torch.bool, device=dev)
         aborted = torch.zeros(P, dtype=torch.bool, device=dev)
-        from ..ops.confidence import SlidingWindow
         window = SlidingWindow.start(P, W, dev)
         active = torch.zeros(P, dtype=torch.bool, device=dev)
         run = None
@@ -365,10 +360,9 @@ class TraceRun:
                         ids = ids_h[i][:n_tok]
                         fin = "aborted" if aborted_h[r] else ("eos" if ids and ids[-1] in eos_set else "length")
                         text = tok.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
-                        hits = [(text.find(x), x) for x in s.stop if x in text] if fin == "length" else []
-                        if hits:  # a stop string in a row that did not end otherwise: cut after it, as majority does
-                            pos, x = min(hits)
-                            text, fin = text[: pos + len(x)], "stop"
+                        cut = cut_at_stop(text, s.stop) if fin == "length" else None
+                        if cut is not None:  # a stop string in a row that did not end otherwise, as majority cuts
+                            text, fin = cut, "stop"
                         spent[p] += n_tok
                         trace = Trace(p, j, ids, fin, conf_h[i][:n_tok], sums_h[i][0], sums_h[i][1], text)
                         rule.finished(p, trace)
@@ -381,12 +375,11 @@ class TraceRun:
                     for i, r in enumerate(live_rows):
                         n_tok = counts_h[r]
                         text = tok.decode([t for t in ids_h[i][:n_tok] if t not in eos_set], skip_special_tokens=True)
-                        hits = [(text.find(x), x) for x in s.stop if x in text]
-                        if hits:
-                            pos, x = min(hits)
+                        cut = cut_at_stop(text, s.stop)
+                        if cut is not None:
                             p, j = slots[r]
                             rule.finished(p, Trace(p, j, ids_h[i][:n_tok], "stop", cbuf[r, :n_tok].tolist(),
-                                                   *sums[r].tolist(), text[: pos + len(x)]))
+                                                   *sums[r].tolist(), cut))
                             stop_rows.add(r)
                 if rule.checkpoint_tokens and step and step % rule.checkpoint_tokens == 0:
                     stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows], slots, buf, counts_h,
@@ -472,7 +465,7 @@ class TraceRun:
                 looks.append((step, _blocks_in_use(session)))
         finally:
             session.free()
-        return RunOutput(rule.traces, sum(spent), compute, forward, looks, spent, started)
+        return RunOutput(rule.traces, compute, forward, looks, spent, started)
 
     def _checkpoint(self, rows, slots, buf, counts_h, eos_set, rule) -> set[int]:
         """Speculative rejection's look: score every live partial candidate, stop the worst of each prompt."""
