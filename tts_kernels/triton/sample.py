@@ -104,6 +104,27 @@ def _log1p(a):
 
 
 @triton.jit
+def _kth_key(row_ptr, V, k, T, key_m, piv_j, soffs, APPLY_T: tl.constexpr, STILE: tl.constexpr,
+             NPIV: tl.constexpr):
+    """The order key of the row's k-th largest value (of ``x / T`` with ``APPLY_T``; ``0 < k < V``): the
+    largest t with #(key >= t) >= k, found by an NPIV-way search (invariant: lo passes, hi fails).
+    Top-k in the sampler and the statistics' top-k mean share it."""
+    lo = key_m * 0 + _KEY_NEGINF
+    hi = key_m + 1
+    while hi - lo > 1:
+        piv = lo + ((hi - lo) * piv_j) // (NPIV + 1)
+        cnt = tl.zeros([NPIV], tl.int64)
+        for t in range(0, V, STILE):
+            x, mask = _load_x(row_ptr, t + soffs, V, T, APPLY_T)
+            ge = (_order_key(x)[None, :] >= piv[:, None]) & mask[None, :]
+            cnt += tl.sum(ge.to(tl.int64), 1)
+        ok = cnt >= k
+        lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
+        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), 0))
+    return lo
+
+
+@triton.jit
 def _row_stats(row_ptr, V, k, out_ptr, TILE: tl.constexpr, STILE: tl.constexpr, NPIV: tl.constexpr):
     """Confidence, entropy and self-certainty of one row at temperature 1 (``sample_stats_ref``)
     into ``out_ptr[0:3]``. With y = x - m and Z = sum exp(y), lp = y - log Z::
@@ -140,19 +161,7 @@ def _row_stats(row_ptr, V, k, out_ptr, TILE: tl.constexpr, STILE: tl.constexpr, 
     key_m = _order_key(m)
     t_k = key_m * 0 + _KEY_NEGINF
     if k < V:
-        lo = t_k
-        hi = key_m + 1
-        while hi - lo > 1:
-            piv = lo + ((hi - lo) * piv_j) // (NPIV + 1)
-            cnt = tl.zeros([NPIV], tl.int64)
-            for t in range(0, V, STILE):
-                x, mask = _load_x(row_ptr, t + soffs, V, 1.0, False)
-                ge = (_order_key(x)[None, :] >= piv[:, None]) & mask[None, :]
-                cnt += tl.sum(ge.to(tl.int64), 1)
-            ok = cnt >= k
-            lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
-            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), 0))
-        t_k = lo
+        t_k = _kth_key(row_ptr, V, k, 1.0, key_m, piv_j, soffs, False, STILE, NPIV)
     # Sum of the k largest y: those above the k-th largest value, then copies of it.
     above = 0.0
     n_above = 0
@@ -259,20 +268,7 @@ def _sample_row(
         # top-k: largest t with #(key >= t) >= k; invariant: lo passes, hi fails.
         t_k = key_m * 0 + _KEY_NEGINF
         if (k > 0) & (k < V):
-            lo = t_k
-            hi = key_m + 1
-            while hi - lo > 1:
-                piv = lo + ((hi - lo) * piv_j) // (NPIV + 1)
-                cnt = tl.zeros([NPIV], tl.int64)
-                for t in range(0, V, STILE):
-                    x, mask = _load_x(row_ptr, t + soffs, V, T, True)
-                    key = _order_key(x)
-                    ge = (key[None, :] >= piv[:, None]) & mask[None, :]
-                    cnt += tl.sum(ge.to(tl.int64), 1)
-                ok = cnt >= k
-                lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), 0))
-                hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv), 0))
-            t_k = lo
+            t_k = _kth_key(row_ptr, V, k, T, key_m, piv_j, soffs, True, STILE, NPIV)
         # top-p on the top-k distribution: smallest t with G(t) < top_p * Z_k.
         t_p = t_k
         if top_p < 1.0:
