@@ -38,6 +38,7 @@ of it hold one lock.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -48,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..search import STRATEGIES, Compute, SearchResult, Settings, run
+from ..search import STRATEGIES, Compute, SearchResult, Settings, run, run_continuous
 from ..search.cancel import Cancellation, cancellation, progress
 from ..search.seeds import splitmix64
 
@@ -260,7 +261,9 @@ class Job:
 @dataclass
 class Outcome:
     """A job's share of its search call: the call's result restricted to the job's prompts, and the
-    whole call's size and compute (what ``usage`` splits by prompts)."""
+    whole call's size and compute (what ``usage`` splits by prompts), or the job's own ``compute`` when
+    the call counted it per job (a continuous call: then ``batch_prompts`` / ``batch_requests`` are the
+    call's prompts and requests when the job ended)."""
 
     result: SearchResult
     batch_prompts: int
@@ -268,6 +271,7 @@ class Outcome:
     batch_compute: Compute
     queue_seconds: float
     search_seconds: float
+    compute: Compute | None = None  # the job's own compute, when the call counted it per job (continuous batching)
 
 
 def _slice(res: SearchResult, a: int, b: int) -> SearchResult:
@@ -276,14 +280,11 @@ def _slice(res: SearchResult, a: int, b: int) -> SearchResult:
                                samples=res.budget * (b - a), info=dict(res.info))
 
 
-def _progress_hook(spans: list):
+def _progress_hook(owner: dict):
     """The call's progress listener (:func:`~tts_kernels.search.cancel.progress`): each event goes to the
     listener of the job whose prompts it is about, in that job's own prompt indices; a job without a
-    listener (or cancelled) gets nothing. Runs on the search thread."""
-    owner = {}
-    for job, a, b in spans:
-        for p in range(a, b):
-            owner[p] = (job, a)
+    listener (or cancelled) gets nothing. ``owner``: prompt index -> (job, its first prompt's index), filled
+    as jobs join. Runs on the search thread."""
 
     def hook(kind: str, data: dict) -> None:
         if kind == "tokens":
@@ -304,10 +305,83 @@ def _progress_hook(spans: list):
     return hook
 
 
-class Engine:
-    """Batches jobs into search calls on one worker thread (see the module docstring)."""
+def _owners(spans: list) -> dict:
+    return {p: (job, a) for job, a, b in spans for p in range(a, b)}
 
-    def __init__(self, policy, verifier, *, max_batch: int = 32, max_wait_ms: float = 10.0, metrics=None):
+
+class _GroupCap(Cancellation):
+    """A continuous call's cancellation, plus the prompts of every job whose own policy tokens so far passed
+    its cap (its group counts them exactly: :class:`~tts_kernels.search.decode.SampleGroup`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups: list = []  # the capped jobs' groups running
+        self.over: dict[str, int] = {}  # job id -> its policy tokens when it passed its cap
+        self._over_prompts: frozenset[int] = frozenset()
+
+    @property
+    def prompts(self) -> frozenset[int]:
+        for g in list(self.groups):
+            job = g.tag
+            if job.id not in self.over and g.forward > job.token_cap:
+                self.over[job.id] = g.forward
+                self._over_prompts = self._over_prompts | frozenset(range(g.first, g.first + len(g.prompts)))
+        return super().prompts | self._over_prompts
+
+
+class _OpenCall:
+    """A continuous search call under way: jobs with its key offered to it wait here until its search
+    thread takes them at a look (:meth:`take`). Closed when the search ends; what still waits then goes back
+    to the engine's queue."""
+
+    def __init__(self, key):
+        self.key = key
+        self.lock = threading.Lock()
+        self.waiting: collections.deque = collections.deque()
+        self.closed = False
+        self.prompts = self.requests = 0  # taken so far
+        self.policy_tokens = self.verifier_tokens = 0  # spent by the jobs resolved so far
+
+    def offer(self, job: Job) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            self.waiting.append(job)
+            return True
+
+    def take(self, fit) -> list:
+        """The waiting jobs, in order, that fit (``fit(prompts, seeds, job)``: their group, or ``None``)."""
+        out = []
+        with self.lock:
+            while self.waiting and not self.closed:
+                job = self.waiting[0]
+                if job.cancelled or job.future.done():
+                    self.waiting.popleft()
+                    continue
+                g = fit(job.prompts, job.seeds, job)
+                if g is None:
+                    break
+                self.waiting.popleft()
+                out.append(g)
+        return out
+
+    def close(self) -> list[Job]:
+        with self.lock:
+            self.closed = True
+            rest = list(self.waiting)
+            self.waiting.clear()
+        return rest
+
+
+class Engine:
+    """Batches jobs into search calls on one worker thread (see the module docstring).
+
+    ``continuous`` (default): a job whose strategy takes requests while it runs
+    (:func:`~tts_kernels.search.run_continuous`) joins the call of its key under way at the call's next look;
+    ``False``: whole-request batching only (a job waits for the call under way to end)."""
+
+    def __init__(self, policy, verifier, *, max_batch: int = 32, max_wait_ms: float = 10.0, metrics=None,
+                 continuous: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -315,33 +389,43 @@ class Engine:
         self.policy, self.verifier = policy, verifier
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.metrics = metrics
+        self.continuous = bool(continuous)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-search")
         self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
+        self._pending: list[Job] = []  # jobs for the next call
+        self._arrived: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._open: _OpenCall | None = None  # the continuous call under way
         self._closing = False
         self.running = 0  # jobs in the search call under way
 
     @property
     def queued(self) -> int:
-        return 0 if self._queue is None else self._queue.qsize()
+        waiting = 0 if self._open is None else len(self._open.waiting)
+        return (0 if self._queue is None else self._queue.qsize()) + len(self._pending) + waiting
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._loop())
+        self._arrived = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._intake()), asyncio.create_task(self._runner())]
 
     async def stop(self) -> None:
-        """Refuse new jobs, let the call under way finish, cancel the jobs still queued."""
+        """Refuse new jobs, let the call under way finish (a continuous call takes no new jobs), cancel the
+        jobs still queued."""
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
+        rest = [] if self._open is None else self._open.close()
+        for task in self._tasks:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
+            rest.append(self._queue.get_nowait())
+        for job in rest + self._pending:
             if job.future is not None and not job.future.done():
                 job.future.set_exception(Unavailable("the server is shutting down; the request was not run"))
+        self._pending = []
         self._pool.shutdown(wait=True)
 
     async def submit(self, job: Job) -> Outcome:
@@ -368,30 +452,48 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_length.set(self.queued)
 
-    async def _loop(self) -> None:
+    def _joinable(self, job: Job) -> bool:
+        return self.continuous and STRATEGIES[job.strategy].continuous is not None and not job.key[0] == "pooled"
+
+    async def _intake(self) -> None:
+        """Every arriving job: into the continuous call under way when it has the call's key (and no other job
+        waits for the next call, which would otherwise wait as long as compatible jobs keep coming), else
+        into the next call's batch."""
+        while True:
+            job = await self._queue.get()
+            call = self._open
+            if call is not None and not self._pending and job.key == call.key and call.offer(job):
+                self._gauge()
+                continue
+            self._pending.append(job)
+            self._arrived.set()
+
+    async def _runner(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
             deadline = loop.time() + self.max_wait
-            while sum(len(j.prompts) for j in batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
+            while sum(len(j.prompts) for j in self._pending) < self.max_batch:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
+                self._arrived.clear()
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
+            batch, self._pending = self._pending, []
             self._gauge()
             groups: dict = {}
             for job in batch:
                 if not job.cancelled and not job.future.done():
                     groups.setdefault(job.key, []).append(job)
             for jobs in groups.values():
+                if self._joinable(jobs[0]):  # one continuous call takes them all, up to max_batch prompts at once
+                    await self._guarded(jobs)
+                    continue
                 # At most max_batch prompts per call (a single larger request runs alone).
                 part: list[Job] = []
                 for job in jobs:
@@ -404,7 +506,10 @@ class Engine:
     async def _guarded(self, jobs: list[Job]) -> None:
         # Whatever goes wrong in one call (a bug included) fails its requests, never the loop.
         try:
-            await self._call(jobs)
+            if self._joinable(jobs[0]):
+                await self._call_continuous(jobs)
+            else:
+                await self._call(jobs)
         except Exception as exc:  # noqa: BLE001
             log.exception("search call failed")
             for job in jobs:
@@ -433,7 +538,7 @@ class Engine:
         for job, a, b in spans:  # a job cancelled from now on has its prompts' rows dropped at the search's next look
             job.on_cancel = functools.partial(stop.cancel, range(a, b))
 
-        hook = _progress_hook(spans) if any(job.listener is not None for job in jobs) else None
+        hook = _progress_hook(_owners(spans)) if any(job.listener is not None for job in jobs) else None
 
         def call():
             with cancellation(stop), (progress(hook) if hook is not None else contextlib.nullcontext()):
@@ -486,3 +591,126 @@ class Engine:
                 continue
             job.future.set_result(Outcome(_slice(res, a, b), len(prompts), len(jobs), res.compute,
                                           started - job.enqueued, seconds))
+
+    async def _call_continuous(self, jobs: list[Job]) -> None:
+        """One continuous call (:func:`~tts_kernels.search.run_continuous`): ``jobs`` and every job of their key
+        offered while it runs (:meth:`_intake`), at most ``max_batch`` prompts' rows at once; each job is
+        resolved as its rows end, with its own result and compute."""
+        jobs = [j for j in jobs if not j.cancelled and not j.future.done()]
+        if not jobs:
+            return
+        head = jobs[0]
+        loop = asyncio.get_running_loop()
+        call = _OpenCall(head.key)
+        for job in jobs[1:]:  # they join at the call's first look (or wait for room)
+            call.offer(job)
+        self._open = call
+        verifier = self.verifier if STRATEGIES[head.strategy].needs_verifier else None
+        stop = _GroupCap() if head.token_cap else Cancellation()
+        owner: dict = {}
+        hook = _ListeningHook(owner)
+        started_at: dict[str, float] = {}
+        first_started = []
+
+        def started(g) -> None:  # search thread
+            job = g.tag
+            first_started.append(job)
+            a, b = g.first, g.first + len(g.prompts)
+            for p in range(a, b):
+                owner[p] = (job, a)
+            hook.listeners += job.listener is not None
+            job.on_cancel = functools.partial(stop.cancel, range(a, b))
+            if job.cancelled:
+                stop.cancel(range(a, b))
+            if job.token_cap:
+                stop.groups.append(g)
+            call.prompts += b - a
+            call.requests += 1
+            self.running += 1
+            started_at[job.id] = time.perf_counter()
+
+        def deliver(g, res) -> None:  # search thread
+            job = g.tag
+            job.on_cancel = None
+            hook.listeners -= job.listener is not None
+            capped = getattr(stop, "groups", None)
+            if capped is not None and g in capped:
+                capped.remove(g)
+            loop.call_soon_threadsafe(self._resolve, g, res, call, stop, started_at[job.id], time.perf_counter())
+
+        def join(fit) -> list:  # search thread
+            return [] if self._closing else call.take(fit)
+
+        def work():
+            with cancellation(stop), progress(hook):
+                run_continuous(head.strategy, self.policy, verifier, head.prompts, head.seeds, budget=head.budget,
+                               settings=head.settings, tag=head, join=join, deliver=deliver, started=started,
+                               capacity=self.max_batch)
+
+        t0 = time.perf_counter()
+        try:
+            await loop.run_in_executor(self._pool, work)
+            failure = None
+        except Exception as exc:  # noqa: BLE001 - its requests get the error; the server goes on
+            failure = exc
+        finally:
+            rest = call.close()  # what still waits goes back to the next call's batch, first in line
+            self._open = None
+            self._pending[:0] = rest
+            if rest:
+                self._arrived.set()
+        await asyncio.sleep(0)  # the results the search thread handed over are set before the call is judged
+        if failure is not None:
+            bad = isinstance(failure, (ValueError, TypeError)) and not first_started
+            if not bad:
+                log.error("continuous search call failed", exc_info=failure)
+            for job in first_started or [head]:
+                if not job.future.done():
+                    job.future.set_exception(BadRequest(str(failure)) if bad else failure)
+            self.running = 0
+        if self.metrics is not None:
+            self.metrics.call(head.strategy, call.requests, call.prompts, time.perf_counter() - t0)
+        log.info(json.dumps({"event": "search", "strategy": head.strategy, "budget": head.budget, "continuous": True,
+                             "requests": call.requests, "prompts": call.prompts,
+                             "seconds": round(time.perf_counter() - t0, 4), "cancelled_prompts": len(stop.prompts),
+                             "over_cap": sorted(getattr(stop, "over", {})), "policy_tokens": call.policy_tokens,
+                             "verifier_tokens": call.verifier_tokens}))
+
+    def _resolve(self, g, res, call: _OpenCall, stop, started: float, ended: float) -> None:
+        """A continuous call's job, done (event loop thread): its result, its limit, or its failure."""
+        job = g.tag
+        self.running = max(0, self.running - 1)
+        if not isinstance(res, Exception):
+            call.policy_tokens += res.compute.policy_prefill_tokens + res.compute.policy_generated_tokens
+            call.verifier_tokens += res.compute.prm_tokens
+            if self.metrics is not None:
+                self.metrics.spent(res.compute)
+        if job.future.done():
+            return
+        if isinstance(res, Exception):
+            job.future.set_exception(BadRequest(str(res)) if isinstance(res, (ValueError, TypeError)) else res)
+            return
+        spent = res.compute.policy_tokens + res.compute.prm_tokens
+        over = getattr(stop, "over", {})
+        if job.id in over or (job.token_cap and spent > job.token_cap):
+            job.future.set_exception(LimitExceeded(over.get(job.id, spent), job.token_cap, during=job.id in over))
+            return
+        job.future.set_result(Outcome(res, call.prompts, call.requests, res.compute, started - job.enqueued,
+                                      ended - started, compute=res.compute))
+
+
+class _ListeningHook:
+    """A continuous call's progress listener: :func:`_progress_hook` over the jobs that have joined, listening
+    (:func:`~tts_kernels.search.cancel.listening`) only while one of them streams, so the search builds no
+    events for a call nobody streams."""
+
+    def __init__(self, owner: dict):
+        self.fn = _progress_hook(owner)
+        self.listeners = 0
+
+    @property
+    def listening(self) -> bool:
+        return self.listeners > 0
+
+    def __call__(self, kind: str, data: dict) -> None:
+        self.fn(kind, data)

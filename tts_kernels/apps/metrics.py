@@ -43,15 +43,23 @@ class Metrics:
         return sum(ledger.blocks for ledger in self.ledgers)
 
     def batch(self, strategy: str, requests: int, prompts: int, compute, seconds: float) -> None:
-        """Record one search call."""
+        """Record one search call and its compute."""
+        self.call(strategy, requests, prompts, seconds)
+        self.spent(compute)
+
+    def call(self, strategy: str, requests: int, prompts: int, seconds: float) -> None:
+        """Record one search call's size and duration (a continuous call: every request that joined it)."""
         self.batch_requests.observe(requests)
         self.batch_prompts.observe(prompts)
+        self.search_seconds.labels(strategy=strategy).observe(seconds)
+
+    def spent(self, compute) -> None:
+        """Add a search's compute (a call's, or one request's in a continuous call) to the token and FLOP counters."""
         self.tokens.labels(kind="prompt").inc(compute.policy_prefill_tokens)
         self.tokens.labels(kind="generated").inc(compute.policy_generated_tokens)
         self.tokens.labels(kind="verifier").inc(compute.prm_tokens)
         self.flops.labels(model="policy").inc(compute.policy_flops)
         self.flops.labels(model="verifier").inc(compute.prm_flops)
-        self.search_seconds.labels(strategy=strategy).observe(seconds)
 
     def request_done(self, strategy: str, seconds: float) -> None:
         self.requests.labels(strategy=strategy, status="200").inc()

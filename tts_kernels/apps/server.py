@@ -450,8 +450,9 @@ def build(job: Job, out: Outcome, opts: dict, cfg: ServerConfig, policy) -> dict
                                "steps": c.steps, "step_scores": [_score(s) for s in c.step_scores],
                                **({"thinking_tokens": c.thinking_tokens} if thinking else {})}
                               for c in res.candidates[p]])
-    share = len(job.prompts) / out.batch_prompts
-    bc = out.batch_compute
+    # The request's own compute when the call counted it per request (continuous batching), else its share.
+    share = 1.0 if out.compute is not None else len(job.prompts) / out.batch_prompts
+    bc = out.compute if out.compute is not None else out.batch_compute
     usage = {"prompt_tokens": opts["prompt_tokens"], "completion_tokens": completion_tokens,
              "total_tokens": opts["prompt_tokens"] + completion_tokens, "search_tokens": search_tokens,
              "policy_tokens": round(bc.policy_tokens * share), "verifier_tokens": round(bc.prm_tokens * share),
@@ -794,8 +795,10 @@ def pooling_body(job: ScoreJob, out, model: str) -> dict:
 
 # ----------------------------------------------------------------------------- the app
 
-def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: int = 32, max_wait_ms: float = 10.0):
-    """The FastAPI app serving ``policy`` (and ``verifier``, may be ``None``) under ``cfg``."""
+def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: int = 32, max_wait_ms: float = 10.0,
+               continuous: bool = True):
+    """The FastAPI app serving ``policy`` (and ``verifier``, may be ``None``) under ``cfg``; ``continuous``:
+    requests join a running search call of their strategy (else whole requests are batched)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -804,13 +807,14 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
     cfg = cfg or ServerConfig()
     guard_tokenizers(policy, verifier)  # shared by the request threads and the search thread: one lock each
     metrics = Metrics(policy, verifier)
-    engine = Engine(policy, verifier, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics)
+    engine = Engine(policy, verifier, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics,
+                    continuous=continuous)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await engine.start()
         log.info(json.dumps({"event": "start", "model": cfg.model_name, "strategies": sorted(STRATEGIES),
-                             "max_batch": max_batch, "max_wait_ms": max_wait_ms}))
+                             "max_batch": max_batch, "max_wait_ms": max_wait_ms, "continuous": continuous}))
         yield
         await engine.stop()
         log.info(json.dumps({"event": "stop"}))
@@ -1099,7 +1103,12 @@ def add_arguments(ap) -> None:
                                                        "or the policy folder's name)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=DTYPES)
-    ap.add_argument("--max-batch", type=int, default=32, help="prompts per search call (1: no batching)")
+    ap.add_argument("--max-batch", type=int, default=32,
+                    help="prompts per search call (running at once, with continuous batching; 1: no batching)")
+    ap.add_argument("--batching", default="continuous", choices=("continuous", "request"),
+                    help="continuous: a request joins the running search call of its strategy and settings at its "
+                         "next host look (greedy, majority, best_of_n, weighted_best_of_n); request: whole "
+                         "requests are batched, a request waits for the call under way to end")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
     for name, (default, what) in LIMITS.items():
         ap.add_argument(_flag(name), type=int, default=default, help=f"{what} (default {default})")
@@ -1147,7 +1156,8 @@ def main(args) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     policy, verifier, cfg.model_name, cfg.verifier_name = load_models(args)
-    app = create_app(policy, verifier, cfg, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    app = create_app(policy, verifier, cfg, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                     continuous=args.batching == "continuous")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0

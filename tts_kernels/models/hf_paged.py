@@ -227,6 +227,16 @@ class PagedCache(Cache):
         other._mask = other._start = other._repeated = None
         return other
 
+    def adopt(self, other: "PagedCache") -> None:
+        """Append ``other``'s rows (a cache over the same pool, e.g. new prompts prefilled into it) after this
+        cache's rows; ``other`` is left empty. No KV bytes move."""
+        if other.kv is not self.kv:
+            raise ValueError("adopt: the other cache must share this cache's pool (PagedCache(..., kv=cache.kv))")
+        self._settle()
+        other._settle()
+        self.seq_ids = torch.cat([self.seq_ids, other.seq_ids])
+        other.seq_ids = other.seq_ids[:0]
+
     def truncate(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Roll ``rows`` (distinct) back to their first ``lengths`` tokens (``PagedKVCache.truncate``)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.seq_ids.device)

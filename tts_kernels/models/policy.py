@@ -176,15 +176,7 @@ class PolicySession:
         blocks = policy.num_blocks or (P * (t // B + 1) + rows_hint * (max_new_tokens // B + 2) + 8)
         self.cache = PagedCache(policy.model, batch_size=P, num_blocks=blocks, block_size=B,
                                 max_seqs=max(2 * rows_hint + P, 16))
-        ids, mask = left_pad(prompt_ids, policy.tokenizer.pad_token_id or 0, dev)
-        self.cache.set_attention_mask(mask)
-        pos = self.cache.position_ids(t)
-        self.cache.set_attention_mask(mask)
-        with torch.no_grad():
-            out = policy.model(**policy.forward_args(self.cache, input_ids=ids, position_ids=pos, use_cache=True,
-                                                     optional={"logits_to_keep": 1}))
-        self.logits = out.logits[:, -1]
-        self.positions = mask.sum(1)  # next position of each row (device)
+        self.logits, self.positions = self._prefill(self.cache, prompt_ids)  # next position of each row (device)
         self.prefill_tokens = int(sum(len(p) for p in prompt_ids))  # prompt tokens prefilled
         self.tokens = self.prefill_tokens  # tokens run through the model (decode rows added later)
         # Keys attended, summed over those tokens (for the FLOP estimate): causal prefill, then
@@ -192,9 +184,49 @@ class PolicySession:
         self.keys = torch.tensor(sum(len(p) * (len(p) + 1) // 2 for p in prompt_ids), device=dev)
         policy.kv_ledger.hold(self, blocks)
 
+    def _prefill(self, cache: PagedCache, prompt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``prompt_ids`` (left-padded, one forward) into ``cache``'s rows: ``(last logits, next positions)``."""
+        policy = self.policy
+        ids, mask = left_pad(prompt_ids, policy.tokenizer.pad_token_id or 0, policy.device)
+        cache.set_attention_mask(mask)
+        pos = cache.position_ids(ids.shape[1])
+        cache.set_attention_mask(mask)
+        with torch.no_grad():
+            out = policy.model(**policy.forward_args(cache, input_ids=ids, position_ids=pos, use_cache=True,
+                                                     optional={"logits_to_keep": 1}))
+        return out.logits[:, -1], mask.sum(1)
+
     @property
     def rows(self) -> int:
         return self.cache.batch_size
+
+    @property
+    def pool(self) -> tuple[int, int, int]:
+        """``(blocks, block_size, free sequence slots)`` of the session's KV pool: what a caller that
+        admits prompts into it (:meth:`admit`) plans by."""
+        kv = self.cache.kv
+        return kv.num_blocks, kv.block_size, kv.max_seqs - kv.num_live_seqs
+
+    def admit(self, prompt_ids: list[list[int]]) -> None:
+        """Prefill new prompts into this session's pool (one forward over just them, as :meth:`HFPolicy.start`
+        prefills): they become rows ``rows .. rows + len(prompt_ids) - 1``, after the rows running now, which
+        are untouched. What a search that takes new requests at its host looks calls (continuous batching).
+        The pool must have room (:attr:`pool`); on an error nothing is added."""
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt must have at least one token")
+        sub = PagedCache(self.policy.model, batch_size=len(prompt_ids), kv=self.cache.kv)
+        try:
+            logits, positions = self._prefill(sub, prompt_ids)
+        except BaseException:
+            sub.free()
+            raise
+        self.cache.adopt(sub)
+        self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
+        self.positions = torch.cat([self.positions, positions.to(self.positions.dtype)])
+        n = int(sum(len(p) for p in prompt_ids))
+        self.prefill_tokens += n
+        self.tokens += n
+        self.keys = self.keys + sum(len(p) * (len(p) + 1) // 2 for p in prompt_ids)
 
     def clone(self, rows: torch.Tensor) -> "PolicySession":
         """A second session over the same KV pool continuing ``rows`` of this one (which is unchanged),

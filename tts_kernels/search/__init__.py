@@ -24,10 +24,10 @@ from .result import Candidate, SearchResult, select_candidates
 from .revise import revise
 from .settings import Settings
 from .step_search import dvts, prm_beam_search
-from .strategies import STRATEGIES, Strategy, register_strategy, run, run_together
+from .strategies import STRATEGIES, Strategy, register_strategy, run, run_continuous, run_together
 from .thinking import ThinkingBudget
 
-__all__ = ["run", "run_together", "STRATEGIES", "Strategy", "register_strategy", "Settings", "SearchResult",
+__all__ = ["run", "run_together", "run_continuous", "STRATEGIES", "Strategy", "register_strategy", "Settings", "SearchResult",
            "Candidate", "select_candidates", "Compute", "count_flops", "Policy", "PolicySession", "Verifier",
            "VerifierSession", "StepScores", "Tokenizer", "best_of_n", "sample_completions", "prm_beam_search", "dvts",
            "compute_optimal", "OptimalTable", "particle_filter", "particle_gibbs", "beam_search", "BeamSearchOutput", "FROM_MODEL", "answer_ids", "extract_answer", "revise", "rebase", "ThinkingBudget"]

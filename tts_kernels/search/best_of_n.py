@@ -36,15 +36,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._threads import in_search_pool
-from ..models.text import cut_at_stop, split_steps
+from ..models.text import split_steps
 from ..ops._validate import check_int
-from ..ops.sample import sample
-from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
 from .accounting import Compute, count_flops
 from .answers import extract_answer
-from .cancel import cancelled, listening, report
+from .cancel import cancelled
+from .decode import GroupSample, SampleGroup, SampleLoop
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
-from .seeds import Seeds, engine_seeds
+from .seeds import Seeds
 from .settings import Settings, resolve
 from .thinking import ThinkingBudget
 from .validate import check_prompts
@@ -75,115 +74,16 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
     over every token run: the attention part of the FLOP estimate) and, with ``thinking``,
     ``thinking`` (``[P][n]`` tokens each candidate wrote while thinking)."""
     _check(prompts, n, max_new_tokens, sync_every, stop)
-    keys = Seeds.of(seed, len(prompts))
-    tok = policy.tokenizer
-    P = len(prompts)
-    R = P * n
-    session = policy.start([policy.encode(p) for p in prompts], rows_hint=R, max_new_tokens=max_new_tokens)
-    dev = session.logits.device
-    try:
-        session.fork(torch.arange(P, device=dev).repeat_interleave(n))
-        eos = torch.tensor(policy.eos_token_ids or [-1], device=dev)
-        out = torch.full((R, max_new_tokens), -1, dtype=torch.long, device=dev)
-        live = torch.arange(R, device=dev)  # original row of each batch row
-        done = torch.zeros(R, dtype=torch.bool, device=dev)  # per batch row
-        seed_t, stream = keys.rows(live // n, live % n, dev)  # (prompt, candidate) of each row
-        rule = None if thinking is None else thinking.rule(tok, policy.eos_token_ids, dev)
-        if rule is not None:
-            think = ThinkingState.start(R, dev)
-            thought = torch.zeros(R, dtype=torch.int64, device=dev)  # per original row
-        if hasattr(session, "generate"):  # a text-level engine (e.g. vLLM) samples whole completions itself
-            if rule is not None:
-                raise ValueError("Settings.thinking runs inside this package's decode loop; a text-level engine "
-                                 "(the vLLM backend) does not take it")
-            outs = session.generate(None, max_tokens=max_new_tokens, stop=list(stop or []),
-                                    temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                                    min_p=float(min_p), logprobs=False, seeds=engine_seeds(seed_t, stream, 0, R))
-            for r, (row, _, _) in enumerate(outs):
-                out[r, : len(row)] = torch.tensor(row[:max_new_tokens], dtype=torch.long, device=dev)
-        else:
-            offset = torch.zeros((), dtype=torch.int64, device=dev)
-            looked = 0  # the step after the last look (progress reports the tokens since)
-            for step in range(max_new_tokens):
-                logits = session.logits if rule is None else thinking_logits(session.logits, think, rule)
-                tokens, _ = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                   seed=seed_t, offset=offset, stream=stream)
-                offset += 1
-                out[live, step] = torch.where(done, -1, tokens)
-                if rule is not None:
-                    think = thinking_update(think, tokens, rule, active=~done)
-                    thought.index_copy_(0, live, think.thought)
-                done |= torch.isin(tokens, eos)
-                last = step == max_new_tokens - 1
-                if (step + 1) % sync_every == 0 or last:
-                    done_h = done.tolist()  # the host looks: once every sync_every steps
-                    rows_h = live.tolist()
-                    if listening():  # progress: each row's tokens since the last look (-1: after its end)
-                        report("tokens", {"rows": [(r // n, r % n) for r in rows_h],
-                                          "ids": out[live, looked: step + 1].tolist()})
-                        looked = step + 1
-                    gone = cancelled()
-                    if gone:  # prompts nobody waits for any more: their rows leave the batch here
-                        done_h = [d or r // n in gone for d, r in zip(done_h, rows_h)]
-                    if stop:
-                        texts = tok.batch_decode(_rows_tokens(out[live, : step + 1].tolist(), eos_set(policy)),
-                                                 skip_special_tokens=True)
-                        for j, text in enumerate(texts):
-                            if not done_h[j] and any(s in text for s in stop):
-                                done_h[j] = True
-                    if last:
-                        break
-                    keep = [j for j, d in enumerate(done_h) if not d]
-                    if not keep:
-                        break
-                    if len(keep) < len(rows_h):
-                        idx = torch.tensor(keep, device=dev)
-                        session.fork(idx)
-                        live = live.index_select(0, idx)
-                        seed_t, stream = keys.rows(live // n, live % n, dev)
-                        tokens = tokens.index_select(0, idx)
-                        if rule is not None:
-                            think = think.select(idx)
-                        done = torch.zeros(len(keep), dtype=torch.bool, device=dev)
-                # Rows that finished since the last look still run until the next one (no sync to
-                # find them); their tokens are not recorded.
-                session.decode(tokens)
-        policy_tokens = session.tokens
-        if stats is not None:
-            stats["keys"] = int(session.keys)
-            stats["prefill"] = session.prefill_tokens
-            if rule is not None:
-                stats["thinking"] = [thought.tolist()[i * n:(i + 1) * n] for i in range(P)]
-    finally:
-        session.free()
-    eos_ids = eos_set(policy)
-    ids_all = out.tolist()
-    texts, ids, fins = [], [], []
-    for r in range(R):
-        row = [t for t in ids_all[r] if t >= 0]
-        cut = next((i for i, t in enumerate(row) if t in eos_ids), None)
-        if cut is not None:
-            row, fin = row[: cut + 1], "eos"
-        else:
-            fin = "length"
-        text = tok.decode([t for t in row if t not in eos_ids], skip_special_tokens=True)
-        if stop and fin != "eos":
-            cut = cut_at_stop(text, stop)
-            if cut is not None:
-                text, fin = cut, "stop"
-        texts.append(text)
-        ids.append(row)
-        fins.append(fin)
-    group = lambda xs: [xs[i * n:(i + 1) * n] for i in range(P)]  # noqa: E731
-    return group(texts), group(ids), group(fins), policy_tokens
-
-
-def eos_set(policy) -> set[int]:
-    return set(policy.eos_token_ids)
-
-
-def _rows_tokens(rows: list[list[int]], eos: set[int]) -> list[list[int]]:
-    return [[t for t in row if t >= 0 and t not in eos] for row in rows]
+    loop = SampleLoop(policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      min_p=min_p, stop=stop, sync_every=sync_every, thinking=thinking)
+    got: list[GroupSample] = []
+    loop.run(SampleGroup(list(prompts), n, Seeds.of(seed, len(prompts))), done=lambda g, out: got.append(out))
+    out = got[0]
+    if stats is not None:
+        stats["keys"], stats["prefill"] = out.keys, out.prefill
+        if thinking is not None:
+            stats["thinking"] = out.thinking
+    return out.texts, out.ids, out.finish, out.forward
 
 
 def _check_select(select: str, verifier) -> None:
@@ -193,12 +93,13 @@ def _check_select(select: str, verifier) -> None:
         raise ValueError(f"select={select!r} needs a verifier (only 'majority' runs without one)")
 
 
-def score_texts(verifier, prompts, texts: list[list[str]], *, settings: Settings):
+def score_texts(verifier, prompts, texts: list[list[str]], *, settings: Settings, gone=None):
     """``texts [P][n]`` split into steps by ``settings.step_delimiter`` and scored as completions of
-    ``prompts`` (one verifier call; ``verifier=None``: not scored; cancelled prompts' texts are not
-    scored either): ``(steps, scores [P][n], step_scores, prm_tokens, prm_flops)``."""
+    ``prompts`` (one verifier call; ``verifier=None``: not scored; the texts of the prompts in ``gone``,
+    by default the cancelled ones, are not scored either): ``(steps, scores [P][n], step_scores,
+    prm_tokens, prm_flops)``."""
     P, n = len(prompts), len(texts[0]) if texts else 0
-    gone = cancelled()  # cancelled prompts' candidates are not scored (nothing is left to pick for)
+    gone = cancelled() if gone is None else gone  # cancelled prompts' candidates: nothing is left to pick for
     steps = [[[] if p in gone else split_steps(t, settings.step_delimiter) for t in row] for p, row in enumerate(texts)]
     if verifier is None:
         return steps, [[float("nan")] * n for _ in range(P)], [[[] for _ in range(n)] for _ in range(P)], 0, 0.0
@@ -207,29 +108,38 @@ def score_texts(verifier, prompts, texts: list[list[str]], *, settings: Settings
             count_flops(verifier.flop_module, scored.tokens, int(scored.keys)))
 
 
-def sample_and_score(policy, verifier, prompts: Sequence[str], *, n: int, settings: Settings, seed: int,
-                     extract: Callable[[str], str | None]) -> tuple[list[list[Candidate]], Compute, int]:
-    """``n`` sampled candidates per prompt, split into steps by ``settings.step_delimiter`` and
-    scored by ``verifier`` when it is not ``None``: ``(candidates [P][n], compute, policy forward
-    tokens)``. The shared first half of every sampling strategy."""
+def sampling_loop(policy, settings: Settings, *, capacity: int = 0) -> SampleLoop:
+    """The decode loop of the sampling strategies under ``settings``' sampling fields."""
     s = settings
-    stats: dict = {}
-    texts, ids, fins, forward_tokens = sample_completions(
-        policy, prompts, n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        min_p=s.min_p, stop=list(s.stop) or None, seed=seed, sync_every=s.sync_every, stats=stats,
-        thinking=s.thinking)
-    P = len(prompts)
-    steps, scores, step_scores, prm_tokens, prm_flops = score_texts(verifier, prompts, texts, settings=s)
-    thought = stats.get("thinking")
+    return SampleLoop(policy, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                      top_k=s.top_k, min_p=s.min_p, stop=list(s.stop) or None, sync_every=s.sync_every,
+                      thinking=s.thinking, capacity=capacity)
+
+
+def group_results(rules: dict[str, str], policy, verifier, group: SampleGroup, out: GroupSample, *,
+                  settings: Settings, extract) -> dict[str, SearchResult]:
+    """A finished sampling group's candidates, scored by ``verifier`` (``None``: not scored) and picked by each
+    of ``rules`` (result name -> ``"best"``, ``"majority"`` or ``"weighted"``): one result per rule, all with
+    the same candidates and the group's own compute."""
+    prompts, n, P = group.prompts, group.n, len(group.prompts)
+    gone = {p - group.first for p in cancelled() if group.first <= p < group.first + P}
+    texts, ids, fins, thought = out.texts, out.ids, out.finish, out.thinking
+    steps, scores, step_scores, prm_tokens, prm_flops = score_texts(verifier, prompts, texts, settings=settings,
+                                                                    gone=gone)
     cands = [[Candidate(text=texts[p][j], answer=extract(texts[p][j]), score=scores[p][j], finish=fins[p][j],
                         steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j],
                         thinking_tokens=None if thought is None else thought[p][j])
               for j in range(n)] for p in range(P)]
     generated = sum(len(x) for row in ids for x in row)
-    compute = Compute(policy_prefill_tokens=stats["prefill"], policy_generated_tokens=generated, prm_tokens=prm_tokens,
-                      policy_flops=count_flops(policy.model, forward_tokens, stats["keys"]), prm_flops=prm_flops,
+    compute = Compute(policy_prefill_tokens=out.prefill, policy_generated_tokens=generated, prm_tokens=prm_tokens,
+                      policy_flops=count_flops(policy.model, out.forward, out.keys), prm_flops=prm_flops,
                       thinking_tokens=sum(map(sum, thought)) if thought else 0)
-    return cands, compute, forward_tokens
+    results = {}
+    for name, rule in rules.items():
+        chosen, answers = select_candidates(cands, rule, policy.device, settings.vote_key)
+        results[name] = SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
+                                     compute=compute, samples=n * P, info={"policy_forward_tokens": out.forward})
+    return results
 
 
 @in_search_pool
@@ -237,14 +147,42 @@ def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int
                      extract) -> dict[str, SearchResult]:
     """One sampling run shared by several selection rules: ``rules`` maps a result name to its rule
     (``"best"``, ``"majority"``, ``"weighted"``); every result has the same candidates and compute."""
-    cands, compute, forward = sample_and_score(policy, verifier, prompts, n=n, settings=settings, seed=seed,
-                                               extract=extract)
-    out = {}
-    for name, rule in rules.items():
-        chosen, answers = select_candidates(cands, rule, policy.device, settings.vote_key)
-        out[name] = SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
-                                 compute=compute, samples=n * len(prompts), info={"policy_forward_tokens": forward})
+    out: dict[str, SearchResult] = {}
+    done = lambda g, sample: out.update(group_results(rules, policy, verifier, g, sample,  # noqa: E731
+                                                      settings=settings, extract=extract))
+    sampling_loop(policy, settings).run(SampleGroup(list(prompts), n, Seeds.of(seed, len(prompts))), done=done)
     return out
+
+
+@in_search_pool
+def serve_sampling(rules: dict[str, str], policy, verifier, prompts: list[str], seeds: list[int], *, n: int, tag,
+                   settings: Settings, extract, join, deliver, started=None, capacity: int) -> None:
+    """Continuous batching of a sampling strategy. ``prompts`` (one seed per prompt, ``seeds``; the caller's
+    ``tag``) start a decode loop of at most ``capacity`` prompts' rows; at each of its looks
+    ``join(fits)`` may hand over more requests: it calls ``fits(prompts, seeds, tag)`` for each in turn,
+    which returns the group they become when they fit beside what runs (else ``None``: stop there), and
+    returns those groups. ``started(group)`` is called when a group's rows start (``group.first``: the
+    index of its first prompt in the call's numbering, which :func:`~tts_kernels.search.cancel.cancelled`
+    and the progress events use); ``deliver(group, results)`` gets its :func:`group_results` (or the
+    exception scoring it raised) as soon as its rows end. All on this thread. A group's results equal
+    :func:`sampling_results` over its prompts with its seeds."""
+    loop = sampling_loop(policy, settings, capacity=capacity * n)
+
+    def done(g, sample):
+        try:
+            res = group_results(rules, policy, verifier, g, sample, settings=settings, extract=extract)
+        except Exception as exc:  # noqa: BLE001 - that group's failure, handed to its owner; the others go on
+            res = exc
+        deliver(g, res)
+
+    def groups(fits):
+        def fit(p, sd, t):
+            g = SampleGroup(list(p), n, Seeds(list(sd), len(p)), t)
+            return g if fits(g) else None
+        return join(fit)
+
+    loop.run(SampleGroup(list(prompts), n, Seeds(list(seeds), len(prompts)), tag), done=done, join=groups,
+             started=started)
 
 
 @torch.no_grad()

@@ -109,8 +109,10 @@ def progress(fn: Callable[[str, dict], None]):
 
 
 def listening() -> bool:
-    """Someone listens to progress here (a driver builds an event only then)."""
-    return _PROGRESS.get() is not None
+    """Someone listens to progress here (a driver builds an event only then). A listener with a ``listening``
+    attribute says so itself (one installed for a whole server call, listening only while a client streams)."""
+    fn = _PROGRESS.get()
+    return fn is not None and bool(getattr(fn, "listening", True))
 
 
 def report(kind: str, data: dict) -> None:

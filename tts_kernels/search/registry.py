@@ -31,7 +31,11 @@ class Strategy:
     candidates, when it is one of :func:`~tts_kernels.search.select_candidates`' rules (``None``:
     it picks otherwise); ``compute_optimal`` applies it to the pilot's and the search's candidates
     together. ``token_loop``: it needs this package's token-by-token decode loop (per-token statistics,
-    rows stopped mid-completion), so a text-level engine (the vLLM backend) is refused."""
+    rows stopped mid-completion), so a text-level engine (the vLLM backend) is refused. ``continuous``: it
+    takes new requests while it runs (:func:`~tts_kernels.search.strategies.run_continuous`; the server's
+    continuous batching), with this function:
+    ``continuous(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started,
+    capacity)`` (see :func:`~tts_kernels.search.best_of_n.serve_sampling`)."""
 
     name: str
     fn: StrategyFn
@@ -41,6 +45,7 @@ class Strategy:
     pooled: bool = False
     select: str | None = None
     token_loop: bool = False
+    continuous: Callable[..., None] | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -48,7 +53,8 @@ STRATEGIES: dict[str, Strategy] = {}
 
 def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True, description: str = "",
                       group: GroupFn | None = None, pooled: bool = False, select: str | None = None,
-                      token_loop: bool = False, replace: bool = False) -> Strategy:
+                      token_loop: bool = False, continuous: Callable[..., None] | None = None,
+                      replace: bool = False) -> Strategy:
     """Register ``fn`` as strategy ``name``: ``fn(policy, verifier, prompts, *, budget, settings, seed,
     extract) -> SearchResult`` (``prompts`` a checked list, ``settings`` a :class:`Settings`).
 
@@ -56,7 +62,8 @@ def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True,
     one ``group`` function run together in :func:`run_together`. ``pooled``: the budget is spent
     across the prompts of a call (their results depend on each other). ``select``: the rule it picks
     its answer by, if it is one of ``"best"``, ``"majority"``, ``"weighted"``. ``token_loop``: it runs
-    only on a backend that decodes token by token (not the vLLM backend). Registering a taken
+    only on a backend that decodes token by token (not the vLLM backend). ``continuous``: how it runs with
+    requests joining (:class:`Strategy`). Registering a taken
     name is an error unless ``replace=True``. Returns the :class:`Strategy`.
     """
     if not isinstance(name, str) or not name.isidentifier():
@@ -67,7 +74,8 @@ def register_strategy(name: str, fn: StrategyFn, *, needs_verifier: bool = True,
         raise ValueError(f"select must be None or one of {SELECT_RULES}, got {select!r}")
     if name in STRATEGIES and not replace:
         raise ValueError(f"strategy {name!r} is already registered (pass replace=True to replace it)")
-    entry = Strategy(name, fn, bool(needs_verifier), description, group, bool(pooled), select, bool(token_loop))
+    entry = Strategy(name, fn, bool(needs_verifier), description, group, bool(pooled), select, bool(token_loop),
+                     continuous)
     STRATEGIES[name] = entry
     return entry
 

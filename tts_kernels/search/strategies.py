@@ -40,8 +40,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from ..ops._validate import check_int
 from .answers import extract_answer
-from .best_of_n import best_of_n, sampling_results
+from .best_of_n import best_of_n, sampling_results, serve_sampling
 from .compute_optimal import OptimalStrategy
 from .early_stop import adaptive_consistency, deepconf, deepconf_offline, speculative_rejection
 from .particle_filter import particle_filter, particle_gibbs
@@ -74,6 +75,26 @@ def run(strategy: str, policy, verifier, prompts: Sequence[str], *, budget: int,
     prompts = check_prompts(prompts)
     check_seed(seed, len(prompts))
     return entry.fn(policy, verifier, prompts, budget=budget, settings=s, seed=seed, extract=extract)
+
+
+def run_continuous(strategy: str, policy, verifier, prompts: Sequence[str], seeds: Sequence[int], *, budget: int,
+                   settings: Settings | None = None, tag=None, join, deliver, started=None, capacity: int,
+                   extract: Callable[[str], str | None] = extract_answer) -> None:
+    """Continuous batching: run ``strategy`` (one registered ``continuous``) on ``prompts`` (one seed per prompt)
+    while requests of the same strategy, budget and settings join at its host looks, up to ``capacity``
+    prompts at once; each request's results go to ``deliver`` as its rows end, and equal :func:`run` over its
+    prompts with its seeds (see :func:`~tts_kernels.search.best_of_n.serve_sampling` for ``join``,
+    ``deliver``, ``started``). What the server runs; checked like :func:`run` before any model runs."""
+    entry = _check(strategy, verifier, budget)
+    if entry.continuous is None:
+        joinable = sorted(n for n, e in STRATEGIES.items() if e.continuous is not None)
+        raise ValueError(f"strategy {strategy!r} does not take requests while it runs (those that do: {joinable})")
+    s = resolve(settings, {})
+    prompts = check_prompts(prompts)
+    check_seed(list(seeds), len(prompts))
+    check_int("capacity", capacity, minimum=1)
+    entry.continuous(policy, verifier, prompts, list(seeds), tag=tag, budget=budget, settings=s, extract=extract,
+                     join=join, deliver=deliver, started=started, capacity=capacity)
 
 
 def run_together(strategies: Sequence[str], policy, verifier, prompts: Sequence[str], *, budget: int,
@@ -125,6 +146,20 @@ def _sampling(name):
     return fn
 
 
+def _continuous(names):
+    def fn(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started, capacity):
+        greedy = names == ["greedy"]
+        rules = {"greedy": "majority"} if greedy else {n: _RULES[n] for n in names}
+        scorer = verifier if set(names) - {"majority", "greedy"} else None
+        if greedy:  # as _greedy: one temperature-0 completion (the seeds draw nothing)
+            settings, budget = settings.replace(temperature=0.0), 1
+        serve_sampling(rules, policy, scorer, prompts, seeds, n=budget, tag=tag, settings=settings, extract=extract,
+                       join=lambda fit: join(fit), deliver=lambda g, res: deliver(g, res if isinstance(res, Exception)
+                                                                                   else res[names[0]]),
+                       started=started, capacity=capacity)
+    return fn
+
+
 def _greedy(policy, verifier, prompts, *, budget, settings, seed, extract):
     res = best_of_n(policy, None, prompts, n=1, select="majority", settings=settings.replace(temperature=0.0),
                     extract=extract)
@@ -162,13 +197,16 @@ def _particles(name, entropic, driver=particle_filter):
     return fn
 
 
-register_strategy("greedy", _greedy, needs_verifier=False, description="one greedy completion (budget ignored)")
+register_strategy("greedy", _greedy, needs_verifier=False, description="one greedy completion (budget ignored)",
+                  continuous=_continuous(["greedy"]))
 register_strategy("majority", _sampling("majority"), needs_verifier=False, group=_sampling_group,
-                  description="N samples, the most frequent answer", select="majority")
+                  description="N samples, the most frequent answer", select="majority",
+                  continuous=_continuous(["majority"]))
 register_strategy("best_of_n", _sampling("best_of_n"), group=_sampling_group,
-                  description="N samples, the verifier's best", select="best")
+                  description="N samples, the verifier's best", select="best", continuous=_continuous(["best_of_n"]))
 register_strategy("weighted_best_of_n", _sampling("weighted_best_of_n"), group=_sampling_group,
-                  description="N samples, the answer with the largest summed verifier score", select="weighted")
+                  description="N samples, the answer with the largest summed verifier score", select="weighted",
+                  continuous=_continuous(["weighted_best_of_n"]))
 register_strategy("prm_beam_search", _step("prm_beam_search", prm_beam_search),
                   description="step-level beam search: N beams, the best N/beam_width kept each step", select="best")
 register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees",

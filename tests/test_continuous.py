@@ -1,0 +1,197 @@
+"""Continuous batching in the sampling decode loop (search.decode.SampleLoop, best_of_n.serve_sampling): groups
+of prompts that join a running loop at its host looks get exactly what they get alone (candidates, tokens,
+scores, compute), a group waits while the loop is full, a cancelled group leaves the others untouched, and the
+pool is empty afterwards."""
+import pytest
+import torch
+
+from tts_kernels import bundled
+from tts_kernels.apps.engine import request_seeds
+from tts_kernels.search import Settings, run_continuous
+from tts_kernels.search.best_of_n import sampling_results, serve_sampling
+from tts_kernels.search.cancel import Cancellation, cancellation
+from tts_kernels.search.decode import SampleGroup, SampleLoop
+from tts_kernels.search.seeds import Seeds
+
+PROMPTS = [p.prompt for p in bundled.test_problems(12)]
+RULES = {"best_of_n": "best", "majority": "majority"}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return bundled.load_policy("small"), bundled.load_verifier("prm")
+
+
+def requests():
+    """Four requests of 1-3 prompts, each with its request seeds."""
+    sizes = [3, 1, 2, 2]
+    out, at = [], 0
+    for i, k in enumerate(sizes):
+        out.append((PROMPTS[at: at + k], request_seeds(100 + i, k)))
+        at += k
+    return out
+
+
+def alone(models, prompts, seeds, n, s):
+    policy, verifier = models
+    return sampling_results(RULES, policy, verifier, prompts, n=n, settings=s, seed=seeds, extract=_extract)
+
+
+def _extract(text):
+    from tts_kernels.search.answers import extract_answer
+    return extract_answer(text)
+
+
+def same(a, b):
+    assert a.predictions == b.predictions and a.chosen == b.chosen
+    for ca, cb in zip(a.candidates, b.candidates):
+        assert [c.token_ids for c in ca] == [c.token_ids for c in cb]
+        assert [(c.text, c.finish, c.answer, c.steps) for c in ca] == [(c.text, c.finish, c.answer, c.steps) for c in cb]
+        assert [c.score for c in ca] == pytest.approx([c.score for c in cb], rel=1e-5, abs=1e-6)
+    assert a.compute.policy_prefill_tokens == b.compute.policy_prefill_tokens
+    assert a.compute.policy_generated_tokens == b.compute.policy_generated_tokens
+    assert a.compute.prm_tokens == b.compute.prm_tokens
+    assert a.info["policy_forward_tokens"] == b.info["policy_forward_tokens"]
+    assert a.compute.policy_flops == pytest.approx(b.compute.policy_flops, rel=1e-12)
+
+
+def serve(models, reqs, n, s, *, joins_at, capacity=64):
+    """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
+    {request index: results}, the look at which each started, and the looks seen."""
+    policy, verifier = models
+    got, began, looks, taken = {}, {}, [0], set()
+
+    def join(fit):  # in order: a request is offered once those before it have joined
+        looks[0] += 1
+        out = []
+        for i in range(1, len(reqs)):
+            if i in taken:
+                continue
+            if joins_at[i - 1] > looks[0]:
+                break
+            g = fit(reqs[i][0], reqs[i][1], i)
+            if g is None:
+                break
+            taken.add(i)
+            out.append(g)
+        return out
+
+    def started(g):
+        began[g.tag] = looks[0]
+
+    def deliver(g, res):
+        assert not isinstance(res, Exception), res
+        got[g.tag] = res
+
+    serve_sampling(RULES, policy, verifier, reqs[0][0], reqs[0][1], n=n, tag=0, settings=s, extract=_extract,
+                   join=join, deliver=deliver, started=started, capacity=capacity)
+    return got, began, looks[0]
+
+
+@pytest.mark.parametrize("s", [Settings(max_new_tokens=40), Settings(max_new_tokens=21, sync_every=4),
+                               Settings(max_new_tokens=32, sync_every=3, stop=["\n\n"])],
+                         ids=["default", "length-not-a-multiple", "stop-string"])
+def test_groups_joining_at_looks_get_what_they_get_alone(models, s):
+    reqs = requests()
+    got, began, looks = serve(models, reqs, 4, s, joins_at=[1, 1, 3])
+    assert sorted(got) == [0, 1, 2, 3] and began[1] == began[2] == 1 and began[3] >= 3
+    for i, (prompts, seeds) in enumerate(reqs):
+        ref = alone(models, prompts, seeds, 4, s)
+        for name in RULES:
+            same(got[i][name], ref[name])
+    assert models[0].kv_ledger.blocks == 0 and models[1].kv_ledger.blocks == 0
+
+
+def test_a_group_waits_while_the_loop_is_full(models):
+    """Capacity of 2 prompts' rows: the 3-prompt first request runs alone (a first group runs whatever its size),
+    the others join only as rows free up, one at a time; every answer is still exact."""
+    s = Settings(max_new_tokens=24)
+    reqs = requests()
+    got, began, _ = serve(models, reqs, 2, s, joins_at=[0, 0, 0], capacity=2)
+    assert sorted(got) == [0, 1, 2, 3]
+    assert began[1] > 0 and began[2] > began[1]  # each waited for room
+    for i, (prompts, seeds) in enumerate(reqs):
+        same(got[i]["best_of_n"], alone(models, prompts, seeds, 2, s)["best_of_n"])
+    assert models[0].kv_ledger.blocks == 0
+
+
+def test_a_cancelled_group_leaves_and_the_others_are_exact(models):
+    s = Settings(max_new_tokens=40)
+    reqs = requests()
+    stop = Cancellation()
+    with cancellation(stop):
+        policy, verifier = models
+        got = {}
+        first_of = {}
+
+        def started(g):
+            first_of[g.tag] = g.first
+            if g.tag == 2:  # its client went away as it joined
+                stop.cancel(range(g.first, g.first + len(g.prompts)))
+
+        serve_sampling(RULES, policy, verifier, reqs[0][0], reqs[0][1], n=4, tag=0, settings=s, extract=_extract,
+                       join=lambda fit: [g for i in (1, 2, 3) if i not in first_of
+                                         for g in [fit(reqs[i][0], reqs[i][1], i)] if g is not None],
+                       deliver=lambda g, res: got.__setitem__(g.tag, res), started=started, capacity=64)
+    assert first_of == {0: 0, 1: 3, 2: 4, 3: 6}  # prompts numbered across the call, in joining order
+    for i in (0, 1, 3):
+        same(got[i]["best_of_n"], alone(models, reqs[i][0], reqs[i][1], 4, s)["best_of_n"])
+    full = alone(models, reqs[2][0], reqs[2][1], 4, s)["best_of_n"]
+    assert got[2]["best_of_n"].compute.policy_generated_tokens < full.compute.policy_generated_tokens
+    # its candidates were not scored: the verifier read its prompts only
+    assert all(c.steps == [] for row in got[2]["best_of_n"].candidates for c in row)
+    assert got[2]["best_of_n"].compute.prm_tokens <= got[2]["best_of_n"].compute.policy_prefill_tokens
+
+
+def test_per_group_counts_equal_the_sessions(models):
+    """Alone, a group's host-side forward and key counts are the session's own."""
+    policy = models[0]
+    sessions = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(policy, name)
+
+        def start(self, *a, **k):
+            sessions.append(policy.start(*a, **k))
+            return sessions[-1]
+
+    got = []
+    loop = SampleLoop(Spy(), max_new_tokens=30, sync_every=4)
+    loop.run(SampleGroup(PROMPTS[:3], 5, Seeds(request_seeds(7, 3), 3)), done=lambda g, out: got.append(out))
+    assert got[0].forward == sessions[0].tokens and got[0].keys == int(sessions[0].keys)
+    assert got[0].prefill == sessions[0].prefill_tokens
+
+
+def test_admit_prefills_into_the_running_pool(models):
+    """PolicySession.admit: the new prompts' logits equal a fresh session's, the running rows are untouched."""
+    policy = models[0]
+    ids = [policy.encode(p) for p in PROMPTS[:4]]
+    a = policy.start(ids[:2], rows_hint=8, max_new_tokens=8)
+    b = policy.start(ids[2:], rows_hint=8, max_new_tokens=8)
+    try:
+        before = a.logits.clone()
+        a.admit(ids[2:])
+        assert a.rows == 4 and torch.equal(a.logits[:2], before)
+        torch.testing.assert_close(a.logits[2:], b.logits, rtol=1e-5, atol=1e-5)
+        assert a.prefill_tokens == sum(map(len, ids))
+        with pytest.raises(ValueError, match="at least one token"):
+            a.admit([[]])
+        assert a.rows == 4
+    finally:
+        a.free()
+        b.free()
+    assert policy.kv_ledger.blocks == 0
+
+
+def test_run_continuous_checks_its_arguments(models):
+    policy, verifier = models
+    kw = dict(budget=2, join=lambda fit: [], deliver=lambda g, r: None, capacity=4)
+    with pytest.raises(ValueError, match="does not take requests while it runs.*best_of_n"):
+        run_continuous("dvts", policy, verifier, PROMPTS[:1], [1], **kw)
+    with pytest.raises(ValueError, match="seed"):
+        run_continuous("best_of_n", policy, verifier, PROMPTS[:2], [1], **kw)
+    with pytest.raises(ValueError, match="capacity"):
+        run_continuous("best_of_n", policy, verifier, PROMPTS[:1], [1], **{**kw, "capacity": 0})
+    with pytest.raises(ValueError, match="verifier"):
+        run_continuous("best_of_n", policy, None, PROMPTS[:1], [1], **kw)

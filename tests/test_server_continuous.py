@@ -1,0 +1,120 @@
+"""`tts-kernels serve`'s continuous batching, on a real server in a subprocess (127.0.0.1, a free port) driven by
+the `openai` client: a request that arrives while a search of its strategy and settings runs joins that search
+at its next host look and gets the answer `search.run` gives it offline with its seed; 64 clients x 4 requests
+are all answered, exactly, with nothing left queued, running or holding KV blocks; `--batching request` keeps
+whole-request batching."""
+import concurrent.futures
+import json
+import time
+
+import pytest
+
+from tts_kernels import bundled
+from tts_kernels.apps.engine import request_seeds
+from tts_kernels.bench.serving import ServerProcess as Server
+from tts_kernels.search import STRATEGIES, Settings, run
+
+MODEL = "tts-kernels-bundled"
+PROMPTS = [p.prompt for p in bundled.test_problems(64)]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--max-wait-ms", "0", "--max-budget", "16", "--max-batch", "32")
+    yield s
+    assert s.stop()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return bundled.load_policy("small"), bundled.load_verifier("prm")
+
+
+def offline(models, strategy, prompts, budget, seed, max_tokens):
+    policy, verifier = models
+    return run(strategy, policy, verifier if STRATEGIES[strategy].needs_verifier else None, prompts, budget=budget,
+               settings=Settings(max_new_tokens=max_tokens), seed=request_seeds(seed, len(prompts)))
+
+
+def searches(server) -> list[dict]:
+    return [json.loads(line) for line in server.output().splitlines() if line.startswith('{"event": "search"')]
+
+
+def test_a_request_arriving_mid_search_joins_it_and_answers_as_offline(server, models):
+    """A long request (8 prompts x 16 candidates, every candidate streamed) streams; once its first tokens arrive
+    its search is under way,
+    and a second request is sent: it joins that search (one logged call holds both) and its answer is the
+    offline one for its seed."""
+    client = server.client(timeout=120)
+    late_prompt, late_seed = PROMPTS[20], 77
+    for attempt in range(3):  # the late request must arrive before the long one ends (it nearly always does)
+        n_before = len(searches(server))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stream = client.completions.create(model=MODEL, prompt=PROMPTS[:8], max_tokens=96, seed=5 + attempt, n=16,
+                                               stream=True, extra_body={"strategy": "best_of_n", "budget": 16})
+            chunks = iter(stream)
+            next(chunks)  # the long search has sampled its first tokens
+            late = pool.submit(client.completions.create, model=MODEL, prompt=late_prompt, max_tokens=96,
+                               seed=late_seed, extra_body={"strategy": "best_of_n", "budget": 16})
+            rest = list(chunks)
+            got = late.result()
+        assert rest
+        calls = searches(server)[n_before:]
+        if len(calls) == 1:
+            break
+    assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
+    ref = offline(models, "best_of_n", [late_prompt], 16, late_seed, 96)
+    assert got.predictions == ref.predictions
+    assert got.choices[0].text == ref.candidates[0][ref.chosen[0]].text
+    # its usage is its own exact compute, not a share of the call's
+    assert got.usage.policy_tokens == ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
+    assert got.usage.verifier_tokens == ref.compute.prm_tokens
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+
+
+def test_64_clients_4_requests_each(server, models):
+    """256 requests from 64 closed-loop clients, best_of_n and majority mixed: every one answered, exactly
+    (checked against offline runs for every fourth), and afterwards nothing queued, running or holding KV."""
+    before = server.metrics()
+    jobs = [(PROMPTS[i % len(PROMPTS)], 900 + i, "best_of_n" if i % 3 else "majority") for i in range(256)]
+
+    def client_work(c):
+        client = server.client(timeout=300)
+        out = []
+        for k in range(4):
+            prompt, seed, strategy = jobs[4 * c + k]
+            out.append(client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, seed=seed,
+                                                 extra_body={"strategy": strategy, "budget": 4}))
+        return out
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        answers = [a for got in pool.map(client_work, range(64)) for a in got]
+    wall = time.perf_counter() - t0
+    assert len(answers) == 256 and all(a.choices and a.choices[0].text is not None for a in answers)
+    for i in range(0, 256, 4):
+        prompt, seed, strategy = jobs[i]
+        ref = offline(models, strategy, [prompt], 4, seed, 32)
+        assert answers[i].predictions == ref.predictions, i
+        if ref.chosen[0] is not None:  # (a majority vote with no answer picks no candidate)
+            assert answers[i].choices[0].text == ref.candidates[0][ref.chosen[0]].text, i
+    after = server.metrics()
+    ok = sum(after.get(("tts_requests_total", (("status", "200"), ("strategy", s))), 0)
+             - before.get(("tts_requests_total", (("status", "200"), ("strategy", s))), 0) for s in ("best_of_n", "majority"))
+    assert ok == 256
+    calls = after[("tts_batch_requests_count", ())] - before[("tts_batch_requests_count", ())]
+    assert calls < 256 / 4, (calls, wall)  # requests joined running calls
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+
+
+def test_request_batching_flag_keeps_whole_request_calls(models):
+    s = Server("--max-wait-ms", "0", "--batching", "request")
+    try:
+        client = s.client(timeout=120)
+        got = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=32, seed=9,
+                                        extra_body={"strategy": "best_of_n", "budget": 4})
+        ref = offline(models, "best_of_n", [PROMPTS[3]], 4, 9, 32)
+        assert got.predictions == ref.predictions
+        assert all(not e.get("continuous") for e in searches(s)) and searches(s)
+    finally:
+        assert s.stop()
