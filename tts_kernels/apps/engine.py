@@ -8,7 +8,16 @@ groups them by (strategy, budget, settings), and runs each group as one
 re-entrant), with ``seed=[one per prompt]``: every prompt draws under its own seed
 (:mod:`~tts_kernels.search.seeds`), so a request gets the same answer alone or among others.
 Strategies that pool their budget over the prompts of a call (``Strategy.pooled``) run each
-request alone. While a call runs, new jobs queue and form the next batch.
+request alone. While a call runs, new jobs queue and form the next batch, except under continuous batching.
+
+Continuous batching (``continuous=True``, the server's default). A strategy registered with ``continuous``
+(the sampling strategies) runs as :func:`~tts_kernels.search.run_continuous`: while its call runs, a new job
+with the call's key goes to the call's waiting list (:class:`_OpenCall`), and the search thread takes it at its
+next host look when there is room (``max_batch`` prompts' rows at once, and the KV pool), so it joins the
+decode loop under way. Each job is resolved as its own rows end, with its own result and exact compute
+(``Outcome.compute``). A job arriving while another job waits for the next call waits with it (the open call
+stops growing, so other strategies are not starved); a job still waiting when the call ends goes back to
+the head of the queue.
 
 A group whose call is refused (``ValueError``/``TypeError``: the drivers check every argument
 before any model runs) is retried request by request, so one bad request fails alone. A job

@@ -1,6 +1,8 @@
-"""Server throughput: ``tts-kernels serve`` batching requests across clients, against the same server
-answering one request per search call (``--max-batch 1``: what a proxy does, one search per request,
-minus the proxy's own HTTP hop per candidate).
+"""Server throughput: ``tts-kernels serve`` in three modes, one server each: ``per_request`` (``--max-batch 1``:
+one search call per request, what a proxy does, minus the proxy's own HTTP hop per candidate), ``batched``
+(``--batching request``: whole requests that arrive together share a call; a request arriving while a call runs
+waits for it to end) and ``admission`` (``--batching continuous``, the default: a request joins the running call
+of its strategy and settings at its next host look; the sampling strategies).
 
 For each strategy and number of concurrent clients, the clients (closed loop: each sends its next
 request when the last is answered) work through the same ``requests`` prompts with the same seeds;
@@ -124,16 +126,23 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+# mode -> (--max-batch, or None for the run's max_batch; --batching)
+MODES = {"per_request": (1, "request"), "batched": (None, "request"), "admission": (None, "continuous")}
+
+
 def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 16, clients=(1, 4, 16),
         rounds: int = 3, max_tokens: int = 96, max_batch: int = 32, max_wait_ms: float = 10.0,
-        modes=("batched", "per_request")) -> list[dict]:
+        modes=("per_request", "batched", "admission")) -> list[dict]:
     from .. import bundled
 
     prompts = [p.prompt for p in bundled.test_problems(requests)]
     rows, answers = [], {}
-    for mode, batch in [(m, {"batched": max_batch, "per_request": 1}[m]) for m in modes]:
-        server = ServerProcess("--max-batch", str(batch), "--max-wait-ms", str(max_wait_ms),
-                               "--max-budget", str(budget))
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes: {mode!r} is not one of {sorted(MODES)}")
+        batch, batching = MODES[mode]
+        server = ServerProcess("--max-batch", str(batch or max_batch), "--batching", batching,
+                               "--max-wait-ms", str(max_wait_ms), "--max-budget", str(budget))
         try:
             _load(server, prompts[:2], strategies[0], budget, 1, max_tokens)  # warm-up
             for strategy in strategies:
@@ -148,7 +157,7 @@ def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 1
                         key = ("tts_tokens_total", (("kind", "generated"),))
                         tokens.append(after[key] - before[key])
                         n_calls = after[("tts_batch_prompts_count", ())] - before[("tts_batch_prompts_count", ())]
-                        calls.append(requests / n_calls)
+                        calls.append(requests / max(n_calls, 1))
                         got = [r.predictions[0] for r in out]
                         ref = answers.setdefault((strategy, budget), got)
                         if got != ref:
@@ -167,4 +176,8 @@ def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 1
     for r in rows:
         b = base.get((r["strategy"], r["clients"]))
         r["vs_per_request"] = round(r["problems_per_s"] / b, 2) if b else None
+    batched = {(r["strategy"], r["clients"]): r["problems_per_s"] for r in rows if r["mode"] == "batched"}
+    for r in rows:
+        b = batched.get((r["strategy"], r["clients"]))
+        r["vs_batched"] = round(r["problems_per_s"] / b, 2) if b else None
     return rows

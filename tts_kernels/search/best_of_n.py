@@ -20,9 +20,10 @@ candidate):
   steps by ``settings.step_delimiter``, the same steps every search scores;
 * selection and voting are device ops over ``[P, n]``.
 
-Randomness: the tokens are a pure function of (``seed``, the prompts, the sampling
-parameters, ``sync_every``): the row layout after dropping finished rows is part of
-the counter, so a different ``sync_every`` gives a different (equally valid) sample.
+Randomness: each row draws at its own token count as offset (:mod:`~tts_kernels.search.decode`, the one
+decode loop). With one seed per prompt a candidate's tokens depend on its prompt's seed and its index only;
+with one run seed the stream is the row's place in the batch, and the layout after dropping finished rows
+is part of the key, so a different ``sync_every`` gives a different (equally valid) sample.
 
 Token accounting is exact: ``info["policy_forward_tokens"]`` counts every token the policy
 model ran (prompts once each, one per live row per decode step, including rows that
@@ -77,7 +78,8 @@ def sample_completions(policy, prompts: Sequence[str], n: int, *, max_new_tokens
     loop = SampleLoop(policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       min_p=min_p, stop=stop, sync_every=sync_every, thinking=thinking)
     got: list[GroupSample] = []
-    loop.run(SampleGroup(list(prompts), n, Seeds.of(seed, len(prompts))), done=lambda g, out: got.append(out))
+    loop.run(SampleGroup(list(prompts), n, Seeds.of(seed, len(prompts))),
+             done=lambda pairs: got.extend(out for _, out in pairs))
     out = got[0]
     if stats is not None:
         stats["keys"], stats["prefill"] = out.keys, out.prefill
@@ -116,29 +118,47 @@ def sampling_loop(policy, settings: Settings, *, capacity: int = 0) -> SampleLoo
                       thinking=s.thinking, capacity=capacity)
 
 
-def group_results(rules: dict[str, str], policy, verifier, group: SampleGroup, out: GroupSample, *,
-                  settings: Settings, extract) -> dict[str, SearchResult]:
-    """A finished sampling group's candidates, scored by ``verifier`` (``None``: not scored) and picked by each
-    of ``rules`` (result name -> ``"best"``, ``"majority"`` or ``"weighted"``): one result per rule, all with
-    the same candidates and the group's own compute."""
-    prompts, n, P = group.prompts, group.n, len(group.prompts)
-    gone = {p - group.first for p in cancelled() if group.first <= p < group.first + P}
-    texts, ids, fins, thought = out.texts, out.ids, out.finish, out.thinking
+def group_results(rules: dict[str, str], policy, verifier, done: list[tuple[SampleGroup, GroupSample]], *,
+                  settings: Settings, extract) -> list[dict[str, SearchResult]]:
+    """Finished sampling groups' candidates, scored by ``verifier`` in one call (``None``: not scored) and picked
+    by each of ``rules`` (result name -> ``"best"``, ``"majority"`` or ``"weighted"``): per group, one result per
+    rule, all with the same candidates and the group's compute. The policy side of that compute is the group's
+    own; the verifier's tokens and FLOPs are the group's own when it is scored alone, else its share of the
+    call by its prompts' and candidates' policy tokens."""
+    if len({g.n for g, _ in done}) > 1:
+        raise ValueError("groups scored together must have the same n")
+    prompts, texts, gone, at = [], [], set(), 0
+    now = cancelled()
+    for g, out in done:
+        P = len(g.prompts)
+        gone |= {at + p - g.first for p in now if g.first <= p < g.first + P}
+        prompts += g.prompts
+        texts += out.texts
+        at += P
     steps, scores, step_scores, prm_tokens, prm_flops = score_texts(verifier, prompts, texts, settings=settings,
                                                                     gone=gone)
-    cands = [[Candidate(text=texts[p][j], answer=extract(texts[p][j]), score=scores[p][j], finish=fins[p][j],
-                        steps=steps[p][j], step_scores=list(step_scores[p][j]), token_ids=ids[p][j],
-                        thinking_tokens=None if thought is None else thought[p][j])
-              for j in range(n)] for p in range(P)]
-    generated = sum(len(x) for row in ids for x in row)
-    compute = Compute(policy_prefill_tokens=out.prefill, policy_generated_tokens=generated, prm_tokens=prm_tokens,
-                      policy_flops=count_flops(policy.model, out.forward, out.keys), prm_flops=prm_flops,
-                      thinking_tokens=sum(map(sum, thought)) if thought else 0)
-    results = {}
-    for name, rule in rules.items():
-        chosen, answers = select_candidates(cands, rule, policy.device, settings.vote_key)
-        results[name] = SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
+    weight = [out.prefill + sum(len(x) for row in out.ids for x in row) for _, out in done]
+    results, at = [], 0
+    for (g, out), w in zip(done, weight):
+        n, P = g.n, len(g.prompts)
+        share = 1.0 if len(done) == 1 else w / max(sum(weight), 1)
+        ids, fins, thought = out.ids, out.finish, out.thinking
+        cands = [[Candidate(text=out.texts[p][j], answer=extract(out.texts[p][j]), score=scores[at + p][j],
+                            finish=fins[p][j], steps=steps[at + p][j], step_scores=list(step_scores[at + p][j]),
+                            token_ids=ids[p][j], thinking_tokens=None if thought is None else thought[p][j])
+                  for j in range(n)] for p in range(P)]
+        at += P
+        compute = Compute(policy_prefill_tokens=out.prefill,
+                          policy_generated_tokens=sum(len(x) for row in ids for x in row),
+                          prm_tokens=round(prm_tokens * share),
+                          policy_flops=count_flops(policy.model, out.forward, out.keys),
+                          prm_flops=prm_flops * share, thinking_tokens=sum(map(sum, thought)) if thought else 0)
+        res = {}
+        for name, rule in rules.items():
+            chosen, answers = select_candidates(cands, rule, policy.device, settings.vote_key)
+            res[name] = SearchResult(strategy=name, budget=n, predictions=answers, chosen=chosen, candidates=cands,
                                      compute=compute, samples=n * P, info={"policy_forward_tokens": out.forward})
+        results.append(res)
     return results
 
 
@@ -148,8 +168,8 @@ def sampling_results(rules: dict[str, str], policy, verifier, prompts, *, n: int
     """One sampling run shared by several selection rules: ``rules`` maps a result name to its rule
     (``"best"``, ``"majority"``, ``"weighted"``); every result has the same candidates and compute."""
     out: dict[str, SearchResult] = {}
-    done = lambda g, sample: out.update(group_results(rules, policy, verifier, g, sample,  # noqa: E731
-                                                      settings=settings, extract=extract))
+    done = lambda pairs: out.update(group_results(rules, policy, verifier, pairs,  # noqa: E731
+                                                  settings=settings, extract=extract)[0])
     sampling_loop(policy, settings).run(SampleGroup(list(prompts), n, Seeds.of(seed, len(prompts))), done=done)
     return out
 
@@ -164,16 +184,18 @@ def serve_sampling(rules: dict[str, str], policy, verifier, prompts: list[str], 
     returns those groups. ``started(group)`` is called when a group's rows start (``group.first``: the
     index of its first prompt in the call's numbering, which :func:`~tts_kernels.search.cancel.cancelled`
     and the progress events use); ``deliver(group, results)`` gets its :func:`group_results` (or the
-    exception scoring it raised) as soon as its rows end. All on this thread. A group's results equal
-    :func:`sampling_results` over its prompts with its seeds."""
+    exception scoring it raised) as soon as its rows end (the groups that end at one look are scored in one
+    verifier call). All on this thread. A group's results equal :func:`sampling_results` over its prompts
+    with its seeds (the verifier's compute: see :func:`group_results`)."""
     loop = sampling_loop(policy, settings, capacity=capacity * n)
 
-    def done(g, sample):
+    def done(pairs):  # the groups that ended at one look, scored together
         try:
-            res = group_results(rules, policy, verifier, g, sample, settings=settings, extract=extract)
-        except Exception as exc:  # noqa: BLE001 - that group's failure, handed to its owner; the others go on
-            res = exc
-        deliver(g, res)
+            results = group_results(rules, policy, verifier, pairs, settings=settings, extract=extract)
+        except Exception as exc:  # noqa: BLE001 - those groups' failure, handed to their owners; the others go on
+            results = [exc] * len(pairs)
+        for (g, _), res in zip(pairs, results):
+            deliver(g, res)
 
     def groups(fits):
         def fit(p, sd, t):

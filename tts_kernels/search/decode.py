@@ -15,7 +15,7 @@ the batch and whenever it joined.
 join only at those looks, so a group's looks fall at the same steps of its own as when it runs alone.
 At a look: each row's tokens since the last look go to the progress listener; rows of cancelled prompts,
 and rows that ended (EOS, a stop string) leave the batch; a group whose rows have all left is finished
-(``done`` is called with its texts), and ``join`` is asked for new groups. A group that reaches
+(``done`` is called with the texts of those that ended there), and ``join`` is asked for new groups. A group that reaches
 ``max_new_tokens`` ends at that step (its rows are all done: they leave without a look at the others).
 Rows that end between looks still run until the next one (no sync finds them); their tokens are not
 recorded. So a group's tokens, texts and compute are what the loop gives it alone (up to the models'
@@ -113,11 +113,11 @@ class SampleLoop:
         return sum(-(-len(p) // block_size) for p in g.ids) + g.rows * (self.T // block_size + 2)
 
     @torch.no_grad()
-    def run(self, first: SampleGroup, *, done: Callable[[SampleGroup, GroupSample], None],
+    def run(self, first: SampleGroup, *, done: Callable[[list[tuple[SampleGroup, GroupSample]]], None],
             join: Callable[[Callable[[SampleGroup], bool]], list[SampleGroup]] | None = None,
             started: Callable[[SampleGroup], None] | None = None) -> None:
-        """Sample ``first``, and every group ``join`` hands over, calling ``done(group, sample)`` as each ends
-        (on this thread). ``join(fits)`` is called at the looks where groups may join, with a predicate that
+        """Sample ``first``, and every group ``join`` hands over, calling ``done([(group, sample), ...])`` with the
+        groups that ended at each look (on this thread). ``join(fits)`` is called at the looks where groups may join, with a predicate that
         says whether a group fits now (beside those running and those ``fits`` already accepted in this call);
         it returns the groups to add, in order, each accepted by ``fits``. ``started(group)`` is called as each
         group's rows start (``group.first`` set)."""
@@ -150,7 +150,7 @@ class SampleLoop:
         for r, (row, _, _) in enumerate(outs):
             g.out[r, : len(row)] = torch.tensor(row[:T], dtype=torch.long, device=dev)
         g.prefill, g.forward, g.keys = session.prefill_tokens, int(session.tokens), int(session.keys)
-        done(g, self._finish(g))
+        done([(g, self._finish(g))])
 
     def _decode(self, session, first: SampleGroup, done, join, started) -> None:
         policy, T, s = self.policy, self.T, self.sync_every
@@ -234,10 +234,12 @@ class SampleLoop:
                 if rule is not None:
                     think = think.select(idx)
                 owner[:] = [owner[j] for j in keep]
-            for g in [g for g in groups if g.live == 0]:
+            finished = [g for g in groups if g.live == 0]
+            for g in finished:
                 groups.remove(g)
                 self.committed -= g.commit
-                done(g, self._finish(g))
+            if finished:
+                done([(g, self._finish(g)) for g in finished])
 
         add([first], 0, prefilled=True)
         seed_t, stream = keys_of()
