@@ -20,7 +20,7 @@ PROMPTS = [p.prompt for p in bundled.test_problems(64)]
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--max-wait-ms", "0", "--max-budget", "16", "--max-batch", "32")
+    s = Server("--max-wait-ms", "0", "--max-budget", "16", "--max-batch", "32", "--batching", "continuous")
     yield s
     assert s.stop()
 
