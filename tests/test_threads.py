@@ -116,3 +116,64 @@ def test_contention_benchmark_runs_quick():
     for r in rows:
         assert r["alone_s"] > 0 and r["busy_s"] > 0 and r["slowdown"] == r["busy_s"] / r["alone_s"]
         assert r["alone_tok_s"] > 0 and "2 prompts x 2 samples" in r["workload"]
+
+
+def test_pool_tuner_follows_the_load_within_its_limit(monkeypatch):
+    """The tuner of a long search (continuous batching): every tick past its interval it sets the pool to the CPUs
+    that everything but the search left free in that interval (the machine's busy time less the search's), within
+    1 .. the pool the search started from; between ticks, and under TTS_KERNELS_THREADS=fixed, it does nothing."""
+    before = torch.get_num_threads()
+    clock = {"t": 100.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(_threads.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(_threads, "_machine_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(_threads, "_own_seconds", lambda: clock["own"])
+    monkeypatch.setattr(_threads, "_python_threads_cpu", lambda skip: 0.0)
+    monkeypatch.setattr(_threads, "available_cpus", lambda root=None: 2)
+    monkeypatch.delenv("TTS_KERNELS_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        tuner = _threads.PoolTuner(limit=2, every=0.25)
+
+        def tick(dt, busy, own):
+            clock["t"] += dt
+            clock["busy"] += busy
+            clock["own"] += own
+            return tuner.tick()
+
+        assert tick(1.0, 2.0, 1.9) == 2  # the search had the machine: others 0.1 CPU
+        assert tick(1.0, 2.0, 1.0) == 1  # others kept one CPU busy
+        assert torch.get_num_threads() == 1
+        assert tick(0.1, 0.2, 0.2) == 1  # within the interval: nothing measured, nothing changed
+        assert tick(1.0, 1.0, 1.0) == 2  # the neighbour left; never past the limit
+        assert tick(1.0, 2.0, 0.0) == 1  # fully busy elsewhere: still one thread
+        monkeypatch.setenv("TTS_KERNELS_THREADS", "fixed")
+        fixed = _threads.PoolTuner(limit=2)
+        torch.set_num_threads(2)
+        clock["t"] += 10
+        clock["busy"] += 20
+        assert fixed.tick() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_pool_tuner_counts_other_python_threads_of_this_process_as_load():
+    """A Python thread spinning in this process (what a server's request handling is to its search thread) is
+    load: it is left out of the search's own CPU time."""
+    import threading
+
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        me = threading.get_ident()
+        a = _threads._python_threads_cpu(me)
+        time.sleep(0.3)
+        assert _threads._python_threads_cpu(me) - a > 0.05
+    finally:
+        stop.set()
+        t.join()

@@ -25,6 +25,7 @@ import functools
 import math
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ _CGROUP = Path("/sys/fs/cgroup")
 _SAMPLE_S = 0.02  # the first look has no earlier snapshot: measure this long
 _STALE_S = 5.0    # an older snapshot says little about now: measure afresh
 _last: tuple[float, float, float] | None = None  # (wall, busy CPU seconds of the machine, own CPU seconds)
+_pool = threading.local()  # .before: the pool size the innermost search_pool of this thread started from
 
 
 def cpu_quota(root: Path = _CGROUP) -> float | None:
@@ -122,6 +124,62 @@ def configure_pool() -> int:
     return torch.get_num_threads()
 
 
+def _python_threads_cpu(skip: int) -> float:
+    """CPU seconds of this process's Python threads other than thread ``skip`` (an ``ident``); 0 where the
+    per-thread clocks are not available."""
+    total = 0.0
+    for t in threading.enumerate():
+        if t.ident is None or t.ident == skip:
+            continue
+        try:
+            total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (AttributeError, OSError, ValueError):
+            continue
+    return total
+
+
+class PoolTuner:
+    """Keeps a long search's thread count right as the load changes under it: :func:`search_pool` sizes the pool
+    once, at the start, which is enough for a search of a second or two but not for one that runs as long as
+    requests keep joining (the server's continuous batching), beside request handling that comes and goes.
+
+    :meth:`tick` (called by the search thread at its host looks; at most every ``every`` seconds it does
+    anything) measures the CPUs everything else used since the last tick: the machine's busy time less the
+    search's, where the search is this process less its *other* Python threads (an HTTP server's in the
+    same process included; torch's worker threads are not Python threads, so they count as the search).
+    It sets torch's pool to the CPUs left, within ``1 .. limit``. A no-op under ``TTS_KERNELS_THREADS=fixed``."""
+
+    def __init__(self, limit: int | None = None, every: float = 0.25):
+        # default: the pool the enclosing search_pool started from (before it shrank it), else the pool now
+        self.limit = (getattr(_pool, "before", None) or torch.get_num_threads()) if limit is None else limit
+        self.every = every
+        self.fixed = os.environ.get("TTS_KERNELS_THREADS") == "fixed"
+        self.me = threading.get_ident()
+        self._last = None if self.fixed else self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        busy = _machine_busy_seconds()
+        if busy is None:
+            return None
+        return time.monotonic(), busy, _own_seconds() - _python_threads_cpu(self.me)
+
+    def tick(self) -> int:
+        """Resize the pool if the load changed; returns the pool size."""
+        if self.fixed or self._last is None or time.monotonic() - self._last[0] < self.every:
+            return torch.get_num_threads()
+        now = self._sample()
+        if now is None:
+            return torch.get_num_threads()
+        (t0, b0, s0), (t1, b1, s1) = self._last, now
+        self._last = now
+        others = max(0.0, ((b1 - b0) - (s1 - s0)) / max(t1 - t0, 1e-9))
+        cpus = available_cpus()
+        n = max(1, min(self.limit, cpus, int(math.floor(cpus - others + 0.5))))
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
+
+
 @contextlib.contextmanager
 def search_pool():
     """Run the body with torch's intra-op pool sized by :func:`search_threads`, then restore it.
@@ -135,10 +193,12 @@ def search_pool():
     n = search_threads(before)
     if n != before:
         torch.set_num_threads(n)
+    outer, _pool.before = getattr(_pool, "before", None), before
     try:
         yield n
     finally:
-        if n != before:
+        _pool.before = outer
+        if torch.get_num_threads() != before:  # (a PoolTuner may have resized it since)
             torch.set_num_threads(before)
 
 

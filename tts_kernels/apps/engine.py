@@ -10,7 +10,7 @@ re-entrant), with ``seed=[one per prompt]``: every prompt draws under its own se
 Strategies that pool their budget over the prompts of a call (``Strategy.pooled``) run each
 request alone. While a call runs, new jobs queue and form the next batch, except under continuous batching.
 
-Continuous batching (``continuous=True``, ``serve --batching continuous``). A strategy registered with ``continuous``
+Continuous batching (``continuous=True``, ``serve --batching continuous``, the default). A strategy registered with ``continuous``
 (the sampling strategies) runs as :func:`~tts_kernels.search.run_continuous`: while its call runs, a new job
 with the call's key goes to the call's waiting list (:class:`_OpenCall`), and the search thread takes it at its
 next host look when there is room (``max_batch`` prompts' rows at once, and the KV pool), so it joins the
@@ -385,12 +385,12 @@ class _OpenCall:
 class Engine:
     """Batches jobs into search calls on one worker thread (see the module docstring).
 
-    ``continuous``: a job whose strategy takes requests while it runs
+    ``continuous`` (default): a job whose strategy takes requests while it runs
     (:func:`~tts_kernels.search.run_continuous`) joins the call of its key under way at the call's next look;
-    ``False`` (default): whole-request batching only (a job waits for the call under way to end)."""
+    ``False``: whole-request batching only (a job waits for the call under way to end)."""
 
     def __init__(self, policy, verifier, *, max_batch: int = 32, max_wait_ms: float = 10.0, metrics=None,
-                 continuous: bool = False):
+                 continuous: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:

@@ -796,7 +796,7 @@ def pooling_body(job: ScoreJob, out, model: str) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: int = 32, max_wait_ms: float = 10.0,
-               continuous: bool = False):
+               continuous: bool = True):
     """The FastAPI app serving ``policy`` (and ``verifier``, may be ``None``) under ``cfg``; ``continuous``:
     requests join a running search call of their strategy (else whole requests are batched)."""
     from fastapi import FastAPI, Request
@@ -1105,11 +1105,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--max-batch", type=int, default=32,
                     help="prompts per search call (running at once, with continuous batching; 1: no batching)")
-    ap.add_argument("--batching", default="request", choices=("continuous", "request"),
-                    help="request (default, the faster on CPU as measured): whole requests are batched, a request "
-                         "waits for the call under way to end; continuous: a request joins the running search call of its strategy and settings at its "
-                         "next host look (greedy, majority, best_of_n, weighted_best_of_n); request: whole "
-                         "requests are batched")
+    ap.add_argument("--batching", default="continuous", choices=("continuous", "request"),
+                    help="continuous (default): a request joins the running search call of its strategy and "
+                         "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n); "
+                         "request: whole requests are batched, a request waits for the call under way to end")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
     for name, (default, what) in LIMITS.items():
         ap.add_argument(_flag(name), type=int, default=default, help=f"{what} (default {default})")

@@ -1,7 +1,7 @@
 """Server throughput: ``tts-kernels serve`` in three modes, one server each: ``per_request`` (``--max-batch 1``:
 one search call per request, what a proxy does, minus the proxy's own HTTP hop per candidate), ``batched``
 (``--batching request``: whole requests that arrive together share a call; a request arriving while a call runs
-waits for it to end; the server's default) and ``admission`` (``--batching continuous``: a request joins the running call
+waits for it to end) and ``admission`` (``--batching continuous``, the server's default: a request joins the running call
 of its strategy and settings at its next host look; the sampling strategies).
 
 For each strategy and number of concurrent clients, the clients (closed loop: each sends its next

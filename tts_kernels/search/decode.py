@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._threads import PoolTuner
 from ..models.text import cut_at_stop
 from ..ops.sample import sample
 from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
@@ -159,6 +160,8 @@ class SampleLoop:
         eos_ids = set(policy.eos_token_ids)
         rule = None if self.thinking is None else self.thinking.rule(policy.tokenizer, policy.eos_token_ids, dev)
         admits = hasattr(session, "admit") and hasattr(session, "pool")
+        # A loop that takes new groups may run for as long as they come: its thread count follows the load.
+        tuner = PoolTuner() if join is not None else None
         B = session.pool[1] if admits else 1
         # Per batch row: (group, its row in the group) on the host (rows grouped by group, in the order the
         # groups joined); the row's tokens, token count and end flag on the device.
@@ -272,6 +275,8 @@ class SampleLoop:
                 session.decode(tokens)
             step += 1
             if join is not None and admits and (regular or not owner):
+                if tuner is not None:
+                    tuner.tick()
                 if not owner:
                     base = step  # nothing runs: the look schedule starts again here
                 taken = self._join(join, session, len(owner))
