@@ -462,7 +462,11 @@ class Engine:
             self.metrics.queue_length.set(self.queued)
 
     def _joinable(self, job: Job) -> bool:
-        return self.continuous and STRATEGIES[job.strategy].continuous is not None and not job.key[0] == "pooled"
+        """Whether ``job`` runs in a continuous call: its strategy takes requests while it runs, and the policy
+        can prefill new prompts into a running session (``HFPolicy`` on the paged cache; not a text-level engine
+        such as the vLLM backend, nor the dense fallback, whose calls batch whole requests)."""
+        return (self.continuous and STRATEGIES[job.strategy].continuous is not None and job.key[0] != "pooled"
+                and getattr(self.policy, "paged", False) is True)
 
     async def _intake(self) -> None:
         """Every arriving job: into the continuous call under way when it has the call's key (and no other job
