@@ -639,7 +639,7 @@ class Engine:
                 stop.groups.append(g)
             call.prompts += b - a
             call.requests += 1
-            self.running += 1
+            loop.call_soon_threadsafe(self._joined)  # (the gauge changes on the event loop only)
             started_at[job.id] = time.perf_counter()
 
         def deliver(g, res) -> None:  # search thread
@@ -688,6 +688,9 @@ class Engine:
                              "seconds": round(time.perf_counter() - t0, 4), "cancelled_prompts": len(stop.prompts),
                              "over_cap": sorted(getattr(stop, "over", {})), "policy_tokens": call.policy_tokens,
                              "verifier_tokens": call.verifier_tokens}))
+
+    def _joined(self) -> None:
+        self.running += 1
 
     def _resolve(self, g, res, call: _OpenCall, stop, started: float, ended: float) -> None:
         """A continuous call's job, done (event loop thread): its result, its limit, or its failure."""
