@@ -187,6 +187,26 @@ def test_admit_prefills_into_the_running_pool(models):
     assert policy.kv_ledger.blocks == 0
 
 
+def test_admit_into_a_full_pool_fails_and_changes_nothing(models):
+    """A pool without room for the new prompts: the error names the pool, and the session is as it was (its rows,
+    logits and blocks), so the running rows go on."""
+    policy = models[0]
+    ids = [policy.encode(p) for p in PROMPTS[:3]]
+    saved = policy.num_blocks
+    policy.num_blocks = sum(-(-len(i) // policy.block_size) for i in ids[:2]) + 2  # the first two prompts + a token each
+    try:
+        a = policy.start(ids[:2], rows_hint=2, max_new_tokens=0)
+        before, free = a.logits.clone(), a.cache.kv.num_free_blocks
+        with pytest.raises(ValueError, match="block"):
+            a.admit(ids[2:] * 4)
+        assert a.rows == 2 and torch.equal(a.logits, before) and a.cache.kv.num_free_blocks == free
+        a.decode(torch.zeros(2, dtype=torch.long))  # the running rows still decode
+        a.free()
+    finally:
+        policy.num_blocks = saved
+    assert policy.kv_ledger.blocks == 0
+
+
 def test_run_continuous_checks_its_arguments(models):
     policy, verifier = models
     kw = dict(budget=2, join=lambda fit: [], deliver=lambda g, r: None, capacity=4)
