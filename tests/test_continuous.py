@@ -218,3 +218,55 @@ def test_run_continuous_checks_its_arguments(models):
         run_continuous("best_of_n", policy, verifier, PROMPTS[:1], [1], **{**kw, "capacity": 0})
     with pytest.raises(ValueError, match="verifier"):
         run_continuous("best_of_n", policy, None, PROMPTS[:1], [1], **kw)
+
+
+def test_a_failed_continuous_call_answers_every_request_it_took(models):
+    """The engine's side: a continuous call whose search fails after requests joined it answers each of them
+    with the error (none is left waiting), and the engine goes on to serve the next request."""
+    import asyncio
+
+    from tts_kernels.apps.engine import Engine, Job
+
+    policy, verifier = models
+
+    class Boom:  # the policy, whose sessions cannot admit prompts (a failure inside a running call)
+        def __getattr__(self, name):
+            return getattr(policy, name)
+
+        def start(self, *a, **k):
+            session = policy.start(*a, **k)
+
+            class Session:
+                def __getattr__(self, name):
+                    return getattr(session, name)
+
+                def admit(self, prompt_ids):
+                    raise RuntimeError("boom")
+
+            return Session()
+
+    s = Settings(max_new_tokens=96)
+
+    def job(i):
+        return Job(id=f"j{i}", prompts=[PROMPTS[i]], seeds=request_seeds(i, 1), strategy="best_of_n", budget=8,
+                   settings=s)
+
+    async def main():
+        engine = Engine(Boom(), verifier, max_batch=8, max_wait_ms=0)
+        await engine.start()
+        try:
+            first = asyncio.ensure_future(engine.submit(job(0)))
+            while engine.running == 0:  # the first call's rows run
+                await asyncio.sleep(0.005)
+            rest = [asyncio.ensure_future(engine.submit(job(i))) for i in (1, 2)]
+            got = await asyncio.wait_for(asyncio.gather(first, *rest, return_exceptions=True), 120)
+            after = await asyncio.wait_for(engine.submit(job(3)), 120)  # a call of its own: no admission needed
+            return got, after, engine.running
+        finally:
+            await engine.stop()
+
+    got, after, running = asyncio.run(main())
+    assert any(isinstance(g, RuntimeError) and "boom" in str(g) for g in got)
+    assert all(isinstance(g, RuntimeError) or g.result.predictions is not None for g in got)
+    assert after.result.candidates and running == 0
+    assert policy.kv_ledger.blocks == 0

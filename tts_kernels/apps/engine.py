@@ -624,6 +624,7 @@ class Engine:
         hook = _ListeningHook(owner)
         started_at: dict[str, float] = {}
         first_started = []
+        taken: list[Job] = [head]  # every job the search took (a failure fails those not answered)
 
         def started(g) -> None:  # search thread
             job = g.tag
@@ -652,7 +653,9 @@ class Engine:
             loop.call_soon_threadsafe(self._resolve, g, res, call, stop, started_at[job.id], time.perf_counter())
 
         def join(fit) -> list:  # search thread
-            return [] if self._closing else call.take(fit)
+            groups = [] if self._closing else call.take(fit)
+            taken.extend(g.tag for g in groups)
+            return groups
 
         def work():
             with cancellation(stop), progress(hook):
@@ -677,7 +680,7 @@ class Engine:
             bad = isinstance(failure, (ValueError, TypeError)) and not first_started
             if not bad:
                 log.error("continuous search call failed", exc_info=failure)
-            for job in first_started or [head]:
+            for job in taken:
                 if not job.future.done():
                     job.future.set_exception(BadRequest(str(failure)) if bad else failure)
             self.running = 0
