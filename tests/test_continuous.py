@@ -58,7 +58,7 @@ def serve(models, reqs, n, s, *, joins_at, capacity=64):
     """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
     {request index: results}, the look at which each started, and the looks seen."""
     policy, verifier = models
-    got, began, looks, taken = {}, {}, [0], set()
+    got, began, looks, taken, held = {}, {}, [0], set(), []
 
     def join(fit):  # in order: a request is offered once those before it have joined
         looks[0] += 1
@@ -81,9 +81,12 @@ def serve(models, reqs, n, s, *, joins_at, capacity=64):
     def deliver(g, res):
         assert not isinstance(res, Exception), res
         got[g.tag] = res
+        held.append(policy.kv_ledger.blocks)
 
     serve_sampling(RULES, policy, verifier, reqs[0][0], reqs[0][1], n=n, tag=0, settings=s, extract=_extract,
                    join=join, deliver=deliver, started=started, capacity=capacity)
+    # the groups that end the loop are handed over once its pool is free (a server's last answer finds no KV held)
+    assert held[-1] == 0 and held[0] > 0
     return got, began, looks[0]
 
 

@@ -129,13 +129,17 @@ class SampleLoop:
                 first.first, self.prompts = self.prompts, self.prompts + len(first.prompts)
                 if started is not None:
                     started(first)
-                self._generate(session, first, done)
+                last = self._generate(session, first)
             else:
-                self._decode(session, first, done, join, started)
+                last = self._decode(session, first, done, join, started)
         finally:
             session.free()
+        # The groups that ended the loop are handed over once its pool is free: whoever hears of the last
+        # request's end finds no KV block held for it.
+        if last:
+            done(last)
 
-    def _generate(self, session, g: SampleGroup, done) -> None:
+    def _generate(self, session, g: SampleGroup) -> list[tuple[SampleGroup, GroupSample]]:
         if self.thinking is not None:
             raise ValueError("Settings.thinking runs inside this package's decode loop; a text-level engine "
                              "(the vLLM backend) does not take it")
@@ -151,9 +155,10 @@ class SampleLoop:
         for r, (row, _, _) in enumerate(outs):
             g.out[r, : len(row)] = torch.tensor(row[:T], dtype=torch.long, device=dev)
         g.prefill, g.forward, g.keys = session.prefill_tokens, int(session.tokens), int(session.keys)
-        done([(g, self._finish(g))])
+        return [(g, self._finish(g))]
 
-    def _decode(self, session, first: SampleGroup, done, join, started) -> None:
+    def _decode(self, session, first: SampleGroup, done, join, started) -> list[tuple[SampleGroup, GroupSample]]:
+        """The token loop; returns the groups that ended at its last look (the others went to ``done``)."""
         policy, T, s = self.policy, self.T, self.sync_every
         dev = session.logits.device
         eos = torch.tensor(policy.eos_token_ids or [-1], device=dev)
@@ -216,8 +221,8 @@ class SampleLoop:
                 at += g.live
             return torch.cat(seeds), torch.cat(streams)
 
-        def leave(keep: list[int]) -> None:
-            """Rows not in ``keep`` leave the batch (their tokens go to their group); emptied groups finish."""
+        def leave(keep: list[int]) -> list[SampleGroup]:
+            """Rows not in ``keep`` leave the batch (their tokens go to their group); returns the emptied groups."""
             nonlocal buf, age, ended, think
             if len(keep) < len(owner):
                 kept = set(keep)
@@ -241,8 +246,7 @@ class SampleLoop:
             for g in finished:
                 groups.remove(g)
                 self.committed -= g.commit
-            if finished:
-                done([(g, self._finish(g)) for g in finished])
+            return finished
 
         add([first], 0, prefilled=True)
         seed_t, stream = keys_of()
@@ -257,7 +261,7 @@ class SampleLoop:
             age = age + 1
             regular = (step - base + 1) % s == 0
             ending = [g for g in groups if step - g.start + 1 == T]
-            relaid = False
+            relaid, ended_here = False, []
             if regular or ending:  # the host looks
                 if listening():
                     self._report(owner, buf, groups if regular else ending, step)
@@ -266,7 +270,10 @@ class SampleLoop:
                 relaid = len(keep) < len(owner)
                 if relaid:
                     tokens = tokens.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
-                leave(keep)
+                ended_here = leave(keep)
+                if ended_here and owner:  # others go on: these groups are done now
+                    done([(g, self._finish(g)) for g in ended_here])
+                    ended_here = []
             if owner:  # every row in the batch runs its token (rows that ended since the last look too)
                 for g in groups:
                     t = step - g.start
@@ -284,7 +291,9 @@ class SampleLoop:
                     add(taken, step, prefilled=False)
                     relaid = True
             if not owner:
-                break
+                return [(g, self._finish(g)) for g in ended_here]
+            if ended_here:  # the batch emptied and new groups joined: the loop goes on
+                done([(g, self._finish(g)) for g in ended_here])
             if relaid:
                 seed_t, stream = keys_of()
 
