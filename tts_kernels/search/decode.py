@@ -118,10 +118,11 @@ class SampleLoop:
             join: Callable[[Callable[[SampleGroup], bool]], list[SampleGroup]] | None = None,
             started: Callable[[SampleGroup], None] | None = None) -> None:
         """Sample ``first``, and every group ``join`` hands over, calling ``done([(group, sample), ...])`` with the
-        groups that ended at each look (on this thread). ``join(fits)`` is called at the looks where groups may join, with a predicate that
-        says whether a group fits now (beside those running and those ``fits`` already accepted in this call);
-        it returns the groups to add, in order, each accepted by ``fits``. ``started(group)`` is called as each
-        group's rows start (``group.first`` set)."""
+        groups that ended at each look (on this thread; those that end the loop once its session is freed).
+        ``join(fits)`` is called at the looks where groups may join, with a predicate that says whether a group
+        fits now (beside those running and those ``fits`` already accepted in this call); it returns the groups
+        to add, in order, each accepted by ``fits``. ``started(group)`` is called as each group's rows start
+        (``group.first`` set)."""
         self._encode(first)
         session = self.policy.start(first.ids, rows_hint=max(first.rows, self.capacity), max_new_tokens=self.T)
         try:
