@@ -72,6 +72,36 @@ def test_a_request_arriving_mid_search_joins_it_and_answers_as_offline(server, m
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
 
 
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts"])
+def test_a_step_search_request_arriving_mid_search_joins_it_at_a_step_boundary(server, models, strategy):
+    """The same for the step searches: a long search streams its steps; a request sent once the first step has
+    arrived joins it at a step boundary (one logged call holds both), and its answer and usage are offline's."""
+    client = server.client(timeout=120)
+    late_prompt, late_seed = PROMPTS[21], 78
+    for attempt in range(3):
+        n_before = len(searches(server))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stream = client.completions.create(model=MODEL, prompt=PROMPTS[:8], max_tokens=96, seed=6 + attempt,
+                                               stream=True, extra_body={"strategy": strategy, "budget": 16})
+            chunks = iter(stream)
+            next(chunks)  # the long search has sampled and scored its first step
+            late = pool.submit(client.completions.create, model=MODEL, prompt=late_prompt, max_tokens=96,
+                               seed=late_seed, extra_body={"strategy": strategy, "budget": 16})
+            rest = list(chunks)
+            got = late.result()
+        assert rest
+        calls = searches(server)[n_before:]
+        if len(calls) == 1:
+            break
+    assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
+    ref = offline(models, strategy, [late_prompt], 16, late_seed, 96)
+    assert got.predictions == ref.predictions
+    assert got.choices[0].text == ref.candidates[0][ref.chosen[0]].text
+    assert got.usage.policy_tokens == ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
+    assert got.usage.verifier_tokens == ref.compute.prm_tokens
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+
+
 def test_64_clients_4_requests_each(server, models):
     """256 requests from 64 closed-loop clients, best_of_n and majority mixed: every one answered, exactly
     (checked against offline runs for every fourth), and afterwards nothing queued, running or holding KV."""

@@ -11,10 +11,11 @@ Strategies that pool their budget over the prompts of a call (``Strategy.pooled`
 request alone. While a call runs, new jobs queue and form the next batch, except under continuous batching.
 
 Continuous batching (``continuous=True``, ``serve --batching continuous``, the default). A strategy registered with ``continuous``
-(the sampling strategies) runs as :func:`~tts_kernels.search.run_continuous`: while its call runs, a new job
-with the call's key goes to the call's waiting list (:class:`_OpenCall`), and the search thread takes it at its
-next host look when there is room (``max_batch`` prompts' rows at once, and the KV pool), so it joins the
-decode loop under way. Each job is resolved as its own rows end, with its own result and exact compute
+(the sampling strategies, and the step searches ``prm_beam_search`` and ``dvts``) runs as
+:func:`~tts_kernels.search.run_continuous`: while its call runs, a new job with the call's key goes to the call's
+waiting list (:class:`_OpenCall`), and the search thread takes it at its next host look (a sampling loop's
+regular look, a step search's step boundary) when there is room (``max_batch`` prompts' rows at once, and the
+KV pools), so it joins the search under way. Each job is resolved as its own rows end, with its own result and exact compute
 (``Outcome.compute``). A job arriving while another job waits for the next call waits with it (the open call
 stops growing, so other strategies are not starved); a job still waiting when the call ends goes back to
 the head of the queue.
@@ -320,7 +321,8 @@ def _owners(spans: list) -> dict:
 
 class _GroupCap(Cancellation):
     """A continuous call's cancellation, plus the prompts of every job whose own policy tokens so far passed
-    its cap (its group counts them exactly: :class:`~tts_kernels.search.decode.SampleGroup`)."""
+    its cap (its group counts them exactly: :class:`~tts_kernels.search.decode.SampleGroup`,
+    :class:`~tts_kernels.search.step_search.StepGroup`)."""
 
     def __init__(self):
         super().__init__()

@@ -522,6 +522,8 @@ class PRMSession:
             self._q, self._steps = list(questions), [[] for _ in range(P)]
             self._ids, self._scored = [list(p) for p in prompt_ids], [-1] * P
         self.rolled_back = 0  # tokens dropped from the cache to be run again (a whole-text boundary re-tokenized)
+        self.row_budget = max_new_tokens  # tokens a row may add (sizes the pool; :meth:`blocks_for`)
+        self.last_rows: tuple[list[int], list[int]] = ([], [])  # the last forward's tokens and keys, per row
         self._forward(prompt_ids, None)
         prm.kv_ledger.hold(self, blocks)
 
@@ -535,6 +537,57 @@ class PRMSession:
     @property
     def rows(self) -> int:
         return self.cache.batch_size
+
+    @property
+    def pool(self) -> tuple[int, int, int]:
+        """``(blocks, block_size, free sequence slots)`` of the session's KV pool (what :meth:`admit` plans by)."""
+        kv = self.cache.kv
+        return kv.num_blocks, kv.block_size, kv.max_seqs - kv.num_live_seqs
+
+    def blocks_for(self, prompts: list[str], rows: int) -> int:
+        """KV blocks that ``prompts`` and ``rows`` rows grown from them may hold at most (each row its tokens'
+        blocks, a partial block copied on write and one of rounding), as the pool was sized."""
+        B = self.cache.kv.block_size
+        return (sum(-(-len(self.prm.encode_prompt(p)) // B) for p in prompts)
+                + rows * (self.row_budget // B + 2))
+
+    @torch.no_grad()
+    def admit(self, prompts: list[str]) -> None:
+        """Prefill new prompts into this session's pool (one forward over just them, as :meth:`HFPRM.start`
+        does): they become rows ``rows .. rows + len(prompts) - 1``, after the rows now, which are untouched.
+        What a search that takes new requests at its host looks calls (continuous batching). On an error
+        nothing is added."""
+        if not prompts:
+            raise ValueError("admit: no prompts")
+        prm, dev = self.prm, self.aggregate.device
+        ids = [prm.encode_prompt(p) for p in prompts]
+        k = len(ids)
+        new = copy.copy(self)  # the new rows alone, over the same pool
+        new.cache = PagedCache(prm.model, batch_size=k, kv=self.cache.kv)
+        new.aggregate, new.count = init_aggregate(k, self.agg, device=dev)
+        if self.likelihood:
+            new.lik_state = init_likelihood_state(k, device=dev)
+            new.last_hidden = torch.zeros(k, prm.weight.shape[1], device=dev, dtype=prm.weight.dtype)
+        new.tokens = new.keys = 0
+        new._lens = [0] * k
+        if self.whole_text:
+            new._q, new._steps = list(prompts), [[] for _ in range(k)]
+            new._ids, new._scored = [list(p) for p in ids], [-1] * k
+        try:
+            new._forward(ids, None)
+        except BaseException:
+            new.cache.free()
+            raise
+        self.cache.adopt(new.cache)
+        self.aggregate, self.count = torch.cat([self.aggregate, new.aggregate]), torch.cat([self.count, new.count])
+        if self.likelihood:
+            self.lik_state = tuple(torch.cat([a, b]) for a, b in zip(self.lik_state, new.lik_state))
+            self.last_hidden = torch.cat([self.last_hidden, new.last_hidden])
+        for name in self._HOST_ROWS if self.whole_text else ("_lens",):
+            setattr(self, name, getattr(self, name) + getattr(new, name))
+        self.tokens += new.tokens
+        self.keys += new.keys
+        self.last_rows = new.last_rows
 
     def clone(self, rows: torch.Tensor) -> "PRMSession":
         """A second session over the same KV pool continuing ``rows`` of this one (unchanged);
@@ -625,6 +678,7 @@ class PRMSession:
         """Run every row's new tokens: rows of similar length together (:func:`length_buckets`), so a
         batch of short steps is not padded to its longest one."""
         lengths = [len(x) for x in ids]
+        self.last_rows = (lengths, [n * self._lens[r] + n * (n + 1) // 2 for r, n in enumerate(lengths)])
         run = [r for r, n in enumerate(lengths) if n]  # rows with nothing new are left out
         groups = [[run[i] for i in g] for g in length_buckets([lengths[r] for r in run])] if run else []
         if len(groups) == 1 and len(groups[0]) == len(ids):

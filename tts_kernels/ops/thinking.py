@@ -87,6 +87,10 @@ class ThinkingState:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
 
+    def cat(self, other: ThinkingState) -> ThinkingState:
+        """These rows, then ``other``'s."""
+        return ThinkingState(*(torch.cat([a, b]) for a, b in zip(self.tensors(), other.tensors())))
+
 
 def _check(logits_or_tokens: torch.Tensor, state: ThinkingState, name: str) -> None:
     R = logits_or_tokens.shape[0]

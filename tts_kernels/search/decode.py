@@ -4,8 +4,8 @@
 its end) and under the server's continuous batching (:func:`run` with ``join``: a new request's prompts
 become a group at the loop's next host look and leave it when their rows end).
 
-Each group's prompts are prefilled once (the first group by ``policy.start``, later ones into the same
-paged pool by ``session.admit``) and forked ``n`` times. Every token, the fused
+Each group's prompts are prefilled once, in a forward of their own as when the group runs alone (the first
+group by ``policy.start``, later ones into the same paged pool by ``session.admit``) and forked ``n`` times. Every token, the fused
 :func:`~tts_kernels.sample` draws one token per row under the row's key ``(seed, stream, offset)``: the
 seed and stream are its prompt's seed and its candidate number (:mod:`~tts_kernels.search.seeds`), the
 offset its own token count (a per-row device tensor), so a row draws the same tokens whatever else is in
@@ -181,8 +181,9 @@ class SampleLoop:
         def add(gs: list[SampleGroup], step: int, prefilled: bool) -> None:
             nonlocal buf, age, ended, think
             k = len(owner)  # rows running; the groups' prompt rows come after them
-            if not prefilled:
-                session.admit([i for g in gs for i in g.ids])
+            if not prefilled:  # each group on its own, as alone (a batch's padding is part of what a row sees)
+                for g in gs:
+                    session.admit(g.ids)
             parents, at = [torch.arange(k, device=dev)], k
             for g in gs:
                 g.first, self.prompts = self.prompts, self.prompts + len(g.prompts)
@@ -207,7 +208,7 @@ class SampleLoop:
             ended = torch.cat([ended, torch.zeros(new, dtype=torch.bool, device=dev)])
             if rule is not None:
                 fresh = ThinkingState.start(new, dev)
-                think = ThinkingState(*(torch.cat([a, b]) for a, b in zip(think.tensors(), fresh.tensors())))
+                think = think.cat(fresh)
 
         def keys_of():
             if len(groups) == 1 and not groups[0].seeds.keyed:  # one run seed: the stream is the batch row

@@ -56,6 +56,12 @@ class RowHashes:
         out.h = self.h.index_select(0, idx)
         return out
 
+    def cat(self, other: RowHashes) -> RowHashes:
+        """These rows, then ``other``'s."""
+        out = copy.copy(self)
+        out.h = torch.cat([self.h, other.h])
+        return out
+
     def duplicates(self, group: int, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows in consecutive groups of ``group``: ``(dup [rows] bool, first [rows] int64)``: a live row
         whose hash equals that of an earlier live row of its group, and the index of the first such row."""

@@ -18,6 +18,9 @@ a drop removes and a reorder moves is that declaration, so a new field cannot be
   reference particles; each prompt's own row under ``keep_prompts``);
 * :meth:`~StepRows.refill`: new rows of given prompts, started from the prompt (``keep_prompts``), each
   drawing as a new candidate of its prompt;
+* :meth:`~StepRows.admit`: new prompts join running rows (prefilled into both sessions' pools, one row each
+  after the others); with ``tally`` compute is also counted per prompt (:class:`PromptTally`), so a group of
+  prompts that shared the batch reports its own (:meth:`~StepRows.compute` with ``prompts``);
 * :meth:`~StepRows.roll_back`: rows go back to their first ``t`` steps (the policy row cut on the paged
   cache, ``PolicySession.truncate``; the verifier row re-scores what it no longer holds);
 * :meth:`~StepRows.lookahead_scores`, :meth:`~StepRows.duplicates`, :meth:`~StepRows.candidate`,
@@ -33,7 +36,8 @@ among its prompt's rows: :meth:`~StepRows.fork` numbers each prompt's new rows `
 order, :meth:`~StepRows.drop` keeps the numbers, :meth:`~StepRows.refill` gives each new row the next
 number its prompt has not used. A prompt's draws therefore depend on its own rows only, whatever shares
 the batch. Under a run seed a row draws on its batch position (the layout of earlier releases).
-Offsets advance by the step's token limit every step (``offset`` is the first step's).
+Offsets are per prompt: each step advances a prompt's by the token limit its rows used (``offset`` is the
+first step's), so a prompt admitted mid-search draws as it does alone.
 """
 from __future__ import annotations
 
@@ -78,6 +82,10 @@ class RowData:
         """Row ``j`` becomes row ``rows[j]`` (``idx``: the same on the device); lists are copied per row."""
         return RowData(**{f.name: _take(getattr(self, f.name), rows, idx) for f in fields(self)})
 
+    def cat(self, other: RowData) -> RowData:
+        """These rows, then ``other``'s (which tracks the same fields)."""
+        return RowData(**{f.name: _cat(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
 
 def _take(value, rows: list[int], idx: torch.Tensor):
     if value is None:
@@ -87,6 +95,40 @@ def _take(value, rows: list[int], idx: torch.Tensor):
     if isinstance(value, torch.Tensor):
         return value.index_select(0, idx)
     return value.select(idx)  # per-row device state (ThinkingState, RowHashes)
+
+
+def _cat(a, b):
+    if a is None:
+        return None
+    if isinstance(a, list):
+        return a + b
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return a.cat(b)  # per-row device state (ThinkingState, RowHashes)
+
+
+@dataclass
+class PromptTally:
+    """Compute per prompt (host lists, one entry per prompt): what a search whose prompts came in groups
+    reports per group (:meth:`StepRows.compute` with ``prompts``). Policy ``forward`` counts every token
+    position run for the prompt's rows (its prefill included), ``keys`` the keys attended over them."""
+
+    prefill: list[int]
+    generated: list[int]
+    forward: list[int]
+    keys: list[int]
+    prm_tokens: list[int]
+    prm_keys: list[int]
+    thinking: list[int]
+
+    def grow(self, k: int) -> None:
+        for f in fields(self):
+            getattr(self, f.name).extend([0] * k)
+
+    def add(self, name: str, owners: Sequence[int], values: Sequence[int]) -> None:
+        col = getattr(self, name)
+        for p, v in zip(owners, values):
+            col[p] += v
 
 
 @dataclass
@@ -123,13 +165,16 @@ class StepRows:
     ``capacity``: rows the sessions should expect at most. ``keep_prompts``: each prompt's own row stays
     parked at the end of the batch, for :meth:`refill` and for a :meth:`roll_back` past what a verifier
     row holds. ``track_logprobs``: sum each row's token log-probabilities. ``hash_rows``: keep rolling
-    hashes for :meth:`duplicates`. ``offset``: the first step's draw offset.
+    hashes for :meth:`duplicates`. ``offset``: the first step's draw offset. ``tally``: count compute per
+    prompt too where the sessions count per row (a policy session with ``positions``, a verifier session with
+    ``last_rows``; else ``self.tally`` stays ``None``): :class:`PromptTally`, for :meth:`compute` over some
+    prompts and for :meth:`admit`.
     """
 
     def __init__(self, policy, verifier, prompts: Sequence[str], settings: Settings, *,
                  seeds: Seeds | int | Sequence[int], cancelled: Callable[[], Collection[int]] | None = None,
                  capacity: int, parked: Sequence[History] = (), keep_prompts: bool = False,
-                 track_logprobs: bool = False, hash_rows: bool = False, offset: int = 0):
+                 track_logprobs: bool = False, hash_rows: bool = False, offset: int = 0, tally: bool = False):
         s = settings
         self.policy, self.prm_model = policy, verifier
         self.tok = policy.tokenizer
@@ -147,34 +192,35 @@ class StepRows:
         self.P = P = len(prompts)
         if hash_rows and parked:
             raise ValueError("hash_rows: rows started with a completion are not hashed")
-        budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens
+        if tally and parked:
+            raise ValueError("tally: rows started with a completion are not counted per prompt")
+        self.budget = s.max_step_tokens * max(s.num_iterations - 1, 0) + s.max_new_tokens  # tokens a row may add
+        self.prm_budget = self.budget + 8 * s.num_iterations
         # Parked histories: their completion prefilled on the policy side (the verifier's row holds the prompt only).
         self.pol = policy.start(self.prompt_ids + [self.prompt_ids[h.prompt] + list(h.ids) for h in parked],
-                                rows_hint=capacity, max_new_tokens=budget)
+                                rows_hint=capacity, max_new_tokens=self.budget)
         self.prm = None if verifier is None else verifier.start(
             self.prompts + [self.prompts[h.prompt] for h in parked], agg=s.agg, rows=capacity,
-            max_new_tokens=budget + 8 * s.num_iterations)
+            max_new_tokens=self.prm_budget)
         dev = self.device = self.pol.logits.device
         self.matcher = DelimiterMatcher(self.tok, s.step_delimiter, self.pol.logits.shape[1], device=dev)
         self.think_rule = None if s.thinking is None else s.thinking.rule(self.tok, self.eos, dev)
-        n0 = P + len(parked)
-        self.data = RowData(
-            owner=list(range(P)) + [h.prompt for h in parked],
-            stream=[0] * n0,
-            parked=[keep_prompts] * P + [True] * len(parked),
-            texts=[""] * P + [h.text for h in parked],
-            ids=[[] for _ in range(P)] + [list(h.ids) for h in parked],
-            steps=[[] for _ in range(P)] + [list(h.steps) for h in parked],
-            step_scores=[[] for _ in range(P)] + [list(h.step_scores) for h in parked],
-            step_ntok=[[] for _ in range(P)] + [list(h.step_ntok) for h in parked],
-            scored=[0] * n0,
-            thought=[0] * n0,
-            logprob_sum=torch.zeros(n0, dtype=torch.float32, device=dev) if track_logprobs else None,
-            logprob_count=torch.zeros(n0, dtype=torch.long, device=dev) if track_logprobs else None,
-            thinking=ThinkingState.start(n0, dev) if self.think_rule is not None else None,
-            hashes=RowHashes(n0, dev) if hash_rows else None)
+        self._track = (track_logprobs, hash_rows)
+        self.keep_prompts = keep_prompts
+        self.data = self._prompt_rows(range(P))
+        if parked:
+            self.data = self.data.cat(self._new_rows(
+                [h.prompt for h in parked], parked=True, texts=[h.text for h in parked],
+                ids=[list(h.ids) for h in parked], steps=[list(h.steps) for h in parked],
+                step_scores=[list(h.step_scores) for h in parked], step_ntok=[list(h.step_ntok) for h in parked]))
         self.used = [0 if keep_prompts else 1] * P  # per prompt: streams its sampling rows have used (refill's next)
-        self.offset = offset
+        self._offset0 = offset
+        self.offsets = [offset] * P  # per prompt: its next step's first draw offset
+        self.capacity = capacity
+        self.tally = None
+        if tally and hasattr(self.pol, "positions") and (self.prm is None or hasattr(self.prm, "last_rows")):
+            self.tally = PromptTally(*([0] * P for _ in fields(PromptTally)))
+            self._tally_prompts(range(P))
         self.generated = 0  # tokens sampled and kept
         self.thinking_generated = 0  # of those (and the rollouts'), written while thinking
         self.forward_rows = 0  # decode rows run (paused rows included)
@@ -183,6 +229,84 @@ class StepRows:
 
     def __len__(self) -> int:
         return len(self.data.owner)
+
+    def _new_rows(self, owner: list[int], *, parked: bool, texts=None, ids=None, steps=None, step_scores=None,
+                  step_ntok=None) -> RowData:
+        """Fresh rows of prompts ``owner`` (one each; empty completions unless given)."""
+        n, dev = len(owner), self.device
+        empty = lambda: [[] for _ in range(n)]  # noqa: E731
+        track_logprobs, hash_rows = self._track
+        return RowData(
+            owner=list(owner), stream=[0] * n, parked=[parked] * n, texts=texts or [""] * n, ids=ids or empty(),
+            steps=steps or empty(), step_scores=step_scores or empty(), step_ntok=step_ntok or empty(),
+            scored=[0] * n, thought=[0] * n,
+            logprob_sum=torch.zeros(n, dtype=torch.float32, device=dev) if track_logprobs else None,
+            logprob_count=torch.zeros(n, dtype=torch.long, device=dev) if track_logprobs else None,
+            thinking=ThinkingState.start(n, dev) if self.think_rule is not None else None,
+            hashes=RowHashes(n, dev) if hash_rows else None)
+
+    def _prompt_rows(self, prompts) -> RowData:
+        """One row per prompt (the prompt only; parked under ``keep_prompts``)."""
+        return self._new_rows(list(prompts), parked=self.keep_prompts)
+
+    def _tally_prompts(self, prompts) -> None:
+        """A :class:`PromptTally`: the prefill of ``prompts`` (just started or admitted, in order)."""
+        prompts = list(prompts)
+        lens = [len(self.prompt_ids[p]) for p in prompts]
+        t = self.tally
+        t.add("prefill", prompts, lens)
+        t.add("forward", prompts, lens)
+        t.add("keys", prompts, [n * (n + 1) // 2 for n in lens])
+        if self.prm is not None:  # the verifier's last call prefilled them, one row each
+            self._tally_prm(prompts)
+
+    def _tally_prm(self, owner: Sequence[int], session=None) -> None:
+        """With a tally: add the verifier session's last call (per row: tokens, keys) to the prompts ``owner``
+        of its rows."""
+        if self.tally is not None:
+            tokens, keys = (session or self.prm).last_rows
+            self.tally.add("prm_tokens", owner, tokens)
+            self.tally.add("prm_keys", owner, keys)
+
+    @property
+    def admits(self) -> bool:
+        """Whether :meth:`admit` can take new prompts (sessions that prefill into their running pool, counted
+        per prompt)."""
+        return (self.tally is not None and hasattr(self.pol, "admit")
+                and (self.prm is None or hasattr(self.prm, "admit")))
+
+    def admit(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[int]:
+        """New prompts (one seed each) join the rows: prefilled into the sessions' pools, one row each after
+        the rows now (which are untouched), drawing as a fresh prompt's rows do. Returns their prompt
+        indices. Needs :attr:`admits`, one seed per prompt, and no parked rows."""
+        prompts = list(prompts)
+        if not self.admits:
+            raise TypeError("admit needs StepRows(tally=True) over sessions with admit (tts_kernels.search.protocols)")
+        if not self.seeds.keyed or len(seeds) != len(prompts):
+            raise ValueError("admit: the rows draw under one seed per prompt, and every new prompt needs its own")
+        if self.parked_rows():
+            raise ValueError("admit: rows are added after the running ones; parked rows would no longer come last")
+        ids = [self.policy.encode(p) for p in prompts]
+        running = torch.arange(len(self), dtype=torch.long, device=self.device)
+        self.pol.admit(ids)
+        if self.prm is not None:
+            try:
+                self.prm.admit(prompts)
+            except BaseException:
+                self.pol.fork(running)  # the policy rows just admitted leave: nothing changed
+                raise
+        first, k = self.P, len(prompts)
+        self.prompts += prompts
+        self.prompt_ids += ids
+        self.P += k
+        self.seeds = Seeds(self.seeds.per_prompt + list(seeds), self.P)
+        self.used += [1] * k
+        self.offsets += [self._offset0] * k
+        self.tally.grow(k)
+        new = list(range(first, first + k))
+        self.data = self.data.cat(self._prompt_rows(new))
+        self._tally_prompts(new)
+        return new
 
     # ------------------------------------------------------------------ the batch: fork, drop, park, refill
 
@@ -312,17 +436,22 @@ class StepRows:
         self.pol.truncate(torch.tensor(rows, device=dev), torch.tensor(lengths, device=dev),
                           torch.tensor(tokens, device=dev))
         self.forward_rows += len(rows)
+        if self.tally is not None:  # the kept last token runs again, attending its row's kept tokens
+            self.tally.add("forward", [d.owner[r] for r in rows], [1] * len(rows))
+            self.tally.add("keys", [d.owner[r] for r in rows], lengths)
         if self.prm is not None and any(new_steps):
             scores = self.prm.add_steps(new_steps).tolist()
+            self._tally_prm(d.owner)
             for r in rows:
                 d.step_scores[r] = d.step_scores[r] + scores[r][: len(new_steps[r])]
                 d.scored[r] = len(d.steps[r])
 
     # ------------------------------------------------------------------ a step
 
-    def step(self, last: bool, rows: list[int] | None = None) -> tuple[list[str], list[str | None]]:
+    def step(self, last: bool | Sequence[bool], rows: list[int] | None = None) -> tuple[list[str], list[str | None]]:
         """Every row that is not parked (or only ``rows``) samples one step (to the end on the last
-        iteration) and the verifier scores it.
+        iteration) and the verifier scores it. ``last``: whether this is the last iteration, for every
+        prompt or per prompt (prompts that joined at different iterations; :meth:`admit`).
 
         Returns the step texts and, per row, why it finished (``None``: it goes on; rows left out return
         an empty text and ``None``).
@@ -330,17 +459,30 @@ class StepRows:
         d = self.data
         if rows is None and any(d.parked):
             rows = [r for r in range(len(self)) if not d.parked[r]]
-        limit = self.max_final_tokens if last else self.max_step_tokens
+        per_prompt = [bool(last)] * self.P if isinstance(last, bool) else [bool(x) for x in last]
+        row_last = [per_prompt[p] for p in d.owner]
+        mixed = 0 < sum(row_last) < len(row_last)
+        everyone = not mixed and all(row_last) and len(row_last) > 0
         dev = self.device
+        final = torch.tensor(row_last, device=dev) if mixed else None
+        limit = self.max_final_tokens if everyone else self.max_step_tokens
+        offsets = [self.offsets[p] for p in d.owner]
+        offset = offsets[0] if len(set(offsets)) == 1 else torch.tensor(offsets, dtype=torch.long, device=dev)
         only = None if rows is None else torch.tensor(rows, dtype=torch.long, device=dev)
         seed, stream = self.seeds.rows(torch.tensor(d.owner, dtype=torch.int64, device=dev),
                                        torch.tensor(d.stream, dtype=torch.int64, device=dev), dev)
-        st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if last else self.matcher,
-                          offset=self.offset, sync_every=self.sync_every, logprobs=d.logprob_sum is not None,
-                          rows=only, seed=seed, stream=stream, thinking=self._thinking(), **self.sampling)
+        st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if everyone else self.matcher,
+                          offset=offset, sync_every=self.sync_every,
+                          logprobs=d.logprob_sum is not None, rows=only, seed=seed, stream=stream,
+                          thinking=self._thinking(), final=final, final_tokens=self.max_final_tokens,
+                          count_rows=self.tally is not None, **self.sampling)
         self._count_thinking(st)
-        self.offset += limit
+        for p, fin in enumerate(per_prompt):
+            self.offsets[p] += self.max_final_tokens if fin else self.max_step_tokens
         self.forward_rows += st.forward_rows
+        if self.tally is not None:
+            self.tally.add("forward", d.owner, st.row_forward.tolist())
+            self.tally.add("keys", d.owner, st.row_keys.tolist())
         if d.logprob_sum is not None:
             d.logprob_sum = d.logprob_sum + st.logprob_sum
             d.logprob_count = d.logprob_count + st.counts
@@ -352,13 +494,15 @@ class StepRows:
         finish = []
         for r, text in enumerate(texts):
             self.generated += len(ids[r])
+            if self.tally is not None:
+                self.tally.generated[d.owner[r]] += len(ids[r])
             if r in skip:
                 finish.append(None)
             elif eos[r]:
                 finish.append("eos")
             elif text == "":
                 finish.append("empty")
-            elif last:
+            elif row_last[r]:
                 finish.append("final")
             elif not delim[r] and self.cap_ends:
                 finish.append("length")
@@ -368,6 +512,7 @@ class StepRows:
                 finish.append(None)
         if self.prm is not None:
             scores = self.prm.add_steps([[t] if t else [] for t in texts])
+            self._tally_prm(d.owner)
             first = scores[:, 0].tolist() if scores.shape[1] else [float("nan")] * len(self)
         else:
             first = None  # no verifier: steps are not scored
@@ -396,6 +541,8 @@ class StepRows:
         self.data.thinking = st.thinking
         now = st.thinking.thought.tolist()
         self.thinking_generated += sum(now) - sum(self.data.thought)
+        if self.tally is not None:
+            self.tally.add("thinking", self.data.owner, [a - b for a, b in zip(now, self.data.thought)])
         self.data.thought = now
 
     def _answered(self, text: str) -> bool:
@@ -442,14 +589,22 @@ class StepRows:
             done = [False] * len(live)
             base_ids, base_texts = [list(self.data.ids[r]) for r in live], [self.data.texts[r] for r in live]
             think = None if self.data.thinking is None else self.data.thinking.select(idx)
+            owner = [self.data.owner[r] for r in live]
+            tally = self.tally
             for _ in range(steps):
                 st = sample_steps(pol, max_tokens=self.max_step_tokens, eos_ids=self.eos, matcher=self.matcher,
                                   temperature=0.0, seed=0, offset=0, sync_every=self.sync_every,
-                                  thinking=self._thinking(think))
+                                  thinking=self._thinking(think), count_rows=tally is not None)
                 if think is not None:  # the rollouts' thinking tokens count, as their tokens do
-                    self.thinking_generated += int((st.thinking.thought - think.thought).sum())
+                    grew = st.thinking.thought - think.thought
+                    self.thinking_generated += int(grew.sum())
+                    if tally is not None:
+                        tally.add("thinking", owner, grew.tolist())
                     think = st.thinking
                 self.forward_rows += st.forward_rows
+                if tally is not None:
+                    tally.add("forward", owner, st.row_forward.tolist())
+                    tally.add("keys", owner, st.row_keys.tolist())
                 ids, texts = self._decode(st, base_ids, base_texts)
                 eos, delim = st.eos.tolist(), st.delimited.tolist()
                 for j in range(len(live)):
@@ -457,11 +612,14 @@ class StepRows:
                         texts[j] = ""  # a finished rollout adds nothing more
                         continue
                     self.generated += len(ids[j])
+                    if tally is not None:
+                        tally.generated[owner[j]] += len(ids[j])
                     base_ids[j] += [t for t in ids[j] if t not in self.eos_set]
                     base_texts[j] += texts[j]
                     if eos[j] or not delim[j] or not texts[j]:
                         done[j] = True
                 prm.add_steps([[t] if t else [] for t in texts])
+                self._tally_prm(owner, session=prm)
                 if all(done):
                     break
             scores[idx] = prm.aggregate
@@ -482,9 +640,22 @@ class StepRows:
                          steps=list(d.steps[r]), step_scores=list(d.step_scores[r]),
                          thinking_tokens=None if self.think_rule is None else d.thought[r])
 
-    def compute(self) -> Compute:
+    def compute(self, prompts: Collection[int] | None = None) -> Compute:
         """Prompt tokens prefilled, tokens sampled (rollouts included), verifier tokens, and FLOPs of every
-        forward row actually run (paused rows ride along in decode batches and are counted)."""
+        forward row actually run (paused rows ride along in decode batches and are counted). ``prompts``:
+        only theirs (needs ``tally``): what a group of prompts that shared the batch with others spent."""
+        if prompts is not None:
+            if self.tally is None:
+                raise ValueError("compute(prompts): StepRows counts per prompt only with tally=True")
+            t = self.tally
+            total = lambda col: sum(col[p] for p in prompts)  # noqa: E731
+            prm_tokens = total(t.prm_tokens)
+            return Compute(policy_prefill_tokens=total(t.prefill), policy_generated_tokens=total(t.generated),
+                           prm_tokens=prm_tokens,
+                           policy_flops=count_flops(self.policy.model, total(t.forward), total(t.keys)),
+                           prm_flops=0.0 if self.prm is None else count_flops(self.prm_model.flop_module, prm_tokens,
+                                                                              total(t.prm_keys)),
+                           thinking_tokens=total(t.thinking))
         policy_flops = count_flops(self.policy.model, self.pol.prefill_tokens + self.forward_rows,
                                    int(self.pol.keys) + self.keys_extra)
         if self.prm is None:

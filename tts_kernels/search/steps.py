@@ -103,6 +103,8 @@ class Steps:
     forward_rows: int  # rows run through the policy (paused rows riding along included)
     logprob_sum: torch.Tensor | None = None  # [rows] float32: the step's tokens' log-probabilities summed (if asked)
     thinking: ThinkingState | None = None  # the rows' thinking state after the step (when a rule was given)
+    row_forward: torch.Tensor | None = None  # [rows] int64: decodes each row rode in (``count_rows``)
+    row_keys: torch.Tensor | None = None  # [rows] int64: keys it attended over those (``count_rows``)
 
 
 _NARROW = 0.75  # run only the rows still going once at most this share of them is
@@ -114,7 +116,8 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
                  temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed: int | torch.Tensor = 0, offset: int = 0,
                  sync_every: int = 8, logprobs: bool = False, rows: torch.Tensor | None = None,
                  stream: torch.Tensor | None = None,
-                 thinking: tuple[ThinkingRule, ThinkingState] | None = None) -> Steps:
+                 thinking: tuple[ThinkingRule, ThinkingState] | None = None,
+                 final: torch.Tensor | None = None, final_tokens: int = 0, count_rows: bool = False) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
@@ -126,8 +129,18 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     as in :func:`~tts_kernels.sample` (:mod:`~tts_kernels.search.seeds`). ``thinking``: a thinking
     budget's rule and the rows' state, applied to every token (:mod:`tts_kernels.ops.thinking`); the state
     after the step is ``Steps.thinking``.
+
+    ``offset`` may be an int64 ``[rows]`` tensor (each row's own first offset), and ``final [rows]`` (bool,
+    optional) marks rows on their last step: they sample to EOS or ``final_tokens`` without the delimiter,
+    the others to the delimiter, EOS or ``max_tokens`` (rows of searches that joined a running batch at
+    different steps; pass ``final`` only when some row is on its last step). ``count_rows``: also count,
+    per row, the decodes it rode in and the keys it attended (``Steps.row_forward``, ``Steps.row_keys``;
+    needs a session with ``positions``).
     """
     if hasattr(session, "generate"):
+        if final is not None or count_rows:
+            raise ValueError("a text-level engine (the vLLM backend) samples whole steps itself: per-row final steps "
+                             "and per-row counts are this package's decode loop's")
         if thinking is not None:
             raise ValueError("Settings.thinking runs inside this package's decode loop; a text-level engine "
                              "(the vLLM backend) does not take it")  # a text-level engine (e.g. vLLM) samples whole steps itself
@@ -151,6 +164,14 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     forward_rows = 0
     run = rows  # rows still going at the last look (None: all): only they run through the policy
     rule, think = thinking if thinking is not None else (None, None)
+    limit = None
+    if final is not None:  # per row: its token limit, and whether its step may end at the delimiter
+        final = final.to(dev)
+        limit = torch.where(final, final_tokens, max_tokens)
+        max_tokens = max(max_tokens, final_tokens)  # (the caller passes ``final`` only when a row is final)
+        buf = torch.full((R, max_tokens), -1, dtype=torch.long, device=dev)
+    row_fwd = torch.zeros(R, dtype=torch.long, device=dev) if count_rows else None
+    row_keys = torch.zeros(R, dtype=torch.long, device=dev) if count_rows else None
     for t in range(max_tokens):
         logits = session.logits if rule is None else thinking_logits(session.logits, think, rule)
         tok, lp = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed_t,
@@ -165,13 +186,22 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
         if matcher is not None:
             state = torch.where(active, matcher.step(state, tok), state)
             ends = (state == matcher.done) & active
+            if final is not None:
+                ends = ends & ~final
         else:
             ends = torch.zeros_like(active)
         feed = active & ~is_eos
         eos_hit |= is_eos
         delim |= ends & ~is_eos
         active = feed & ~ends
+        if limit is not None:  # a row at its own limit feeds this token, then stops
+            active = active & (limit > t + 1)
         # Rows ending their step now still feed its last token: their history must hold the whole step.
+        if count_rows:
+            ran = torch.ones(R, dtype=torch.bool, device=dev) if run is None else \
+                torch.zeros(R, dtype=torch.bool, device=dev).index_fill_(0, run, True)
+            row_fwd += ran
+            row_keys += torch.where(ran, session.positions + 1, 0)
         if run is None:
             session.decode(tok, active=feed)
             forward_rows += R
@@ -187,7 +217,7 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
             if going <= _NARROW * (R if run is None else run.shape[0]):  # leave the finished rows out of the batch from now on
                 run = active.nonzero().squeeze(1)
     return Steps(tokens=buf, counts=counts, eos=eos_hit, delimited=delim, forward_rows=forward_rows,
-                 logprob_sum=lp_sum, thinking=think)
+                 logprob_sum=lp_sum, thinking=think, row_forward=row_fwd, row_keys=row_keys)
 
 
 def _engine_steps(session, *, max_tokens, matcher, temperature, top_p, top_k, min_p, seed, offset, logprobs, rows,

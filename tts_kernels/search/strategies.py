@@ -53,7 +53,7 @@ from .result import SearchResult
 from .revise import revise
 from .seeds import check_seed
 from .settings import Settings, resolve
-from .step_search import dvts, prm_beam_search
+from .step_search import dvts, prm_beam_search, serve_steps
 from .validate import check_prompts
 
 
@@ -182,6 +182,18 @@ def _step(name, search):
     return fn
 
 
+def _step_continuous(name, select):
+    def fn(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started, capacity):
+        def named(g, res):
+            if not isinstance(res, Exception):
+                res.strategy = name
+            deliver(g, res)
+        serve_steps(name, policy, verifier, prompts, seeds, n=budget, select=select, tag=tag, extract=extract,
+                    settings=settings.replace(beam_width=min(settings.beam_width, budget)), join=join,
+                    deliver=named, started=started, capacity=capacity)
+    return fn
+
+
 def _optimal(name, strategies):
     # One strategy: the table's calibration, that strategy everywhere. Its phases let eval pool a whole run.
     return OptimalStrategy(name, tuple(strategies))
@@ -208,9 +220,10 @@ register_strategy("weighted_best_of_n", _sampling("weighted_best_of_n"), group=_
                   description="N samples, the answer with the largest summed verifier score", select="weighted",
                   continuous=_continuous(["weighted_best_of_n"]))
 register_strategy("prm_beam_search", _step("prm_beam_search", prm_beam_search),
-                  description="step-level beam search: N beams, the best N/beam_width kept each step", select="best")
+                  description="step-level beam search: N beams, the best N/beam_width kept each step", select="best",
+                  continuous=_step_continuous("prm_beam_search", "best"))
 register_strategy("dvts", _step("dvts", dvts), description="diverse verifier tree search: N/beam_width subtrees",
-                  select="weighted")
+                  select="weighted", continuous=_step_continuous("dvts", "weighted"))
 register_strategy("compute_optimal", _optimal("compute_optimal", ("weighted_best_of_n", "prm_beam_search")),
                   description="pilot, difficulty levels, a strategy per level, N*P samples allocated", pooled=True)
 register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("weighted_best_of_n",)),
