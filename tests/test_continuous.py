@@ -13,6 +13,8 @@ from tts_kernels.search.cancel import Cancellation, cancellation
 from tts_kernels.search.decode import SampleGroup, SampleLoop
 from tts_kernels.search.seeds import Seeds
 
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min): admission
+
 PROMPTS = [p.prompt for p in bundled.test_problems(12)]
 RULES = {"best_of_n": "best", "majority": "majority"}
 
