@@ -91,6 +91,36 @@ def test_seeded_prompt_same_alone_and_batched():
     assert len({c.text for c in together.candidates[0]}) > 1  # sampled, not four greedy copies
 
 
+@pytest.mark.parametrize("strategy", ["best_of_n", "prm_beam_search"])
+def test_a_request_joining_a_running_search_gets_what_it_gets_alone(strategy):
+    """Continuous batching on a real model (SmolLM2, its own likelihood as verifier): a request admitted into a
+    running search (sampling: at a look; beam search: at a step boundary) gets the candidates it gets alone,
+    and the pools are empty after the last answer."""
+    from tts_kernels.models import HFPRM
+    from tts_kernels.search import run_continuous
+
+    policy = policy_of("smollm2-135m")
+    verifier = HFPRM(policy.model, policy.tokenizer, head="likelihood")
+    s = Settings(max_new_tokens=48, temperature=0.8, num_iterations=3, max_step_tokens=16, beam_width=2)
+    reqs = [(QUESTIONS[:1], request_seeds(21, 1)), (QUESTIONS[1:3], request_seeds(22, 2))]
+    got, looks = {}, [0]
+
+    def join(fit):
+        looks[0] += 1
+        g = fit(*reqs[1], 1) if looks[0] == 1 else None
+        return [g] if g is not None else []
+
+    run_continuous(strategy, policy, verifier, *reqs[0], budget=4, settings=s, tag=0, join=join, capacity=16,
+                   deliver=lambda g, res: got.__setitem__(g.tag, res))
+    assert sorted(got) == [0, 1]
+    for i, (prompts, seeds) in enumerate(reqs):
+        alone = run(strategy, policy, verifier, prompts, budget=4, settings=s, seed=seeds)
+        assert [[c.text for c in cs] for cs in got[i].candidates] == [[c.text for c in cs] for cs in alone.candidates]
+        assert got[i].predictions == alone.predictions
+        assert got[i].compute.policy_generated_tokens == alone.compute.policy_generated_tokens
+    assert policy.kv_ledger.blocks == 0 and verifier.kv_ledger.blocks == 0
+
+
 def test_server_answers_chat_through_the_template_as_offline():
     """``serve --policy <the .gguf file>`` with the model's own likelihood as verifier: chats are rendered with
     SmolLM2's ChatML template, and the answer, streamed or not, is ``search.run``'s with the request's seeds."""
