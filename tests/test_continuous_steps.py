@@ -1,4 +1,4 @@
-"""Continuous batching of the step searches (step_search._run with join, serve_steps, search.run_continuous):
+"""Continuous batching of the step searches (step_loop.run_groups with join, serve_steps, search.run_continuous):
 requests that join a running PRM beam search or DVTS at a step boundary get exactly what they get alone
 (candidates, steps, scores, tokens), their compute is their own and adds up to the sessions', a request that
 does not fit waits, a cancelled one leaves the others exact, and the pools are empty afterwards."""

@@ -322,7 +322,7 @@ def _owners(spans: list) -> dict:
 class _GroupCap(Cancellation):
     """A continuous call's cancellation, plus the prompts of every job whose own policy tokens so far passed
     its cap (its group counts them exactly: :class:`~tts_kernels.search.decode.SampleGroup`,
-    :class:`~tts_kernels.search.step_search.StepGroup`)."""
+    :class:`~tts_kernels.search.step_loop.StepGroup`)."""
 
     def __init__(self):
         super().__init__()

@@ -42,7 +42,7 @@ first step's), so a prompt admitted mid-search draws as it does alone.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -448,10 +448,12 @@ class StepRows:
 
     # ------------------------------------------------------------------ a step
 
-    def step(self, last: bool | Sequence[bool], rows: list[int] | None = None) -> tuple[list[str], list[str | None]]:
+    def step(self, last: bool | Sequence[bool] | Mapping[int, bool],
+             rows: list[int] | None = None) -> tuple[list[str], list[str | None]]:
         """Every row that is not parked (or only ``rows``) samples one step (to the end on the last
         iteration) and the verifier scores it. ``last``: whether this is the last iteration, for every
-        prompt or per prompt (prompts that joined at different iterations; :meth:`admit`).
+        prompt or per prompt (``last[p]``, read for the prompts with rows: prompts that joined at different
+        iterations; :meth:`admit`).
 
         Returns the step texts and, per row, why it finished (``None``: it goes on; rows left out return
         an empty text and ``None``).
@@ -459,7 +461,8 @@ class StepRows:
         d = self.data
         if rows is None and any(d.parked):
             rows = [r for r in range(len(self)) if not d.parked[r]]
-        per_prompt = [bool(last)] * self.P if isinstance(last, bool) else [bool(x) for x in last]
+        present = set(d.owner)  # (only the prompts with rows: a long continuous search has seen many more)
+        per_prompt = {p: bool(last) if isinstance(last, bool) else bool(last[p]) for p in present}
         row_last = [per_prompt[p] for p in d.owner]
         mixed = 0 < sum(row_last) < len(row_last)
         everyone = not mixed and all(row_last) and len(row_last) > 0
@@ -477,7 +480,7 @@ class StepRows:
                           thinking=self._thinking(), final=final, final_tokens=self.max_final_tokens,
                           count_rows=self.tally is not None, **self.sampling)
         self._count_thinking(st)
-        for p, fin in enumerate(per_prompt):
+        for p, fin in per_prompt.items():  # (a prompt without rows has ended: its offset no longer matters)
             self.offsets[p] += self.max_final_tokens if fin else self.max_step_tokens
         self.forward_rows += st.forward_rows
         if self.tally is not None:
