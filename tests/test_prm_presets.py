@@ -363,3 +363,34 @@ def test_eval_loads_a_preset_verifier(built, tmp_path):
     tok.save_pretrained(tmp_path / "prm")
     _, prm = _load_models(bundled.path("policy-small"), tmp_path / "prm", "cpu", Settings(), "classifier", "auto")
     assert prm.preset == "qwen2.5-math-prm" and prm.step_delimiter == "\n\n"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_admitted_prompts_score_as_the_card(built, preset):
+    """Prompts admitted into a running session (continuous batching) score their steps as the reference does,
+    the running rows are untouched, and ``last_rows`` counts every token the session ran."""
+    tok, model = built[preset]
+    prm = HFPRM(model, tok, preset=preset, step_delimiter=DELIM[preset])
+    rng = random.Random(11 + len(preset))
+    questions = [question(rng, 5), question(rng, 7) + " ", "Q: what is 3+4?"]
+    sess = prm.start(questions[:1], agg="min", rows=8, max_new_tokens=400)
+    try:
+        sess.fork(torch.tensor([0, 0]))
+        first = [random_steps(rng, preset, 2)[:1] for _ in range(2)]
+        first = [[s if s.endswith(DELIM[preset]) else s + DELIM[preset] for s in f] for f in first]
+        sess.add_steps(first)
+        ran = sess.tokens
+        sess.admit(questions[1:])
+        assert sess.rows == 4 and sum(sess.last_rows[0]) == sess.tokens - ran
+        new = [random_steps(rng, preset, 2) for _ in range(4)]
+        before = sess.tokens
+        out = sess.add_steps(new)
+        assert sum(sess.last_rows[0]) == sess.tokens - before and len(sess.last_rows[1]) == 4
+        hist = [first[0] + new[0], first[1] + new[1], new[2], new[3]]
+        owner = [0, 0, 1, 2]
+        for r in range(4):
+            want = REFS[preset](model, tok, questions[owner[r]], hist[r], DELIM[preset])
+            _close(out[r, : len(new[r])].tolist(), want[len(hist[r]) - len(new[r]):])
+    finally:
+        sess.free()
+    assert prm.kv_ledger.blocks == 0

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .._threads import in_search_pool
+from .._threads import PoolTuner, in_search_pool
 from .cancel import cancelled, listening, report
 from .rows import StepRows
 from .seeds import Seeds
@@ -87,6 +87,8 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
     of: list[StepGroup] = [first] * len(first.prompts)  # the group of each prompt
     held = {"blocks": (0, 0)}
     admits = join is not None and rows.admits
+    # A loop that takes new groups may run for as long as they come: its thread count follows the load.
+    tuner = PoolTuner() if admits else None
 
     def commit(g: StepGroup) -> tuple[int, int]:
         B = rows.pol.pool[1]
@@ -132,6 +134,8 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
             for g in ended:
                 groups.remove(g)
                 held["blocks"] = tuple(a - b for a, b in zip(held["blocks"], g.commit))
+            if tuner is not None:
+                tuner.tick()
             new = _join(join, rows, len(keep), n, held, commit) if admits else []
             if ended and (groups or new):  # others go on: these are done now
                 done([result(g) for g in ended])
