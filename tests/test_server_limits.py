@@ -182,3 +182,31 @@ def test_compute_cap_cancels_the_search_under_way(server, models):
     requests = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"event": "request"')]
     assert any(r.get("limit") == "max_request_tokens" and r["during_search"] for r in requests)
     assert server.get("/health")["kv_blocks_in_use"] == 0
+
+
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts"])
+def test_compute_cap_cancels_a_step_search_that_shares_its_call(server, models, strategy):
+    """A step search of 4 prompts past the cap while it runs, and a one-prompt request of the same strategy,
+    budget and settings sent beside it (under continuous batching the two share one call): the first is cancelled
+    at a step boundary and gets a 413 naming the limit, the second is answered as offline, with its own usage."""
+    full = offline(models, strategy, PROMPTS[:4], 2, 1, max_new_tokens=48)
+    assert full.compute.policy_tokens > CAP
+    ref = offline(models, strategy, [PROMPTS[9]], 2, 3, max_new_tokens=48)
+    assert ref.compute.policy_tokens + ref.compute.prm_tokens < CAP
+    over = {"model": MODEL, "prompt": PROMPTS[:4], "budget": 2, "max_tokens": 48, "seed": 1, "strategy": strategy}
+    good = {**GOOD, "strategy": strategy}
+    before = len(server.output().splitlines())
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(post, server, "/v1/completions", over)
+        fine = pool.submit(post, server, "/v1/completions", good)
+        (status, out), (good_status, good_out) = bad.result(), fine.result()
+    assert status == 413 and out["error"]["code"] == "compute_limit_exceeded", out
+    assert "max_request_tokens" in out["error"]["message"]
+    assert good_status == 200 and good_out["predictions"] == ref.predictions
+    assert good_out["usage"]["policy_tokens"] == ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
+    lines = [json.loads(x) for x in server.output().splitlines()[before:] if x.startswith('{"event": ')]
+    assert any(e["event"] == "request" and e["strategy"] == strategy and e.get("limit") == "max_request_tokens"
+               and e["during_search"] for e in lines)
+    searches = [e for e in lines if e["event"] == "search" and e["strategy"] == strategy]
+    assert len(searches) == 1 and searches[0]["continuous"] and searches[0]["requests"] == 2
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
