@@ -70,6 +70,13 @@ class PolicySession(Protocol):
     #     Roll rows [k] back to their first lengths [k] tokens; the logits become those after them
     #     (tokens [k]: each row's kept last token, to run again).
     #
+    # Optional, for continuous batching (requests joining a running search; the server):
+    #   def admit(self, prompt_ids: list[list[int]]) -> None
+    #     Prefill new prompts into the running session: rows ``rows ..`` after the others, which are
+    #     untouched; on an error nothing is added.
+    #   pool -> (blocks, block_size, free sequence slots): what a search admitting prompts plans by.
+    #   positions: [rows] int64, each row's next position (the step loop counts keys per row from it).
+    #
     # Optional, for text-level engines (vLLM: tts_kernels.integrations.vllm) that sample whole
     # continuations rather than return logits per token; when present the searches call it instead
     # of sampling token by token with decode (``logits`` then only carries the rows, vocabulary
@@ -135,6 +142,12 @@ class VerifierSession(Protocol):
         ``[rows, S]`` float32 step scores (NaN past a row's steps) and updates ``aggregate``."""
 
     def free(self) -> None: ...
+
+    # Optional, for continuous batching of the step searches (tts_kernels.search.step_loop):
+    #   def admit(self, prompts: list[str]) -> None: new prompts' rows after the others (nothing added
+    #     on an error); pool -> (blocks, block_size, free sequence slots); blocks_for(prompts, rows) -> int:
+    #     the KV blocks those prompts and ``rows`` rows grown from them may hold at most;
+    #   last_rows: (tokens, keys) per row of the session's last forward, so compute is counted per prompt.
 
 
 @runtime_checkable

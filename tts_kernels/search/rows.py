@@ -166,8 +166,8 @@ class StepRows:
     parked at the end of the batch, for :meth:`refill` and for a :meth:`roll_back` past what a verifier
     row holds. ``track_logprobs``: sum each row's token log-probabilities. ``hash_rows``: keep rolling
     hashes for :meth:`duplicates`. ``offset``: the first step's draw offset. ``tally``: count compute per
-    prompt too where the sessions count per row (a policy session with ``positions``, a verifier session with
-    ``last_rows``; else ``self.tally`` stays ``None``): :class:`PromptTally`, for :meth:`compute` over some
+    prompt too where the sessions count per row (a policy session of this package's decode loop, with
+    ``positions``; a verifier session with ``last_rows``; else ``self.tally`` stays ``None``): :class:`PromptTally`, for :meth:`compute` over some
     prompts and for :meth:`admit`.
     """
 
@@ -218,7 +218,8 @@ class StepRows:
         self.offsets = [offset] * P  # per prompt: its next step's first draw offset
         self.capacity = capacity
         self.tally = None
-        if tally and hasattr(self.pol, "positions") and (self.prm is None or hasattr(self.prm, "last_rows")):
+        counts_rows = hasattr(self.pol, "positions") and not hasattr(self.pol, "generate")  # (not a text-level engine)
+        if tally and counts_rows and (self.prm is None or hasattr(self.prm, "last_rows")):
             self.tally = PromptTally(*([0] * P for _ in fields(PromptTally)))
             self._tally_prompts(range(P))
         self.generated = 0  # tokens sampled and kept
