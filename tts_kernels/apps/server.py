@@ -1107,8 +1107,9 @@ def add_arguments(ap) -> None:
                     help="prompts per search call (running at once, with continuous batching; 1: no batching)")
     ap.add_argument("--batching", default="continuous", choices=("continuous", "request"),
                     help="continuous (default): a request joins the running search call of its strategy and "
-                         "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n); "
-                         "request: whole requests are batched, a request waits for the call under way to end")
+                         "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n) or step "
+                         "boundary (prm_beam_search, dvts); request: whole requests are batched, a request waits "
+                         "for the call under way to end")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
     for name, (default, what) in LIMITS.items():
         ap.add_argument(_flag(name), type=int, default=default, help=f"{what} (default {default})")
