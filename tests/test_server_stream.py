@@ -109,6 +109,28 @@ def test_batched_streams_each_get_their_own_rows(server):
     assert shared
 
 
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts"])
+def test_step_searches_streamed_at_once_each_get_their_own_steps(server, strategy):
+    """Step-search requests streamed at once (joining one continuous call at step boundaries) each get their own
+    prompts' steps only, in their own prompt indices, and the answer the request gets unstreamed."""
+    def one(i):
+        kw = dict(max_tokens=48, seed=200 + i, extra_body={"strategy": strategy, "budget": 4})
+        return stream(server, [PROMPTS[5 + i], PROMPTS[6 + i]], **kw)[0], kw
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(one, range(4)))
+    shared = 0
+    for i, (chunks, kw) in enumerate(runs):
+        steps = [c.model_extra["tts_step"] for c in chunks if c.model_extra.get("tts_step")]
+        assert steps and {s["prompt"] for s in steps} == {0, 1}
+        for p in (0, 1):
+            assert [s["index"] for s in steps if s["prompt"] == p] == list(range(sum(s["prompt"] == p for s in steps)))
+        whole = server.client().completions.create(model=MODEL, prompt=[PROMPTS[5 + i], PROMPTS[6 + i]], **kw)
+        assert texts(chunks) == {0: whole.choices[0].text, 1: whole.choices[1].text}
+        shared += chunks[-1].usage.model_extra["batch_prompts"] > 2
+    assert shared  # (they shared a call)
+
+
 def test_client_that_leaves_mid_stream_frees_everything(server):
     for _ in range(3):
         with server.client().completions.create(model=MODEL, prompt=PROMPTS[:8], max_tokens=128, seed=1, n=16,
