@@ -73,8 +73,6 @@ class RowData:
     step_ntok: list[list[int]]  # tokens kept of each step
     scored: list[int]  # steps its verifier row holds (a parked row started with a completion: 0)
     thought: list[int]  # thinking tokens at the last host look (Settings.thinking; else 0)
-    tail: list[list[int]]  # a last step under way across step boundaries: its token ids so far (EOS kept)
-    tail_done: list[bool]  # that last step has ended, while other rows of its prompt go on
     logprob_sum: torch.Tensor | None  # [rows] float32: its sampled tokens' log-probabilities summed
     logprob_count: torch.Tensor | None  # [rows] int64: and their number
     thinking: ThinkingState | None  # [rows] thinking-budget state (Settings.thinking)
@@ -107,9 +105,6 @@ def _cat(a, b):
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b])
     return a.cat(b)  # per-row device state (ThinkingState, RowHashes)
-
-
-HELD = "held"  # StepRows.step's finish of a row whose prompt's last step goes on (it is not finished yet)
 
 
 @dataclass
@@ -245,7 +240,7 @@ class StepRows:
         return RowData(
             owner=list(owner), stream=[0] * n, parked=[parked] * n, texts=texts or [""] * n, ids=ids or empty(),
             steps=steps or empty(), step_scores=step_scores or empty(), step_ntok=step_ntok or empty(),
-            scored=[0] * n, thought=[0] * n, tail=empty(), tail_done=[False] * n,
+            scored=[0] * n, thought=[0] * n,
             logprob_sum=torch.zeros(n, dtype=torch.float32, device=dev) if track_logprobs else None,
             logprob_count=torch.zeros(n, dtype=torch.long, device=dev) if track_logprobs else None,
             thinking=ThinkingState.start(n, dev) if self.think_rule is not None else None,
@@ -471,42 +466,23 @@ class StepRows:
         per_prompt = {p: bool(last) if isinstance(last, bool) else bool(last[p]) for p in present}
         row_last = [per_prompt[p] for p in d.owner]
         mixed = 0 < sum(row_last) < len(row_last)
-        # Last steps run in chunks of max_step_tokens beside other prompts' steps (and on to the end once no
-        # other step runs), so those steps do not wait for them: a prompt's last step is under way until every
-        # row of it has ended (its rows report HELD till then). Only a batch of prompts at different
-        # iterations (admit) has them; a search's own prompts take their last step together, in one call.
-        chunked = mixed or any(d.tail) or any(d.tail_done)
-        everyone = not chunked and all(row_last) and len(row_last) > 0
+        everyone = not mixed and all(row_last) and len(row_last) > 0
         dev = self.device
+        final = torch.tensor(row_last, device=dev) if mixed else None
         limit = self.max_final_tokens if everyone else self.max_step_tokens
-        limits = None
-        if chunked:
-            cap = self.max_step_tokens if mixed else self.max_final_tokens
-            row_limits = [self.max_step_tokens if not fin else 0 if d.tail_done[r] else
-                          min(cap, self.max_final_tokens - len(d.tail[r])) for r, fin in enumerate(row_last)]
-            limit = max(row_limits)
-            limits = torch.tensor(row_limits, dtype=torch.long, device=dev)
         offsets = [self.offsets[p] for p in d.owner]
         offset = offsets[0] if len(set(offsets)) == 1 else torch.tensor(offsets, dtype=torch.long, device=dev)
         only = None if rows is None else torch.tensor(rows, dtype=torch.long, device=dev)
         seed, stream = self.seeds.rows(torch.tensor(d.owner, dtype=torch.int64, device=dev),
                                        torch.tensor(d.stream, dtype=torch.int64, device=dev), dev)
-        st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos,
-                          matcher=None if everyone or (chunked and not mixed) else self.matcher,
+        st = sample_steps(self.pol, max_tokens=limit, eos_ids=self.eos, matcher=None if everyone else self.matcher,
                           offset=offset, sync_every=self.sync_every,
                           logprobs=d.logprob_sum is not None, rows=only, seed=seed, stream=stream,
-                          thinking=self._thinking(), final=torch.tensor(row_last, device=dev) if mixed else None,
-                          limits=limits, count_rows=self.tally is not None, **self.sampling)
+                          thinking=self._thinking(), final=final, final_tokens=self.max_final_tokens,
+                          count_rows=self.tally is not None, **self.sampling)
         self._count_thinking(st)
         for p, fin in per_prompt.items():  # (a prompt without rows has ended: its offset no longer matters)
-            self.offsets[p] += self.max_step_tokens if not fin else self.max_final_tokens if not chunked else 0
-        if chunked:  # a last step's chunk: the prompt's offset moves by what its running rows were allowed
-            moved: dict[int, int] = {}
-            for r, fin in enumerate(row_last):
-                if fin:
-                    moved[d.owner[r]] = max(moved.get(d.owner[r], 0), row_limits[r])
-            for p, k in moved.items():
-                self.offsets[p] += k
+            self.offsets[p] += self.max_final_tokens if fin else self.max_step_tokens
         self.forward_rows += st.forward_rows
         if self.tally is not None:
             self.tally.add("forward", d.owner, st.row_forward.tolist())
@@ -518,20 +494,14 @@ class StepRows:
             d.hashes.extend(st.tokens, st.counts - st.eos.to(st.counts.dtype))
         ids, texts = self._decode(st, d.ids, d.texts)  # one host look per step: the verifier needs the text
         eos, delim = st.eos.tolist(), st.delimited.tolist()
-        for r in range(len(self)):
-            self.generated += len(ids[r])
-            if self.tally is not None:
-                self.tally.generated[d.owner[r]] += len(ids[r])
-        held: set[int] = set()
-        if chunked:
-            ids, texts, eos, held = self._last_steps(ids, texts, eos, row_last)
         skip = set() if rows is None else set(range(len(self))) - set(rows)
         finish = []
         for r, text in enumerate(texts):
+            self.generated += len(ids[r])
+            if self.tally is not None:
+                self.tally.generated[d.owner[r]] += len(ids[r])
             if r in skip:
                 finish.append(None)
-            elif d.owner[r] in held:
-                finish.append(HELD)
             elif eos[r]:
                 finish.append("eos")
             elif text == "":
@@ -562,29 +532,6 @@ class StepRows:
                     d.scored[r] += 1
         return texts, finish
 
-    def _last_steps(self, ids, texts, eos, row_last):
-        """A chunked step: each last-step row's chunk goes on its tail; a prompt whose last-step rows have all
-        ended gets their whole last steps (ids, texts, EOS flags, as one call would give them), and every other
-        prompt with a last step under way is returned as held (its rows add nothing yet)."""
-        d = self.data
-        ids, texts, eos = list(ids), list(texts), list(eos)
-        for r, fin in enumerate(row_last):
-            if fin and not d.tail_done[r]:
-                d.tail[r] = d.tail[r] + ids[r]
-                d.tail_done[r] = bool(eos[r]) or len(d.tail[r]) >= self.max_final_tokens
-        held = {d.owner[r] for r, fin in enumerate(row_last) if fin and not d.tail_done[r]}
-        for r, fin in enumerate(row_last):
-            if not fin:
-                continue
-            if d.owner[r] in held:
-                ids[r], texts[r], eos[r] = [], "", False
-                continue
-            full = d.tail[r]
-            ids[r], eos[r] = full, any(t in self.eos_set for t in full)
-            texts[r] = self._step_text(d.ids[r], d.texts[r], [t for t in full if t not in self.eos_set])
-            d.tail[r], d.tail_done[r] = [], False
-        return ids, texts, eos, held
-
     def _thinking(self, state: ThinkingState | None = None):
         """``sample_steps``' thinking argument: the rule and the rows' state (``state``: a clone's)."""
         if self.think_rule is None:
@@ -612,14 +559,13 @@ class StepRows:
         (``base_ids`` / ``base_texts``: the completion so far)."""
         toks = st.tokens.tolist()
         ids = [[t for t in row if t >= 0] for row in toks]
-        texts = [self._step_text(base_ids[j], base_texts[j], [t for t in row if t not in self.eos_set])
-                 for j, row in enumerate(ids)]
+        texts = []
+        for j, row in enumerate(ids):
+            kept = [t for t in row if t not in self.eos_set]
+            full = self.tok.decode(base_ids[j] + kept, skip_special_tokens=True)
+            prev = base_texts[j]
+            texts.append(full[len(prev):] if full.startswith(prev) else self.tok.decode(kept, skip_special_tokens=True))
         return ids, texts
-
-    def _step_text(self, base_ids: list[int], base_text: str, kept: list[int]) -> str:
-        """What the tokens ``kept`` add to a completion's decoded text (``base_ids`` decoded: ``base_text``)."""
-        full = self.tok.decode(base_ids + kept, skip_special_tokens=True)
-        return full[len(base_text):] if full.startswith(base_text) else self.tok.decode(kept, skip_special_tokens=True)
 
     # ------------------------------------------------------------------ reading the rows
 

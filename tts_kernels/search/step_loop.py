@@ -126,8 +126,8 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
             if gone:  # prompts nobody waits for any more: their rows are not continued
                 keep = [r for r in keep if rows.owner[r] not in gone]
             live = {rows.owner[r] for r in keep}
-            for g in groups:  # (a group on its last iteration still running has its last step under way)
-                g.iteration = min(g.iteration + 1, s.num_iterations - 1)
+            for g in groups:
+                g.iteration += 1
                 if admits:
                     g.forward = sum(rows.tally.forward[p] for p in g.indices)
             ended = [g for g in groups if not any(p in live for p in g.indices)]

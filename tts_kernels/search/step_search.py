@@ -37,7 +37,7 @@ from .answers import extract_answer
 from .cancel import cancelled
 from .dedupe import RowHashes  # noqa: F401 (tests patch step_search.RowHashes)
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
-from .rows import HELD, StepRows
+from .rows import StepRows
 from .step_loop import alone, serve_groups
 from .settings import Settings, resolve
 from .validate import check_prompts
@@ -92,9 +92,9 @@ class _Beams(_Completions):
         agg_scores = rows.prm.aggregate
         agg_h = agg_scores.tolist()
         for r, f in enumerate(finish):
-            if f is not None and f != HELD:
+            if f is not None:
                 completed[rows.owner[r]].append(rows.candidate(r, agg_h[r], f, self.extract))
-        if all(f is not None and f != HELD for f in finish):  # (the last iteration of every prompt: all finished)
+        if all(f is not None for f in finish):  # (the last iteration of every prompt: all finished)
             return []
         # The best n // beam_width unfinished rows of each prompt, ranked by their aggregate, or by that of
         # their greedy rollout with lookahead.
@@ -108,9 +108,6 @@ class _Beams(_Completions):
         values, idx = values.tolist(), idx.tolist()
         nxt = []
         for g in range(len(idx)):
-            if finish[g * n] == HELD:  # a prompt whose last step goes on: its rows as they are
-                nxt += range(g * n, (g + 1) * n)
-                continue
             survivors = [g * n + j for v, j in zip(values[g], idx[g]) if v > float("-inf")]
             if survivors:  # duplicated in turn back to n beams
                 nxt += [survivors[i % len(survivors)] for i in range(n)]
@@ -131,9 +128,7 @@ class _Subtrees(_Completions):
         nxt = []
         for g, b in enumerate(best):
             r = g * bw + b
-            if finish[g * bw] == HELD:  # a prompt whose last step goes on: its subtree as it is
-                nxt += range(g * bw, (g + 1) * bw)
-            elif finish[r] is not None:
+            if finish[r] is not None:
                 # The subtree ends: its pick, or with return_siblings every expansion of this last step.
                 for q in range(g * bw, (g + 1) * bw) if s.return_siblings else (r,):
                     completed[rows.owner[q]].append(rows.candidate(q, agg_h[q], finish[q] or "sibling",

@@ -117,8 +117,7 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
                  sync_every: int = 8, logprobs: bool = False, rows: torch.Tensor | None = None,
                  stream: torch.Tensor | None = None,
                  thinking: tuple[ThinkingRule, ThinkingState] | None = None,
-                 final: torch.Tensor | None = None, limits: torch.Tensor | None = None,
-                 count_rows: bool = False) -> Steps:
+                 final: torch.Tensor | None = None, final_tokens: int = 0, count_rows: bool = False) -> Steps:
     """Sample one step for every row of ``session`` (``matcher=None``: no delimiter, to EOS or ``max_tokens``).
 
     Random draws use offsets ``offset .. offset + max_tokens - 1`` (one per token position).
@@ -131,15 +130,15 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     budget's rule and the rows' state, applied to every token (:mod:`tts_kernels.ops.thinking`); the state
     after the step is ``Steps.thinking``.
 
-    ``offset`` may be an int64 ``[rows]`` tensor (each row's own first offset); ``final [rows]`` (bool,
-    optional) marks rows on their last step, which run without the delimiter (to EOS or their limit), and
-    ``limits [rows]`` (int64, optional, at most ``max_tokens``) gives each row its own token limit (0: it does
-    not sample): rows of searches that joined a running batch at different steps. ``count_rows``: also count,
+    ``offset`` may be an int64 ``[rows]`` tensor (each row's own first offset), and ``final [rows]`` (bool,
+    optional) marks rows on their last step: they sample to EOS or ``final_tokens`` without the delimiter,
+    the others to the delimiter, EOS or ``max_tokens`` (rows of searches that joined a running batch at
+    different steps; pass ``final`` only when some row is on its last step). ``count_rows``: also count,
     per row, the decodes it rode in and the keys it attended (``Steps.row_forward``, ``Steps.row_keys``;
     needs a session with ``positions``).
     """
     if hasattr(session, "generate"):
-        if final is not None or limits is not None or count_rows:
+        if final is not None or count_rows:
             raise ValueError("a text-level engine (the vLLM backend) samples whole steps itself: per-row final steps "
                              "and per-row counts are this package's decode loop's")
         if thinking is not None:
@@ -165,10 +164,12 @@ def sample_steps(session, *, max_tokens: int, eos_ids: list[int], matcher: Delim
     forward_rows = 0
     run = rows  # rows still going at the last look (None: all): only they run through the policy
     rule, think = thinking if thinking is not None else (None, None)
-    final = None if final is None else final.to(dev)  # rows whose step may not end at the delimiter
-    limit = None if limits is None else limits.to(dev)  # per row: its own token limit
-    if limit is not None:
-        active = active & (limit > 0)
+    limit = None
+    if final is not None:  # per row: its token limit, and whether its step may end at the delimiter
+        final = final.to(dev)
+        limit = torch.where(final, final_tokens, max_tokens)
+        max_tokens = max(max_tokens, final_tokens)  # (the caller passes ``final`` only when a row is final)
+        buf = torch.full((R, max_tokens), -1, dtype=torch.long, device=dev)
     row_fwd = torch.zeros(R, dtype=torch.long, device=dev) if count_rows else None
     row_keys = torch.zeros(R, dtype=torch.long, device=dev) if count_rows else None
     for t in range(max_tokens):
