@@ -36,8 +36,15 @@ def offline(models, strategy, prompts, budget, seed, max_tokens):
                settings=Settings(max_new_tokens=max_tokens), seed=request_seeds(seed, len(prompts)))
 
 
-def searches(server) -> list[dict]:
-    return [json.loads(line) for line in server.output().splitlines() if line.startswith('{"event": "search"')]
+def searches(server, after: int | None = None) -> list[dict]:
+    """The logged search calls; with ``after``: waits (up to 30 s) until there are more than ``after`` (a call's
+    line comes once its search thread is done, just after its last answer)."""
+    deadline = time.time() + 30
+    while True:
+        got = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"event": "search"')]
+        if after is None or len(got) > after or time.time() > deadline:
+            return got
+        time.sleep(0.05)
 
 
 def test_a_request_arriving_mid_search_joins_it_and_answers_as_offline(server, models):
@@ -59,8 +66,8 @@ def test_a_request_arriving_mid_search_joins_it_and_answers_as_offline(server, m
             rest = list(chunks)
             got = late.result()
         assert rest
-        calls = searches(server)[n_before:]
-        if len(calls) == 1:
+        calls = searches(server, n_before)[n_before:]
+        if len(calls) == 1 and calls[0]["requests"] == 2:
             break
     assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
     ref = offline(models, "best_of_n", [late_prompt], 16, late_seed, 96)
@@ -90,8 +97,8 @@ def test_a_step_search_request_arriving_mid_search_joins_it_at_a_step_boundary(s
             rest = list(chunks)
             got = late.result()
         assert rest
-        calls = searches(server)[n_before:]
-        if len(calls) == 1:
+        calls = searches(server, n_before)[n_before:]
+        if len(calls) == 1 and calls[0]["requests"] == 2:
             break
     assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
     ref = offline(models, strategy, [late_prompt], 16, late_seed, 96)

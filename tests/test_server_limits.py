@@ -4,6 +4,7 @@ while good requests are served beside it, answers exact), the body size limit, a
 cap, enforced during the search (the request cancelled at the search's next host look, the others served)."""
 import concurrent.futures
 import json
+import time
 
 import pytest
 
@@ -204,9 +205,14 @@ def test_compute_cap_cancels_a_step_search_that_shares_its_call(server, models, 
     assert "max_request_tokens" in out["error"]["message"]
     assert good_status == 200 and good_out["predictions"] == ref.predictions
     assert good_out["usage"]["policy_tokens"] == ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
-    lines = [json.loads(x) for x in server.output().splitlines()[before:] if x.startswith('{"event": ')]
+    deadline = time.time() + 30
+    while True:  # (the call's log line comes once its search thread is done, just after the last answer)
+        lines = [json.loads(x) for x in server.output().splitlines()[before:] if x.startswith('{"event": ')]
+        searches = [e for e in lines if e["event"] == "search" and e["strategy"] == strategy]
+        if searches or time.time() > deadline:
+            break
+        time.sleep(0.05)
     assert any(e["event"] == "request" and e["strategy"] == strategy and e.get("limit") == "max_request_tokens"
                and e["during_search"] for e in lines)
-    searches = [e for e in lines if e["event"] == "search" and e["strategy"] == strategy]
     assert len(searches) == 1 and searches[0]["continuous"] and searches[0]["requests"] == 2
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
