@@ -1,5 +1,5 @@
 """Continuous batching of the step searches (step_loop.run_groups with join, serve_steps, search.run_continuous):
-requests that join a running PRM beam search or DVTS at a step boundary get exactly what they get alone
+requests that join a running PRM beam search, DVTS, particle filter or REBASE at a step boundary get exactly what they get alone
 (candidates, steps, scores, tokens), their compute is their own and adds up to the sessions', a request that
 does not fit waits, a cancelled one leaves the others exact, and the pools are empty afterwards."""
 import pytest
@@ -64,8 +64,25 @@ def serve(models, strategy, reqs, budget, s, *, joins_at, capacity=64):
     return got, began, held
 
 
+def close(a, b):
+    """Equal structures, floats to within a batch's rounding (a row's logits in a batch of another size)."""
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            close(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            close(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    else:
+        assert a == b
+
+
 def same(a, b):
     assert a.strategy == b.strategy and a.predictions == b.predictions and a.chosen == b.chosen
+    close(a.prompt_info, b.prompt_info)  # particles: weights, ess, resampling steps; rebase: widths
     for ca, cb in zip(a.candidates, b.candidates, strict=True):
         assert [(c.text, c.finish, c.answer, c.steps) for c in ca] == [(c.text, c.finish, c.answer, c.steps) for c in cb]
         assert [c.score for c in ca] == pytest.approx([c.score for c in cb], rel=1e-5, abs=1e-6, nan_ok=True)
@@ -83,11 +100,18 @@ SETTINGS = [
     ("prm_beam_search", 6, Settings(num_iterations=4, beam_width=3, filter_duplicates=True, sync_every=3)),
     ("dvts", 4, Settings(num_iterations=4, beam_width=2)),
     ("dvts", 4, Settings(num_iterations=3, beam_width=2, return_siblings=True, lookahead=1)),
+    ("particle_filtering", 4, Settings(num_iterations=4, keep_best=True)),
+    # temperatures that follow each prompt's own iteration; weights without a verifier; a pick drawn by weight
+    ("particle_filtering", 4, Settings(num_iterations=4, entropic="annealed", ess_threshold=1.0,
+                                       particle_weight="self_certainty", particle_select="sample")),
+    ("entropic_particle_filtering", 5, Settings(num_iterations=4, resampling="multinomial")),
+    ("rebase", 4, Settings(num_iterations=4)),
 ]
 
 
 @pytest.mark.parametrize("strategy,budget,s", SETTINGS,
-                         ids=["beam", "beam-lookahead", "beam-dedupe", "dvts", "dvts-siblings-lookahead"])
+                         ids=["beam", "beam-lookahead", "beam-dedupe", "dvts", "dvts-siblings-lookahead", "particles",
+                              "particles-annealed-self-certainty", "entropic-particles", "rebase"])
 def test_requests_joining_at_step_boundaries_get_what_they_get_alone(models, strategy, budget, s):
     reqs = requests()
     got, began, held = serve(models, strategy, reqs, budget, s, joins_at=[1, 1, 2])
@@ -119,7 +143,8 @@ def test_a_request_waits_while_the_search_is_full(models):
         same(got[i], run("dvts", *models, prompts, budget=4, settings=s, seed=seeds))
 
 
-def test_a_cancelled_request_leaves_and_the_others_are_exact(models):
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "particle_filtering", "rebase"])
+def test_a_cancelled_request_leaves_and_the_others_are_exact(models, strategy):
     s = Settings(num_iterations=4, beam_width=2)
     reqs = requests((1, 2, 1))
     stop = Cancellation()
@@ -140,11 +165,11 @@ def test_a_cancelled_request_leaves_and_the_others_are_exact(models):
             stop.cancel(range(g.first, g.first + len(g.prompts)))
 
     with cancellation(stop):
-        run_continuous("prm_beam_search", policy, verifier, reqs[0][0], reqs[0][1], budget=4, settings=s, tag=0,
+        run_continuous(strategy, policy, verifier, reqs[0][0], reqs[0][1], budget=4, settings=s, tag=0,
                        join=join, deliver=lambda g, res: got.__setitem__(g.tag, res), started=started, capacity=64)
     assert sorted(got) == [0, 1, 2] and firsts == {0: 0, 1: 1, 2: 3}
     for i in (0, 2):
-        same(got[i], run("prm_beam_search", *models, reqs[i][0], budget=4, settings=s, seed=reqs[i][1]))
+        same(got[i], run(strategy, *models, reqs[i][0], budget=4, settings=s, seed=reqs[i][1]))
     assert policy.kv_ledger.blocks == 0 and verifier.kv_ledger.blocks == 0
 
 

@@ -252,9 +252,11 @@ def test_client_that_disconnects_mid_search(server, models):
         time.sleep(0.2)
     m = server.metrics()
     assert m[("tts_requests_total", (("status", "cancelled"), ("strategy", "particle_filtering")))] == 3
-    # The first of them was under way when its client left: its rows were dropped mid-search.
+    # The first of them was under way when its client left: its rows were dropped mid-search (the later ones may
+    # have joined its call: continuous batching).
     searches = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"event": "search"')]
-    assert any(e["strategy"] == "particle_filtering" and e["cancelled_prompts"] == 8 for e in searches)
+    pf = [e["cancelled_prompts"] for e in searches if e["strategy"] == "particle_filtering"]
+    assert pf and max(pf) >= 8, pf
 
 
 def test_time_limit():

@@ -79,7 +79,7 @@ def test_a_request_arriving_mid_search_joins_it_and_answers_as_offline(server, m
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
 
 
-@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts"])
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts", "particle_filtering", "rebase"])
 def test_a_step_search_request_arriving_mid_search_joins_it_at_a_step_boundary(server, models, strategy):
     """The same for the step searches: a long search streams its steps; a request sent once the first step has
     arrived joins it at a step boundary (one logged call holds both), and its answer and usage are offline's."""

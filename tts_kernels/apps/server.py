@@ -48,7 +48,7 @@ Streaming (``stream=true``): events while the search runs, fed by its progress a
 ``majority``, ``best_of_n``, ``weighted_best_of_n``) with ``n == budget`` stream every candidate's tokens
 as they are sampled, choice ``p * n + j`` being candidate ``j`` of prompt ``p``, its last chunk naming its
 ``rank`` (its place in the non-streamed response; 0: the strategy's pick; greedy: the only one). Step
-searches (``prm_beam_search``, ``dvts``) stream each step of each prompt's best row as an extension
+searches (``prm_beam_search``, ``dvts``, the particle methods, ``rebase``) stream each step of each prompt's best row as an extension
 event ``{"choices": [], "tts_step": {"prompt", "index", "text", "score"}}``. The choices the stream has
 not sent yet (every choice of the other strategies, and of sampling with ``n < budget``) come when the
 search ends, in steps; then each finish reason (with ``answer``, ``score``), usage when
@@ -1108,7 +1108,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--batching", default="continuous", choices=("continuous", "request"),
                     help="continuous (default): a request joins the running search call of its strategy and "
                          "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n) or step "
-                         "boundary (prm_beam_search, dvts); request: whole requests are batched, a request waits "
+                         "boundary (prm_beam_search, dvts, particle_filtering, entropic_particle_filtering, rebase); "
+                         "request: whole requests are batched, a request waits "
                          "for the call under way to end")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
     for name, (default, what) in LIMITS.items():

@@ -63,6 +63,7 @@ from .answers import answer_ids, extract_answer, vote_key
 from .cancel import cancelled
 from .result import Candidate, SearchResult
 from .rows import History, StepRows
+from .step_loop import alone, serve_groups
 from .seeds import Seeds
 from .settings import Settings, resolve
 from .validate import check_prompts
@@ -81,7 +82,8 @@ def _log_weights(rows: StepRows, kind: str) -> torch.Tensor:
     return torch.where(torch.isnan(a), float("-inf"), torch.log(p) - torch.log1p(-p))
 
 
-def _temperature(lw: torch.Tensor, s: Settings, it: int) -> torch.Tensor:
+def _temperature(lw: torch.Tensor, s: Settings, it: int | torch.Tensor) -> torch.Tensor:
+    """``[P]`` float64 resampling temperatures of ``lw [P, N]``, each row at its own iteration ``it [P]``."""
     base = torch.full((lw.shape[0],), s.weight_temperature, dtype=torch.float64, device=lw.device)
     if s.entropic == "adaptive":
         return base * entropic_temperature(lw / base[:, None], s.entropy_target)
@@ -97,7 +99,7 @@ def _temperature(lw: torch.Tensor, s: Settings, it: int) -> torch.Tensor:
             h = normalized_entropy(lw)
             T = 1 / (h + (1 - h) * progress)
         else:
-            T = torch.full_like(r, 2.0 - progress)
+            T = (2.0 - progress) + torch.zeros_like(r)
         on = (r < s.anneal_below) & (progress < s.early_phase)
         return base * torch.where(on, T.clamp(min=1.0), 1.0)
     return base
@@ -132,11 +134,26 @@ def particle_filter(policy, verifier, prompts: Sequence[str], *, n: int, setting
     """
     s = resolve(settings, overrides)
     prompts = _check(verifier, prompts, n, s)
-    info = [{"resampled": [], "ess": []} for _ in prompts]
     seed = Seeds.of(seed, len(prompts))
-    done, lw, compute = _sweep(policy, verifier, prompts, s, n=n, seed=seed, sweep=0, refs=None, extract=extract,
-                               info=info, cancelled=cancelled)
+    done, lw, compute, info = _sweep(policy, verifier, prompts, s, n=n, seed=seed, sweep=0, refs=None,
+                                     extract=extract, cancelled=cancelled)
     return _result("particle_filtering", _candidates(done), lw, s, seed, compute, info)
+
+
+@torch.no_grad()
+def serve_particles(name: str, policy, verifier, prompts: list[str], seeds: list[int], *, n: int, tag,
+                    settings: Settings, extract, join, deliver, started=None, capacity: int) -> None:
+    """Continuous batching of particle filtering (``name``: the strategy the results carry), as
+    :func:`~tts_kernels.search.step_search.serve_steps` for the step searches: requests join at step boundaries,
+    each prompt resampling at its own iterations under its own seed, so a request gets what it gets alone; its
+    compute is its own."""
+    s = settings
+    prompts = _check(verifier, prompts, n, s)
+    search = _Particles(n, s, extract, policy.device,
+                        lambda g, done, lw, compute, info: _result(name, _candidates(done), lw, s, g.seeds, compute, info))
+    serve_groups(search, policy, verifier if s.particle_weight == "verifier" else None, prompts, seeds, s=s, tag=tag,
+                 join=join, deliver=deliver, started=started, capacity=capacity,
+                 rows_kw={"track_logprobs": s.particle_weight != "verifier"})
 
 
 @torch.no_grad()
@@ -180,9 +197,8 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     info = [{"sweeps": []} for _ in prompts]
     refs, compute = None, None
     for sweep in range(s.sweeps):
-        part = [{"resampled": [], "ess": []} for _ in prompts]
-        done, lw, c = _sweep(policy, verifier, prompts, s, n=N, seed=seed, sweep=sweep, refs=refs,
-                             extract=extract, info=part, cancelled=cancelled)
+        done, lw, c, part = _sweep(policy, verifier, prompts, s, n=N, seed=seed, sweep=sweep, refs=refs,
+                                   extract=extract, cancelled=cancelled)
         compute = c if compute is None else compute + c
         if sweep < s.sweeps - 1 and R:
             key, stream = seed.prompts(lw.device)
@@ -200,116 +216,155 @@ def particle_gibbs(policy, verifier, prompts: Sequence[str], *, n: int, settings
     return _result("particle_gibbs", _candidates(done), lw, s, seed, compute, info, budget=n)
 
 
-def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep: int, refs, extract, info,
-           cancelled=None):
-    """One particle-filter pass over ``n`` slots per prompt, a policy over
-    :class:`~tts_kernels.search.rows.StepRows`; the last ``R`` slots are ``refs[p]`` (candidate,
-    (completion token ids, tokens per step), final log-weight) when given (particle Gibbs): parked rows.
-    ``cancelled``: returns the prompts to drop now.
+class _Particles:
+    """Particle filtering as the step loop's search (:class:`~tts_kernels.search.step_loop.StepSearch`): ``n``
+    slots per prompt, the last ``R`` of them ``refs[p]`` (candidate, (completion token ids, tokens per step),
+    final log-weight) when given (particle Gibbs: parked rows, which the loop's rows start with). Per prompt
+    it holds each slot's finished particle (``done``), a row of the log-weights (``lw [prompts held, n]``:
+    a prompt's row is dropped when its group's result is taken, so a long continuous call holds only its
+    running prompts') and its ``info``. ``make(group, done, lw, compute, info)``: an ended group's result."""
 
-    Returns each slot's final (candidate, (token ids, tokens per step)), the ``[P, n]`` log-weights
-    and the pass's compute.
-    """
-    P, N = len(prompts), n
-    R = len(refs[0]) if refs else 0
-    F = N - R  # free slots
+    reports = True
+
+    def __init__(self, n: int, s: Settings, extract, device, make, *, sweep: int = 0, refs=None):
+        self.N, self.s, self.extract, self.device, self.make = n, s, extract, device, make
+        self.refs = refs
+        self.R = len(refs[0]) if refs else 0
+        self.width = n - self.R  # free slots: a prompt's rows at its start
+        self.weight = s.particle_weight
+        self.off = _RESAMPLE_OFFSET + (sweep << 12)  # each sweep its own resampling draws
+        self.held: list[int] = []  # the prompts whose state is held, in the order of lw's rows
+        self.lw = torch.empty((0, n), dtype=torch.float64, device=device)
+        self.done: dict[int, list] = {}  # (candidate, data) of the finished particle in each slot
+        self.info: dict[int, dict] = {}
+        self.slot_of: list[tuple[int, int]] = []  # the slot each live row fills (rows 0..)
+        self.rollback: list[tuple[tuple[int, int, int], int]] = []  # ((row, prompt, reference), steps kept): to roll
+        # back after the next fork (copies of references drawn part-way)
+
+    @staticmethod
+    def parked(refs) -> list[History]:
+        """The references' rows (reference ``k`` of prompt ``p``: the ``p * R + k``-th parked row)."""
+        return [History(prompt=p, ids=ref[1][0], text=ref[0].text, steps=list(ref[0].steps),
+                        step_scores=list(ref[0].step_scores), step_ntok=list(ref[1][1]))
+                for p, mine in enumerate(refs) for ref in mine]
+
+    def start(self, prompts: range) -> None:
+        N, F = self.N, self.width
+        lw = torch.full((len(prompts), N), float("-inf"), dtype=torch.float64, device=self.device)
+        for i, p in enumerate(prompts):
+            self.done[p] = [None] * N
+            self.info[p] = {"resampled": [], "ess": []}
+            for k in range(self.R):  # the parked rows know their whole history
+                cand, (ids, ntok), w = self.refs[p][k]
+                self.done[p][F + k] = (cand, (ids, ntok))
+                lw[i, F + k] = w
+        self.held += list(prompts)
+        self.lw = torch.cat([self.lw, lw])
+        self.slot_of += [(p, j) for p in prompts for j in range(F)]
+
+    def choose(self, rows, finish, its, gone):
+        s, N, F, R, done, slot_of = self.s, self.N, self.width, self.R, self.done, self.slot_of
+        dev = self.lw.device
+        at = {p: i for i, p in enumerate(self.held)}
+        live_n = len(slot_of)
+        flat = torch.tensor([at[p] * N + j for p, j in slot_of], dtype=torch.long, device=dev)
+        self.lw.view(-1).index_copy_(0, flat, _log_weights(rows, self.weight)[:live_n])
+        agg = rows.prm.aggregate.tolist() if self.weight == "verifier" else [float("nan")] * len(rows)
+        last = s.num_iterations - 1
+        live_rows = []
+        for r in range(live_n):
+            p, j = slot_of[r]
+            if finish[r] is None and its[p] < last:
+                live_rows.append(r)
+            elif finish[r] is not None:  # it keeps its weight and its slot
+                done[p][j] = (rows.candidate(r, agg[r], finish[r], self.extract),
+                              (list(rows.ids[r]), list(rows.step_ntok[r])))
+        self.slot_of = []
+        if not live_rows:
+            return []
+        # Resample the prompts whose weights have collapsed (all on the device, one host look), each at its own
+        # iteration: its temperature schedule and its draws' offset.
+        held, lw = self.held, self.lw
+        it = torch.tensor([its.get(p, 0) for p in held], dtype=torch.float64, device=dev)
+        T = _temperature(lw, s, it)
+        e = ess(lw, T)
+        alive_h = sorted({slot_of[r][0] for r in live_rows})  # prompts with a live particle (host)
+        alive = torch.zeros(len(held), dtype=torch.bool, device=dev)
+        alive[torch.tensor([at[p] for p in alive_h], device=dev)] = True
+        do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
+        stopped = [i for i, p in enumerate(held) if p in gone]  # nobody waits for them: their particles stop
+        if stopped:
+            do[torch.tensor(stopped, device=dev)] = False
+        if rows.seeds.keyed:  # each prompt its own key (its stream 0), wherever it sits
+            key = torch.tensor([rows.seeds.per_prompt[p] for p in held], dtype=torch.int64, device=dev)
+            stream = torch.zeros_like(key)
+        else:  # a run seed: each prompt its own stream
+            key, stream = rows.seeds.seed, torch.tensor(held, dtype=torch.int64, device=dev)
+        idx = resample(lw, method=s.resampling, seed=key, offset=self.off + it.long(), temperature=T,
+                       num_samples=F if R else None, stream=stream)
+        if s.keep_best:
+            best = select_best(torch.where(torch.isinf(lw), float("nan"), lw).float())
+            drawn = (idx == best[:, None]).any(1)
+            idx[:, -1] = torch.where(drawn, idx[:, -1], best)
+        idx = torch.where(do[:, None], idx, torch.arange(F, device=dev).expand(len(held), F))
+        idx_h, do_h, e_h = idx.tolist(), do.tolist(), e.tolist()
+        for p in alive_h:
+            self.info[p]["ess"].append(round(e_h[at[p]], 4))
+            if do_h[at[p]]:
+                self.info[p]["resampled"].append(its[p])
+        row_of = {slot: r for r, slot in enumerate(slot_of)}
+        keep, rollback = [], []
+        for i, p in enumerate(held):
+            if p in gone:  # its finished particles stay; the growing ones are dropped (weight 0)
+                lw[i] = torch.where(torch.tensor([d is None for d in done[p]], device=dev), float("-inf"), lw[i])
+                continue
+            mine = [None] * N
+            for j in range(F):
+                src = idx_h[i][j]
+                if src >= F and len(done[p][src][0].steps) > its[p] + 1:  # a reference, rolled back
+                    rollback.append(((len(keep), p, src - F), its[p] + 1))
+                    keep.append(live_n + (p * R + src - F))
+                    self.slot_of.append((p, j))
+                elif done[p][src] is not None:
+                    mine[j] = done[p][src]
+                elif (p, src) in row_of and finish[row_of[(p, src)]] is None:
+                    keep.append(row_of[(p, src)])
+                    self.slot_of.append((p, j))
+            for k in range(R):
+                mine[F + k] = done[p][F + k]
+            done[p] = mine
+        self.lw = torch.cat([lw.gather(1, idx), lw[:, F:]], 1)  # the references keep their slots and weights
+        self.rollback = rollback
+        return keep
+
+    def forked(self, rows: StepRows) -> None:
+        """The copies of references drawn part-way continue from their first steps (:func:`_roll_back`)."""
+        for t in sorted({t for _, t in self.rollback}):
+            _roll_back(rows, [r for r, at in self.rollback if at == t], self.refs, t)
+        self.rollback = []
+
+    def result(self, group, compute):
+        ps = list(group.indices)
+        at = {p: i for i, p in enumerate(self.held)}
+        lw = self.lw[[at[p] for p in ps]]
+        rest = [i for i, p in enumerate(self.held) if p not in set(ps)]
+        self.held = [self.held[i] for i in rest]
+        self.lw = self.lw[rest]
+        done, info = [self.done.pop(p) for p in ps], [self.info.pop(p) for p in ps]
+        return self.make(group, done, lw, compute, info)
+
+
+def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep: int, refs, extract, cancelled):
+    """One particle-filter pass over ``n`` slots per prompt (:class:`_Particles` on its own). Returns each
+    slot's final (candidate, (token ids, tokens per step)), the ``[P, n]`` log-weights, the pass's compute and
+    each prompt's info."""
     use_verifier = s.particle_weight == "verifier"
-    # The references' rows, parked after the live ones: reference i of this list is row len(slot_of) + i.
-    extra = [(p, k) for p in range(P) for k in range(R)]
-    parked = [History(prompt=p, ids=refs[p][k][1][0], text=refs[p][k][0].text, steps=list(refs[p][k][0].steps),
-                      step_scores=list(refs[p][k][0].step_scores), step_ntok=list(refs[p][k][1][1]))
-              for p, k in extra]
-    search = StepRows(policy, verifier if use_verifier else None, prompts, s, seeds=seed, cancelled=cancelled,
-                      capacity=P * N + len(extra), track_logprobs=not use_verifier, parked=parked,
-                      offset=sweep << 24)  # each sweep its own token draws (sweep 0: particle_filter's)
-    dev = search.device
-    lw = torch.full((P, N), float("-inf"), dtype=torch.float64, device=dev)  # every slot's log-weight
-    done: list[list] = [[None] * N for _ in range(P)]  # (candidate, data) of the finished particle in a slot
-    for p, k in extra:  # the parked rows know their whole history
-        cand, (ids, ntok), w = refs[p][k]
-        done[p][F + k] = (cand, (ids, ntok))
-        lw[p, F + k] = w
-    slot_of = [(p, j) for p in range(P) for j in range(F)]  # the slot each live row fills (rows 0..)
-    arange = torch.arange(F, device=dev).expand(P, F)
-    off = _RESAMPLE_OFFSET + (sweep << 12)
-    key, stream = seed.prompts(dev)
-    try:
-        search.fork([p for p in range(P) for _ in range(F)])  # the parked references follow
-        for it in range(s.num_iterations):
-            last = it == s.num_iterations - 1
-            live_n = len(slot_of)
-            _, finish = search.step(last)  # the parked references do not sample
-            flat = torch.tensor([p * N + j for p, j in slot_of], dtype=torch.long, device=dev)
-            lw.view(-1).index_copy_(0, flat, _log_weights(search, s.particle_weight)[:live_n])
-            agg = search.prm.aggregate.tolist() if use_verifier else [float("nan")] * len(search)
-            live_rows = []
-            for r in range(live_n):
-                p, j = slot_of[r]
-                if finish[r] is None:
-                    live_rows.append(r)
-                else:  # it keeps its weight and its slot
-                    done[p][j] = (search.candidate(r, agg[r], finish[r], extract),
-                                  (list(search.ids[r]), list(search.step_ntok[r])))
-            if last or not live_rows:
-                break
-            # Resample the prompts whose weights have collapsed (all on the device, one host look).
-            T = _temperature(lw, s, it)
-            e = ess(lw, T)
-            alive_h = sorted({slot_of[r][0] for r in live_rows})  # prompts with a live particle (host)
-            alive = torch.zeros(P, dtype=torch.bool, device=dev)
-            alive[torch.tensor(alive_h, device=dev)] = True
-            do = alive & (e < s.ess_threshold * N * (1 - 1e-9))  # (1.0: unless the weights are all equal)
-            gone = sorted(search.cancelled_prompts())  # prompts nobody waits for: their particles stop here
-            if gone:
-                do[torch.tensor(gone, device=dev)] = False
-            idx = resample(lw, method=s.resampling, seed=key, offset=off + it, temperature=T,
-                           num_samples=F if R else None, stream=stream)
-            if s.keep_best:
-                best = select_best(torch.where(torch.isinf(lw), float("nan"), lw).float())
-                drawn = (idx == best[:, None]).any(1)
-                idx[:, -1] = torch.where(drawn, idx[:, -1], best)
-            idx = torch.where(do[:, None], idx, arange)
-            idx_h, do_h, e_h = idx.tolist(), do.tolist(), e.tolist()
-            for p in alive_h:
-                info[p]["ess"].append(round(e_h[p], 4))
-                if do_h[p]:
-                    info[p]["resampled"].append(it)
-            row_of = {slot: r for r, slot in enumerate(slot_of)}
-            rows, new_slots, new_done = [], [], [[None] * N for _ in range(P)]
-            rollback = []  # (new live row, prompt, reference) continuing a reference's first it + 1 steps
-            for p in range(P):
-                if p in gone:  # its finished particles stay; the growing ones are dropped (weight 0)
-                    new_done[p] = done[p]
-                    lw[p] = torch.where(torch.tensor([d is None for d in done[p]], device=dev), float("-inf"), lw[p])
-                    continue
-                for j in range(F):
-                    src = idx_h[p][j]
-                    if src >= F and len(done[p][src][0].steps) > it + 1:  # a reference, rolled back
-                        rollback.append((len(rows), p, src - F))
-                        rows.append(live_n + (p * R + src - F))
-                        new_slots.append((p, j))
-                    elif done[p][src] is not None:
-                        new_done[p][j] = done[p][src]
-                    elif (p, src) in row_of and finish[row_of[(p, src)]] is None:
-                        rows.append(row_of[(p, src)])
-                        new_slots.append((p, j))
-                for k in range(R):
-                    new_done[p][F + k] = done[p][F + k]
-            lw = torch.cat([lw.gather(1, idx), lw[:, F:]], 1)  # the references keep their slots and weights
-            done, slot_of = new_done, new_slots
-            if not rows:
-                break
-            search.fork(rows)  # a reference's copy is a live row; the parked references follow
-            if rollback:
-                _roll_back(search, rollback, refs, it + 1)
-        compute = search.compute()
-    finally:
-        search.free()
-    return done, lw, compute
-
-
-def _candidates(done) -> list[list[Candidate | None]]:
-    return [[x[0] if x is not None else None for x in row] for row in done]
+    search = _Particles(n, s, extract, policy.device, lambda g, done, lw, compute, info: (done, lw, compute, info),
+                        sweep=sweep, refs=refs)
+    return alone(policy, verifier if use_verifier else None, prompts, seed, search, s=s, cancelled=cancelled,
+                 capacity=len(prompts) * (n + search.R),
+                 rows_kw={"track_logprobs": not use_verifier, "parked": _Particles.parked(refs) if refs else (),
+                          "offset": sweep << 24})  # each sweep its own token draws (sweep 0: particle_filter's)
 
 
 def _roll_back(search: StepRows, rollback, refs, t: int) -> None:
@@ -321,6 +376,10 @@ def _roll_back(search: StepRows, rollback, refs, t: int) -> None:
         raise TypeError("particle_gibbs needs a policy session with truncate(rows, lengths, tokens) "
                         "(tts_kernels.search.protocols)")
     search.roll_back([r for r, _, _ in rollback], t)
+
+
+def _candidates(done) -> list[list[Candidate | None]]:
+    return [[x[0] if x is not None else None for x in row] for row in done]
 
 
 def _result(name: str, done, lw, s: Settings, seed: Seeds, compute, info, budget: int | None = None) -> SearchResult:

@@ -31,14 +31,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._threads import in_search_pool
 from ..ops._validate import check_int
 from .answers import extract_answer
 from .cancel import cancelled
 from .result import SELECT_RULES, Candidate, SearchResult, select_candidates
-from .rows import StepRows
-from .seeds import Seeds
 from .settings import Settings, resolve
+from .step_loop import alone, serve_groups
 from .validate import check_prompts
 
 
@@ -86,65 +84,86 @@ def rebase(policy, verifier, prompts: Sequence[str], *, n: int, select: str = "w
     of the prompt's live nodes (in row order).
     """
     s = resolve(settings, overrides)
+    prompts = _check(verifier, prompts, n, select)
+    return alone(policy, verifier, prompts, seed, _Tree(n, s, select, extract, policy.device), s=s,
+                 cancelled=cancelled)
+
+
+def serve_rebase(policy, verifier, prompts: list[str], seeds: list[int], *, n: int, select: str, tag,
+                 settings: Settings, extract, join, deliver, started=None, capacity: int) -> None:
+    """Continuous batching of REBASE, as :func:`~tts_kernels.search.step_search.serve_steps` for the step
+    searches: requests join at step boundaries, each gets its tree alone (its own seeds), its compute its own."""
+    prompts = _check(verifier, prompts, n, select)
+    serve_groups(_Tree(n, settings, select, extract, policy.device), policy, verifier, prompts, seeds, s=settings,
+                 tag=tag, join=join, deliver=deliver, started=started, capacity=capacity)
+
+
+def _check(verifier, prompts, n: int, select: str) -> list[str]:
     if verifier is None:
         raise ValueError("rebase needs a verifier (it balances the expansion by the verifier's scores)")
     prompts = check_prompts(prompts)
     check_int("n", n, minimum=1)
     if select not in SELECT_RULES:
         raise ValueError(f"select must be one of {SELECT_RULES}, got {select!r}")
-    info = [{"widths": []} for _ in prompts]
-    completed, compute = _grow(policy, verifier, prompts, n=n, s=s, seeds=Seeds.of(seed, len(prompts)),
-                               cancelled=cancelled, extract=extract, info=info)
-    chosen, answers = select_candidates(completed, select, policy.device, s.vote_key)
-    return SearchResult(strategy="rebase", budget=n, predictions=answers, chosen=chosen, candidates=completed,
-                        compute=compute, samples=n * len(prompts), prompt_info=info)
+    return prompts
 
 
-@in_search_pool
-def _grow(policy, verifier, prompts, *, n: int, s: Settings, seeds: Seeds, cancelled, extract,
-          info) -> tuple[list[list[Candidate]], object]:
-    """The tree search, a policy over :class:`~tts_kernels.search.rows.StepRows`."""
-    P = len(prompts)
-    rows = StepRows(policy, verifier, prompts, s, seeds=seeds, cancelled=cancelled, capacity=P * n)
-    completed: list[list[Candidate]] = [[] for _ in range(P)]
-    try:
-        rows.fork([p for p in range(P) for _ in range(n)])  # the root's n children
-        for it in range(s.num_iterations):
-            last = it == s.num_iterations - 1
-            _, finish = rows.step(last)
-            agg = rows.prm.aggregate
-            agg_h = agg.tolist()
-            for r, f in enumerate(finish):
-                if f is not None:
-                    completed[rows.owner[r]].append(rows.candidate(r, agg_h[r], f, extract))
-            gone = rows.cancelled_prompts()
-            nodes = [r for r, f in enumerate(finish) if f is None and rows.owner[r] not in gone]
-            if last or not nodes:
-                break
-            # [P, n]: prompt p's live nodes in row order (never more than its remaining width <= n).
-            slot, per = [], [0] * P
-            for r in nodes:
-                p = rows.owner[r]
-                slot.append(p * n + per[p])
-                per[p] += 1
-            dev = agg.device
-            where = torch.tensor(slot, dtype=torch.long, device=dev)
-            scores = torch.full((P * n,), float("nan"), dtype=agg.dtype, device=dev).index_copy(
-                0, where, agg.index_select(0, torch.tensor(nodes, dtype=torch.long, device=dev)))
-            live = torch.zeros(P * n, dtype=torch.bool, device=dev).index_fill(0, where, True)
-            width = torch.tensor([0 if p in gone else n - len(completed[p]) for p in range(P)], device=dev)
-            w = expansion_widths(scores.view(P, n), live.view(P, n), width, s.rebase_temperature)
-            w_h = w.view(-1).index_select(0, where).tolist()  # the one host look at the allocation
-            children = []
-            for r, k in zip(nodes, w_h):
-                children += [r] * k
-            for p in range(P):
-                if per[p]:
-                    info[p]["widths"].append([k for r, k in zip(nodes, w_h) if rows.owner[r] == p])
-            if not children:
-                break
-            rows.fork(children)
-        compute = rows.compute()
-    finally:
-        rows.free()
-    return completed, compute
+class _Tree:
+    """The tree search as the step loop's search (:class:`~tts_kernels.search.step_loop.StepSearch`): per
+    prompt its completed leaves and its ``info``; each step every live node of a prompt is a row."""
+
+    reports = True
+
+    def __init__(self, n: int, s: Settings, select: str, extract, device):
+        self.width, self.n, self.s, self.select, self.extract, self.device = n, n, s, select, extract, device
+        self.completed: dict[int, list[Candidate]] = {}
+        self.info: dict[int, dict] = {}
+
+    def start(self, prompts: range) -> None:
+        for p in prompts:
+            self.completed[p], self.info[p] = [], {"widths": []}
+
+    def choose(self, rows, finish, its, gone):
+        n, completed = self.n, self.completed
+        agg = rows.prm.aggregate
+        agg_h = agg.tolist()
+        for r, f in enumerate(finish):
+            if f is not None:
+                completed[rows.owner[r]].append(rows.candidate(r, agg_h[r], f, self.extract))
+        last = self.s.num_iterations - 1
+        nodes = [r for r, f in enumerate(finish) if f is None and rows.owner[r] not in gone
+                 and its[rows.owner[r]] < last]
+        if not nodes:
+            return []
+        # [P, n] over the prompts with live nodes: prompt p's live nodes in row order (never more than its
+        # remaining width <= n); a row of the allocation depends on its own prompt's only.
+        ps = sorted({rows.owner[r] for r in nodes})
+        at = {p: i for i, p in enumerate(ps)}
+        P = len(ps)
+        slot, per = [], [0] * P
+        for r in nodes:
+            i = at[rows.owner[r]]
+            slot.append(i * n + per[i])
+            per[i] += 1
+        dev = agg.device
+        where = torch.tensor(slot, dtype=torch.long, device=dev)
+        scores = torch.full((P * n,), float("nan"), dtype=agg.dtype, device=dev).index_copy(
+            0, where, agg.index_select(0, torch.tensor(nodes, dtype=torch.long, device=dev)))
+        live = torch.zeros(P * n, dtype=torch.bool, device=dev).index_fill(0, where, True)
+        width = torch.tensor([n - len(completed[p]) for p in ps], device=dev)
+        w = expansion_widths(scores.view(P, n), live.view(P, n), width, self.s.rebase_temperature)
+        w_h = w.view(-1).index_select(0, where).tolist()  # the one host look at the allocation
+        children = []
+        for r, k in zip(nodes, w_h):
+            children += [r] * k
+        for p in ps:
+            self.info[p]["widths"].append([k for r, k in zip(nodes, w_h) if rows.owner[r] == p])
+        return children
+
+    def result(self, group, compute) -> SearchResult:
+        ps = list(group.indices)
+        completed = [self.completed.pop(p) for p in ps]
+        info = [self.info.pop(p) for p in ps]
+        chosen, answers = select_candidates(completed, self.select, self.device, self.s.vote_key)
+        return SearchResult(strategy="rebase", budget=self.n, predictions=answers, chosen=chosen,
+                            candidates=completed, compute=compute, samples=self.n * len(ps), prompt_info=info)

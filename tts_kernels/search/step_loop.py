@@ -1,7 +1,8 @@
 """The step loop: groups of prompts searched step by step over :class:`~tts_kernels.search.rows.StepRows`, that
-may join while it runs. ``prm_beam_search``, ``dvts`` and the particle filters are policies it runs (a
-:class:`StepSearch`); a search is one group run to its end, and the server's continuous batching adds groups at
-step boundaries.
+may join while it runs. ``prm_beam_search``, ``dvts``, the particle filters (particle Gibbs's sweeps too) and
+``rebase`` are policies it runs (a :class:`StepSearch`); a search is one group run to its end, and the
+server's continuous batching adds groups at step boundaries (not to particle Gibbs: its parked references
+must stay the last rows).
 
 Each iteration every row samples one step and the verifier scores it (:meth:`StepRows.step`); the search
 records what finished and names the rows to continue (``choose``), which the loop forks. A group whose prompts
@@ -70,6 +71,9 @@ class StepSearch(Protocol):
     def result(self, group: StepGroup, compute):
         """What ``done`` gets for an ended group."""
 
+    # Optional: ``forked(rows)``, called after each fork of the rows ``choose`` kept (particle Gibbs rolls the
+    # copies of its reference particles back there).
+
 
 @in_search_pool
 def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Settings, cancelled,
@@ -89,6 +93,7 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
     admits = join is not None and rows.admits
     # A loop that takes new groups may run for as long as they come: its thread count follows the load.
     tuner = PoolTuner() if admits else None
+    forked = getattr(search, "forked", None)
 
     def commit(g: StepGroup) -> tuple[int, int]:
         B = rows.pol.pool[1]
@@ -151,6 +156,8 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
                 take(g)
                 keep = keep + [at + j for j in range(len(g.prompts)) for _ in range(n)]
             rows.fork(keep)
+            if forked is not None:
+                forked(rows)
         final = [result(g) for g in ended]  # read before the sessions go
     finally:
         rows.free()
@@ -222,10 +229,11 @@ def serve_groups(search: StepSearch, policy, verifier, prompts: list[str], seeds
 
 
 def alone(policy, verifier, prompts: Sequence[str], seed, search: StepSearch, *, s: Settings, cancelled,
-          rows_kw: dict | None = None):
-    """``search`` over ``prompts`` on its own: its result."""
+          rows_kw: dict | None = None, capacity: int = 0):
+    """``search`` over ``prompts`` on its own: its result. ``capacity``: rows at once, when more than
+    ``search.width`` per prompt (parked rows)."""
     out = []
     run_groups(policy, verifier, StepGroup(list(prompts), Seeds.of(seed, len(prompts))), search, s=s,
-               cancelled=cancelled, done=out.extend, rows_kw=rows_kw)
+               cancelled=cancelled, done=out.extend, rows_kw=rows_kw, capacity=capacity)
     (_, res), = out
     return res

@@ -45,8 +45,8 @@ from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results, serve_sampling
 from .compute_optimal import OptimalStrategy
 from .early_stop import adaptive_consistency, deepconf, deepconf_offline, speculative_rejection
-from .particle_filter import particle_filter, particle_gibbs
-from .rebase import rebase
+from .particle_filter import particle_filter, particle_gibbs, serve_particles
+from .rebase import rebase, serve_rebase
 from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
 from .registry import check_strategy as _check
 from .result import SearchResult
@@ -209,6 +209,15 @@ def _particles(name, entropic, driver=particle_filter):
     return fn
 
 
+def _particles_continuous(name, entropic):
+    def fn(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started, capacity):
+        if entropic is not None and settings.entropic == "none":
+            settings = settings.replace(entropic=entropic)
+        serve_particles(name, policy, verifier, prompts, seeds, n=budget, tag=tag, settings=settings,
+                        extract=extract, join=join, deliver=deliver, started=started, capacity=capacity)
+    return fn
+
+
 register_strategy("greedy", _greedy, needs_verifier=False, description="one greedy completion (budget ignored)",
                   continuous=_continuous(["greedy"]))
 register_strategy("majority", _sampling("majority"), needs_verifier=False, group=_sampling_group,
@@ -231,7 +240,8 @@ register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("weighte
 register_strategy("revise", _revise, needs_verifier=False,
                   description="sequential revisions: N/(revisions+1) chains, each answer fed back revisions times")
 register_strategy("particle_filtering", _particles("particle_filtering", None),
-                  description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)")
+                  description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)",
+                  continuous=_particles_continuous("particle_filtering", None))
 def _gibbs(policy, verifier, prompts, *, budget, settings, seed, extract):
     # Fitted to the budget (every budget runs): gcd(budget, sweeps) sweeps, fewer references than particles.
     sweeps = math.gcd(budget, settings.sweeps)
@@ -244,7 +254,8 @@ register_strategy("particle_gibbs", _gibbs,
                   description="particle Gibbs: sweeps of particle filtering, each with reference particles from the "
                               "last (Puri et al. 2025)")
 register_strategy("entropic_particle_filtering", _particles("entropic_particle_filtering", "adaptive"),
-                  description="particle filtering with entropy-targeting resampling temperatures (Giannone et al. 2025)")
+                  description="particle filtering with entropy-targeting resampling temperatures (Giannone et al. 2025)",
+                  continuous=_particles_continuous("entropic_particle_filtering", "adaptive"))
 
 
 def _early(driver):
@@ -273,6 +284,12 @@ def _rebase(policy, verifier, prompts, *, budget, settings, seed, extract):
     return rebase(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
 
 
-register_strategy("rebase", _rebase, select="weighted",
+def _rebase_continuous(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started,
+                      capacity):
+    serve_rebase(policy, verifier, prompts, seeds, n=budget, select="weighted", tag=tag, settings=settings,
+                 extract=extract, join=join, deliver=deliver, started=started, capacity=capacity)
+
+
+register_strategy("rebase", _rebase, select="weighted", continuous=_rebase_continuous,
                   description="REBASE: each depth's remaining width split over the live nodes by softmax of their "
                               "verifier scores; the weighted vote over the N completed leaves (Wu et al. 2024)")
