@@ -215,8 +215,8 @@ def test_admit_into_a_full_pool_fails_and_changes_nothing(models):
 def test_run_continuous_checks_its_arguments(models):
     policy, verifier = models
     kw = dict(budget=2, join=lambda fit: [], deliver=lambda g, r: None, capacity=4)
-    with pytest.raises(ValueError, match="does not take requests while it runs.*best_of_n.*dvts.*prm_beam_search"):
-        run_continuous("particle_filtering", policy, verifier, PROMPTS[:1], [1], **kw)
+    with pytest.raises(ValueError, match="does not take requests while it runs.*best_of_n.*dvts.*prm_beam_search.*rebase"):
+        run_continuous("particle_gibbs", policy, verifier, PROMPTS[:1], [1], **kw)
     with pytest.raises(ValueError, match="seed"):
         run_continuous("best_of_n", policy, verifier, PROMPTS[:2], [1], **kw)
     with pytest.raises(ValueError, match="capacity"):

@@ -292,3 +292,32 @@ def test_sample_steps_per_row_final_and_offsets_match_separate_calls(models):
     # per-row counts: every decode position and every key the session ran
     assert int(st.row_forward.sum()) == st.forward_rows == ran
     assert int(st.row_keys.sum()) == keys - sum(len(p) * (len(p) + 1) // 2 for p in ids)
+
+
+def test_an_answered_request_leaves_nothing_in_the_search(models):
+    """A long continuous call keeps only its running prompts' state: once every request is answered, the
+    searches (beam, particles, REBASE) hold no prompt's completions, particles, weights or info."""
+    from tts_kernels.search.particle_filter import _Particles
+    from tts_kernels.search.rebase import _Tree
+    from tts_kernels.search.step_loop import serve_groups
+    from tts_kernels.search.step_search import _search
+
+    policy, verifier = models
+    s = Settings(num_iterations=3, beam_width=2)
+    reqs = requests((1, 2, 1))
+    for search in (_search("prm_beam_search", 4, s, "best", lambda t: None, policy.device),
+                   _Particles(4, s, lambda t: None, policy.device, lambda g, *rest: rest),
+                   _Tree(4, s, "weighted", lambda t: None, policy.device)):
+        got, looks = [], [0]
+
+        def join(fit):
+            looks[0] += 1
+            return [g for g in (fit(*reqs[i], i) for i in (1, 2)) if g is not None] if looks[0] == 1 else []
+
+        serve_groups(search, policy, verifier, *reqs[0], s=s, tag=0, join=join,
+                     deliver=lambda g, res: got.append(g.tag), capacity=16)
+        assert sorted(got) == [0, 1, 2]
+        state = [v for k, v in vars(search).items() if k in ("completed", "done", "info", "held", "slot_of")]
+        assert state and all(len(v) == 0 for v in state), vars(search)
+        if isinstance(search, _Particles):
+            assert search.lw.shape[0] == 0

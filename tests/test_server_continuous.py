@@ -155,3 +155,28 @@ def test_request_batching_flag_keeps_whole_request_calls(models):
         assert all(not e.get("continuous") for e in searches(s)) and searches(s)
     finally:
         assert s.stop()
+
+
+def test_a_call_takes_no_new_request_past_max_call_prompts(models):
+    """`--max-call-prompts 3`: a continuous call stops taking requests once it has taken 3 prompts, drains, and
+    the next call takes what waits; 8 concurrent one-prompt requests are all answered as offline, in calls of
+    at most 3 prompts, and nothing is left queued, running or holding KV."""
+    s = Server("--max-wait-ms", "0", "--max-batch", "32", "--max-call-prompts", "3")
+    try:
+        def one(i):
+            return s.client(timeout=120).completions.create(
+                model=MODEL, prompt=PROMPTS[30 + i], max_tokens=48, seed=400 + i,
+                extra_body={"strategy": "best_of_n", "budget": 4})
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(one, range(8)))
+        for i, answer in enumerate(got):
+            assert answer.predictions == offline(models, "best_of_n", [PROMPTS[30 + i]], 4, 400 + i, 48).predictions
+        calls = searches(s)
+        while sum(c["prompts"] for c in calls) < 8:  # (a call's line comes just after its last answer)
+            calls = searches(s, len(calls))
+        assert sum(c["prompts"] for c in calls) == 8 and len(calls) >= 3
+        assert all(c["continuous"] and c["prompts"] <= 3 for c in calls), calls
+        assert s.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+    finally:
+        assert s.stop()

@@ -19,7 +19,12 @@ regular look, a step search's step boundary) when there is room (``max_batch`` p
 KV pools), so it joins the search under way. Each job is resolved as its own rows end, with its own result and exact compute
 (``Outcome.compute``). A job arriving while another job waits for the next call waits with it (the open call
 stops growing, so other strategies are not starved); a job still waiting when the call ends goes back to
-the head of the queue.
+the head of the queue. A call takes no new job once it has taken ``max_call_prompts`` prompts: under steady
+load a call would otherwise never end, and the per-prompt state its search keeps (prompt ids, seeds, draw
+offsets, counts: a few hundred bytes a prompt, and an index over all of them rebuilt at each admission) would
+grow for as long as the server runs. It drains and the next call starts with what waits. A job's own entries
+(its prompts' owner, its search state) are dropped as it is answered, so nothing of an answered request
+outlives its answer.
 
 A group whose call is refused (``ValueError``/``TypeError``: the drivers check every argument
 before any model runs) is retried request by request, so one bad request fails alone. A job
@@ -301,16 +306,16 @@ def _progress_hook(owner: dict):
         if kind == "tokens":
             per: dict = {}
             for (p, j), ids in zip(data["rows"], data["ids"]):
-                job, a = owner[p]
-                if job.listener is not None and not job.cancelled:
+                job, a = owner.get(p, (None, 0))  # (none: answered already)
+                if job is not None and job.listener is not None and not job.cancelled:
                     got = per.setdefault(job.id, (job, {"rows": [], "ids": []}))[1]
                     got["rows"].append((p - a, j))
                     got["ids"].append(ids)
             for job, got in per.values():
                 job.listener(kind, got)
         elif "prompt" in data:
-            job, a = owner[data["prompt"]]
-            if job.listener is not None and not job.cancelled:
+            job, a = owner.get(data["prompt"], (None, 0))
+            if job is not None and job.listener is not None and not job.cancelled:
                 job.listener(kind, {**data, "prompt": data["prompt"] - a})
 
     return hook
@@ -361,8 +366,9 @@ class _OpenCall:
             self.waiting.append(job)
             return True
 
-    def take(self, fit) -> list:
-        """The waiting jobs, in order, that fit (``fit(prompts, seeds, job)``: their group, or ``None``)."""
+    def take(self, fit, room: int) -> list:
+        """The waiting jobs, in order, that fit (``fit(prompts, seeds, job)``: their group, or ``None``), of at
+        most ``room`` prompts in all."""
         out = []
         with self.lock:
             while self.waiting and not self.closed:
@@ -370,11 +376,14 @@ class _OpenCall:
                 if job.cancelled or job.future.done():
                     self.waiting.popleft()
                     continue
+                if len(job.prompts) > room:
+                    break
                 g = fit(job.prompts, job.seeds, job)
                 if g is None:
                     break
                 self.waiting.popleft()
                 out.append(g)
+                room -= len(job.prompts)
         return out
 
     def close(self) -> list[Job]:
@@ -389,13 +398,17 @@ class Engine:
     """Batches jobs into search calls on one worker thread (see the module docstring).
 
     ``continuous`` (default): a job whose strategy takes requests while it runs
-    (:func:`~tts_kernels.search.run_continuous`) joins the call of its key under way at the call's next look;
-    ``False``: whole-request batching only (a job waits for the call under way to end)."""
+    (:func:`~tts_kernels.search.run_continuous`) joins the call of its key under way at the call's next look,
+    until the call has taken ``max_call_prompts`` prompts; ``False``: whole-request batching only (a job waits
+    for the call under way to end)."""
 
     def __init__(self, policy, verifier, *, max_batch: int = 32, max_wait_ms: float = 10.0, metrics=None,
-                 continuous: bool = True):
+                 continuous: bool = True, max_call_prompts: int = 4096):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_call_prompts < 1:
+            raise ValueError(f"max_call_prompts must be >= 1, got {max_call_prompts}")
+        self.max_call_prompts = max_call_prompts
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.policy, self.verifier = policy, verifier
@@ -627,11 +640,11 @@ class Engine:
         hook = _ListeningHook(owner)
         started_at: dict[str, float] = {}
         first_started = []
-        taken: list[Job] = [head]  # every job the search took (a failure fails those not answered)
+        taken: dict[str, Job] = {head.id: head}  # the jobs the search took, not answered yet (a failure fails them)
 
         def started(g) -> None:  # search thread
             job = g.tag
-            first_started.append(job)
+            first_started[:] = [True]
             a, b = g.first, g.first + len(g.prompts)
             for p in range(a, b):
                 owner[p] = (job, a)
@@ -648,16 +661,19 @@ class Engine:
 
         def deliver(g, res) -> None:  # search thread
             job = g.tag
+            for p in range(g.first, g.first + len(g.prompts)):  # (its progress events have all been sent)
+                owner.pop(p, None)
+            taken.pop(job.id, None)
             job.on_cancel = None
             hook.listeners -= job.listener is not None
             capped = getattr(stop, "groups", None)
             if capped is not None and g in capped:
                 capped.remove(g)
-            loop.call_soon_threadsafe(self._resolve, g, res, call, stop, started_at[job.id], time.perf_counter())
+            loop.call_soon_threadsafe(self._resolve, g, res, call, stop, started_at.pop(job.id), time.perf_counter())
 
         def join(fit) -> list:  # search thread
-            groups = [] if self._closing else call.take(fit)
-            taken.extend(g.tag for g in groups)
+            groups = [] if self._closing else call.take(fit, self.max_call_prompts - call.prompts)
+            taken.update((g.tag.id, g.tag) for g in groups)
             return groups
 
         def work():
@@ -683,7 +699,7 @@ class Engine:
             bad = isinstance(failure, (ValueError, TypeError)) and not first_started
             if not bad:
                 log.error("continuous search call failed", exc_info=failure)
-            for job in taken:
+            for job in taken.values():
                 if not job.future.done():
                     job.future.set_exception(BadRequest(str(failure)) if bad else failure)
             self.running = 0

@@ -796,9 +796,10 @@ def pooling_body(job: ScoreJob, out, model: str) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: int = 32, max_wait_ms: float = 10.0,
-               continuous: bool = True):
+               continuous: bool = True, max_call_prompts: int = 4096):
     """The FastAPI app serving ``policy`` (and ``verifier``, may be ``None``) under ``cfg``; ``continuous``:
-    requests join a running search call of their strategy (else whole requests are batched)."""
+    requests join a running search call of their strategy (else whole requests are batched), up to
+    ``max_call_prompts`` prompts a call."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -808,7 +809,7 @@ def create_app(policy, verifier, cfg: ServerConfig | None = None, *, max_batch: 
     guard_tokenizers(policy, verifier)  # shared by the request threads and the search thread: one lock each
     metrics = Metrics(policy, verifier)
     engine = Engine(policy, verifier, max_batch=max_batch, max_wait_ms=max_wait_ms, metrics=metrics,
-                    continuous=continuous)
+                    continuous=continuous, max_call_prompts=max_call_prompts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -1111,6 +1112,9 @@ def add_arguments(ap) -> None:
                          "boundary (prm_beam_search, dvts, particle_filtering, entropic_particle_filtering, rebase); "
                          "request: whole requests are batched, a request waits "
                          "for the call under way to end")
+    ap.add_argument("--max-call-prompts", type=int, default=4096,
+                    help="continuous batching: a call takes no new request once it has taken this many prompts; it "
+                         "drains and the next call starts (bounds the per-prompt state a call keeps)")
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for others")
     for name, (default, what) in LIMITS.items():
         ap.add_argument(_flag(name), type=int, default=default, help=f"{what} (default {default})")
@@ -1147,8 +1151,9 @@ def main(args) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
-    if args.max_batch < 1 or args.max_wait_ms < 0 or args.request_timeout <= 0:
-        raise SystemExit("--max-batch must be >= 1, --max-wait-ms >= 0, --request-timeout > 0")
+    if args.max_batch < 1 or args.max_wait_ms < 0 or args.request_timeout <= 0 or args.max_call_prompts < 1:
+        raise SystemExit("--max-batch must be >= 1, --max-wait-ms >= 0, --request-timeout > 0, "
+                         "--max-call-prompts >= 1")
     if args.kv_blocks is not None and args.kv_blocks < 1:
         raise SystemExit("--kv-blocks must be >= 1")
     if args.verifier_preset and args.verifier_head:
@@ -1159,7 +1164,7 @@ def main(args) -> int:
         raise SystemExit(str(exc)) from None
     policy, verifier, cfg.model_name, cfg.verifier_name = load_models(args)
     app = create_app(policy, verifier, cfg, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                     continuous=args.batching == "continuous")
+                     continuous=args.batching == "continuous", max_call_prompts=args.max_call_prompts)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
     return 0

@@ -88,7 +88,7 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
     rows = StepRows(policy, verifier, first.prompts, s, seeds=first.seeds, cancelled=cancelled,
                     capacity=max(capacity, len(first.prompts) * n), tally=join is not None, **(rows_kw or {}))
     groups = [first]
-    of: list[StepGroup] = [first] * len(first.prompts)  # the group of each prompt
+    of: dict[int, StepGroup] = dict.fromkeys(first.indices, first)  # the group of each running prompt
     held = {"blocks": (0, 0)}
     admits = join is not None and rows.admits
     # A loop that takes new groups may run for as long as they come: its thread count follows the load.
@@ -138,6 +138,8 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
             ended = [g for g in groups if not any(p in live for p in g.indices)]
             for g in ended:
                 groups.remove(g)
+                for p in g.indices:
+                    del of[p]
                 held["blocks"] = tuple(a - b for a, b in zip(held["blocks"], g.commit))
             if tuner is not None:
                 tuner.tick()
@@ -151,7 +153,7 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
                 at = len(rows)  # its prompts' rows come after the rows now
                 rows.admit(g.prompts, g.seeds.per_prompt)
                 g.first = rows.P - len(g.prompts)  # (the loop's prompt numbering: StepRows')
-                of.extend([g] * len(g.prompts))
+                of.update(dict.fromkeys(g.indices, g))
                 groups.append(g)
                 take(g)
                 keep = keep + [at + j for j in range(len(g.prompts)) for _ in range(n)]

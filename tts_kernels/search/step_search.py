@@ -74,13 +74,13 @@ class _Completions:
     def __init__(self, name: str, n: int, width: int, s: Settings, select: str, extract, device):
         self.name, self.n, self.width, self.s, self.select, self.extract = name, n, width, s, select, extract
         self.device = device
-        self.completed: list[list[Candidate]] = []
+        self.completed: dict[int, list[Candidate]] = {}  # the running prompts' (dropped with their result)
 
     def start(self, prompts: range) -> None:
-        self.completed.extend([] for _ in prompts)
+        self.completed.update((p, []) for p in prompts)
 
     def result(self, group, compute) -> SearchResult:
-        return _result(self.name, self.n, [self.completed[p] for p in group.indices], compute, self.select,
+        return _result(self.name, self.n, [self.completed.pop(p) for p in group.indices], compute, self.select,
                        self.device, self.s.vote_key)
 
 
