@@ -5,7 +5,7 @@ tokens/s, latency p50/p99, requests per call, and the ratio to per_request and t
 (tts_kernels.bench.serving).
 
     python benchmarks/bench_server.py [--requests 128] [--budget 16] [--rounds 3] [--clients 16,64]
-        [--strategies best_of_n] [--modes per_request,batched,admission] [--json out.json]
+        [--strategies best_of_n] [--modes per_request,batched,admission] [--max-batch 32] [--json out.json]
 """
 import argparse
 
@@ -22,12 +22,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batched server's collection window")
+    ap.add_argument("--max-batch", type=int, default=32, help="the batched and admission servers' --max-batch")
     ap.add_argument("--modes", default="per_request,batched,admission")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows = run(requests=a.requests, budget=a.budget, clients=[int(c) for c in a.clients.split(",")],
                strategies=a.strategies.split(","), rounds=a.rounds, max_tokens=a.max_tokens,
-               max_wait_ms=a.max_wait_ms, modes=a.modes.split(","))
+               max_wait_ms=a.max_wait_ms, modes=a.modes.split(","), max_batch=a.max_batch)
     print(f"{'mode':12} {'strategy':10} {'clients':>7} {'problems/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
           f"{'prompts/call':>12} {'x per-request':>13} {'x batched':>9}")
     for r in rows:

@@ -49,7 +49,7 @@ def same(a, b):
     for ca, cb in zip(a.candidates, b.candidates):
         assert [c.token_ids for c in ca] == [c.token_ids for c in cb]
         assert [(c.text, c.finish, c.answer, c.steps) for c in ca] == [(c.text, c.finish, c.answer, c.steps) for c in cb]
-        assert [c.score for c in ca] == pytest.approx([c.score for c in cb], rel=1e-5, abs=1e-6)
+        assert [c.score for c in ca] == pytest.approx([c.score for c in cb], rel=1e-5, abs=1e-6, nan_ok=True)
     assert a.compute.policy_prefill_tokens == b.compute.policy_prefill_tokens
     assert a.compute.policy_generated_tokens == b.compute.policy_generated_tokens
     assert a.info["policy_forward_tokens"] == b.info["policy_forward_tokens"]
@@ -275,3 +275,71 @@ def test_a_failed_continuous_call_answers_every_request_it_took(models):
     assert all(isinstance(g, RuntimeError) or g.result.predictions is not None for g in got)
     assert after.result.candidates and running == 0
     assert policy.kv_ledger.blocks == 0
+
+
+def _serve_revise(models, reqs, budget, s, *, joins_at, stop=None, cancel_on_start=()):
+    """``revise`` under continuous batching (run_continuous): request i > 0 is offered from look ``joins_at[i-1]``
+    on; those in ``cancel_on_start`` are cancelled as they start. Returns {request: result}, {request: look}."""
+    policy, verifier = models
+    got, began, looks, taken = {}, {}, [0], set()
+
+    def join(fit):
+        looks[0] += 1
+        out = []
+        for i in range(1, len(reqs)):
+            if i in taken or joins_at[i - 1] > looks[0]:
+                continue
+            g = fit(reqs[i][0], reqs[i][1], i)
+            if g is None:
+                break
+            taken.add(i)
+            out.append(g)
+        return out
+
+    def started(g):
+        began[g.tag] = looks[0]
+        if g.tag in cancel_on_start:
+            stop.cancel(range(g.first, g.first + len(g.prompts)))
+
+    def deliver(g, res):
+        assert not isinstance(res, Exception), res
+        got[g.tag] = res
+
+    with cancellation(stop or Cancellation()):
+        run_continuous("revise", policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0,
+                       join=join, deliver=deliver, started=started, capacity=16)
+    return got, began
+
+
+@pytest.mark.parametrize("budget,s", [(4, Settings(revisions=1, max_new_tokens=32)),
+                                      (6, Settings(revisions=2, max_new_tokens=21, sync_every=4, stop=["\n\n"]))],
+                         ids=["one-revision", "two-revisions-stop"])
+def test_revise_requests_joining_a_running_call_get_what_they_get_alone(models, budget, s):
+    """Each revision round of each request is a group of the loop, joining at a look after its previous round
+    ended (a new loop when its round ended the last one); a request's attempts, scores and compute are those
+    of its run alone, whatever rounds of other requests it shared looks with."""
+    from tts_kernels.search import run
+
+    reqs = requests()
+    got, began = _serve_revise(models, reqs, budget, s, joins_at=[1, 2, 6])
+    assert sorted(got) == [0, 1, 2, 3] and began[1] == 1 and began[2] >= 2 and began[3] >= 6
+    for i, (prompts, seeds) in enumerate(reqs):
+        ref = run("revise", *models, prompts, budget=budget, settings=s, seed=seeds)
+        same(got[i], ref)
+        assert got[i].compute.prm_tokens == ref.compute.prm_tokens and got[i].prompt_info == ref.prompt_info
+    assert models[0].kv_ledger.blocks == 0 and models[1].kv_ledger.blocks == 0
+
+
+def test_a_cancelled_revise_request_stops_its_rounds_and_the_others_are_exact(models):
+    from tts_kernels.search import run
+
+    s = Settings(revisions=2, max_new_tokens=24)
+    reqs = requests()[:3]
+    stop = Cancellation()
+    got, _ = _serve_revise(models, reqs, 3, s, joins_at=[1, 1], stop=stop, cancel_on_start={1})
+    assert sorted(got) == [0, 1, 2]
+    # its rows left at their first look, and no later round ran: nothing of it was generated beyond that look
+    assert got[1].compute.policy_generated_tokens <= len(reqs[1][0]) * s.sync_every
+    for i in (0, 2):
+        same(got[i], run("revise", *models, reqs[i][0], budget=3, settings=s, seed=reqs[i][1]))
+    assert models[0].kv_ledger.blocks == 0

@@ -109,6 +109,35 @@ def test_a_step_search_request_arriving_mid_search_joins_it_at_a_step_boundary(s
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
 
 
+def test_a_revise_request_arriving_mid_search_joins_it(server, models):
+    """revise: a request sent while a long one runs (its first round has started) joins that call (its rounds are
+    groups of the running decode loop) and its answer and usage are offline's for its seed."""
+    client = server.client(timeout=120)
+    late_prompt, late_seed = PROMPTS[22], 79
+    for attempt in range(3):
+        n_before = len(searches(server))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[:8], max_tokens=96,
+                               seed=7 + attempt, extra_body={"strategy": "revise", "budget": 8})
+            deadline = time.time() + 30
+            while server.get("/health")["running"] == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            late = pool.submit(client.completions.create, model=MODEL, prompt=late_prompt, max_tokens=96,
+                               seed=late_seed, extra_body={"strategy": "revise", "budget": 8})
+            got = late.result()
+            assert long.result().choices
+        calls = searches(server, n_before)[n_before:]
+        if len(calls) == 1 and calls[0]["requests"] == 2:
+            break
+    assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
+    ref = offline(models, "revise", [late_prompt], 8, late_seed, 96)
+    assert got.predictions == ref.predictions
+    if ref.chosen[0] is not None:
+        assert got.choices[0].text == ref.candidates[0][ref.chosen[0]].text
+    assert got.usage.policy_tokens == ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+
+
 def test_64_clients_4_requests_each(server, models):
     """256 requests from 64 closed-loop clients, best_of_n and majority mixed: every one answered, exactly
     (checked against offline runs for every fourth), and afterwards nothing queued, running or holding KV."""

@@ -12,7 +12,7 @@ from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.apps.server import REQUEST_FIELDS, SERVER_ONLY, SETTING_FIELDS
 from tts_kernels.bench.serving import ServerProcess as Server
-from tts_kernels.search import Settings, run
+from tts_kernels.search import STRATEGIES, Settings, run
 
 MODEL = "tts-kernels-bundled"
 PROMPTS = [p.prompt for p in bundled.test_problems(12)]
@@ -40,6 +40,7 @@ def models():
 
 def offline(models, strategy, prompts, budget, seed, **settings):
     policy, verifier = models
+    verifier = verifier if STRATEGIES[strategy].needs_verifier else None  # (as the server runs it)
     return run(strategy, policy, verifier, prompts, budget=budget, settings=SERVED.replace(**settings),
                seed=request_seeds(seed, len(prompts)))
 
@@ -185,7 +186,7 @@ def test_compute_cap_cancels_the_search_under_way(server, models):
     assert server.get("/health")["kv_blocks_in_use"] == 0
 
 
-@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts"])
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts", "particle_filtering", "rebase", "revise"])
 def test_compute_cap_cancels_a_step_search_that_shares_its_call(server, models, strategy):
     """A step search of 4 prompts past the cap while it runs, and a one-prompt request of the same strategy,
     budget and settings sent beside it (under continuous batching the two share one call): the first is cancelled

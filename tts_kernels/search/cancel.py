@@ -68,12 +68,27 @@ class _SubRun:
     def __init__(self, parent, prompts: Sequence[int]):
         self.parent = parent
         self.position: dict[int, list[int]] = {}
+        self.map(0, prompts)
+
+    def map(self, first: int, prompts: Sequence[int]) -> None:
+        """The search's prompts ``first, first + 1, ...`` are the enclosing run's ``prompts`` (a search whose
+        prompts come as it runs: :func:`growing_sub_run`)."""
         for i, p in enumerate(prompts):
-            self.position.setdefault(p, []).append(i)
+            self.position.setdefault(p, []).append(first + i)
+
+    def forget(self, prompts: Iterable[int]) -> None:
+        """The enclosing run's ``prompts`` are done with: their mappings go."""
+        for p in prompts:
+            self.position.pop(p, None)
+
+    @property
+    def enclosing(self) -> frozenset[int]:
+        """The enclosing run's cancelled prompts (by its own indices)."""
+        return frozenset() if self.parent is None else self.parent.prompts
 
     @property
     def prompts(self) -> frozenset[int]:
-        return frozenset(i for p in self.parent.prompts for i in self.position.get(p, ()))
+        return frozenset(i for p in self.enclosing for i in self.position.get(p, ()))
 
 
 @contextlib.contextmanager
@@ -85,6 +100,24 @@ def sub_run(prompts: Sequence[int]):
     token = None if parent is None else _CURRENT.set(_SubRun(parent, prompts))
     try:
         yield
+    finally:
+        if token is not None:
+            _CURRENT.reset(token)
+        _PROGRESS.reset(quiet)
+
+
+@contextlib.contextmanager
+def growing_sub_run():
+    """:func:`sub_run` for a search whose prompts come as it runs (the server's continuous ``revise``: each round
+    of each request is a new group of the decode loop): yields the mapping, whose ``map(first, prompts)`` says
+    which enclosing prompts the search's next ones are, and whose ``enclosing`` is the enclosing run's own
+    cancelled prompts."""
+    parent = _CURRENT.get()
+    sub = _SubRun(parent, ())
+    quiet = _PROGRESS.set(None)
+    token = None if parent is None else _CURRENT.set(sub)
+    try:
+        yield sub
     finally:
         if token is not None:
             _CURRENT.reset(token)

@@ -50,7 +50,7 @@ from .rebase import rebase, serve_rebase
 from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
 from .registry import check_strategy as _check
 from .result import SearchResult
-from .revise import revise
+from .revise import revise, serve_revise
 from .seeds import check_seed
 from .settings import Settings, resolve
 from .step_search import dvts, prm_beam_search, serve_steps
@@ -167,10 +167,22 @@ def _greedy(policy, verifier, prompts, *, budget, settings, seed, extract):
     return res
 
 
-def _revise(policy, verifier, prompts, *, budget, settings, seed, extract):
+def _revise_fit(budget, settings):
     k = min(settings.revisions, budget - 1)  # a budget below revisions + 1 runs one chain as long as it allows
-    return revise(policy, verifier, prompts, n=(budget // (k + 1)) * (k + 1), select="weighted" if verifier else
-                  "majority", settings=settings.replace(revisions=k), seed=seed, extract=extract)
+    return (budget // (k + 1)) * (k + 1), settings.replace(revisions=k)
+
+
+def _revise(policy, verifier, prompts, *, budget, settings, seed, extract):
+    n, settings = _revise_fit(budget, settings)
+    return revise(policy, verifier, prompts, n=n, select="weighted" if verifier else "majority", settings=settings,
+                  seed=seed, extract=extract)
+
+
+def _revise_continuous(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started,
+                       capacity):
+    n, settings = _revise_fit(budget, settings)
+    serve_revise(policy, verifier, prompts, seeds, n=n, select="weighted" if verifier else "majority", tag=tag,
+                 settings=settings, extract=extract, join=join, deliver=deliver, started=started, capacity=capacity)
 
 
 def _step(name, search):
@@ -237,7 +249,7 @@ register_strategy("compute_optimal", _optimal("compute_optimal", ("weighted_best
                   description="pilot, difficulty levels, a strategy per level, N*P samples allocated", pooled=True)
 register_strategy("adaptive_best_of_n", _optimal("adaptive_best_of_n", ("weighted_best_of_n",)),
                   description="compute_optimal's allocation with weighted best-of-N at every level", pooled=True)
-register_strategy("revise", _revise, needs_verifier=False,
+register_strategy("revise", _revise, needs_verifier=False, continuous=_revise_continuous,
                   description="sequential revisions: N/(revisions+1) chains, each answer fed back revisions times")
 register_strategy("particle_filtering", _particles("particle_filtering", None),
                   description="N particles grown step by step, resampled by verifier weight (Puri et al. 2025)",
