@@ -72,7 +72,7 @@ class _SubRun:
 
     def map(self, first: int, prompts: Sequence[int]) -> None:
         """The search's prompts ``first, first + 1, ...`` are the enclosing run's ``prompts`` (a search whose
-        prompts come as it runs: :func:`growing_sub_run`)."""
+        prompts come as it runs: :func:`sub_run`)."""
         for i, p in enumerate(prompts):
             self.position.setdefault(p, []).append(first + i)
 
@@ -92,29 +92,15 @@ class _SubRun:
 
 
 @contextlib.contextmanager
-def sub_run(prompts: Sequence[int]):
+def sub_run(prompts: Sequence[int] = ()):
     """Searches run inside this block are over ``prompts`` (indices into the enclosing run's prompts,
-    repeats allowed): their :func:`cancelled` maps the enclosing cancellation to their own indices."""
+    repeats allowed): their :func:`cancelled` maps the enclosing cancellation to their own indices. Yields the
+    mapping: a search whose prompts come as it runs (the server's continuous ``revise``: each round of each
+    request is a new group of the decode loop) adds them with its ``map(first, prompts)``, and reads the
+    enclosing run's own cancelled prompts as its ``enclosing``."""
     parent = _CURRENT.get()
+    sub = _SubRun(parent, prompts)
     quiet = _PROGRESS.set(None)  # a sub-search's events would carry its own indices: nobody listens there
-    token = None if parent is None else _CURRENT.set(_SubRun(parent, prompts))
-    try:
-        yield
-    finally:
-        if token is not None:
-            _CURRENT.reset(token)
-        _PROGRESS.reset(quiet)
-
-
-@contextlib.contextmanager
-def growing_sub_run():
-    """:func:`sub_run` for a search whose prompts come as it runs (the server's continuous ``revise``: each round
-    of each request is a new group of the decode loop): yields the mapping, whose ``map(first, prompts)`` says
-    which enclosing prompts the search's next ones are, and whose ``enclosing`` is the enclosing run's own
-    cancelled prompts."""
-    parent = _CURRENT.get()
-    sub = _SubRun(parent, ())
-    quiet = _PROGRESS.set(None)
     token = None if parent is None else _CURRENT.set(sub)
     try:
         yield sub

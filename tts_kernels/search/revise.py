@@ -28,7 +28,7 @@ from ..ops._validate import check_int
 from .accounting import Compute, count_flops
 from .answers import extract_answer
 from .best_of_n import sampling_loop, score_texts
-from .cancel import growing_sub_run, sub_run
+from .cancel import sub_run
 from .decode import GroupSample, SampleGroup
 from .result import Candidate, SearchResult, select_candidates
 from .seeds import Seeds, splitmix64
@@ -164,7 +164,7 @@ def serve_revise(policy, verifier, prompts: list[str], seeds: list[int], *, n: i
     ``started(request)`` and ``deliver(request, result)`` (or the exception building it) get the request
     (``tag``, ``first``, ``prompts``, ``forward``: :class:`_Chains`) once, at its first round's start and when
     its last round ends and its attempts are scored. Cancellation reaches every round: the call's cancelled
-    prompts are mapped onto each round's rows (:func:`~tts_kernels.search.cancel.growing_sub_run`); a request
+    prompts are mapped onto each round's rows (:func:`~tts_kernels.search.cancel.sub_run`); a request
     whose prompts are all cancelled ends at its round's end. All on this thread."""
     s = settings
     prompts, chains = _check(prompts, n, select, verifier, s)
@@ -177,7 +177,7 @@ def serve_revise(policy, verifier, prompts: list[str], seeds: list[int], *, n: i
         numbering[0] += len(p)
         return run
 
-    with growing_sub_run() as mapping:
+    with sub_run() as mapping:
         def on_start(g: SampleGroup) -> None:
             run = g.tag
             mapping.map(g.first, [run.first + (i if run.round == 0 else i // chains) for i in range(len(g.prompts))])
