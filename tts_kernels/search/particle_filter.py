@@ -295,11 +295,7 @@ class _Particles:
         stopped = [i for i, p in enumerate(held) if p in gone]  # nobody waits for them: their particles stop
         if stopped:
             do[torch.tensor(stopped, device=dev)] = False
-        if rows.seeds.keyed:  # each prompt its own key (its stream 0), wherever it sits
-            key = torch.tensor([rows.seeds.per_prompt[p] for p in held], dtype=torch.int64, device=dev)
-            stream = torch.zeros_like(key)
-        else:  # a run seed: each prompt its own stream
-            key, stream = rows.seeds.seed, torch.tensor(held, dtype=torch.int64, device=dev)
+        key, stream = rows.seeds.prompts(dev, held)  # each prompt draws what it draws wherever it sits
         idx = resample(lw, method=s.resampling, seed=key, offset=self.off + it.long(), temperature=T,
                        num_samples=F if R else None, stream=stream)
         if s.keep_best:

@@ -103,11 +103,19 @@ class Seeds:
         return self.rows(torch.tensor(owner, dtype=torch.int64, device=device),
                          torch.tensor(slot, dtype=torch.int64, device=device), device)
 
-    def prompts(self, device):
-        """``(seed, stream)`` for per-prompt draws (:func:`~tts_kernels.ops.resample`, one row per prompt)."""
+    def prompts(self, device, which: Sequence[int] | None = None):
+        """``(seed, stream)`` for per-prompt draws (:func:`~tts_kernels.ops.resample`, one row per prompt): of
+        every prompt, or of the prompts ``which`` (in that order), each drawing what it draws wherever its row
+        sits (its own key, stream 0; a run seed: its own prompt index as the stream)."""
+        if which is None:
+            if not self.keyed:
+                return self.seed, None
+            table = self._table(device)
+            return table, torch.zeros_like(table)
+        idx = torch.tensor(list(which), dtype=torch.int64, device=device)
         if not self.keyed:
-            return self.seed, None
-        table = self._table(device)
+            return self.seed, idx
+        table = self._table(device).index_select(0, idx)
         return table, torch.zeros_like(table)
 
 
