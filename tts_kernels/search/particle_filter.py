@@ -149,11 +149,11 @@ def serve_particles(name: str, policy, verifier, prompts: list[str], seeds: list
     compute is its own."""
     s = settings
     prompts = _check(verifier, prompts, n, s)
-    search = _Particles(n, s, extract, policy.device,
-                        lambda g, done, lw, compute, info: _result(name, _candidates(done), lw, s, g.seeds, compute, info))
-    serve_groups(search, policy, verifier if s.particle_weight == "verifier" else None, prompts, seeds, s=s, tag=tag,
-                 join=join, deliver=deliver, started=started, capacity=capacity,
-                 rows_kw={"track_logprobs": s.particle_weight != "verifier"})
+    search = _Particles(n, s, extract, policy.device, lambda g, done, lw, compute, info: _result(
+        name, _candidates(done), lw, s, g.seeds, compute, info))
+    scorer, rows_kw = _weighing(verifier, s)
+    serve_groups(search, policy, scorer, prompts, seeds, s=s, tag=tag, join=join, deliver=deliver, started=started,
+                 capacity=capacity, rows_kw=rows_kw)
 
 
 @torch.no_grad()
@@ -354,13 +354,20 @@ def _sweep(policy, verifier, prompts, s: Settings, *, n: int, seed: Seeds, sweep
     """One particle-filter pass over ``n`` slots per prompt (:class:`_Particles` on its own). Returns each
     slot's final (candidate, (token ids, tokens per step)), the ``[P, n]`` log-weights, the pass's compute and
     each prompt's info."""
-    use_verifier = s.particle_weight == "verifier"
     search = _Particles(n, s, extract, policy.device, lambda g, done, lw, compute, info: (done, lw, compute, info),
                         sweep=sweep, refs=refs)
-    return alone(policy, verifier if use_verifier else None, prompts, seed, search, s=s, cancelled=cancelled,
+    scorer, rows_kw = _weighing(verifier, s)
+    return alone(policy, scorer, prompts, seed, search, s=s, cancelled=cancelled,
                  capacity=len(prompts) * (n + search.R),
-                 rows_kw={"track_logprobs": not use_verifier, "parked": _Particles.parked(refs) if refs else (),
+                 rows_kw={**rows_kw, "parked": _Particles.parked(refs) if refs else (),
                           "offset": sweep << 24})  # each sweep its own token draws (sweep 0: particle_filter's)
+
+
+def _weighing(verifier, s: Settings):
+    """The verifier the rows are scored by, and what else the rows keep: under ``particle_weight="self_certainty"``
+    no verifier, and each row's token log-probabilities."""
+    by_verifier = s.particle_weight == "verifier"
+    return (verifier if by_verifier else None), {"track_logprobs": not by_verifier}
 
 
 def _roll_back(search: StepRows, rollback, refs, t: int) -> None:

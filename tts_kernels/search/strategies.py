@@ -167,22 +167,21 @@ def _greedy(policy, verifier, prompts, *, budget, settings, seed, extract):
     return res
 
 
-def _revise_fit(budget, settings):
-    k = min(settings.revisions, budget - 1)  # a budget below revisions + 1 runs one chain as long as it allows
-    return (budget // (k + 1)) * (k + 1), settings.replace(revisions=k)
+def _revise_fit(budget, settings, verifier) -> dict:
+    """revise's arguments for a budget: a budget below revisions + 1 runs one chain as long as it allows."""
+    k = min(settings.revisions, budget - 1)
+    return {"n": (budget // (k + 1)) * (k + 1), "settings": settings.replace(revisions=k),
+            "select": "weighted" if verifier else "majority"}
 
 
 def _revise(policy, verifier, prompts, *, budget, settings, seed, extract):
-    n, settings = _revise_fit(budget, settings)
-    return revise(policy, verifier, prompts, n=n, select="weighted" if verifier else "majority", settings=settings,
-                  seed=seed, extract=extract)
+    return revise(policy, verifier, prompts, seed=seed, extract=extract, **_revise_fit(budget, settings, verifier))
 
 
 def _revise_continuous(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started,
                        capacity):
-    n, settings = _revise_fit(budget, settings)
-    serve_revise(policy, verifier, prompts, seeds, n=n, select="weighted" if verifier else "majority", tag=tag,
-                 settings=settings, extract=extract, join=join, deliver=deliver, started=started, capacity=capacity)
+    serve_revise(policy, verifier, prompts, seeds, tag=tag, extract=extract, join=join, deliver=deliver,
+                 started=started, capacity=capacity, **_revise_fit(budget, settings, verifier))
 
 
 def _step(name, search):
@@ -211,10 +210,14 @@ def _optimal(name, strategies):
     return OptimalStrategy(name, tuple(strategies))
 
 
+def _entropic(settings, entropic):
+    """``settings`` with the strategy's temperature schedule unless the request names one."""
+    return settings.replace(entropic=entropic) if entropic is not None and settings.entropic == "none" else settings
+
+
 def _particles(name, entropic, driver=particle_filter):
     def fn(policy, verifier, prompts, *, budget, settings, seed, extract):
-        if entropic is not None and settings.entropic == "none":
-            settings = settings.replace(entropic=entropic)
+        settings = _entropic(settings, entropic)
         res = driver(policy, verifier, prompts, n=budget, settings=settings, seed=seed, extract=extract)
         res.strategy = name
         return res
@@ -223,10 +226,9 @@ def _particles(name, entropic, driver=particle_filter):
 
 def _particles_continuous(name, entropic):
     def fn(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started, capacity):
-        if entropic is not None and settings.entropic == "none":
-            settings = settings.replace(entropic=entropic)
-        serve_particles(name, policy, verifier, prompts, seeds, n=budget, tag=tag, settings=settings,
-                        extract=extract, join=join, deliver=deliver, started=started, capacity=capacity)
+        serve_particles(name, policy, verifier, prompts, seeds, n=budget, tag=tag,
+                        settings=_entropic(settings, entropic), extract=extract, join=join, deliver=deliver,
+                        started=started, capacity=capacity)
     return fn
 
 
