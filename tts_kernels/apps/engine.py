@@ -639,12 +639,10 @@ class Engine:
         owner: dict = {}
         hook = _ListeningHook(owner)
         started_at: dict[str, float] = {}
-        first_started = []
         taken: dict[str, Job] = {head.id: head}  # the jobs the search took, not answered yet (a failure fails them)
 
         def started(g) -> None:  # search thread
             job = g.tag
-            first_started[:] = [True]
             a, b = g.first, g.first + len(g.prompts)
             for p in range(a, b):
                 owner[p] = (job, a)
@@ -696,7 +694,7 @@ class Engine:
                 self._arrived.set()
         await asyncio.sleep(0)  # the results the search thread handed over are set before the call is judged
         if failure is not None:
-            bad = isinstance(failure, (ValueError, TypeError)) and not first_started
+            bad = isinstance(failure, (ValueError, TypeError)) and not call.requests  # (refused before any started)
             if not bad:
                 log.error("continuous search call failed", exc_info=failure)
             for job in taken.values():
