@@ -5,6 +5,7 @@ pool is empty afterwards."""
 import pytest
 import torch
 
+from join_checks import Offers
 from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.search import Settings, run_continuous
@@ -60,25 +61,11 @@ def serve(models, reqs, n, s, *, joins_at, capacity=64):
     """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
     {request index: results}, the look at which each started, and the looks seen."""
     policy, verifier = models
-    got, began, looks, taken, held = {}, {}, [0], set(), []
-
-    def join(fit):  # in order: a request is offered once those before it have joined
-        looks[0] += 1
-        out = []
-        for i in range(1, len(reqs)):
-            if i in taken:
-                continue
-            if joins_at[i - 1] > looks[0]:
-                break
-            g = fit(reqs[i][0], reqs[i][1], i)
-            if g is None:
-                break
-            taken.add(i)
-            out.append(g)
-        return out
+    got, began, held = {}, {}, []
+    join = Offers(reqs, joins_at)
 
     def started(g):
-        began[g.tag] = looks[0]
+        began[g.tag] = join.looks
 
     def deliver(g, res):
         assert not isinstance(res, Exception), res
@@ -89,7 +76,7 @@ def serve(models, reqs, n, s, *, joins_at, capacity=64):
                    join=join, deliver=deliver, started=started, capacity=capacity)
     # the groups that end the loop are handed over once its pool is free (a server's last answer finds no KV held)
     assert held[-1] == 0 and held[0] > 0
-    return got, began, looks[0]
+    return got, began, join.looks
 
 
 @pytest.mark.parametrize("s", [Settings(max_new_tokens=40), Settings(max_new_tokens=21, sync_every=4),
@@ -281,23 +268,11 @@ def _serve_revise(models, reqs, budget, s, *, joins_at, stop=None, cancel_on_sta
     """``revise`` under continuous batching (run_continuous): request i > 0 is offered from look ``joins_at[i-1]``
     on; those in ``cancel_on_start`` are cancelled as they start. Returns {request: result}, {request: look}."""
     policy, verifier = models
-    got, began, looks, taken = {}, {}, [0], set()
-
-    def join(fit):
-        looks[0] += 1
-        out = []
-        for i in range(1, len(reqs)):
-            if i in taken or joins_at[i - 1] > looks[0]:
-                continue
-            g = fit(reqs[i][0], reqs[i][1], i)
-            if g is None:
-                break
-            taken.add(i)
-            out.append(g)
-        return out
+    got, began = {}, {}
+    join = Offers(reqs, joins_at)
 
     def started(g):
-        began[g.tag] = looks[0]
+        began[g.tag] = join.looks
         if g.tag in cancel_on_start:
             stop.cancel(range(g.first, g.first + len(g.prompts)))
 

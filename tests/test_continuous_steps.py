@@ -5,6 +5,7 @@ does not fit waits, a cancelled one leaves the others exact, and the pools are e
 import pytest
 import torch
 
+from join_checks import Offers
 from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.search import Settings, run, run_continuous
@@ -34,25 +35,11 @@ def serve(models, strategy, reqs, budget, s, *, joins_at, capacity=64):
     """The first request starts the search; request i > 0 is offered from step boundary ``joins_at[i - 1]``
     on. Returns {request: result}, the boundary at which each started, and the KV blocks held at each answer."""
     policy, verifier = models
-    got, began, looks, taken, held = {}, {}, [0], set(), []
-
-    def join(fit):
-        looks[0] += 1
-        out = []
-        for i in range(1, len(reqs)):
-            if i in taken:
-                continue
-            if joins_at[i - 1] > looks[0]:
-                break
-            g = fit(reqs[i][0], reqs[i][1], i)
-            if g is None:
-                break
-            taken.add(i)
-            out.append(g)
-        return out
+    got, began, held = {}, {}, []
+    join = Offers(reqs, joins_at)
 
     def started(g):
-        began[g.tag] = looks[0]
+        began[g.tag] = join.looks
 
     def deliver(g, res):
         assert not isinstance(res, Exception), res
@@ -151,13 +138,7 @@ def test_a_cancelled_request_leaves_and_the_others_are_exact(models, strategy):
     firsts = {}
 
     policy, verifier = models
-    got, looks = {}, [0]
-
-    def join(fit):
-        looks[0] += 1
-        if looks[0] != 1:
-            return []
-        return [g for g in (fit(*reqs[i], i) for i in (1, 2)) if g is not None]
+    got, join = {}, Offers(reqs, [1, 1])
 
     def started(g):
         firsts[g.tag] = g.first
@@ -308,13 +289,8 @@ def test_an_answered_request_leaves_nothing_in_the_search(models):
     for search in (_search("prm_beam_search", 4, s, "best", lambda t: None, policy.device),
                    _Particles(4, s, lambda t: None, policy.device, lambda g, *rest: rest),
                    _Tree(4, s, "weighted", lambda t: None, policy.device)):
-        got, looks = [], [0]
-
-        def join(fit):
-            looks[0] += 1
-            return [g for g in (fit(*reqs[i], i) for i in (1, 2)) if g is not None] if looks[0] == 1 else []
-
-        serve_groups(search, policy, verifier, *reqs[0], s=s, tag=0, join=join,
+        got = []
+        serve_groups(search, policy, verifier, *reqs[0], s=s, tag=0, join=Offers(reqs, [1, 1]),
                      deliver=lambda g, res: got.append(g.tag), capacity=16)
         assert sorted(got) == [0, 1, 2]
         state = [v for k, v in vars(search).items() if k in ("completed", "done", "info", "held", "slot_of")]
