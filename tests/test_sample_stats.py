@@ -409,6 +409,25 @@ def test_sliding_window_matches_reference(window):
             assert_window(win, ref)
 
 
+def test_sliding_window_grow_appends_empty_rows():
+    win, ref = SlidingWindow.start(3, 4), SlidingWindowRef(3, 4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        v = torch.rand(3, generator=g)
+        win.push(v)
+        ref.push(v.tolist(), [True] * 3)
+    grown = win.grow(2)
+    assert grown.rows == 5 and win.rows == 3  # a new window; this one unchanged
+    wide = SlidingWindowRef(5, 4)  # rows 0..2 as before (the reference's rows copied), 3..4 empty
+    wide.values[:3], wide.lowest[:3] = [list(r) for r in ref.values], list(ref.lowest)
+    assert_window(grown, wide)
+    for _ in range(5):  # the new rows fill as rows of their own
+        v = torch.rand(5, generator=g)
+        grown.push(v)
+        wide.push(v.tolist(), [True] * 5)
+        assert_window(grown, wide)
+
+
 def test_sliding_window_lowest_and_non_finite_values():
     win, ref = SlidingWindow.start(2, 3), SlidingWindowRef(2, 3)
     seq = [(5.0, 1.0), (4.0, math.inf), (3.0, 2.0), (9.0, 3.0), (9.0, 4.0), (9.0, 5.0), (math.nan, 6.0),

@@ -138,6 +138,42 @@ def test_a_revise_request_arriving_mid_search_joins_it(server, models):
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
 
 
+@pytest.mark.parametrize("strategy", ["deepconf_offline", "adaptive_consistency"])
+def test_an_early_stopping_request_arriving_mid_search_joins_it(server, models, strategy):
+    """The early-stopping token loop: a request sent while a long one runs joins that call at a host look, and its
+    answer is offline's for its seed. Its usage is its own: offline's for deepconf_offline (no candidate stops
+    early); for adaptive consistency at least what its decision needed (the prompt and its deciding candidates),
+    the candidates past the decision counting the tokens they ran before the next look."""
+    client = server.client(timeout=120)
+    late_prompt, late_seed = PROMPTS[23], 80
+    for attempt in range(3):
+        n_before = len(searches(server))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[:8], max_tokens=96,
+                               seed=8 + attempt, extra_body={"strategy": strategy, "budget": 16})
+            deadline = time.time() + 30
+            while server.get("/health")["running"] == 0 and time.time() < deadline:
+                time.sleep(0.01)
+            late = pool.submit(client.completions.create, model=MODEL, prompt=late_prompt, max_tokens=96,
+                               seed=late_seed, extra_body={"strategy": strategy, "budget": 16})
+            got = late.result()
+            assert long.result().choices
+        calls = searches(server, n_before)[n_before:]
+        if len(calls) == 1 and calls[0]["requests"] == 2:
+            break
+    assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
+    ref = offline(models, strategy, [late_prompt], 16, late_seed, 96)
+    assert got.predictions == ref.predictions
+    assert got.choices[0].text == ref.candidates[0][ref.chosen[0]].text
+    used = ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
+    if strategy == "deepconf_offline":
+        assert got.usage.policy_tokens == used
+    else:
+        assert got.usage.policy_tokens >= ref.compute.policy_prefill_tokens + sum(
+            len(c.token_ids) for c in ref.candidates[0])
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+
+
 def test_64_clients_4_requests_each(server, models):
     """256 requests from 64 closed-loop clients, best_of_n and majority mixed: every one answered, exactly
     (checked against offline runs for every fourth), and afterwards nothing queued, running or holding KV."""

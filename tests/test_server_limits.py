@@ -186,11 +186,13 @@ def test_compute_cap_cancels_the_search_under_way(server, models):
     assert server.get("/health")["kv_blocks_in_use"] == 0
 
 
-@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts", "particle_filtering", "rebase", "revise"])
+@pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts", "particle_filtering", "rebase", "revise",
+                                      "deepconf_offline"])
 def test_compute_cap_cancels_a_step_search_that_shares_its_call(server, models, strategy):
-    """A step search of 4 prompts past the cap while it runs, and a one-prompt request of the same strategy,
-    budget and settings sent beside it (under continuous batching the two share one call): the first is cancelled
-    at a step boundary and gets a 413 naming the limit, the second is answered as offline, with its own usage."""
+    """A search (a step search, revise, the early-stopping token loop) of 4 prompts past the cap while it runs, and
+    a one-prompt request of the same strategy, budget and settings sent beside it (under continuous batching the
+    two share one call): the first is cancelled at a look and gets a 413 naming the limit, the second is answered
+    as offline, with its own usage."""
     full = offline(models, strategy, PROMPTS[:4], 2, 1, max_new_tokens=48)
     assert full.compute.policy_tokens > CAP
     ref = offline(models, strategy, [PROMPTS[9]], 2, 3, max_new_tokens=48)

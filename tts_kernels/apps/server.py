@@ -1108,7 +1108,8 @@ def add_arguments(ap) -> None:
                     help="prompts per search call (running at once, with continuous batching; 1: no batching)")
     ap.add_argument("--batching", default="continuous", choices=("continuous", "request"),
                     help="continuous (default): a request joins the running search call of its strategy and "
-                         "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n, revise) or step "
+                         "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n, revise, deepconf, "
+                         "deepconf_offline, adaptive_consistency) or step "
                          "boundary (prm_beam_search, dvts, particle_filtering, entropic_particle_filtering, rebase); "
                          "request: whole requests are batched, a request waits "
                          "for the call under way to end")

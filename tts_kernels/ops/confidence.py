@@ -120,5 +120,12 @@ class SlidingWindow:
         return SlidingWindow(self.window, self.values.index_select(0, idx), self._count.index_select(0, idx),
                              self._mean.index_select(0, idx), self._lowest.index_select(0, idx))
 
+    def grow(self, rows: int) -> "SlidingWindow":
+        """A new window: this one's rows, then ``rows`` empty ones (new rows joining a batch)."""
+        more = SlidingWindow.start(rows, self.window, self.device)
+        return SlidingWindow(self.window, *(torch.cat([a, b]) for a, b in (
+            (self.values, more.values), (self._count, more._count), (self._mean, more._mean),
+            (self._lowest, more._lowest))))
+
     def __repr__(self) -> str:
         return f"SlidingWindow(rows={self.rows}, window={self.window}, device={self.device})"

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._threads import in_search_pool
+from .._threads import PoolTuner, in_search_pool
 from ..models.text import cut_at_stop, split_steps
 from ..ops._validate import check_int
 from ..ops.confidence import SlidingWindow
@@ -132,16 +132,42 @@ def weighted_share(answers: Sequence[str | None], weights: Sequence[float], key)
 # ----------------------------------------------------------------------------- controllers
 
 class Rule:
-    """What a strategy decides at the host looks (the base: ``n`` candidates each, all at once, no stop)."""
+    """What a strategy decides at the host looks (the base: ``n`` candidates each, all at once, no stop). Its
+    per-prompt state is keyed by the prompt's index in the loop: prompts join (:meth:`grow`) and leave
+    (:meth:`drop`) as the loop's groups do."""
 
     needs_release = False  # rows can stop on their confidence (the step frees their blocks)
     checkpoint_tokens = 0  # speculative rejection: the verifier looks every this many tokens
 
-    def __init__(self, P: int, n: int):
-        self.P, self.n = P, n
-        self.traces: list[dict[int, Trace]] = [{} for _ in range(P)]
-        self.settled = [False] * P  # no more candidates; running ones stop
-        self.decided: list[int | None] = [None] * P  # candidates 0..k-1 decide the prompt
+    def __init__(self, n: int):
+        self.n = n
+        self.traces: dict[int, dict[int, Trace]] = {}
+        self.settled: dict[int, bool] = {}  # no more candidates; running ones stop
+        self.decided: dict[int, int | None] = {}  # candidates 0..k-1 decide the prompt
+
+    @property
+    def opening(self) -> int:
+        """Candidates a new prompt runs at once (:meth:`in_flight` before any has finished)."""
+        return self.n
+
+    @property
+    def most(self) -> int:
+        """Candidates a prompt runs at once at most (:meth:`in_flight` in any state)."""
+        return self.n
+
+    def grow(self, prompts: Sequence[int]) -> None:
+        """New prompts, with no candidate yet."""
+        for p in prompts:
+            self.traces[p], self.settled[p], self.decided[p] = {}, False, None
+
+    def drop(self, prompts: Sequence[int]) -> None:
+        """Forget prompts (their results have been taken)."""
+        for p in prompts:
+            for d in self._state():
+                d.pop(p, None)
+
+    def _state(self) -> list[dict]:
+        return [self.traces, self.settled, self.decided]
 
     def startable(self, p: int) -> int:
         """Candidates prompt ``p`` may have started by now (in index order)."""
@@ -176,15 +202,31 @@ class Rule:
 class DeepConfOnline(Rule):
     needs_release = True
 
-    def __init__(self, P, n, *, warmup, keep, consensus, window, extract, key, parallel):
-        super().__init__(P, n)
+    def __init__(self, n, *, warmup, keep, consensus, window, extract, key, parallel):
+        super().__init__(n)
         self.parallel = parallel
         self.warmup, self.keep, self.consensus, self.window = min(warmup, n), keep, consensus, window
         self.extract, self.key = extract, key
-        self.thresholds = [float("-inf")] * P
-        self.ready = [False] * P
+        self.thresholds: dict[int, float] = {}
+        self.ready: dict[int, bool] = {}
         self.votes: dict[int, dict] = {}  # per prompt: confidence-weighted votes of the candidates checked
         self.checked: dict[int, int] = {}  # per prompt: candidates 0..k-1 checked for consensus
+
+    @property
+    def opening(self):
+        return self.warmup
+
+    @property
+    def most(self):
+        return max(self.warmup, self.parallel)
+
+    def grow(self, prompts):
+        super().grow(prompts)
+        for p in prompts:
+            self.thresholds[p], self.ready[p] = float("-inf"), False
+
+    def _state(self):
+        return super()._state() + [self.thresholds, self.ready, self.votes, self.checked]
 
     def startable(self, p):
         return self.n if self.ready[p] else self.warmup
@@ -233,11 +275,22 @@ class DeepConfOnline(Rule):
 
 
 class AdaptiveConsistency(Rule):
-    def __init__(self, P, n, *, parallel, confidence, extract, key):
-        super().__init__(P, n)
+    def __init__(self, n, *, parallel, confidence, extract, key):
+        super().__init__(n)
         self.parallel, self.confidence, self.extract, self.key = parallel, confidence, extract, key
         self.counts: dict[int, Counter] = {}
         self.checked: dict[int, int] = {}
+
+    @property
+    def opening(self):
+        return self.parallel
+
+    @property
+    def most(self):
+        return self.parallel
+
+    def _state(self):
+        return super()._state() + [self.counts, self.checked]
 
     def in_flight(self, p):
         return self.parallel
@@ -259,8 +312,8 @@ class AdaptiveConsistency(Rule):
 
 
 class Rejection(Rule):
-    def __init__(self, P, n, *, checkpoint_tokens, rate):
-        super().__init__(P, n)
+    def __init__(self, n, *, checkpoint_tokens, rate):
+        super().__init__(n)
         self.checkpoint_tokens, self.rate = checkpoint_tokens, rate
 
     def reject(self, live: list[tuple[int, float]]) -> set[int]:
@@ -292,182 +345,372 @@ class RunOutput:
     started: list[int] = field(default_factory=list)  # [P] candidates started
 
 
+@dataclass(eq=False)
+class TraceGroup:
+    """``prompts`` under ``seeds`` (:class:`~tts_kernels.search.seeds.Seeds`; a group that joins a running loop has
+    one seed per prompt). ``tag``: the caller's (the server's job). The loop sets ``first`` (the index of its first
+    prompt among every prompt the loop has run: the index the rule, :func:`~tts_kernels.search.cancel.cancelled`
+    and the progress events use) and the rest; ``prefill``, ``forward``, ``keys``: what the policy ran for it,
+    counted on the host as the session counts them for the whole batch."""
+
+    prompts: list[str]
+    seeds: Seeds
+    tag: object = None
+    first: int = 0
+    ids: list[list[int]] | None = None  # the prompts' token ids
+    cap: int = 0  # candidate rows the batch is refilled up to on its account
+    most: int = 0  # its candidate rows at once, at most (when groups join)
+    commit: int = 0  # KV blocks held for it
+    prefill: int = 0
+    forward: int = 0
+    keys: int = 0
+
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.first + len(self.prompts))
+
+
 class TraceRun:
-    """The decode loop of the early-stopping strategies (see the module docstring)."""
+    """The decode loop of the early-stopping strategies (see the module docstring): one group run to its end, or
+    groups joining it at its host looks (:func:`serve_early`). ``capacity``: candidate rows that may run at once
+    when groups join (the first group runs whatever its size). ``verifier``: speculative rejection's (one group)."""
 
-    def __init__(self, policy, prompts: Sequence[str], rule: Rule, s: Settings, *, seeds: Seeds,
-                 cancelled_prompts: Callable[[], frozenset] = frozenset, verifier=None, track_blocks: bool = False):
-        self.policy, self.prompts, self.rule, self.s = policy, list(prompts), rule, s
-        self.seeds, self.cancelled = seeds, cancelled_prompts
-        self.track_blocks = track_blocks
-        self.scorer = None if verifier is None else PartialScorer(verifier, self.prompts, rule.n, s)
+    def __init__(self, policy, rule: Rule, s: Settings, *, verifier=None, track_blocks: bool = False,
+                 capacity: int = 0):
+        self.policy, self.rule, self.s = policy, rule, s
+        self.verifier, self.scorer = verifier, None
+        self.track_blocks, self.capacity = track_blocks, capacity
+        self.prompts = 0  # prompts seen: the next group's first index
+        self.committed = 0  # KV blocks held for the groups running
+        self.started: dict[int, int] = {}  # per prompt: candidates started
+        self.spent: dict[int, int] = {}  # per prompt: tokens sampled for its candidates (kept or not)
+        self.plen: dict[int, int] = {}  # per prompt: its tokens
+        self.seed_of: dict[int, int] = {}  # per prompt: its seed (groups with one seed per prompt)
+        self.run_seed: int | None = None  # a lone group's run seed: a row's stream is prompt * n + candidate
+        self.looks: list[tuple[int, int]] = []  # (step, blocks in use) at each look (track_blocks)
+        self.totals = (0, 0, 0)  # the session's own (prefill, forward, keys) counts as it ended
 
-    def _keys(self, slots, dev):
-        """Per row (``slots``: ``(prompt, candidate)`` or ``None`` for a parked prompt row): seed and stream."""
-        owner = torch.tensor([sl[0] if sl is not None else i for i, sl in enumerate(slots)], device=dev)
-        cand = torch.tensor([0 if sl is None else sl[1] for sl in slots], device=dev)
-        seed, stream = self.seeds.rows(owner, cand, dev)
-        # one run seed: the stream is (prompt, candidate), so a candidate draws the same wherever its row sits
-        return seed, (owner * self.rule.n + cand if stream is None else stream)
+    def _encode(self, g: TraceGroup) -> None:
+        if g.ids is None:
+            g.ids = [self.policy.encode(p) for p in g.prompts]
+
+    def _size(self, g: TraceGroup, block_size: int) -> None:
+        """``g``'s rows, and its KV blocks at most: its prompts', and per row its new tokens' plus a partial block
+        copied on write and one of rounding."""
+        n, P = self.rule.n, len(g.prompts)
+        g.cap, g.most = P * min(self.rule.opening, n), P * min(self.rule.most, n)
+        g.commit = sum(-(-len(i) // block_size) for i in g.ids) + g.most * (self.s.max_new_tokens // block_size + 2)
+
+    def output(self, g: TraceGroup) -> RunOutput:
+        """``g``'s traces (per prompt, by candidate index), compute and per-prompt counts."""
+        ps = list(g.indices)
+        spent = [self.spent[p] for p in ps]
+        compute = Compute(policy_prefill_tokens=g.prefill, policy_generated_tokens=sum(spent),
+                          policy_flops=count_flops(self.policy.model, g.forward, g.keys))
+        return RunOutput([self.rule.traces[p] for p in ps], compute, g.forward, list(self.looks), spent,
+                         [self.started[p] for p in ps])
+
+    def forget(self, g: TraceGroup) -> None:
+        """Drop ``g``'s per-prompt state (its results have been taken): a loop that groups keep joining holds only
+        its running prompts'."""
+        for p in g.indices:
+            for d in (self.started, self.spent, self.plen, self.seed_of):
+                d.pop(p, None)
+        self.rule.drop(g.indices)
 
     @torch.no_grad()
-    def run(self) -> RunOutput:
+    def run(self, first: TraceGroup, *, done: Callable[[list[TraceGroup]], None],
+            join: Callable[[Callable[[TraceGroup], bool]], list[TraceGroup]] | None = None,
+            started: Callable[[TraceGroup], None] | None = None) -> None:
+        """Run ``first`` and every group ``join`` hands over, calling ``done(groups)`` with the groups that ended
+        at each look (on this thread; those that end the loop once its session is freed). ``join(fits)`` as
+        :meth:`~tts_kernels.search.decode.SampleLoop.run` calls it; ``started(group)`` as each group joins
+        (``group.first`` set)."""
+        policy, s = self.policy, self.s
+        self._encode(first)
+        P = len(first.prompts)
+        hint = P * self.rule.n + P  # at most n candidates of a prompt run at once (fewer in waves)
+        if join is not None:
+            hint = max(hint, self.capacity + P)
+        session = policy.start(first.ids, rows_hint=hint, max_new_tokens=s.max_new_tokens)
+        last: list[TraceGroup] = []
+        try:
+            if hasattr(session, "generate"):  # a text-level engine (the vLLM backend) samples whole completions
+                raise ValueError("the early-stopping strategies need per-token statistics from this package's "
+                                 "decode loop; a text-level engine (the vLLM backend) does not give them")
+            if self.verifier is not None:
+                if join is not None:
+                    raise ValueError("speculative rejection's partial scores run on one group of prompts")
+                self.scorer = PartialScorer(self.verifier, first.prompts, self.rule.n, s)
+            last = self._decode(session, first, done, join, started)
+            self.totals = (session.prefill_tokens, int(session.tokens), int(session.keys))
+        finally:
+            session.free()
+        if last:
+            done(last)
+            if join is not None:
+                for g in last:
+                    self.forget(g)
+
+    def _keys(self, head: list[int], slots: list[tuple[int, int]], dev):
+        """Per row (the parked rows of prompts ``head``, then the candidates ``slots``): seed and stream."""
+        owner = head + [p for p, _ in slots]
+        cand = torch.tensor([0] * len(head) + [j for _, j in slots], dtype=torch.long, device=dev)
+        if self.run_seed is not None:  # one run seed: the stream is (prompt, candidate), wherever the row sits
+            return (torch.tensor(self.run_seed, dtype=torch.int64, device=dev),
+                    torch.tensor(owner, dtype=torch.long, device=dev) * self.rule.n + cand)
+        return torch.tensor([self.seed_of[p] for p in owner], dtype=torch.int64, device=dev), cand
+
+    def _add(self, session, gs: list[TraceGroup], prefilled: bool, block_size: int, started) -> list[int]:
+        """``gs`` join: their prompts are prefilled (each group in a forward of its own, as alone) into rows after
+        those the session holds. Returns their prompt indices, in row order."""
+        rule, fresh = self.rule, []
+        for g in gs:
+            self._encode(g)
+            if not prefilled:
+                session.admit(g.ids)
+            g.first, self.prompts = self.prompts, self.prompts + len(g.prompts)
+            ps = g.indices
+            rule.grow(ps)
+            if g.seeds.keyed:
+                self.seed_of.update(zip(ps, g.seeds.per_prompt))
+            else:
+                self.run_seed = g.seeds.seed
+            for p, ids in zip(ps, g.ids):
+                self.started[p] = self.spent[p] = 0
+                self.plen[p] = len(ids)
+            self._size(g, block_size)
+            self.committed += g.commit
+            g.prefill = g.forward = sum(len(i) for i in g.ids)
+            g.keys = sum(len(i) * (len(i) + 1) // 2 for i in g.ids)
+            fresh.extend(ps)
+            if started is not None:
+                started(g)
+        return fresh
+
+    def _join(self, join, session, groups: list[TraceGroup]) -> list[TraceGroup]:
+        blocks, B, free = session.pool
+        held = {"rows": sum(g.most for g in groups), "blocks": self.committed,
+                "seqs": sum(g.most + len(g.prompts) for g in groups), "admitted": 0}
+
+        def fits(g: TraceGroup) -> bool:
+            self._encode(g)
+            if not g.seeds.keyed:
+                return False
+            self._size(g, B)
+            rows, seqs = held["rows"] + g.most, held["seqs"] + g.most + len(g.prompts)
+            # (the sequence slots: the admitted prompts', and a re-lay forks the whole new batch before the
+            # rows it replaces go)
+            ok = (rows <= max(self.capacity, 1) and held["blocks"] + g.commit <= blocks
+                  and held["admitted"] + len(g.prompts) + seqs <= free)
+            if ok:
+                held["rows"], held["blocks"], held["seqs"] = rows, held["blocks"] + g.commit, seqs
+                held["admitted"] += len(g.prompts)
+            return ok
+
+        return join(fits)
+
+    def _decode(self, session, first: TraceGroup, done, join, started) -> list[TraceGroup]:
+        """The token loop; returns the groups that ended at its last look (the others went to ``done``)."""
         s, rule, policy = self.s, self.rule, self.policy
-        P, T, W = len(self.prompts), s.max_new_tokens, s.confidence_window
+        T, W = s.max_new_tokens, s.confidence_window
         tok = policy.tokenizer
         eos_ids = list(policy.eos_token_ids)
         eos_set = set(eos_ids)
-        # At most n candidates of a prompt run at once (fewer in waves): size the pool for that.
-        session = policy.start([policy.encode(p) for p in self.prompts], rows_hint=P * rule.n + P, max_new_tokens=T)
-        if hasattr(session, "generate"):  # a text-level engine (the vLLM backend) samples whole completions
-            session.free()
-            raise ValueError("the early-stopping strategies need per-token statistics from this package's decode "
-                             "loop; a text-level engine (the vLLM backend) does not give them")
         release = getattr(session, "release", None) if rule.needs_release else None
         dev = session.logits.device
         on_cpu = dev.type == "cpu"
         eos = torch.tensor(eos_ids or [-1], device=dev)
-        started = [0] * P
-        cap = sum(min(rule.in_flight(p), rule.n) for p in range(P))  # rows at once (refilled up to this)
-        spent = [0] * P  # tokens sampled for each prompt's candidates (kept or not)
-        looks: list[tuple[int, int]] = []
-        slots: list = [None] * P  # rows 0..P-1: each prompt's parked row
+        joins = join is not None and hasattr(session, "admit") and hasattr(session, "pool")
+        bounded = join is not None  # each group runs at most its own rows (what its KV blocks were held for)
+        B = session.pool[1] if joins else 1
+        # A loop that takes new groups may run for as long as they come: its thread count follows the load.
+        tuner = PoolTuner() if joins else None
+        groups: list[TraceGroup] = []
+        group_of: dict[int, TraceGroup] = {}
+        head: list[int] = []  # rows 0..len(head)-1: each running prompt's parked row (its prompt)
+        slots: list[tuple[int, int]] = []  # the candidate rows after them: (prompt, candidate)
+        # the prompts prefilled but not yet laid out, at their rows in the session
+        fresh = {p: i for i, p in enumerate(self._add(session, [first], True, B, started))}
+        groups.append(first)
+        group_of.update((p, first) for p in first.indices)
+        cap = first.cap  # candidate rows the batch is refilled up to
         # Per row, on the device (a parked row holds the empty state every new candidate starts from).
-        buf = torch.full((P, T), -1, dtype=torch.long, device=dev)
-        cbuf = torch.zeros((P, T), dtype=torch.float32, device=dev)
-        counts = torch.zeros(P, dtype=torch.long, device=dev)
-        sums = torch.zeros((P, 2), dtype=torch.float32, device=dev)  # entropy, self-certainty
-        done = torch.zeros(P, dtype=torch.bool, device=dev)
-        aborted = torch.zeros(P, dtype=torch.bool, device=dev)
-        window = SlidingWindow.start(P, W, dev)
-        active = torch.zeros(P, dtype=torch.bool, device=dev)
-        run = None
-        step = 0
-        try:
-            while True:
-                # ---- the host looks: record finished rows, apply the rules, re-lay the batch
-                finished_h = done.tolist()
-                aborted_h = aborted.tolist()
-                counts_h = counts.tolist()
-                gone = self.cancelled() or frozenset()
-                fin_rows = [r for r in range(P, len(slots)) if finished_h[r]]
-                if fin_rows:
-                    idx = torch.tensor(fin_rows, device=dev)
-                    ids_h, conf_h, sums_h = buf[idx].tolist(), cbuf[idx].tolist(), sums[idx].tolist()
-                    for i, r in enumerate(fin_rows):
-                        p, j = slots[r]
-                        n_tok = counts_h[r]
-                        ids = ids_h[i][:n_tok]
-                        fin = "aborted" if aborted_h[r] else ("eos" if ids and ids[-1] in eos_set else "length")
-                        text = tok.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
-                        cut = cut_at_stop(text, s.stop) if fin == "length" else None
-                        if cut is not None:  # a stop string in a row that did not end otherwise, as majority cuts
-                            text, fin = cut, "stop"
-                        spent[p] += n_tok
-                        trace = Trace(p, j, ids, fin, conf_h[i][:n_tok], sums_h[i][0], sums_h[i][1], text)
-                        rule.finished(p, trace)
-                keep = []
-                live_rows = [r for r in range(P, len(slots)) if not finished_h[r]]
-                stop_rows = set()
-                if s.stop and live_rows:  # stop strings: on the host, at the looks
-                    idx = torch.tensor(live_rows, device=dev)
-                    ids_h = buf[idx].tolist()
-                    for i, r in enumerate(live_rows):
-                        n_tok = counts_h[r]
-                        text = tok.decode([t for t in ids_h[i][:n_tok] if t not in eos_set], skip_special_tokens=True)
-                        cut = cut_at_stop(text, s.stop)
-                        if cut is not None:
-                            p, j = slots[r]
-                            rule.finished(p, Trace(p, j, ids_h[i][:n_tok], "stop", cbuf[r, :n_tok].tolist(),
-                                                   *sums[r].tolist(), cut))
-                            stop_rows.add(r)
-                if rule.checkpoint_tokens and step and step % rule.checkpoint_tokens == 0:
-                    stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows], slots, buf, counts_h,
-                                                  eos_set, rule)
-                for r in live_rows:
-                    p = slots[r][0]
-                    if r in stop_rows:
-                        spent[p] += counts_h[r]
-                        continue
-                    if rule.settled[p] or p in gone:
-                        spent[p] += counts_h[r]  # its tokens were spent; the candidate is not kept
-                        continue
-                    keep.append(r)
-                running = Counter(slots[r][0] for r in keep)
-                new = []
-                open_ = [p for p in range(P) if not (rule.settled[p] or p in gone)]
-                for p in open_:
-                    while running[p] < rule.in_flight(p) and started[p] < min(rule.startable(p), rule.n):
-                        new.append((p, started[p]))
-                        started[p] += 1
-                        running[p] += 1
-                # The rows settled prompts left go to prompts still open (round robin, in prompt order), so the
-                # batch stays as wide as it started: a hard prompt's later candidates run beside, not after.
-                while len(keep) + len(new) < cap:
-                    more = [p for p in open_ if started[p] < min(rule.startable(p), rule.n)]
-                    if not more:
-                        break
-                    for p in more[: cap - len(keep) - len(new)]:
-                        new.append((p, started[p]))
-                        started[p] += 1
-                new.sort()
-                if not keep and not new:
-                    break
-                order = list(range(P)) + keep + [p for p, _ in new]
-                idx = torch.tensor(order, dtype=torch.long, device=dev)
-                session.fork(idx)
-                slots = [None] * P + [slots[r] for r in keep] + new
-                buf, cbuf, counts, sums = (x.index_select(0, idx) for x in (buf, cbuf, counts, sums))
-                window = window.select(idx)
-                R = len(slots)
-                done = torch.zeros(R, dtype=torch.bool, device=dev)
-                aborted = torch.zeros(R, dtype=torch.bool, device=dev)
-                active = torch.ones(R, dtype=torch.bool, device=dev)
-                active[:P] = False
-                run = torch.arange(P, R, device=dev)
-                seed_t, stream_t = self._keys(slots, dev)
-                thr = torch.tensor([float("-inf")] * P + [rule.threshold(sl[0]) for sl in slots[P:]],
-                                   dtype=torch.float32, device=dev)
-                if self.track_blocks:
-                    looks.append((step, _blocks_in_use(session)))
-                # ---- sync_every tokens on the device (to the next checkpoint at most), no host look
-                burst = s.sync_every
-                if rule.checkpoint_tokens:
-                    burst = min(burst, rule.checkpoint_tokens - step % rule.checkpoint_tokens)
-                for _ in range(burst):
-                    toks, _, st = sample(session.logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                         min_p=s.min_p, seed=seed_t, offset=counts, stream=stream_t,
-                                         stats_k=s.confidence_k)
-                    conf = st[:, 0]
-                    pos = counts.clamp(max=T - 1)[:, None]
-                    buf.scatter_(1, pos, torch.where(active, toks, buf.gather(1, pos)[:, 0])[:, None])
-                    cbuf.scatter_(1, pos, torch.where(active, conf, cbuf.gather(1, pos)[:, 0])[:, None])
-                    sums += torch.where(active[:, None], st[:, 1:], 0.0)
-                    window.push(conf, active)
-                    counts = counts + active
-                    is_eos = torch.isin(toks, eos) & active
-                    low = active & ~is_eos & (window.count >= W) & (window.mean < thr)
-                    full = active & (counts >= T)
-                    feed = active & ~is_eos & ~low & ~full
-                    done = done | (active & ~feed)
-                    aborted = aborted | low
-                    active = feed
-                    # The aborted rows' blocks go back to the pool now (on a CPU, reading the mask costs no
-                    # device sync: the release is skipped when nothing stopped).
-                    if release is not None and (not on_cpu or bool(low.any())):
-                        release(low)
-                    session.decode(toks, active=feed, rows=run)
-                    step += 1
-            forward = session.tokens
-            compute = Compute(policy_prefill_tokens=session.prefill_tokens, policy_generated_tokens=sum(spent),
-                              policy_flops=count_flops(policy.model, forward, int(session.keys)))
-            if self.track_blocks:
-                looks.append((step, _blocks_in_use(session)))
-        finally:
-            session.free()
-        return RunOutput(rule.traces, compute, forward, looks, spent, started)
+        buf = torch.full((0, T), -1, dtype=torch.long, device=dev)
+        cbuf = torch.zeros((0, T), dtype=torch.float32, device=dev)
+        counts = torch.zeros(0, dtype=torch.long, device=dev)
+        sums = torch.zeros((0, 2), dtype=torch.float32, device=dev)  # entropy, self-certainty
+        ended_t = torch.zeros(0, dtype=torch.bool, device=dev)
+        aborted = torch.zeros(0, dtype=torch.bool, device=dev)
+        window = SlidingWindow.start(0, W, dev)
+        step = burst = 0
+        c0: list[int] = []  # each candidate row's token count when the burst began
+        while True:
+            # ---- the host looks: record finished rows, apply the rules, re-lay the batch
+            H = len(head)
+            finished_h = ended_t.tolist()
+            aborted_h = aborted.tolist()
+            counts_h = counts.tolist()
+            # What the burst ran, per group, as the session counts it: every candidate row, every step; a row's
+            # keys are its position + 1, its position frozen from the token that stopped it.
+            for i, (p, _) in enumerate(slots):
+                g, a, b, pl = group_of[p], c0[i], counts_h[H + i], self.plen[p]
+                g.forward += burst
+                k = b - a if finished_h[H + i] else burst
+                g.keys += k * (pl + a + 1) + k * (k - 1) // 2 + (burst - k) * (pl + b)
+            gone = cancelled() or frozenset()
+            fin_rows = [r for r in range(H, len(finished_h)) if finished_h[r]]
+            if fin_rows:
+                idx = torch.tensor(fin_rows, device=dev)
+                ids_h, conf_h, sums_h = buf[idx].tolist(), cbuf[idx].tolist(), sums[idx].tolist()
+                for i, r in enumerate(fin_rows):
+                    p, j = slots[r - H]
+                    n_tok = counts_h[r]
+                    ids = ids_h[i][:n_tok]
+                    fin = "aborted" if aborted_h[r] else ("eos" if ids and ids[-1] in eos_set else "length")
+                    text = tok.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
+                    cut = cut_at_stop(text, s.stop) if fin == "length" else None
+                    if cut is not None:  # a stop string in a row that did not end otherwise, as majority cuts
+                        text, fin = cut, "stop"
+                    self.spent[p] += n_tok
+                    rule.finished(p, Trace(p, j, ids, fin, conf_h[i][:n_tok], sums_h[i][0], sums_h[i][1], text))
+            live_rows = [r for r in range(H, len(finished_h)) if not finished_h[r]]
+            stop_rows = set()
+            if s.stop and live_rows:  # stop strings: on the host, at the looks
+                idx = torch.tensor(live_rows, device=dev)
+                ids_h = buf[idx].tolist()
+                for i, r in enumerate(live_rows):
+                    n_tok = counts_h[r]
+                    text = tok.decode([t for t in ids_h[i][:n_tok] if t not in eos_set], skip_special_tokens=True)
+                    cut = cut_at_stop(text, s.stop)
+                    if cut is not None:
+                        p, j = slots[r - H]
+                        rule.finished(p, Trace(p, j, ids_h[i][:n_tok], "stop", cbuf[r, :n_tok].tolist(),
+                                               *sums[r].tolist(), cut))
+                        stop_rows.add(r)
+            if rule.checkpoint_tokens and step and step % rule.checkpoint_tokens == 0:
+                stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows], H, slots, buf, counts_h,
+                                              eos_set, rule)
+            keep = []
+            for r in live_rows:
+                p = slots[r - H][0]
+                if r in stop_rows or rule.settled[p] or p in gone:
+                    self.spent[p] += counts_h[r]  # its tokens were spent; the candidate is not kept
+                    continue
+                keep.append(r)
+            running = Counter(slots[r - H][0] for r in keep)
+            # A group has ended when none of its prompts has a row running or a candidate to start.
+            ended = [g for g in groups if not any(
+                running[p] or not (rule.settled[p] or p in gone or self.started[p] >= min(rule.startable(p), rule.n))
+                for p in g.indices)]
+            for g in ended:
+                groups.remove(g)
+                cap -= g.cap
+                self.committed -= g.commit
+            if joins:
+                tuner.tick()
+                taken = self._join(join, session, groups)
+                if taken:
+                    at = session.rows  # (admitted rows come after every row the session holds)
+                    fresh.update((p, at + i) for i, p in enumerate(self._add(session, taken, False, B, started)))
+                    for g in taken:
+                        groups.append(g)
+                        group_of.update((p, g) for p in g.indices)
+                        cap += g.cap
+                    gone = cancelled() or frozenset()
+            live = set(groups)
+            new: list[tuple[int, int]] = []
+            grows = Counter(group_of[slots[r - H][0]] for r in keep)  # candidate rows per group
 
-    def _checkpoint(self, rows, slots, buf, counts_h, eos_set, rule) -> set[int]:
+            def room(p: int) -> bool:
+                return not bounded or grows[group_of[p]] < group_of[p].most
+
+            def start(p: int) -> None:
+                new.append((p, self.started[p]))
+                self.started[p] += 1
+                running[p] += 1
+                grows[group_of[p]] += 1
+
+            open_ = [p for g in groups for p in g.indices if not (rule.settled[p] or p in gone)]
+            for p in open_:
+                while running[p] < rule.in_flight(p) and self.started[p] < min(rule.startable(p), rule.n) and room(p):
+                    start(p)
+            # The rows settled prompts left go to prompts still open (round robin, in prompt order), so the
+            # batch stays as wide as it started: a hard prompt's later candidates run beside, not after.
+            while len(keep) + len(new) < cap:
+                more = [p for p in open_ if self.started[p] < min(rule.startable(p), rule.n) and room(p)]
+                if not more:
+                    break
+                for p in more[: cap - len(keep) - len(new)]:
+                    if room(p):  # (bounded: an earlier prompt of its group may have taken its last row)
+                        start(p)
+            new.sort()
+            if not keep and not new:  # nothing runs and nothing can start: every group has ended
+                if self.track_blocks:
+                    self.looks.append((step, _blocks_in_use(session)))
+                return ended + groups
+            pos_of = {p: i for i, p in enumerate(head)}
+            pos_of.update(fresh)
+            head = [p for p in head if group_of[p] in live] + [p for p in fresh if group_of[p] in live]
+            fresh = {}
+            order = [pos_of[p] for p in head] + keep + [pos_of[p] for p, _ in new]
+            session.fork(torch.tensor(order, dtype=torch.long, device=dev))
+            slots = [slots[r - H] for r in keep] + new
+            c0 = [counts_h[r] for r in keep] + [0] * len(new)
+            # The device state: the parked and new rows empty (one empty row appended, picked for each), the
+            # kept rows their own.
+            blank = len(finished_h)
+            pick = torch.tensor([blank] * len(head) + keep + [blank] * len(new), dtype=torch.long, device=dev)
+            buf = torch.cat([buf, torch.full((1, T), -1, dtype=torch.long, device=dev)]).index_select(0, pick)
+            cbuf = torch.cat([cbuf, torch.zeros((1, T), dtype=torch.float32, device=dev)]).index_select(0, pick)
+            counts = torch.cat([counts, torch.zeros(1, dtype=torch.long, device=dev)]).index_select(0, pick)
+            sums = torch.cat([sums, torch.zeros((1, 2), dtype=torch.float32, device=dev)]).index_select(0, pick)
+            window = window.grow(1).select(pick)
+            H, R = len(head), len(head) + len(slots)
+            ended_t = torch.zeros(R, dtype=torch.bool, device=dev)
+            aborted = torch.zeros(R, dtype=torch.bool, device=dev)
+            active = torch.ones(R, dtype=torch.bool, device=dev)
+            active[:H] = False
+            run = torch.arange(H, R, device=dev)
+            seed_t, stream_t = self._keys(head, slots, dev)
+            thr = torch.tensor([float("-inf")] * H + [rule.threshold(p) for p, _ in slots], dtype=torch.float32,
+                               device=dev)
+            if self.track_blocks:
+                self.looks.append((step, _blocks_in_use(session)))
+            if ended:  # the others go on: these groups are done now (their rows have left the session)
+                done(ended)
+                for g in ended:
+                    self.forget(g)
+            # ---- sync_every tokens on the device (to the next checkpoint at most), no host look
+            burst = s.sync_every
+            if rule.checkpoint_tokens:
+                burst = min(burst, rule.checkpoint_tokens - step % rule.checkpoint_tokens)
+            for _ in range(burst):
+                toks, _, st = sample(session.logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                     min_p=s.min_p, seed=seed_t, offset=counts, stream=stream_t,
+                                     stats_k=s.confidence_k)
+                conf = st[:, 0]
+                pos = counts.clamp(max=T - 1)[:, None]
+                buf.scatter_(1, pos, torch.where(active, toks, buf.gather(1, pos)[:, 0])[:, None])
+                cbuf.scatter_(1, pos, torch.where(active, conf, cbuf.gather(1, pos)[:, 0])[:, None])
+                sums += torch.where(active[:, None], st[:, 1:], 0.0)
+                window.push(conf, active)
+                counts = counts + active
+                is_eos = torch.isin(toks, eos) & active
+                low = active & ~is_eos & (window.count >= W) & (window.mean < thr)
+                full = active & (counts >= T)
+                feed = active & ~is_eos & ~low & ~full
+                ended_t = ended_t | (active & ~feed)
+                aborted = aborted | low
+                active = feed
+                # The aborted rows' blocks go back to the pool now (on a CPU, reading the mask costs no
+                # device sync: the release is skipped when nothing stopped).
+                if release is not None and (not on_cpu or bool(low.any())):
+                    release(low)
+                session.decode(toks, active=feed, rows=run)
+                step += 1
+
+    def _checkpoint(self, rows, H, slots, buf, counts_h, eos_set, rule) -> set[int]:
         """Speculative rejection's look: score every live partial candidate, stop the worst of each prompt."""
         if not rows:
             return set()
@@ -475,15 +718,15 @@ class TraceRun:
         ids_h = buf[torch.tensor(rows, device=buf.device)].tolist()
         texts = [tok.decode([t for t in ids_h[i][:counts_h[r]] if t not in eos_set], skip_special_tokens=True)
                  for i, r in enumerate(rows)]
-        agg = self.scorer.partial([slots[r] for r in rows], texts, rule)
+        agg = self.scorer.partial([slots[r - H] for r in rows], texts, rule)
         by_prompt: dict[int, list] = {}
         for r, a in zip(rows, agg):
-            by_prompt.setdefault(slots[r][0], []).append((r, a))
+            by_prompt.setdefault(slots[r - H][0], []).append((r, a))
         out = set()
         for p, live in by_prompt.items():
             for r in rule.reject(live):
                 out.add(r)
-                pp, j = slots[r]
+                pp, j = slots[r - H]
                 n_tok = counts_h[r]
                 rule.finished(pp, Trace(pp, j, ids_h[rows.index(r)][:n_tok], "rejected", [], 0.0, 0.0,
                                         texts[rows.index(r)]))
@@ -582,12 +825,6 @@ def _candidate(t: Trace, s: Settings, extract, *, score=None, voting=True) -> Ca
                      token_confidence=list(t.confidence))
 
 
-def _run(policy, prompts, rule, s, seed, *, verifier=None, track_blocks=False) -> tuple[RunOutput, TraceRun]:
-    runner = TraceRun(policy, prompts, rule, s, seeds=Seeds.of(seed, len(prompts)), cancelled_prompts=cancelled,
-                      verifier=verifier, track_blocks=track_blocks)
-    return runner.run(), runner
-
-
 def _result(name, n, cands, out: RunOutput, s, device, *, select="weighted", compute=None, info=None,
             prompt_info=None) -> SearchResult:
     chosen, answers = select_candidates(cands, select, device, s.vote_key)
@@ -597,6 +834,103 @@ def _result(name, n, cands, out: RunOutput, s, device, *, select="weighted", com
                                      zip(prompt_info or [{} for _ in cands], out.started, out.spent)],
                         info={"policy_forward_tokens": out.forward_tokens, "blocks_in_use": out.blocks_in_use,
                               **(info or {})})
+
+
+# Each strategy without a verifier: its rule for a budget and settings, and a prompt's candidates and
+# prompt_info from the rule once the prompt has ended.
+
+def _deepconf_rule(n, s, extract):
+    return DeepConfOnline(n, warmup=_auto(s.deepconf_warmup, n), keep=s.deepconf_keep, consensus=s.consensus,
+                          window=s.confidence_window, extract=extract, key=vote_key(s.vote_key) or _same,
+                          parallel=s.parallel_samples or n)
+
+
+def _deepconf_pick(rule, p, s, extract):
+    k = rule.decided[p]
+    pre = rule.prefix(p)[:k] if k is not None else rule.prefix(p)
+    thr = rule.thresholds[p]
+    retained = [rule.retained(p, t) for t in pre]
+    if not any(retained):
+        retained = [t.finish != "aborted" for t in pre]
+    return ([_candidate(t, s, extract, voting=v) for t, v in zip(pre, retained)],
+            {"threshold": thr if math.isfinite(thr) else None, "decided_at": k,
+             "aborted": sum(t.finish == "aborted" for t in pre)})
+
+
+def _offline_rule(n, s, extract):
+    return Rule(n)
+
+
+def _offline_pick(rule, p, s, extract):
+    pre = rule.prefix(p)
+    conf = [t.summary(s.confidence_window)["lowest_group"] for t in pre]
+    keep_n = max(1, math.ceil(s.deepconf_keep * len(pre)))
+    order = sorted(range(len(pre)), key=lambda i: (-(conf[i] if conf[i] == conf[i] else -math.inf), i))
+    kept = set(order[:keep_n])
+    return ([_candidate(t, s, extract, voting=i in kept) for i, t in enumerate(pre)],
+            {"filtered": sorted(set(range(len(pre))) - kept)})
+
+
+def _adaptive_rule(n, s, extract):
+    return AdaptiveConsistency(n, parallel=_auto(s.parallel_samples, n), confidence=s.stop_confidence,
+                               extract=extract, key=vote_key(s.vote_key) or _same)
+
+
+def _adaptive_pick(rule, p, s, extract):
+    k = rule.decided[p]
+    pre = rule.prefix(p)[:k] if k is not None else rule.prefix(p)
+    return [_candidate(t, s, extract, score=float("nan")) for t in pre], {"decided_at": k}
+
+
+_RULES = {"deepconf": (_deepconf_rule, _deepconf_pick, "weighted"),
+          "deepconf_offline": (_offline_rule, _offline_pick, "weighted"),
+          "adaptive_consistency": (_adaptive_rule, _adaptive_pick, "majority")}
+
+
+def _group_result(name, runner: TraceRun, g: TraceGroup, extract) -> SearchResult:
+    _, pick, select = _RULES[name]
+    out = runner.output(g)
+    picked = [pick(runner.rule, p, runner.s, extract) for p in g.indices]
+    return _result(name, runner.rule.n, [c for c, _ in picked], out, runner.s, runner.policy.device,
+                   select=select, prompt_info=[i for _, i in picked])
+
+
+def _alone(name, policy, prompts, n, s, seed, extract, track_blocks=False) -> SearchResult:
+    """``name`` over ``prompts``: one group, run to its end."""
+    runner = TraceRun(policy, _RULES[name][0](n, s, extract), s, track_blocks=track_blocks)
+    g = TraceGroup(prompts, Seeds.of(seed, len(prompts)))
+    runner.run(g, done=lambda gs: None)
+    return _group_result(name, runner, g, extract)
+
+
+def serve_early(name: str, policy, prompts: list[str], seeds: list[int], *, n: int, tag, settings: Settings,
+                extract, join, deliver, started=None, capacity: int) -> None:
+    """Continuous batching of ``deepconf``, ``deepconf_offline`` or ``adaptive_consistency`` (``name``), as
+    :func:`~tts_kernels.search.best_of_n.serve_sampling` for sampling: requests join the token loop at its host
+    looks (each prompt parked at the head of the batch and forked into candidates as its rule allows), at most
+    ``capacity`` prompts' worth of candidate rows at once (each group runs at most its own: ``n`` a prompt, or
+    ``parallel_samples``). A request's candidates, answers and ``prompt_info`` equal :func:`run` over its prompts
+    with its seeds; its compute is its own, counted exactly, and depends on the batch (the tokens candidates
+    past a prompt's decision spent before its next look)."""
+    s, prompts = _start(name, policy, None, prompts, n, settings, {})
+    runner = TraceRun(policy, _RULES[name][0](n, s, extract), s, capacity=capacity * n)
+
+    def done(gs):
+        for g in gs:
+            try:
+                res = _group_result(name, runner, g, extract)
+            except Exception as exc:  # noqa: BLE001 - that group's failure, handed to its owner; the others go on
+                res = exc
+            deliver(g, res)
+
+    def groups(fits):
+        def fit(p, sd, t):
+            g = TraceGroup(list(p), Seeds(list(sd), len(p)), t)
+            return g if fits(g) else None
+        return join(fit)
+
+    runner.run(TraceGroup(list(prompts), Seeds(list(seeds), len(prompts)), tag), done=done, join=groups,
+               started=started)
 
 
 @torch.no_grad()
@@ -613,22 +947,7 @@ def deepconf(policy, verifier, prompts: Sequence[str], *, n: int, settings: Sett
     ``confidence_window``, the sampling settings and ``max_new_tokens``, ``sync_every``, ``stop``,
     ``vote_key``."""
     s, prompts = _start("deepconf", policy, verifier, prompts, n, settings, overrides)
-    rule = DeepConfOnline(len(prompts), n, warmup=_auto(s.deepconf_warmup, n), keep=s.deepconf_keep,
-                          consensus=s.consensus, window=s.confidence_window, extract=extract,
-                          key=vote_key(s.vote_key) or _same, parallel=s.parallel_samples or n)
-    out, _ = _run(policy, prompts, rule, s, seed, track_blocks=track_blocks)
-    cands, info = [], []
-    for p in range(len(prompts)):
-        k = rule.decided[p]
-        pre = rule.prefix(p)[:k] if k is not None else rule.prefix(p)
-        thr = rule.thresholds[p]
-        retained = [rule.retained(p, t) for t in pre]
-        if not any(retained):
-            retained = [t.finish != "aborted" for t in pre]
-        cands.append([_candidate(t, s, extract, voting=v) for t, v in zip(pre, retained)])
-        info.append({"threshold": thr if math.isfinite(thr) else None, "decided_at": k,
-                     "aborted": sum(t.finish == "aborted" for t in pre)})
-    return _result("deepconf", n, cands, out, s, policy.device, prompt_info=info)
+    return _alone("deepconf", policy, prompts, n, s, seed, extract, track_blocks)
 
 
 @torch.no_grad()
@@ -641,18 +960,7 @@ def deepconf_offline(policy, verifier, prompts: Sequence[str], *, n: int, settin
     weighted by it. No verifier. The others stay in ``candidates`` without a vote (``answer`` kept in
     ``prompt_info[p]["filtered"]``, their indices)."""
     s, prompts = _start("deepconf_offline", policy, verifier, prompts, n, settings, overrides)
-    rule = Rule(len(prompts), n)
-    out, _ = _run(policy, prompts, rule, s, seed, track_blocks=track_blocks)
-    cands, info = [], []
-    for p in range(len(prompts)):
-        pre = rule.prefix(p)
-        conf = [t.summary(s.confidence_window)["lowest_group"] for t in pre]
-        keep_n = max(1, math.ceil(s.deepconf_keep * len(pre)))
-        order = sorted(range(len(pre)), key=lambda i: (-(conf[i] if conf[i] == conf[i] else -math.inf), i))
-        kept = set(order[:keep_n])
-        cands.append([_candidate(t, s, extract, voting=i in kept) for i, t in enumerate(pre)])
-        info.append({"filtered": sorted(set(range(len(pre))) - kept)})
-    return _result("deepconf_offline", n, cands, out, s, policy.device, prompt_info=info)
+    return _alone("deepconf_offline", policy, prompts, n, s, seed, extract, track_blocks)
 
 
 @torch.no_grad()
@@ -665,16 +973,7 @@ def adaptive_consistency(policy, verifier, prompts: Sequence[str], *, n: int, se
     the majority of candidates ``0..k-1``. No verifier. ``prompt_info[p]["decided_at"]``: ``k`` (``None``:
     all ``n`` ran)."""
     s, prompts = _start("adaptive_consistency", policy, verifier, prompts, n, settings, overrides)
-    rule = AdaptiveConsistency(len(prompts), n, parallel=_auto(s.parallel_samples, n), confidence=s.stop_confidence,
-                               extract=extract, key=vote_key(s.vote_key) or _same)
-    out, _ = _run(policy, prompts, rule, s, seed)
-    cands, info = [], []
-    for p in range(len(prompts)):
-        k = rule.decided[p]
-        pre = rule.prefix(p)[:k] if k is not None else rule.prefix(p)
-        cands.append([_candidate(t, s, extract, score=float("nan")) for t in pre])
-        info.append({"decided_at": k})
-    return _result("adaptive_consistency", n, cands, out, s, policy.device, select="majority", prompt_info=info)
+    return _alone("adaptive_consistency", policy, prompts, n, s, seed, extract)
 
 
 @torch.no_grad()
@@ -687,17 +986,19 @@ def speculative_rejection(policy, verifier, prompts: Sequence[str], *, n: int, s
     (``finish="rejected"``, no vote); the finished ones are scored whole and the best is the answer."""
     s, prompts = _start("speculative_rejection", policy, verifier, prompts, n, settings, overrides,
                         needs_verifier=True)
-    rule = Rejection(len(prompts), n, checkpoint_tokens=s.checkpoint_tokens, rate=s.rejection_rate)
-    runner = TraceRun(policy, prompts, rule, s, seeds=Seeds.of(seed, len(prompts)), cancelled_prompts=cancelled,
-                      verifier=verifier)
+    rule = Rejection(n, checkpoint_tokens=s.checkpoint_tokens, rate=s.rejection_rate)
+    runner = TraceRun(policy, rule, s, verifier=verifier)
+    g = TraceGroup(prompts, Seeds.of(seed, len(prompts)))
     try:
-        out = runner.run()
+        runner.run(g, done=lambda gs: None)
+        out = runner.output(g)
         traces = [rule.prefix(p) for p in range(len(prompts))]
         whole = [t for row in traces for t in row if t.finish != "rejected"]
         final = dict(zip([(t.prompt, t.index) for t in whole],
                          runner.scorer.final([(t.prompt, t.index) for t in whole], [t.text for t in whole])))
     finally:
-        prm_tokens, prm_keys = runner.scorer.free()
+        if runner.scorer is not None:
+            prm_tokens, prm_keys = runner.scorer.free()
     cands = [[_candidate(t, s, extract, score=final[t.prompt, t.index]) if t.finish != "rejected"
               else _candidate(t, s, extract, score=float("nan"), voting=False) for t in row] for row in traces]
     compute = out.compute + Compute(prm_tokens=prm_tokens,

@@ -44,7 +44,7 @@ from ..ops._validate import check_int
 from .answers import extract_answer
 from .best_of_n import best_of_n, sampling_results, serve_sampling
 from .compute_optimal import OptimalStrategy
-from .early_stop import adaptive_consistency, deepconf, deepconf_offline, speculative_rejection
+from .early_stop import adaptive_consistency, deepconf, deepconf_offline, serve_early, speculative_rejection
 from .particle_filter import particle_filter, particle_gibbs, serve_particles
 from .rebase import rebase, serve_rebase
 from .registry import STRATEGIES, GroupFn, Strategy, StrategyFn, register_strategy  # noqa: F401 (re-exported)
@@ -280,13 +280,22 @@ def _early(driver):
     return fn
 
 
+def _early_continuous(name):
+    def fn(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started, capacity):
+        serve_early(name, policy, prompts, seeds, n=budget, tag=tag, settings=settings, extract=extract, join=join,
+                    deliver=deliver, started=started, capacity=capacity)
+    return fn
+
+
 register_strategy("deepconf", _early(deepconf), token_loop=True, needs_verifier=False,
+                  continuous=_early_continuous("deepconf"),
                   description="DeepConf online: warm-up candidates set a confidence threshold, later ones stop "
                               "below it, sampling stops at consensus (Fu et al. 2025)")
 register_strategy("deepconf_offline", _early(deepconf_offline), token_loop=True, needs_verifier=False,
+                  continuous=_early_continuous("deepconf_offline"),
                   description="DeepConf offline: N candidates, the most confident share votes weighted by confidence")
 register_strategy("adaptive_consistency", _early(adaptive_consistency), token_loop=True, needs_verifier=False,
-                  select="majority",
+                  select="majority", continuous=_early_continuous("adaptive_consistency"),
                   description="majority vote that stops sampling a prompt once its Beta rule settles "
                               "(Aggarwal et al. 2023)")
 register_strategy("speculative_rejection", _early(speculative_rejection), token_loop=True, select="best",

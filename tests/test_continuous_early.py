@@ -1,0 +1,160 @@
+"""Continuous batching of the early-stopping strategies (early_stop.TraceRun with join, serve_early,
+search.run_continuous): requests that join a running deepconf, deepconf_offline or adaptive_consistency token loop at
+a host look get the candidates, answers and per-prompt decisions they get alone; their compute is their own and adds
+up exactly to the session's; a request that does not fit waits; a cancelled one leaves the others exact; and after
+the last answer no KV block and no prompt's state is held."""
+import pytest
+
+from join_checks import Offers
+from tts_kernels import bundled
+from tts_kernels.apps.engine import request_seeds
+from tts_kernels.search import Settings, run, run_continuous
+from tts_kernels.search.answers import extract_answer
+from tts_kernels.search.cancel import Cancellation, cancellation
+from tts_kernels.search.early_stop import _RULES, TraceGroup, TraceRun
+from tts_kernels.search.seeds import Seeds
+
+pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min): admission
+
+PROMPTS = [p.prompt for p in bundled.test_problems(12)]
+
+# (strategy, budget, settings): each makes its rule act (aborted candidates and settled prompts for deepconf,
+# prompts settling at different k for adaptive consistency, stop strings for deepconf_offline)
+CASES = [
+    ("deepconf", 8, Settings(temperature=1.1, deepconf_keep=0.6, consensus=0.6, confidence_window=4,
+                             deepconf_warmup=3, max_new_tokens=64, sync_every=4)),
+    ("adaptive_consistency", 10, Settings(stop_confidence=0.8, parallel_samples=3, max_new_tokens=64)),
+    ("deepconf_offline", 4, Settings(deepconf_keep=0.5, stop=["="], max_new_tokens=32, sync_every=5)),
+]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return bundled.load_policy("small")
+
+
+def requests(sizes=(2, 1, 2, 1)):
+    out, at = [], 0
+    for i, k in enumerate(sizes):
+        out.append((PROMPTS[at: at + k], request_seeds(300 + i, k)))
+        at += k
+    return out
+
+
+def serve(policy, strategy, reqs, budget, s, *, joins_at, capacity=64):
+    """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
+    {request: result}, the look at which each started, and the KV blocks held at each answer."""
+    got, began, held = {}, {}, []
+    join = Offers(reqs, joins_at)
+
+    def started(g):
+        began[g.tag] = join.looks
+
+    def deliver(g, res):
+        assert not isinstance(res, Exception), res
+        got[g.tag] = res
+        held.append(policy.kv_ledger.blocks)
+
+    run_continuous(strategy, policy, None, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
+                   deliver=deliver, started=started, capacity=capacity)
+    return got, began, held
+
+
+def same_decisions(a, b):
+    """The same candidates (tokens, texts, finishes, answers, confidences), answers and per-prompt decisions;
+    ``started`` and ``tokens`` (candidates begun and tokens spent past the decision) depend on the batch."""
+    assert a.predictions == b.predictions and a.chosen == b.chosen
+    for ca, cb in zip(a.candidates, b.candidates, strict=True):
+        assert [(c.token_ids, c.text, c.finish, c.answer) for c in ca] == [
+            (c.token_ids, c.text, c.finish, c.answer) for c in cb]
+        for x, y in zip(ca, cb):
+            assert x.score == pytest.approx(y.score, rel=1e-5, nan_ok=True)
+            assert x.token_confidence == pytest.approx(y.token_confidence, rel=1e-5)
+    for x, y in zip(a.prompt_info, b.prompt_info, strict=True):
+        assert x.keys() == y.keys()
+        for k in x.keys() - {"started", "tokens"}:  # (a threshold: to a batch's rounding)
+            assert x[k] == (pytest.approx(y[k], rel=1e-5) if isinstance(y[k], float) else y[k]), k
+    assert a.compute.policy_prefill_tokens == b.compute.policy_prefill_tokens
+
+
+@pytest.mark.parametrize("strategy,budget,s", CASES, ids=[c[0] for c in CASES])
+def test_requests_joining_at_looks_decide_as_alone(policy, strategy, budget, s):
+    reqs = requests()
+    got, began, held = serve(policy, strategy, reqs, budget, s, joins_at=[1, 1, 3])
+    assert sorted(got) == [0, 1, 2, 3] and began[1] == began[2] == 1 and began[3] >= 3
+    refs = [run(strategy, policy, None, prompts, budget=budget, settings=s, seed=seeds) for prompts, seeds in reqs]
+    for i, ref in enumerate(refs):
+        same_decisions(got[i], ref)
+        assert sum(info["started"] for info in got[i].prompt_info) <= budget * len(reqs[i][0])
+    if strategy == "deepconf":  # the rule acted: candidates aborted, prompts settled before their budget
+        assert any(i["aborted"] for r in refs for i in r.prompt_info)
+        assert any(i["decided_at"] is not None for r in refs for i in r.prompt_info)
+    if strategy == "adaptive_consistency":
+        assert len({i["decided_at"] for r in refs for i in r.prompt_info}) > 1
+    if strategy == "deepconf_offline":  # nothing stops early: every candidate runs as alone, so compute is equal
+        assert any(c.finish == "stop" for r in refs for row in r.candidates for c in row)
+        for i, ref in enumerate(refs):
+            assert got[i].compute.policy_generated_tokens == ref.compute.policy_generated_tokens
+            assert got[i].info["policy_forward_tokens"] == ref.info["policy_forward_tokens"]
+            assert got[i].compute.policy_flops == pytest.approx(ref.compute.policy_flops, rel=1e-12)
+    # the group that ends the loop is handed over once its pool is free
+    assert held[-1] == 0 and policy.kv_ledger.blocks == 0
+
+
+def test_a_request_waits_while_the_loop_is_full(policy):
+    """Room for one prompt's worth of rows (10 at budget 10; a request of 2 prompts runs 2 x 3 at once): the first
+    request runs, each next one waits for the one before to end; every answer is still as alone."""
+    strategy, budget, s = CASES[1]
+    reqs = requests((2, 2, 2))
+    got, began, _ = serve(policy, strategy, reqs, budget, s, joins_at=[0, 0], capacity=1)
+    assert sorted(got) == [0, 1, 2] and began[1] > 1 and began[2] > began[1]
+    for i, (prompts, seeds) in enumerate(reqs):
+        same_decisions(got[i], run(strategy, policy, None, prompts, budget=budget, settings=s, seed=seeds))
+
+
+def test_a_cancelled_request_leaves_and_the_others_are_exact(policy):
+    strategy, budget, s = CASES[0]
+    reqs = requests()
+    stop = Cancellation()
+    got, first_of = {}, {}
+
+    def started(g):
+        first_of[g.tag] = g.first
+        if g.tag == 2:  # its client went away as it joined
+            stop.cancel(range(g.first, g.first + len(g.prompts)))
+
+    with cancellation(stop):
+        run_continuous(strategy, policy, None, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0,
+                       join=Offers(reqs, [1, 1, 1]), deliver=lambda g, res: got.__setitem__(g.tag, res),
+                       started=started, capacity=64)
+    assert first_of == {0: 0, 1: 2, 2: 3, 3: 5}  # prompts numbered across the call, in joining order
+    for i in (0, 1, 3):
+        same_decisions(got[i], run(strategy, policy, None, reqs[i][0], budget=budget, settings=s, seed=reqs[i][1]))
+    assert got[2].compute.policy_generated_tokens == 0 and got[2].samples == 0  # no candidate of it started
+    assert policy.kv_ledger.blocks == 0
+
+
+@pytest.mark.parametrize("strategy,budget,s", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_per_group_counts_add_up_to_the_sessions_and_no_state_is_left(policy, strategy, budget, s):
+    """Groups joining and leaving: their host-side prefill, forward and key counts add up to the session's own,
+    and once every group has been handed over the loop keeps no prompt's state."""
+    reqs = requests((2, 1, 3, 1, 2))
+    runner = TraceRun(policy, _RULES[strategy][0](budget, s, extract_answer), s, capacity=64 * budget)
+    ended = []
+    offers = Offers(reqs, [1, 2, 2, 5])
+
+    def join(fits):
+        def fit(p, sd, t):
+            g = TraceGroup(list(p), Seeds(list(sd), len(p)), t)
+            return g if fits(g) else None
+        return offers(fit)
+
+    runner.run(TraceGroup(reqs[0][0], Seeds(reqs[0][1], 2), 0), done=ended.extend, join=join)
+    assert sorted(g.tag for g in ended) == [0, 1, 2, 3, 4]
+    prefill, forward, keys = runner.totals
+    assert sum(g.prefill for g in ended) == prefill
+    assert sum(g.forward for g in ended) == forward
+    assert sum(g.keys for g in ended) == keys
+    assert runner.started == runner.spent == runner.plen == runner.seed_of == {}
+    assert runner.rule.traces == runner.rule.settled == runner.rule.decided == {}
+    assert runner.committed == 0 and policy.kv_ledger.blocks == 0
