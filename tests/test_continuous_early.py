@@ -1,8 +1,8 @@
 """Continuous batching of the early-stopping strategies (early_stop.TraceRun with join, serve_early,
-search.run_continuous): requests that join a running deepconf, deepconf_offline or adaptive_consistency token loop at
-a host look get the candidates, answers and per-prompt decisions they get alone; their compute is their own and adds
-up exactly to the session's; a request that does not fit waits; a cancelled one leaves the others exact; and after
-the last answer no KV block and no prompt's state is held."""
+search.run_continuous): requests that join a running deepconf, deepconf_offline, adaptive_consistency or
+speculative_rejection token loop at a host look get the candidates, answers and per-prompt decisions they get alone;
+their compute is their own and adds up exactly to the sessions'; a request that does not fit waits; a cancelled one
+leaves the others exact; and after the last answer no KV block and no prompt's state is held."""
 import pytest
 
 from join_checks import Offers
@@ -25,12 +25,25 @@ CASES = [
                              deepconf_warmup=3, max_new_tokens=64, sync_every=4)),
     ("adaptive_consistency", 10, Settings(stop_confidence=0.8, parallel_samples=3, max_new_tokens=64)),
     ("deepconf_offline", 4, Settings(deepconf_keep=0.5, stop=["="], max_new_tokens=32, sync_every=5)),
+    ("speculative_rejection", 6, Settings(checkpoint_tokens=8, rejection_rate=0.5, max_new_tokens=48, sync_every=4)),
 ]
+# (whose compute is their run alone's: nothing stops early, or every candidate starts at once and a request joins
+# at a checkpoint)
+EXACT_COMPUTE = ("deepconf_offline", "speculative_rejection")
 
 
 @pytest.fixture(scope="module")
 def policy():
     return bundled.load_policy("small")
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return bundled.load_verifier("prm")
+
+
+def scorer(strategy, verifier):
+    return verifier if strategy == "speculative_rejection" else None
 
 
 def requests(sizes=(2, 1, 2, 1)):
@@ -41,7 +54,7 @@ def requests(sizes=(2, 1, 2, 1)):
     return out
 
 
-def serve(policy, strategy, reqs, budget, s, *, joins_at, capacity=64):
+def serve(policy, strategy, reqs, budget, s, *, joins_at, capacity=64, verifier=None):
     """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
     {request: result}, the look at which each started, and the KV blocks held at each answer."""
     got, began, held = {}, {}, []
@@ -53,9 +66,9 @@ def serve(policy, strategy, reqs, budget, s, *, joins_at, capacity=64):
     def deliver(g, res):
         assert not isinstance(res, Exception), res
         got[g.tag] = res
-        held.append(policy.kv_ledger.blocks)
+        held.append(policy.kv_ledger.blocks + (verifier.kv_ledger.blocks if verifier is not None else 0))
 
-    run_continuous(strategy, policy, None, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
+    run_continuous(strategy, policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
                    deliver=deliver, started=started, capacity=capacity)
     return got, began, held
 
@@ -78,11 +91,12 @@ def same_decisions(a, b):
 
 
 @pytest.mark.parametrize("strategy,budget,s", CASES, ids=[c[0] for c in CASES])
-def test_requests_joining_at_looks_decide_as_alone(policy, strategy, budget, s):
+def test_requests_joining_at_looks_decide_as_alone(policy, verifier, strategy, budget, s):
     reqs = requests()
-    got, began, held = serve(policy, strategy, reqs, budget, s, joins_at=[1, 1, 3])
+    ver = scorer(strategy, verifier)
+    got, began, held = serve(policy, strategy, reqs, budget, s, joins_at=[1, 1, 3], verifier=ver)
     assert sorted(got) == [0, 1, 2, 3] and began[1] == began[2] == 1 and began[3] >= 3
-    refs = [run(strategy, policy, None, prompts, budget=budget, settings=s, seed=seeds) for prompts, seeds in reqs]
+    refs = [run(strategy, policy, ver, prompts, budget=budget, settings=s, seed=seeds) for prompts, seeds in reqs]
     for i, ref in enumerate(refs):
         same_decisions(got[i], ref)
         assert sum(info["started"] for info in got[i].prompt_info) <= budget * len(reqs[i][0])
@@ -91,14 +105,19 @@ def test_requests_joining_at_looks_decide_as_alone(policy, strategy, budget, s):
         assert any(i["decided_at"] is not None for r in refs for i in r.prompt_info)
     if strategy == "adaptive_consistency":
         assert len({i["decided_at"] for r in refs for i in r.prompt_info}) > 1
-    if strategy == "deepconf_offline":  # nothing stops early: every candidate runs as alone, so compute is equal
+    if strategy == "deepconf_offline":
         assert any(c.finish == "stop" for r in refs for row in r.candidates for c in row)
+    if strategy == "speculative_rejection":  # the verifier rejected candidates at checkpoints
+        assert all(i["rejected"] for r in refs for i in r.prompt_info)
+    if strategy in EXACT_COMPUTE:  # every candidate runs as alone: compute is equal
         for i, ref in enumerate(refs):
             assert got[i].compute.policy_generated_tokens == ref.compute.policy_generated_tokens
             assert got[i].info["policy_forward_tokens"] == ref.info["policy_forward_tokens"]
             assert got[i].compute.policy_flops == pytest.approx(ref.compute.policy_flops, rel=1e-12)
+            assert got[i].compute.prm_tokens == ref.compute.prm_tokens
+            assert got[i].compute.prm_flops == pytest.approx(ref.compute.prm_flops, rel=1e-12)
     # the group that ends the loop is handed over once its pool is free
-    assert held[-1] == 0 and policy.kv_ledger.blocks == 0
+    assert held[-1] == 0 and policy.kv_ledger.blocks == 0 and verifier.kv_ledger.blocks == 0
 
 
 def test_a_request_waits_while_the_loop_is_full(policy):
@@ -134,14 +153,24 @@ def test_a_cancelled_request_leaves_and_the_others_are_exact(policy):
     assert policy.kv_ledger.blocks == 0
 
 
-@pytest.mark.parametrize("strategy,budget,s", CASES[:2], ids=[c[0] for c in CASES[:2]])
-def test_per_group_counts_add_up_to_the_sessions_and_no_state_is_left(policy, strategy, budget, s):
-    """Groups joining and leaving: their host-side prefill, forward and key counts add up to the session's own,
-    and once every group has been handed over the loop keeps no prompt's state."""
+COUNTED = [CASES[0], CASES[1], CASES[3]]
+
+
+@pytest.mark.parametrize("strategy,budget,s", COUNTED, ids=[c[0] for c in COUNTED])
+def test_per_group_counts_add_up_to_the_sessions_and_no_state_is_left(policy, verifier, strategy, budget, s):
+    """Groups joining and leaving: their host-side prefill, forward and key counts add up to the session's own
+    (the verifier's per-prompt counts to its totals), and once every group has been handed over the loop keeps no
+    prompt's state."""
     reqs = requests((2, 1, 3, 1, 2))
-    runner = TraceRun(policy, _RULES[strategy][0](budget, s, extract_answer), s, capacity=64 * budget)
-    ended = []
+    ver = scorer(strategy, verifier)
+    runner = TraceRun(policy, _RULES[strategy][0](budget, s, extract_answer), s, capacity=64 * budget, verifier=ver)
+    ended, prm = [], []
     offers = Offers(reqs, [1, 2, 2, 5])
+
+    def done(gs):
+        ended.extend(gs)
+        if ver is not None:
+            prm.extend(runner.scorer.spent(g.indices) for g in gs)
 
     def join(fits):
         def fit(p, sd, t):
@@ -149,12 +178,17 @@ def test_per_group_counts_add_up_to_the_sessions_and_no_state_is_left(policy, st
             return g if fits(g) else None
         return offers(fit)
 
-    runner.run(TraceGroup(reqs[0][0], Seeds(reqs[0][1], 2), 0), done=ended.extend, join=join)
+    runner.run(TraceGroup(reqs[0][0], Seeds(reqs[0][1], 2), 0), done=done, join=join)
     assert sorted(g.tag for g in ended) == [0, 1, 2, 3, 4]
+    if ver is not None:
+        assert runner.scorer.count == {} and runner.scorer.cands == [] and runner.scorer.session.rows == 0
+        tokens, keys = runner.scorer.free()
+        assert sum(t for t, _ in prm) == tokens and sum(k for _, k in prm) == keys and tokens > 0
     prefill, forward, keys = runner.totals
     assert sum(g.prefill for g in ended) == prefill
     assert sum(g.forward for g in ended) == forward
     assert sum(g.keys for g in ended) == keys
     assert runner.started == runner.spent == runner.plen == runner.seed_of == {}
     assert runner.rule.traces == runner.rule.settled == runner.rule.decided == {}
-    assert runner.committed == 0 and policy.kv_ledger.blocks == 0
+    assert runner.committed == runner.verifier_committed == 0
+    assert policy.kv_ledger.blocks == 0 and verifier.kv_ledger.blocks == 0

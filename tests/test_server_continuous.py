@@ -138,12 +138,13 @@ def test_a_revise_request_arriving_mid_search_joins_it(server, models):
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
 
 
-@pytest.mark.parametrize("strategy", ["deepconf_offline", "adaptive_consistency"])
+@pytest.mark.parametrize("strategy", ["deepconf_offline", "adaptive_consistency", "speculative_rejection"])
 def test_an_early_stopping_request_arriving_mid_search_joins_it(server, models, strategy):
-    """The early-stopping token loop: a request sent while a long one runs joins that call at a host look, and its
-    answer is offline's for its seed. Its usage is its own: offline's for deepconf_offline (no candidate stops
-    early); for adaptive consistency at least what its decision needed (the prompt and its deciding candidates),
-    the candidates past the decision counting the tokens they ran before the next look."""
+    """The early-stopping token loop: a request sent while a long one runs joins that call at a host look (speculative
+    rejection: a checkpoint), and its answer is offline's for its seed. Its usage is its own: offline's for
+    deepconf_offline and speculative rejection (every candidate runs as alone); for adaptive consistency at least
+    what its decision needed (the prompt and its deciding candidates), the candidates past the decision counting
+    the tokens they ran before the next look."""
     client = server.client(timeout=120)
     late_prompt, late_seed = PROMPTS[23], 80
     for attempt in range(3):
@@ -166,8 +167,9 @@ def test_an_early_stopping_request_arriving_mid_search_joins_it(server, models, 
     assert got.predictions == ref.predictions
     assert got.choices[0].text == ref.candidates[0][ref.chosen[0]].text
     used = ref.compute.policy_prefill_tokens + ref.compute.policy_generated_tokens
-    if strategy == "deepconf_offline":
+    if strategy != "adaptive_consistency":
         assert got.usage.policy_tokens == used
+        assert got.usage.verifier_tokens == ref.compute.prm_tokens
     else:
         assert got.usage.policy_tokens >= ref.compute.policy_prefill_tokens + sum(
             len(c.token_ids) for c in ref.candidates[0])

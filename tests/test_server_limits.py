@@ -187,7 +187,7 @@ def test_compute_cap_cancels_the_search_under_way(server, models):
 
 
 @pytest.mark.parametrize("strategy", ["prm_beam_search", "dvts", "particle_filtering", "rebase", "revise",
-                                      "deepconf_offline"])
+                                      "deepconf_offline", "speculative_rejection"])
 def test_compute_cap_cancels_a_step_search_that_shares_its_call(server, models, strategy):
     """A search (a step search, revise, the early-stopping token loop) of 4 prompts past the cap while it runs, and
     a one-prompt request of the same strategy, budget and settings sent beside it (under continuous batching the

@@ -11,8 +11,8 @@ Strategies that pool their budget over the prompts of a call (``Strategy.pooled`
 request alone. While a call runs, new jobs queue and form the next batch, except under continuous batching.
 
 Continuous batching (``continuous=True``, ``serve --batching continuous``, the default). A strategy registered with ``continuous``
-(the sampling strategies, ``revise``, the early-stopping ``deepconf``, ``deepconf_offline`` and
-``adaptive_consistency``, and the step searches ``prm_beam_search``, ``dvts``, ``particle_filtering``,
+(the sampling strategies, ``revise``, the early-stopping ``deepconf``, ``deepconf_offline``,
+``adaptive_consistency`` and ``speculative_rejection``, and the step searches ``prm_beam_search``, ``dvts``, ``particle_filtering``,
 ``entropic_particle_filtering`` and ``rebase``) runs as
 :func:`~tts_kernels.search.run_continuous`: while its call runs, a new job with the call's key goes to the call's
 waiting list (:class:`_OpenCall`), and the search thread takes it at its next host look (a sampling loop's

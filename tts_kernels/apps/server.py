@@ -1109,7 +1109,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--batching", default="continuous", choices=("continuous", "request"),
                     help="continuous (default): a request joins the running search call of its strategy and "
                          "settings at its next host look (greedy, majority, best_of_n, weighted_best_of_n, revise, deepconf, "
-                         "deepconf_offline, adaptive_consistency) or step "
+                         "deepconf_offline, adaptive_consistency, speculative_rejection) or step "
                          "boundary (prm_beam_search, dvts, particle_filtering, entropic_particle_filtering, rebase); "
                          "request: whole requests are batched, a request waits "
                          "for the call under way to end")

@@ -6,7 +6,9 @@ One decode loop (:class:`TraceRun`) serves four strategies; each is a small rule
 * ``deepconf`` (online; Fu et al. 2025, "Deep Think with Confidence"): per prompt, the first
   ``warmup`` candidates run to the end; the threshold is the ``1 - deepconf_keep`` quantile of their
   *lowest group confidence*; every later candidate stops (``finish="aborted"``) the token its group
-  confidence (the mean token confidence over the last ``confidence_window`` tokens) falls below it. A
+  confidence (the mean token confidence over the last ``confidence_window`` tokens) falls below it (by more than
+  :data:`TIE` of it: a candidate that repeats a warm-up one ties with the threshold, and a batch's float
+  rounding must not split the tie). A
   prompt stops starting candidates once the confidence-weighted vote of its finished, unaborted
   candidates gives one answer at least ``consensus`` of the weight. The answer: that vote.
 * ``deepconf_offline``: ``N`` candidates to the end (the same draws as ``majority``); the
@@ -35,6 +37,12 @@ candidate as ``majority``'s ``j``-th. Every rule reads a prompt's candidates in 
 decision after candidates ``0..k-1`` have all finished), so a prompt's result does not depend on the
 batch: what the schedule changes is only how many tokens candidates past the decision spent before they
 were stopped, and those are counted.
+
+**Requests joining** (:func:`serve_early`, the server's continuous batching). The loop runs groups of prompts
+(:class:`TraceGroup`): a new group is prefilled into the running pool at a host look (speculative rejection: a
+look that is a checkpoint) and its prompts' parked rows join the head of the batch; an ended group's rows leave
+in the next re-lay and its result is handed over. Each group's candidate rows stay within what its KV blocks
+were held for. A group's candidates and answers are its run alone's; its compute is counted per group, exactly.
 
 **Accounting.** ``Compute.policy_generated_tokens`` counts every token sampled for a candidate while it
 ran (aborted, rejected and cut-off ones included); the FLOPs count every row the policy ran (finished
@@ -89,6 +97,9 @@ class Trace:
         tail = c[-window:]
         return {"mean": sum(c) / n, "lowest_group": lowest_group(c, window), "tail": sum(tail) / len(tail),
                 "entropy": self.entropy_sum / n, "self_certainty": self.certainty_sum / n}
+
+
+TIE = 1e-5  # relative: a confidence this close to the threshold is not below it (float rounding, not a difference)
 
 
 def lowest_group(conf: Sequence[float], window: int) -> float:
@@ -235,7 +246,9 @@ class DeepConfOnline(Rule):
         return self.parallel if self.ready[p] else self.warmup
 
     def threshold(self, p):
-        return self.thresholds[p]
+        """What a window mean must fall below to stop the row: the threshold less :data:`TIE` of it."""
+        thr = self.thresholds[p]
+        return thr - TIE * abs(thr) if math.isfinite(thr) else thr
 
     def lowest(self, t: Trace) -> float:
         """``t``'s lowest group confidence (computed once)."""
@@ -244,8 +257,8 @@ class DeepConfOnline(Rule):
         return t.lowest
 
     def retained(self, p: int, t: Trace) -> bool:
-        """Whether ``t`` votes: not aborted, and its lowest group confidence not below the threshold."""
-        return t.finish != "aborted" and not self.lowest(t) < self.thresholds[p]
+        """Whether ``t`` votes: not aborted, and its lowest group confidence not below the threshold (:data:`TIE`)."""
+        return t.finish != "aborted" and not self.lowest(t) < self.threshold(p)
 
     def update(self, p):
         pre = self.prefix(p)
@@ -361,6 +374,7 @@ class TraceGroup:
     cap: int = 0  # candidate rows the batch is refilled up to on its account
     most: int = 0  # its candidate rows at once, at most (when groups join)
     commit: int = 0  # KV blocks held for it
+    verifier_commit: int = 0  # verifier KV blocks held for it (speculative rejection)
     prefill: int = 0
     forward: int = 0
     keys: int = 0
@@ -382,6 +396,8 @@ class TraceRun:
         self.track_blocks, self.capacity = track_blocks, capacity
         self.prompts = 0  # prompts seen: the next group's first index
         self.committed = 0  # KV blocks held for the groups running
+        self.verifier_committed = 0  # the same in the verifier's pool
+        self.ending = False  # set as the groups that end the loop are handed over
         self.started: dict[int, int] = {}  # per prompt: candidates started
         self.spent: dict[int, int] = {}  # per prompt: tokens sampled for its candidates (kept or not)
         self.plen: dict[int, int] = {}  # per prompt: its tokens
@@ -417,15 +433,19 @@ class TraceRun:
             for d in (self.started, self.spent, self.plen, self.seed_of):
                 d.pop(p, None)
         self.rule.drop(g.indices)
+        if self.scorer is not None:
+            self.scorer.drop(g.indices)
 
     @torch.no_grad()
     def run(self, first: TraceGroup, *, done: Callable[[list[TraceGroup]], None],
             join: Callable[[Callable[[TraceGroup], bool]], list[TraceGroup]] | None = None,
             started: Callable[[TraceGroup], None] | None = None) -> None:
         """Run ``first`` and every group ``join`` hands over, calling ``done(groups)`` with the groups that ended
-        at each look (on this thread; those that end the loop once its session is freed). ``join(fits)`` as
+        at each look (on this thread; those that end the loop once its session is freed, with :attr:`ending` set:
+        the caller frees the verifier's, :attr:`scorer`, once it has their scores). ``join(fits)`` as
         :meth:`~tts_kernels.search.decode.SampleLoop.run` calls it; ``started(group)`` as each group joins
-        (``group.first`` set)."""
+        (``group.first`` set). With checkpoints (speculative rejection) groups join only at the looks that are
+        checkpoints, so every group's looks and checkpoints fall at its own steps as when it runs alone."""
         policy, s = self.policy, self.s
         self._encode(first)
         P = len(first.prompts)
@@ -439,14 +459,14 @@ class TraceRun:
                 raise ValueError("the early-stopping strategies need per-token statistics from this package's "
                                  "decode loop; a text-level engine (the vLLM backend) does not give them")
             if self.verifier is not None:
-                if join is not None:
-                    raise ValueError("speculative rejection's partial scores run on one group of prompts")
-                self.scorer = PartialScorer(self.verifier, first.prompts, self.rule.n, s)
+                self.scorer = PartialScorer(self.verifier, first.prompts, self.rule.n, s,
+                                            rows=self.capacity if join is not None else 0)
             last = self._decode(session, first, done, join, started)
             self.totals = (session.prefill_tokens, int(session.tokens), int(session.keys))
         finally:
             session.free()
         if last:
+            self.ending = True
             done(last)
             if join is not None:
                 for g in last:
@@ -471,6 +491,12 @@ class TraceRun:
                 session.admit(g.ids)
             g.first, self.prompts = self.prompts, self.prompts + len(g.prompts)
             ps = g.indices
+            if self.scorer is not None:
+                if not prefilled:
+                    self.scorer.admit(ps, g.prompts)
+                g.verifier_commit = self.scorer.session.blocks_for(g.prompts, len(ps) * rule.n) \
+                    if self.scorer.admits else 0
+                self.verifier_committed += g.verifier_commit
             rule.grow(ps)
             if g.seeds.keyed:
                 self.seed_of.update(zip(ps, g.seeds.per_prompt))
@@ -491,7 +517,9 @@ class TraceRun:
     def _join(self, join, session, groups: list[TraceGroup]) -> list[TraceGroup]:
         blocks, B, free = session.pool
         held = {"rows": sum(g.most for g in groups), "blocks": self.committed,
-                "seqs": sum(g.most + len(g.prompts) for g in groups), "admitted": 0}
+                "seqs": sum(g.most + len(g.prompts) for g in groups), "admitted": 0,
+                "v_blocks": self.verifier_committed, "v_rows": sum(len(g.prompts) * self.rule.n for g in groups)}
+        vblocks, _, vfree = self.scorer.session.pool if self.scorer is not None else (0, 0, 0)
 
         def fits(g: TraceGroup) -> bool:
             self._encode(g)
@@ -503,9 +531,16 @@ class TraceRun:
             # rows it replaces go)
             ok = (rows <= max(self.capacity, 1) and held["blocks"] + g.commit <= blocks
                   and held["admitted"] + len(g.prompts) + seqs <= free)
+            if ok and self.scorer is not None:  # its verifier rows (n a prompt) and their partial tails' clones
+                v_commit = self.scorer.session.blocks_for(g.prompts, len(g.prompts) * self.rule.n)
+                v_rows = held["v_rows"] + len(g.prompts) * self.rule.n
+                ok = (held["v_blocks"] + v_commit <= vblocks and held["admitted"] + len(g.prompts) + v_rows <= vfree
+                      and 2 * v_rows <= vfree + len(self.scorer.cands))
             if ok:
                 held["rows"], held["blocks"], held["seqs"] = rows, held["blocks"] + g.commit, seqs
                 held["admitted"] += len(g.prompts)
+                if self.scorer is not None:
+                    held["v_blocks"], held["v_rows"] = held["v_blocks"] + v_commit, v_rows
             return ok
 
         return join(fits)
@@ -521,7 +556,8 @@ class TraceRun:
         dev = session.logits.device
         on_cpu = dev.type == "cpu"
         eos = torch.tensor(eos_ids or [-1], device=dev)
-        joins = join is not None and hasattr(session, "admit") and hasattr(session, "pool")
+        joins = (join is not None and hasattr(session, "admit") and hasattr(session, "pool")
+                 and (self.scorer is None or self.scorer.admits))
         bounded = join is not None  # each group runs at most its own rows (what its KV blocks were held for)
         B = session.pool[1] if joins else 1
         # A loop that takes new groups may run for as long as they come: its thread count follows the load.
@@ -607,7 +643,8 @@ class TraceRun:
                 groups.remove(g)
                 cap -= g.cap
                 self.committed -= g.commit
-            if joins:
+                self.verifier_committed -= g.verifier_commit
+            if joins and not (rule.checkpoint_tokens and step % rule.checkpoint_tokens):
                 tuner.tick()
                 taken = self._join(join, session, groups)
                 if taken:
@@ -734,23 +771,74 @@ class TraceRun:
 
 
 class PartialScorer:
-    """The verifier's view of speculative rejection's candidates: one verifier row per candidate (prompt ``p``'s
-    candidate ``j`` is row ``p * n + j``), forked from the prompt's, holding the candidate's complete steps.
-    A checkpoint adds each candidate's steps completed since the last one, then scores the partial last step
-    on a throw-away clone; the final scores add the remaining steps. Each token is run about once (the
-    partial tails again at each checkpoint), instead of every prefix from its prompt; the scores are those
-    of ``score_steps`` on the same texts."""
+    """The verifier's view of speculative rejection's candidates: one verifier row per candidate, forked from its
+    prompt's, holding the candidate's complete steps. A checkpoint adds each candidate's steps completed since the
+    last one, then scores the partial last step on a throw-away clone; the final scores add the remaining steps.
+    Each token is run about once (the partial tails again at each checkpoint), instead of every prefix from its
+    prompt; the scores are those of ``score_steps`` on the same texts.
 
-    def __init__(self, verifier, prompts: list[str], n: int, s: Settings):
+    Prompts are numbered as the loop numbers them (the first ``prompts`` are ``0..P-1``); more join
+    (:meth:`admit`) and leave (:meth:`drop`) with the loop's groups. With a session that reports its forwards per
+    row (``last_rows``), the tokens and keys it runs are counted per prompt (:meth:`spent`). ``rows``: the
+    candidate rows to size the pool for (default ``P * n``)."""
+
+    def __init__(self, verifier, prompts: list[str], n: int, s: Settings, *, rows: int = 0):
         self.n, self.delim = n, s.step_delimiter
         P = len(prompts)
         # (room for the step formats' tags and the partial tails' clones beside the completions)
-        self.session = verifier.start(list(prompts), agg=s.agg, rows=P * n, max_new_tokens=2 * s.max_new_tokens + 64)
-        dev = verifier.device
-        self.session.fork(torch.arange(P, device=dev).repeat_interleave(n))
-        self.dev = dev
+        self.session = verifier.start(list(prompts), agg=s.agg, rows=max(rows, P * n),
+                                      max_new_tokens=2 * s.max_new_tokens + 64)
+        self.dev = verifier.device
+        self.per_row = hasattr(self.session, "last_rows")
+        self.count: dict[int, list[int]] = {}  # per prompt: tokens, keys
+        self._tally(list(range(P)))
+        self.cands = [(p, j) for p in range(P) for j in range(n)]  # each row's candidate
+        self.row_of = {c: r for r, c in enumerate(self.cands)}
+        self.session.fork(torch.arange(P, device=self.dev).repeat_interleave(n))
         self.held = [0] * (P * n)  # complete steps each row holds
         self.tokens = self.keys = 0
+
+    @property
+    def admits(self) -> bool:
+        """Whether prompts can join (a session that prefills into its running pool, counted per row)."""
+        return self.per_row and all(hasattr(self.session, a) for a in ("admit", "pool", "blocks_for"))
+
+    def _tally(self, owners: list[int], session=None) -> None:
+        """Add the last forward of ``session`` (default: the scorer's), whose row ``i`` belongs to ``owners[i]``."""
+        if not self.per_row:
+            return
+        tokens, keys = (session or self.session).last_rows
+        for p, t, k in zip(owners, tokens, keys):
+            c = self.count.setdefault(p, [0, 0])
+            c[0] += t
+            c[1] += k
+
+    def admit(self, indices: Sequence[int], prompts: list[str]) -> None:
+        """New prompts (numbered ``indices``): their rows after the others, ``n`` candidates each."""
+        R, k = len(self.cands), len(prompts)
+        self.session.admit(list(prompts))
+        self._tally(list(indices))
+        self.session.fork(torch.cat([torch.arange(R, device=self.dev),
+                                     R + torch.arange(k, device=self.dev).repeat_interleave(self.n)]))
+        self.cands += [(p, j) for p in indices for j in range(self.n)]
+        self.row_of = {c: r for r, c in enumerate(self.cands)}
+        self.held += [0] * (k * self.n)
+
+    def drop(self, indices: Sequence[int]) -> None:
+        """Prompts ``indices`` leave (their results have been taken): their rows and counts go."""
+        gone = set(indices)
+        keep = [r for r, (p, _) in enumerate(self.cands) if p not in gone]
+        if len(keep) < len(self.cands):
+            self.session.fork(torch.tensor(keep, dtype=torch.long, device=self.dev))
+            self.cands = [self.cands[r] for r in keep]
+            self.held = [self.held[r] for r in keep]
+            self.row_of = {c: r for r, c in enumerate(self.cands)}
+        for p in gone:
+            self.count.pop(p, None)
+
+    def spent(self, indices: Sequence[int]) -> tuple[int, int]:
+        """Tokens run and keys attended for prompts ``indices`` (a session that counts per row)."""
+        return (sum(self.count.get(p, (0, 0))[0] for p in indices), sum(self.count.get(p, (0, 0))[1] for p in indices))
 
     def _complete(self, text: str) -> tuple[list[str], str | None]:
         parts = text.split(self.delim)
@@ -760,12 +848,13 @@ class PartialScorer:
     def _add(self, new: dict[int, list[str]]) -> None:
         if any(new.values()):
             self.session.add_steps([new.get(r, []) for r in range(len(self.held))])
+            self._tally([p for p, _ in self.cands])
             for r, steps in new.items():
                 self.held[r] += len(steps)
 
     def partial(self, cands: list[tuple[int, int]], texts: list[str], rule) -> list[float]:
         """Aggregate scores of the candidates ``(p, j)`` as far as ``texts``, their partial last step included."""
-        rows = [p * self.n + j for p, j in cands]
+        rows = [self.row_of[c] for c in cands]
         split = [self._complete(t) for t in texts]
         self._add({r: done[self.held[r]:] for r, (done, _) in zip(rows, split)})
         scores = self.session.aggregate.index_select(0, torch.tensor(rows, device=self.dev)).clone()
@@ -775,6 +864,7 @@ class PartialScorer:
             clone = self.session.clone(idx)
             try:
                 clone.add_steps([[split[i][1]] for i in tails])
+                self._tally([cands[i][0] for i in tails], clone)
                 scores[torch.tensor(tails, device=self.dev)] = clone.aggregate.to(scores.dtype)
                 self.tokens += clone.tokens
                 self.keys += int(clone.keys)
@@ -784,7 +874,7 @@ class PartialScorer:
 
     def final(self, cands: list[tuple[int, int]], texts: list[str]) -> list[float]:
         """Aggregate scores of finished candidates ``(p, j)`` with texts ``texts`` (all their steps)."""
-        rows = [p * self.n + j for p, j in cands]
+        rows = [self.row_of[c] for c in cands]
         self._add({r: split_steps(t, self.delim)[self.held[r]:] for r, t in zip(rows, texts)})
         return self.session.aggregate.index_select(0, torch.tensor(rows, device=self.dev)).tolist() if rows else []
 
@@ -882,12 +972,40 @@ def _adaptive_pick(rule, p, s, extract):
     return [_candidate(t, s, extract, score=float("nan")) for t in pre], {"decided_at": k}
 
 
+def _rejection_rule(n, s, extract):
+    return Rejection(n, checkpoint_tokens=s.checkpoint_tokens, rate=s.rejection_rate)
+
+
 _RULES = {"deepconf": (_deepconf_rule, _deepconf_pick, "weighted"),
           "deepconf_offline": (_offline_rule, _offline_pick, "weighted"),
-          "adaptive_consistency": (_adaptive_rule, _adaptive_pick, "majority")}
+          "adaptive_consistency": (_adaptive_rule, _adaptive_pick, "majority"),
+          "speculative_rejection": (_rejection_rule, None, "best")}
+
+
+def _rejection_result(runner: TraceRun, g: TraceGroup, extract, *, per_prompt: bool = True) -> SearchResult:
+    """Speculative rejection's result for ``g``: its finished candidates scored whole by the verifier, the best
+    the answer. ``per_prompt``: its verifier compute is its prompts' counts (else the caller adds the verifier's
+    totals, read as it frees the session)."""
+    s, rule, verifier = runner.s, runner.rule, runner.verifier
+    out = runner.output(g)
+    traces = [rule.prefix(p) for p in g.indices]
+    whole = [(t.prompt, t.index) for row in traces for t in row if t.finish != "rejected"]
+    texts = [rule.traces[p][j].text for p, j in whole]
+    final = dict(zip(whole, runner.scorer.final(whole, texts)))
+    prm_tokens, prm_keys = runner.scorer.spent(g.indices) if per_prompt else (0, 0)
+    cands = [[_candidate(t, s, extract, score=final[t.prompt, t.index]) if t.finish != "rejected"
+              else _candidate(t, s, extract, score=float("nan"), voting=False) for t in row] for row in traces]
+    compute = out.compute + Compute(prm_tokens=prm_tokens,
+                                    prm_flops=count_flops(verifier.flop_module, prm_tokens, prm_keys)) \
+        if per_prompt else out.compute
+    info = [{"rejected": sum(t.finish == "rejected" for t in row)} for row in traces]
+    return _result("speculative_rejection", rule.n, cands, out, s, runner.policy.device, select="best",
+                   compute=compute, prompt_info=info)
 
 
 def _group_result(name, runner: TraceRun, g: TraceGroup, extract) -> SearchResult:
+    if name == "speculative_rejection":
+        return _rejection_result(runner, g, extract)
     _, pick, select = _RULES[name]
     out = runner.output(g)
     picked = [pick(runner.rule, p, runner.s, extract) for p in g.indices]
@@ -903,24 +1021,33 @@ def _alone(name, policy, prompts, n, s, seed, extract, track_blocks=False) -> Se
     return _group_result(name, runner, g, extract)
 
 
-def serve_early(name: str, policy, prompts: list[str], seeds: list[int], *, n: int, tag, settings: Settings,
-                extract, join, deliver, started=None, capacity: int) -> None:
-    """Continuous batching of ``deepconf``, ``deepconf_offline`` or ``adaptive_consistency`` (``name``), as
+def serve_early(name: str, policy, verifier, prompts: list[str], seeds: list[int], *, n: int, tag,
+                settings: Settings, extract, join, deliver, started=None, capacity: int) -> None:
+    """Continuous batching of ``deepconf``, ``deepconf_offline``, ``adaptive_consistency`` or
+    ``speculative_rejection`` (``name``; its ``verifier``, ``None`` for the others), as
     :func:`~tts_kernels.search.best_of_n.serve_sampling` for sampling: requests join the token loop at its host
     looks (each prompt parked at the head of the batch and forked into candidates as its rule allows), at most
     ``capacity`` prompts' worth of candidate rows at once (each group runs at most its own: ``n`` a prompt, or
     ``parallel_samples``). A request's candidates, answers and ``prompt_info`` equal :func:`run` over its prompts
     with its seeds; its compute is its own, counted exactly, and depends on the batch (the tokens candidates
-    past a prompt's decision spent before its next look)."""
-    s, prompts = _start(name, policy, None, prompts, n, settings, {})
-    runner = TraceRun(policy, _RULES[name][0](n, s, extract), s, capacity=capacity * n)
+    past a prompt's decision spent before its next look; speculative rejection's is its run alone's: every
+    candidate starts at once and a request joins at a checkpoint)."""
+    rejection = name == "speculative_rejection"
+    s, prompts = _start(name, policy, verifier, prompts, n, settings, {}, needs_verifier=rejection)
+    runner = TraceRun(policy, _RULES[name][0](n, s, extract), s, capacity=capacity * n,
+                      verifier=verifier if rejection else None)
 
     def done(gs):
+        results = []
         for g in gs:
             try:
-                res = _group_result(name, runner, g, extract)
+                results.append(_group_result(name, runner, g, extract))
             except Exception as exc:  # noqa: BLE001 - that group's failure, handed to its owner; the others go on
-                res = exc
+                results.append(exc)
+        if runner.ending and runner.scorer is not None:  # the last answers find no verifier block held either
+            runner.scorer.free()
+            runner.scorer = None
+        for g, res in zip(gs, results):
             deliver(g, res)
 
     def groups(fits):
@@ -929,8 +1056,12 @@ def serve_early(name: str, policy, prompts: list[str], seeds: list[int], *, n: i
             return g if fits(g) else None
         return join(fit)
 
-    runner.run(TraceGroup(list(prompts), Seeds(list(seeds), len(prompts)), tag), done=done, join=groups,
-               started=started)
+    try:
+        runner.run(TraceGroup(list(prompts), Seeds(list(seeds), len(prompts)), tag), done=done, join=groups,
+                   started=started)
+    finally:
+        if runner.scorer is not None:  # (the loop failed before its last groups were handed over)
+            runner.scorer.free()
 
 
 @torch.no_grad()
@@ -986,23 +1117,14 @@ def speculative_rejection(policy, verifier, prompts: Sequence[str], *, n: int, s
     (``finish="rejected"``, no vote); the finished ones are scored whole and the best is the answer."""
     s, prompts = _start("speculative_rejection", policy, verifier, prompts, n, settings, overrides,
                         needs_verifier=True)
-    rule = Rejection(n, checkpoint_tokens=s.checkpoint_tokens, rate=s.rejection_rate)
-    runner = TraceRun(policy, rule, s, verifier=verifier)
+    runner = TraceRun(policy, _rejection_rule(n, s, extract), s, verifier=verifier)
     g = TraceGroup(prompts, Seeds.of(seed, len(prompts)))
     try:
         runner.run(g, done=lambda gs: None)
-        out = runner.output(g)
-        traces = [rule.prefix(p) for p in range(len(prompts))]
-        whole = [t for row in traces for t in row if t.finish != "rejected"]
-        final = dict(zip([(t.prompt, t.index) for t in whole],
-                         runner.scorer.final([(t.prompt, t.index) for t in whole], [t.text for t in whole])))
+        res = _rejection_result(runner, g, extract, per_prompt=False)  # (any verifier: its totals, below)
     finally:
         if runner.scorer is not None:
             prm_tokens, prm_keys = runner.scorer.free()
-    cands = [[_candidate(t, s, extract, score=final[t.prompt, t.index]) if t.finish != "rejected"
-              else _candidate(t, s, extract, score=float("nan"), voting=False) for t in row] for row in traces]
-    compute = out.compute + Compute(prm_tokens=prm_tokens,
-                                    prm_flops=count_flops(verifier.flop_module, prm_tokens, prm_keys))
-    info = [{"rejected": sum(t.finish == "rejected" for t in row)} for row in traces]
-    return _result("speculative_rejection", n, cands, out, s, policy.device, select="best", compute=compute,
-                   prompt_info=info)
+    res.compute = res.compute + Compute(prm_tokens=prm_tokens,
+                                        prm_flops=count_flops(verifier.flop_module, prm_tokens, prm_keys))
+    return res

@@ -282,8 +282,8 @@ def _early(driver):
 
 def _early_continuous(name):
     def fn(policy, verifier, prompts, seeds, *, tag, budget, settings, extract, join, deliver, started, capacity):
-        serve_early(name, policy, prompts, seeds, n=budget, tag=tag, settings=settings, extract=extract, join=join,
-                    deliver=deliver, started=started, capacity=capacity)
+        serve_early(name, policy, verifier, prompts, seeds, n=budget, tag=tag, settings=settings, extract=extract,
+                    join=join, deliver=deliver, started=started, capacity=capacity)
     return fn
 
 
@@ -299,6 +299,7 @@ register_strategy("adaptive_consistency", _early(adaptive_consistency), token_lo
                   description="majority vote that stops sampling a prompt once its Beta rule settles "
                               "(Aggarwal et al. 2023)")
 register_strategy("speculative_rejection", _early(speculative_rejection), token_loop=True, select="best",
+                  continuous=_early_continuous("speculative_rejection"),
                   description="N candidates, the verifier drops the worst partial ones at checkpoints "
                               "(Sun et al. 2024)")
 
