@@ -75,6 +75,22 @@ def test_lowest_group_and_quantile():
         assert quantile(xs, q) == pytest.approx(torch.quantile(torch.tensor(xs, dtype=torch.float64), q).item())
 
 
+def test_a_tie_with_the_threshold_is_not_below_it():
+    """A later candidate that repeats a warm-up one has the threshold's confidence; a batch's float rounding moves
+    it by ~1e-7 either way, which must not abort it or take its vote: within TIE (1e-5) of the threshold is a tie."""
+    from tts_kernels.search.early_stop import TIE, DeepConfOnline, Trace
+
+    rule = DeepConfOnline(4, warmup=2, keep=0.5, consensus=1.0, window=2, extract=first_char, key=str, parallel=4)
+    rule.grow([0])
+    rule.thresholds[0] = 10.0
+    assert rule.threshold(0) == pytest.approx(10.0 * (1 - TIE), rel=1e-12)
+    for low, votes in ((10.0, True), (10.0 * (1 - 1e-6), True), (10.0 * (1 - 2e-5), False), (10.5, True)):
+        t = Trace(0, 2, [5, 6], "eos", [low, low], text="a")
+        assert rule.retained(0, t) is votes, low
+    rule.thresholds[0] = -3.0  # (a negative threshold: the margin still lies below it)
+    assert rule.threshold(0) < -3.0 and rule.retained(0, Trace(0, 2, [5], "eos", [-3.0 * (1 + 1e-6)], text="a"))
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="deepconf_keep"):
         Settings(deepconf_keep=0.0)

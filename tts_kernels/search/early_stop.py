@@ -387,7 +387,8 @@ class TraceGroup:
 class TraceRun:
     """The decode loop of the early-stopping strategies (see the module docstring): one group run to its end, or
     groups joining it at its host looks (:func:`serve_early`). ``capacity``: candidate rows that may run at once
-    when groups join (the first group runs whatever its size). ``verifier``: speculative rejection's (one group)."""
+    when groups join (the first group runs whatever its size). ``verifier``: speculative rejection's (its
+    :class:`PartialScorer`, :attr:`scorer`, is made as the loop starts)."""
 
     def __init__(self, policy, rule: Rule, s: Settings, *, verifier=None, track_blocks: bool = False,
                  capacity: int = 0):
