@@ -273,6 +273,23 @@ def test_adaptive_consistency_batch_invariant():
 
 # ----------------------------------------------------------------------------- speculative rejection
 
+def test_rejection_ties_go_to_the_later_candidate():
+    """Scores within TIE of each other tie, whatever their last bits: the later candidate goes first; NaN first."""
+    from tts_kernels.search.early_stop import Rejection
+
+    rule = Rejection(8, checkpoint_tokens=4, rate=0.5)
+    nan = float("nan")
+    assert rule.reject([(0, 0.5), (1, 0.5 * (1 - 1e-7)), (2, 0.9), (3, 0.9)]) == {1, 0}
+    assert rule.reject([(0, 0.5 * (1 - 1e-7)), (1, 0.5), (2, 0.9), (3, 0.9)]) == {1, 0}  # (the same, either way)
+    assert rule.reject([(0, 0.5), (1, 0.6), (2, 0.4), (3, nan)]) == {3, 2}
+    assert rule.reject([(0, 0.3), (1, 0.3 * (1 + 1e-7)), (2, 0.3), (3, 0.9)]) == {2, 1}
+    assert rule.reject([(5, 0.2)]) == set()  # at least one kept
+    from tts_kernels.search.early_stop import tie_classes
+
+    assert tie_classes([0.3, nan, 0.1, 0.3 * (1 + 1e-7), 0.2, nan]) == [[1, 5], [2], [4], [0, 3]]
+    assert tie_classes([]) == [] and tie_classes([1.0, 1.0]) == [[0, 1]]
+
+
 def test_speculative_rejection_rule():
     pol, ver = ScriptedPolicy(seed=8), ScriptedVerifier()
     n = 8

@@ -161,7 +161,9 @@ def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 1
                         got = [r.predictions[0] for r in out]
                         ref = answers.setdefault((strategy, budget), got)
                         if got != ref:
-                            raise AssertionError(f"{mode} {strategy} at {c} clients answered differently")
+                            bad = [(i, a, b) for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+                            raise AssertionError(f"{mode} {strategy} at {c} clients answered {len(bad)} requests "
+                                                 f"differently (request, first mode's answer, this one's): {bad[:8]}")
                     wall = statistics.median(walls)
                     rows.append({"mode": mode, "strategy": strategy, "budget": budget, "clients": c,
                                  "requests": requests, "rounds": rounds, "seconds": round(wall, 3),

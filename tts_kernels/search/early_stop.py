@@ -126,6 +126,20 @@ def beta_settled(a: int, b: int, confidence: float) -> bool:
     return 1.0 - tail > confidence
 
 
+def tie_classes(values: Sequence[float]) -> list[list[int]]:
+    """The indices of ``values`` in ascending order of value, in classes of ties: the NaNs first (as -inf), then
+    runs of values each within :data:`TIE` of the one before (a batch's float rounding must not order them)."""
+    classes: list[list[int]] = [[i for i, v in enumerate(values) if v != v]]
+    last = None
+    for i in sorted((i for i, v in enumerate(values) if v == v), key=lambda i: values[i]):
+        v = values[i]
+        if last is None or v - last > TIE * max(abs(v), abs(last)):
+            classes.append([])
+        classes[-1].append(i)
+        last = v
+    return [c for c in classes if c]
+
+
 def _same(a: str) -> str:
     return a
 
@@ -331,9 +345,11 @@ class Rejection(Rule):
 
     def reject(self, live: list[tuple[int, float]]) -> set[int]:
         """Rows to stop among one prompt's live rows ``(row, partial score)``: the worst ``rate`` of them
-        (NaN scores worst; ties to the later candidate), at least one kept."""
+        (NaN scores worst; ties to the later candidate), at least one kept. Scores within :data:`TIE` of each
+        other tie (candidates identical so far score the same up to the batch's float rounding, which must not
+        choose between them); a prompt's rows lie in candidate order."""
         drop = min(int(math.floor(self.rate * len(live))), len(live) - 1)
-        order = sorted(live, key=lambda x: (x[1] if x[1] == x[1] else float("-inf"), -x[0]))
+        order = [live[i] for c in tie_classes([x[1] for x in live]) for i in sorted(c, key=lambda i: -live[i][0])]
         return {r for r, _ in order[:drop]}
 
 
@@ -956,7 +972,7 @@ def _offline_pick(rule, p, s, extract):
     pre = rule.prefix(p)
     conf = [t.summary(s.confidence_window)["lowest_group"] for t in pre]
     keep_n = max(1, math.ceil(s.deepconf_keep * len(pre)))
-    order = sorted(range(len(pre)), key=lambda i: (-(conf[i] if conf[i] == conf[i] else -math.inf), i))
+    order = [i for c in reversed(tie_classes(conf)) for i in sorted(c)]  # most confident first; ties by index
     kept = set(order[:keep_n])
     return ([_candidate(t, s, extract, voting=i in kept) for i, t in enumerate(pre)],
             {"filtered": sorted(set(range(len(pre))) - kept)})
