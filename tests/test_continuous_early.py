@@ -192,3 +192,19 @@ def test_per_group_counts_add_up_to_the_sessions_and_no_state_is_left(policy, ve
     assert runner.rule.traces == runner.rule.settled == runner.rule.decided == {}
     assert runner.committed == runner.verifier_committed == 0
     assert policy.kv_ledger.blocks == 0 and verifier.kv_ledger.blocks == 0
+
+
+@pytest.mark.parametrize("strategy,budget,s,capacity", [CASES[1] + (1,), CASES[3] + (4,)],
+                         ids=["adaptive_consistency", "speculative_rejection"])
+def test_many_small_requests_fill_the_pool_and_all_are_exact(policy, verifier, strategy, budget, s, capacity):
+    """Twelve one-prompt requests offered at every look to a loop with room for 3-4 prompts' rows: they join as
+    rows and sequence slots allow (a re-lay forks the whole batch beside the old one, parked rows included), never
+    past the pool (speculative rejection: at checkpoints, or when nothing runs), and each answer is its run
+    alone's."""
+    reqs = [([PROMPTS[i]], request_seeds(400 + i, 1)) for i in range(12)]
+    ver = scorer(strategy, verifier)
+    got, began, held = serve(policy, strategy, reqs, budget, s, joins_at=[1] * 11, capacity=capacity, verifier=ver)
+    assert sorted(got) == list(range(12)) and max(began.values()) > 1  # some waited for room
+    for i, (prompts, seeds) in enumerate(reqs):
+        same_decisions(got[i], run(strategy, policy, ver, prompts, budget=budget, settings=s, seed=seeds))
+    assert held[-1] == 0

@@ -467,8 +467,8 @@ class TraceRun:
         self._encode(first)
         P = len(first.prompts)
         hint = P * self.rule.n + P  # at most n candidates of a prompt run at once (fewer in waves)
-        if join is not None:
-            hint = max(hint, self.capacity + P)
+        if join is not None:  # capacity candidate rows, and a parked row for each prompt they can belong to
+            hint = max(hint, self.capacity + -(-self.capacity // min(self.rule.most, self.rule.n)) + P)
         session = policy.start(first.ids, rows_hint=hint, max_new_tokens=s.max_new_tokens)
         last: list[TraceGroup] = []
         try:
@@ -531,11 +531,18 @@ class TraceRun:
                 started(g)
         return fresh
 
-    def _join(self, join, session, groups: list[TraceGroup]) -> list[TraceGroup]:
+    def _join(self, join, session, groups: list[TraceGroup], ended: list[TraceGroup]) -> list[TraceGroup]:
+        """The groups ``join`` hands over at this look, each accepted by the room check: candidate rows within
+        ``capacity``, worst-case KV blocks within the pools beside the running groups' (and, for the prefill at
+        this look, beside the blocks the groups that ended here still hold: their rows leave in this look's
+        re-lay), and the sequence slots the admissions and re-lays need."""
         blocks, B, free = session.pool
+        now = session.rows
+        # what the groups that ended here may still hold, and the admitted prompts' prefill, until the re-lay
+        held_now = {"blocks": sum(g.commit for g in ended), "v_blocks": sum(g.verifier_commit for g in ended)}
         held = {"rows": sum(g.most for g in groups), "blocks": self.committed,
                 "seqs": sum(g.most + len(g.prompts) for g in groups), "admitted": 0,
-                "v_blocks": self.verifier_committed, "v_rows": sum(len(g.prompts) * self.rule.n for g in groups)}
+                "v_blocks": self.verifier_committed, "v_new": 0}
         vblocks, _, vfree = self.scorer.session.pool if self.scorer is not None else (0, 0, 0)
 
         def fits(g: TraceGroup) -> bool:
@@ -544,20 +551,29 @@ class TraceRun:
                 return False
             self._size(g, B)
             rows, seqs = held["rows"] + g.most, held["seqs"] + g.most + len(g.prompts)
-            # (the sequence slots: the admitted prompts', and a re-lay forks the whole new batch before the
-            # rows it replaces go)
+            # (sequence slots: a re-lay forks the new batch, up to every group's parked and candidate rows, before
+            # the rows it replaces go: at this look the rows now and the admitted prompts', later a batch as big)
+            prefill = sum(-(-len(i) // B) for i in g.ids)
             ok = (rows <= max(self.capacity, 1) and held["blocks"] + g.commit <= blocks
-                  and held["admitted"] + len(g.prompts) + seqs <= free)
+                  and held["blocks"] + held_now["blocks"] + prefill <= blocks
+                  and held["admitted"] + len(g.prompts) + seqs <= free and 2 * seqs <= free + now)
             if ok and self.scorer is not None:  # its verifier rows (n a prompt) and their partial tails' clones
                 v_commit = self.scorer.session.blocks_for(g.prompts, len(g.prompts) * self.rule.n)
-                v_rows = held["v_rows"] + len(g.prompts) * self.rule.n
-                ok = (held["v_blocks"] + v_commit <= vblocks and held["admitted"] + len(g.prompts) + v_rows <= vfree
-                      and 2 * v_rows <= vfree + len(self.scorer.cands))
+                v_new = held["v_new"] + len(g.prompts) * self.rule.n
+                # (each admission forks every verifier row before the old ones go; a checkpoint clones the live
+                # rows beside them; the rows of groups that ended at this look leave after it)
+                v_now = len(self.scorer.cands)
+                v_prefill = self.scorer.session.blocks_for(g.prompts, 0)
+                ok = (held["v_blocks"] + v_commit <= vblocks
+                      and held["v_blocks"] + held_now["v_blocks"] + v_prefill <= vblocks
+                      and held["admitted"] + len(g.prompts) + 2 * (v_now + v_new) <= vfree + v_now)
             if ok:
                 held["rows"], held["blocks"], held["seqs"] = rows, held["blocks"] + g.commit, seqs
                 held["admitted"] += len(g.prompts)
+                held_now["blocks"] -= g.commit - prefill  # (its rows come only after the re-lay)
                 if self.scorer is not None:
-                    held["v_blocks"], held["v_rows"] = held["v_blocks"] + v_commit, v_rows
+                    held["v_blocks"], held["v_new"] = held["v_blocks"] + v_commit, v_new
+                    held_now["v_blocks"] -= v_commit - v_prefill
             return ok
 
         return join(fits)
@@ -597,6 +613,7 @@ class TraceRun:
         aborted = torch.zeros(0, dtype=torch.bool, device=dev)
         window = SlidingWindow.start(0, W, dev)
         step = burst = 0
+        base = 0  # checkpoints fall at steps base + k * checkpoint_tokens (base: where the schedule started)
         c0: list[int] = []  # each candidate row's token count when the burst began
         while True:
             # ---- the host looks: record finished rows, apply the rules, re-lay the batch
@@ -641,7 +658,8 @@ class TraceRun:
                         rule.finished(p, Trace(p, j, ids_h[i][:n_tok], "stop", cbuf[r, :n_tok].tolist(),
                                                *sums[r].tolist(), cut))
                         stop_rows.add(r)
-            if rule.checkpoint_tokens and step and step % rule.checkpoint_tokens == 0:
+            ck = rule.checkpoint_tokens
+            if ck and step > base and (step - base) % ck == 0:
                 stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows], H, slots, buf, counts_h,
                                               eos_set, rule)
             keep = []
@@ -661,9 +679,11 @@ class TraceRun:
                 cap -= g.cap
                 self.committed -= g.commit
                 self.verifier_committed -= g.verifier_commit
-            if joins and not (rule.checkpoint_tokens and step % rule.checkpoint_tokens):
+            if not groups:  # nothing runs: the checkpoint schedule may start again here
+                base = step
+            if joins and not (ck and (step - base) % ck):
                 tuner.tick()
-                taken = self._join(join, session, groups)
+                taken = self._join(join, session, groups, ended)
                 if taken:
                     at = session.rows  # (admitted rows come after every row the session holds)
                     fresh.update((p, at + i) for i, p in enumerate(self._add(session, taken, False, B, started)))
@@ -737,8 +757,8 @@ class TraceRun:
                     self.forget(g)
             # ---- sync_every tokens on the device (to the next checkpoint at most), no host look
             burst = s.sync_every
-            if rule.checkpoint_tokens:
-                burst = min(burst, rule.checkpoint_tokens - step % rule.checkpoint_tokens)
+            if ck:
+                burst = min(burst, ck - (step - base) % ck)
             for _ in range(burst):
                 toks, _, st = sample(session.logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                      min_p=s.min_p, seed=seed_t, offset=counts, stream=stream_t,
