@@ -297,3 +297,28 @@ def test_an_answered_request_leaves_nothing_in_the_search(models):
         assert state and all(len(v) == 0 for v in state), vars(search)
         if isinstance(search, _Particles):
             assert search.lw.shape[0] == 0
+
+
+def test_a_joining_prefill_fits_beside_what_ended_groups_still_hold():
+    """The room check at a step boundary where a group ended: the ended group's blocks are free for the joining
+    group's worst case, but its rows leave only in the boundary's fork, after the admission's prefill. A group
+    whose prefill does not fit beside them waits; once they have left it joins."""
+    from types import SimpleNamespace
+
+    from tts_kernels.search.step_loop import StepGroup, _join
+
+    B = 4
+    rows = SimpleNamespace(pol=SimpleNamespace(pool=(100, B, 1000)), prm=None, capacity=1000,
+                           policy=SimpleNamespace(encode=lambda p: [1] * len(p)))
+    commit = lambda g: (sum(-(-len(p) // B) for p in g.prompts) + 50, 0)  # noqa: E731 - 50 blocks of rows a group
+    new = StepGroup(["x" * 24], Seeds([1], 1))  # 6 prompt blocks, 56 in all
+    ended = [SimpleNamespace(commit=(60, 0))]
+
+    def offer(fit):
+        return [g for g in [new] if fit(g)]
+
+    held = {"blocks": (40, 0)}  # the running groups' (the ended group's 60 already given back)
+    assert _join(offer, rows, 8, 2, held, commit, ended) == []  # prefill: 40 + 60 + 6 > 100
+    assert _join(offer, rows, 8, 2, held, commit, ()) == [new]  # 40 + 56 <= 100
+    held = {"blocks": (30, 0)}
+    assert _join(offer, rows, 8, 2, held, commit, ended) == [new]  # 30 + 60 + 6 <= 100

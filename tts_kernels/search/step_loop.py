@@ -143,7 +143,7 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
                 held["blocks"] = tuple(a - b for a, b in zip(held["blocks"], g.commit))
             if tuner is not None:
                 tuner.tick()
-            new = _join(join, rows, len(keep), n, held, commit) if admits else []
+            new = _join(join, rows, len(keep), n, held, commit, ended) if admits else []
             if ended and (groups or new):  # others go on: these are done now
                 done([result(g) for g in ended])
                 ended = []
@@ -167,13 +167,16 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
         done(final)
 
 
-def _join(join, rows: StepRows, running: int, n: int, held: dict, commit) -> list[StepGroup]:
+def _join(join, rows: StepRows, running: int, n: int, held: dict, commit, ended=()) -> list[StepGroup]:
     """The groups ``join`` hands over at this step boundary, each accepted by the room check: rows within the
-    loop's capacity, worst-case KV blocks within both pools beside the running groups', and the sequence slots
-    their prefill and the next fork need."""
-    blocks, _, slots = rows.pol.pool
+    loop's capacity, worst-case KV blocks within both pools beside the running groups' (and their prefill beside
+    what the groups that ended here may still hold: their rows leave in this boundary's fork, after the
+    admissions), and the sequence slots their prefill and the next fork need."""
+    blocks, B, slots = rows.pol.pool
     prm_blocks, _, prm_slots = rows.prm.pool if rows.prm is not None else (0, 0, 0)
     room = {"rows": running, "prompts": 0, "blocks": held["blocks"]}
+    # what the ended groups may still hold, plus the prefill of the groups accepted so far (until the fork)
+    now = [sum(g.commit[0] for g in ended), sum(g.commit[1] for g in ended)]
 
     def fits(g: StepGroup) -> bool:
         if not g.seeds.keyed:
@@ -183,10 +186,16 @@ def _join(join, rows: StepRows, running: int, n: int, held: dict, commit) -> lis
         r = room["rows"] + k * n
         b = (room["blocks"][0] + want[0], room["blocks"][1] + want[1])
         seqs = room["prompts"] + k + r  # admitted prompt rows, and the fork's new rows beside the old
+        prefill = (sum(-(-len(rows.policy.encode(p)) // B) for p in g.prompts),
+                   0 if rows.prm is None else rows.prm.blocks_for(g.prompts, 0))
         ok = (r <= rows.capacity and b[0] <= blocks and (rows.prm is None or b[1] <= prm_blocks)
+              and room["blocks"][0] + now[0] + prefill[0] <= blocks
+              and (rows.prm is None or room["blocks"][1] + now[1] + prefill[1] <= prm_blocks)
               and seqs <= slots and (rows.prm is None or seqs <= prm_slots))
         if ok:
             room.update(rows=r, prompts=room["prompts"] + k, blocks=b)
+            now[0] -= want[0] - prefill[0]  # (its rows grow only after the fork)
+            now[1] -= want[1] - prefill[1]
         return ok
 
     return join(fits)
