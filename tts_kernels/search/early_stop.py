@@ -755,6 +755,8 @@ class TraceRun:
                 done(ended)
                 for g in ended:
                     self.forget(g)
+                    for p in g.indices:
+                        del group_of[p]
             # ---- sync_every tokens on the device (to the next checkpoint at most), no host look
             burst = s.sync_every
             if ck:
