@@ -5,7 +5,7 @@ does not fit waits, a cancelled one leaves the others exact, and the pools are e
 import pytest
 import torch
 
-from join_checks import Offers
+from join_checks import Offers, served
 from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.search import Settings, run, run_continuous
@@ -35,19 +35,11 @@ def serve(models, strategy, reqs, budget, s, *, joins_at, capacity=64):
     """The first request starts the search; request i > 0 is offered from step boundary ``joins_at[i - 1]``
     on. Returns {request: result}, the boundary at which each started, and the KV blocks held at each answer."""
     policy, verifier = models
-    got, began, held = {}, {}, []
-    join = Offers(reqs, joins_at)
-
-    def started(g):
-        began[g.tag] = join.looks
-
-    def deliver(g, res):
-        assert not isinstance(res, Exception), res
-        got[g.tag] = res
-        held.append(policy.kv_ledger.blocks + verifier.kv_ledger.blocks)
-
-    run_continuous(strategy, policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
-                   deliver=deliver, started=started, capacity=capacity)
+    got, began, held, _ = served(
+        lambda join, deliver, started: run_continuous(
+            strategy, policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
+            deliver=deliver, started=started, capacity=capacity),
+        reqs, joins_at, held=lambda: policy.kv_ledger.blocks + verifier.kv_ledger.blocks)
     return got, began, held
 
 
@@ -308,9 +300,12 @@ def test_a_joining_prefill_fits_beside_what_ended_groups_still_hold():
     from tts_kernels.search.step_loop import StepGroup, _join
 
     B = 4
-    rows = SimpleNamespace(pol=SimpleNamespace(pool=(100, B, 1000)), prm=None, capacity=1000,
-                           policy=SimpleNamespace(encode=lambda p: [1] * len(p)))
-    commit = lambda g: (sum(-(-len(p) // B) for p in g.prompts) + 50, 0)  # noqa: E731 - 50 blocks of rows a group
+    rows = SimpleNamespace(pol=SimpleNamespace(pool=(100, B, 1000)), prm=None, capacity=1000)
+
+    def blocks_of(g):  # (prefill, worst case): its prompt blocks, and 50 more for its rows
+        prefill = sum(-(-len(p) // B) for p in g.prompts)
+        return (prefill, 0), (prefill + 50, 0)
+
     new = StepGroup(["x" * 24], Seeds([1], 1))  # 6 prompt blocks, 56 in all
     ended = [SimpleNamespace(commit=(60, 0))]
 
@@ -318,7 +313,7 @@ def test_a_joining_prefill_fits_beside_what_ended_groups_still_hold():
         return [g for g in [new] if fit(g)]
 
     held = {"blocks": (40, 0)}  # the running groups' (the ended group's 60 already given back)
-    assert _join(offer, rows, 8, 2, held, commit, ended) == []  # prefill: 40 + 60 + 6 > 100
-    assert _join(offer, rows, 8, 2, held, commit, ()) == [new]  # 40 + 56 <= 100
+    assert _join(offer, rows, 8, 2, held, blocks_of, ended) == []  # prefill: 40 + 60 + 6 > 100
+    assert _join(offer, rows, 8, 2, held, blocks_of, ()) == [new]  # 40 + 56 <= 100
     held = {"blocks": (30, 0)}
-    assert _join(offer, rows, 8, 2, held, commit, ended) == [new]  # 30 + 60 + 6 <= 100
+    assert _join(offer, rows, 8, 2, held, blocks_of, ended) == [new]  # 30 + 60 + 6 <= 100

@@ -388,6 +388,7 @@ class TraceGroup:
     first: int = 0
     ids: list[list[int]] | None = None  # the prompts' token ids
     cap: int = 0  # candidate rows the batch is refilled up to on its account
+    prompt_blocks: int = 0  # KV blocks its prompts' prefill takes
     most: int = 0  # its candidate rows at once, at most (when groups join)
     commit: int = 0  # KV blocks held for it
     verifier_commit: int = 0  # verifier KV blocks held for it (speculative rejection)
@@ -432,7 +433,8 @@ class TraceRun:
         copied on write and one of rounding."""
         n, P = self.rule.n, len(g.prompts)
         g.cap, g.most = P * min(self.rule.opening, n), P * min(self.rule.most, n)
-        g.commit = sum(-(-len(i) // block_size) for i in g.ids) + g.most * (self.s.max_new_tokens // block_size + 2)
+        g.prompt_blocks = sum(-(-len(i) // block_size) for i in g.ids)
+        g.commit = g.prompt_blocks + g.most * (self.s.max_new_tokens // block_size + 2)
 
     def output(self, g: TraceGroup) -> RunOutput:
         """``g``'s traces (per prompt, by candidate index), compute and per-prompt counts."""
@@ -511,8 +513,8 @@ class TraceRun:
             if self.scorer is not None:
                 if not prefilled:
                     self.scorer.admit(ps, g.prompts)
-                g.verifier_commit = self.scorer.session.blocks_for(g.prompts, len(ps) * rule.n) \
-                    if self.scorer.admits else 0
+                if not g.verifier_commit and self.scorer.admits:  # (a group that joined: set by the room check)
+                    g.verifier_commit = self.scorer.session.blocks_for(g.prompts, len(ps) * rule.n)
                 self.verifier_committed += g.verifier_commit
             rule.grow(ps)
             if g.seeds.keyed:
@@ -553,24 +555,24 @@ class TraceRun:
             rows, seqs = held["rows"] + g.most, held["seqs"] + g.most + len(g.prompts)
             # (sequence slots: a re-lay forks the new batch, up to every group's parked and candidate rows, before
             # the rows it replaces go: at this look the rows now and the admitted prompts', later a batch as big)
-            prefill = sum(-(-len(i) // B) for i in g.ids)
             ok = (rows <= max(self.capacity, 1) and held["blocks"] + g.commit <= blocks
-                  and held["blocks"] + held_now["blocks"] + prefill <= blocks
+                  and held["blocks"] + held_now["blocks"] + g.prompt_blocks <= blocks
                   and held["admitted"] + len(g.prompts) + seqs <= free and 2 * seqs <= free + now)
             if ok and self.scorer is not None:  # its verifier rows (n a prompt) and their partial tails' clones
-                v_commit = self.scorer.session.blocks_for(g.prompts, len(g.prompts) * self.rule.n)
+                v_prefill = self.scorer.session.blocks_for(g.prompts, 0)
+                v_commit = g.verifier_commit = v_prefill + self.scorer.session.blocks_for(
+                    [], len(g.prompts) * self.rule.n)
                 v_new = held["v_new"] + len(g.prompts) * self.rule.n
                 # (each admission forks every verifier row before the old ones go; a checkpoint clones the live
                 # rows beside them; the rows of groups that ended at this look leave after it)
                 v_now = len(self.scorer.cands)
-                v_prefill = self.scorer.session.blocks_for(g.prompts, 0)
                 ok = (held["v_blocks"] + v_commit <= vblocks
                       and held["v_blocks"] + held_now["v_blocks"] + v_prefill <= vblocks
                       and held["admitted"] + len(g.prompts) + 2 * (v_now + v_new) <= vfree + v_now)
             if ok:
                 held["rows"], held["blocks"], held["seqs"] = rows, held["blocks"] + g.commit, seqs
                 held["admitted"] += len(g.prompts)
-                held_now["blocks"] -= g.commit - prefill  # (its rows come only after the re-lay)
+                held_now["blocks"] -= g.commit - g.prompt_blocks  # (its rows come only after the re-lay)
                 if self.scorer is not None:
                     held["v_blocks"], held["v_new"] = held["v_blocks"] + v_commit, v_new
                     held_now["v_blocks"] -= v_commit - v_prefill
@@ -670,10 +672,13 @@ class TraceRun:
                     continue
                 keep.append(r)
             running = Counter(slots[r - H][0] for r in keep)
+
+            def startable(p: int) -> bool:  # (a candidate of p the rule lets start now)
+                return self.started[p] < min(rule.startable(p), rule.n)
+
             # A group has ended when none of its prompts has a row running or a candidate to start.
             ended = [g for g in groups if not any(
-                running[p] or not (rule.settled[p] or p in gone or self.started[p] >= min(rule.startable(p), rule.n))
-                for p in g.indices)]
+                running[p] or (not rule.settled[p] and p not in gone and startable(p)) for p in g.indices)]
             for g in ended:
                 groups.remove(g)
                 cap -= g.cap
@@ -707,12 +712,12 @@ class TraceRun:
 
             open_ = [p for g in groups for p in g.indices if not (rule.settled[p] or p in gone)]
             for p in open_:
-                while running[p] < rule.in_flight(p) and self.started[p] < min(rule.startable(p), rule.n) and room(p):
+                while running[p] < rule.in_flight(p) and startable(p) and room(p):
                     start(p)
             # The rows settled prompts left go to prompts still open (round robin, in prompt order), so the
             # batch stays as wide as it started: a hard prompt's later candidates run beside, not after.
             while len(keep) + len(new) < cap:
-                more = [p for p in open_ if self.started[p] < min(rule.startable(p), rule.n) and room(p)]
+                more = [p for p in open_ if startable(p) and room(p)]
                 if not more:
                     break
                 for p in more[: cap - len(keep) - len(new)]:

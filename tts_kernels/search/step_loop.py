@@ -95,14 +95,18 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
     tuner = PoolTuner() if admits else None
     forked = getattr(search, "forked", None)
 
-    def commit(g: StepGroup) -> tuple[int, int]:
-        B = rows.pol.pool[1]
-        policy_blocks = (sum(-(-len(policy.encode(p)) // B) for p in g.prompts)
-                         + len(g.prompts) * n * (rows.budget // B + 2))
-        return policy_blocks, 0 if rows.prm is None else rows.prm.blocks_for(g.prompts, len(g.prompts) * n)
+    def blocks(g: StepGroup) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``g``'s KV blocks, each (the policy's, the verifier's): its prompts' prefill, and its worst case (the
+        prefill and ``n`` rows a prompt, each its tokens' blocks, a partial block copied on write and one of
+        rounding)."""
+        B, k = rows.pol.pool[1], len(g.prompts) * n
+        prompts = (sum(-(-len(policy.encode(p)) // B) for p in g.prompts),
+                   0 if rows.prm is None else rows.prm.blocks_for(g.prompts, 0))
+        grown = (k * (rows.budget // B + 2), 0 if rows.prm is None else rows.prm.blocks_for([], k))
+        return prompts, (prompts[0] + grown[0], prompts[1] + grown[1])
 
     def take(g: StepGroup) -> None:
-        g.commit = commit(g) if admits else (0, 0)
+        g.commit = blocks(g)[1] if admits else (0, 0)
         held["blocks"] = tuple(a + b for a, b in zip(held["blocks"], g.commit))
         search.start(g.indices)
         if started is not None:
@@ -143,7 +147,7 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
                 held["blocks"] = tuple(a - b for a, b in zip(held["blocks"], g.commit))
             if tuner is not None:
                 tuner.tick()
-            new = _join(join, rows, len(keep), n, held, commit, ended) if admits else []
+            new = _join(join, rows, len(keep), n, held, blocks, ended) if admits else []
             if ended and (groups or new):  # others go on: these are done now
                 done([result(g) for g in ended])
                 ended = []
@@ -167,12 +171,13 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
         done(final)
 
 
-def _join(join, rows: StepRows, running: int, n: int, held: dict, commit, ended=()) -> list[StepGroup]:
+def _join(join, rows: StepRows, running: int, n: int, held: dict, blocks_of, ended=()) -> list[StepGroup]:
     """The groups ``join`` hands over at this step boundary, each accepted by the room check: rows within the
     loop's capacity, worst-case KV blocks within both pools beside the running groups' (and their prefill beside
     what the groups that ended here may still hold: their rows leave in this boundary's fork, after the
-    admissions), and the sequence slots their prefill and the next fork need."""
-    blocks, B, slots = rows.pol.pool
+    admissions), and the sequence slots their prefill and the next fork need. ``blocks_of(group)``: its KV
+    blocks, ``(prefill, worst case)``, each ``(policy's, verifier's)``."""
+    blocks, _, slots = rows.pol.pool
     prm_blocks, _, prm_slots = rows.prm.pool if rows.prm is not None else (0, 0, 0)
     room = {"rows": running, "prompts": 0, "blocks": held["blocks"]}
     # what the ended groups may still hold, plus the prefill of the groups accepted so far (until the fork)
@@ -181,13 +186,11 @@ def _join(join, rows: StepRows, running: int, n: int, held: dict, commit, ended=
     def fits(g: StepGroup) -> bool:
         if not g.seeds.keyed:
             return False
-        want = commit(g)
+        prefill, want = blocks_of(g)
         k = len(g.prompts)
         r = room["rows"] + k * n
         b = (room["blocks"][0] + want[0], room["blocks"][1] + want[1])
         seqs = room["prompts"] + k + r  # admitted prompt rows, and the fork's new rows beside the old
-        prefill = (sum(-(-len(rows.policy.encode(p)) // B) for p in g.prompts),
-                   0 if rows.prm is None else rows.prm.blocks_for(g.prompts, 0))
         ok = (r <= rows.capacity and b[0] <= blocks and (rows.prm is None or b[1] <= prm_blocks)
               and room["blocks"][0] + now[0] + prefill[0] <= blocks
               and (rows.prm is None or room["blocks"][1] + now[1] + prefill[1] <= prm_blocks)
