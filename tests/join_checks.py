@@ -25,3 +25,25 @@ class Offers:
             self.taken.add(i)
             out.append(g)
         return out
+
+
+def served(launch, reqs, joins_at, *, held=lambda: 0, on_start=None):
+    """``launch(join, deliver, started)`` runs a continuous search whose first request is ``reqs[0]``; request
+    ``i > 0`` is offered from look ``joins_at[i - 1]`` on (:class:`Offers`). Every request must get a result (not
+    an exception). Returns ``{request: result}``, ``{request: the look it started at}``, ``held()`` (the KV blocks
+    held) at each answer, in order, and the looks seen. ``on_start(group)``: called as each group starts."""
+    got, began, blocks = {}, {}, []
+    join = Offers(reqs, joins_at)
+
+    def started(g):
+        began[g.tag] = join.looks
+        if on_start is not None:
+            on_start(g)
+
+    def deliver(g, res):
+        assert not isinstance(res, Exception), res
+        got[g.tag] = res
+        blocks.append(held())
+
+    launch(join, deliver, started)
+    return got, began, blocks, join.looks

@@ -5,7 +5,7 @@ pool is empty afterwards."""
 import pytest
 import torch
 
-from join_checks import Offers
+from join_checks import served
 from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.search import Settings, run_continuous
@@ -61,22 +61,13 @@ def serve(models, reqs, n, s, *, joins_at, capacity=64):
     """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
     {request index: results}, the look at which each started, and the looks seen."""
     policy, verifier = models
-    got, began, held = {}, {}, []
-    join = Offers(reqs, joins_at)
-
-    def started(g):
-        began[g.tag] = join.looks
-
-    def deliver(g, res):
-        assert not isinstance(res, Exception), res
-        got[g.tag] = res
-        held.append(policy.kv_ledger.blocks)
-
-    serve_sampling(RULES, policy, verifier, reqs[0][0], reqs[0][1], n=n, tag=0, settings=s, extract=_extract,
-                   join=join, deliver=deliver, started=started, capacity=capacity)
+    got, began, held, looks = served(
+        lambda join, deliver, started: serve_sampling(
+            RULES, policy, verifier, reqs[0][0], reqs[0][1], n=n, tag=0, settings=s, extract=_extract, join=join,
+            deliver=deliver, started=started, capacity=capacity), reqs, joins_at, held=lambda: policy.kv_ledger.blocks)
     # the groups that end the loop are handed over once its pool is free (a server's last answer finds no KV held)
     assert held[-1] == 0 and held[0] > 0
-    return got, began, join.looks
+    return got, began, looks
 
 
 @pytest.mark.parametrize("s", [Settings(max_new_tokens=40), Settings(max_new_tokens=21, sync_every=4),
@@ -268,21 +259,16 @@ def _serve_revise(models, reqs, budget, s, *, joins_at, stop=None, cancel_on_sta
     """``revise`` under continuous batching (run_continuous): request i > 0 is offered from look ``joins_at[i-1]``
     on; those in ``cancel_on_start`` are cancelled as they start. Returns {request: result}, {request: look}."""
     policy, verifier = models
-    got, began = {}, {}
-    join = Offers(reqs, joins_at)
 
-    def started(g):
-        began[g.tag] = join.looks
+    def cancel(g):
         if g.tag in cancel_on_start:
             stop.cancel(range(g.first, g.first + len(g.prompts)))
 
-    def deliver(g, res):
-        assert not isinstance(res, Exception), res
-        got[g.tag] = res
-
     with cancellation(stop or Cancellation()):
-        run_continuous("revise", policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0,
-                       join=join, deliver=deliver, started=started, capacity=16)
+        got, began, _, _ = served(
+            lambda join, deliver, started: run_continuous(
+                "revise", policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
+                deliver=deliver, started=started, capacity=16), reqs, joins_at, on_start=cancel)
     return got, began
 
 

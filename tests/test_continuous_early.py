@@ -5,7 +5,7 @@ their compute is their own and adds up exactly to the sessions'; a request that 
 leaves the others exact; and after the last answer no KV block and no prompt's state is held."""
 import pytest
 
-from join_checks import Offers
+from join_checks import Offers, served
 from tts_kernels import bundled
 from tts_kernels.apps.engine import request_seeds
 from tts_kernels.search import Settings, run, run_continuous
@@ -57,19 +57,11 @@ def requests(sizes=(2, 1, 2, 1)):
 def serve(policy, strategy, reqs, budget, s, *, joins_at, capacity=64, verifier=None):
     """The first request starts the loop; request i > 0 is offered from look ``joins_at[i - 1]`` on. Returns
     {request: result}, the look at which each started, and the KV blocks held at each answer."""
-    got, began, held = {}, {}, []
-    join = Offers(reqs, joins_at)
-
-    def started(g):
-        began[g.tag] = join.looks
-
-    def deliver(g, res):
-        assert not isinstance(res, Exception), res
-        got[g.tag] = res
-        held.append(policy.kv_ledger.blocks + (verifier.kv_ledger.blocks if verifier is not None else 0))
-
-    run_continuous(strategy, policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
-                   deliver=deliver, started=started, capacity=capacity)
+    got, began, held, _ = served(
+        lambda join, deliver, started: run_continuous(
+            strategy, policy, verifier, reqs[0][0], reqs[0][1], budget=budget, settings=s, tag=0, join=join,
+            deliver=deliver, started=started, capacity=capacity),
+        reqs, joins_at, held=lambda: policy.kv_ledger.blocks + (verifier.kv_ledger.blocks if verifier else 0))
     return got, began, held
 
 

@@ -109,27 +109,36 @@ def test_a_step_search_request_arriving_mid_search_joins_it_at_a_step_boundary(s
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
 
 
-def test_a_revise_request_arriving_mid_search_joins_it(server, models):
-    """revise: a request sent while a long one runs (its first round has started) joins that call (its rounds are
-    groups of the running decode loop) and its answer and usage are offline's for its seed."""
+def join_a_running_call(server, strategy, budget, seed, late_prompt, late_seed):
+    """A long request (8 prompts) of ``strategy``; once ``/health`` shows it running, a one-prompt request of the same
+    strategy and budget is sent. Retried up to three times until the late one arrives before the long one ends
+    (it nearly always does); then one logged call held both. Returns the late request's answer."""
     client = server.client(timeout=120)
-    late_prompt, late_seed = PROMPTS[22], 79
+    body = {"strategy": strategy, "budget": budget}
     for attempt in range(3):
         n_before = len(searches(server))
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             long = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[:8], max_tokens=96,
-                               seed=7 + attempt, extra_body={"strategy": "revise", "budget": 8})
+                               seed=seed + attempt, extra_body=body)
             deadline = time.time() + 30
             while server.get("/health")["running"] == 0 and time.time() < deadline:
                 time.sleep(0.01)
             late = pool.submit(client.completions.create, model=MODEL, prompt=late_prompt, max_tokens=96,
-                               seed=late_seed, extra_body={"strategy": "revise", "budget": 8})
+                               seed=late_seed, extra_body=body)
             got = late.result()
             assert long.result().choices
         calls = searches(server, n_before)[n_before:]
         if len(calls) == 1 and calls[0]["requests"] == 2:
             break
     assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
+    return got
+
+
+def test_a_revise_request_arriving_mid_search_joins_it(server, models):
+    """revise: a request sent while a long one runs (its first round has started) joins that call (its rounds are
+    groups of the running decode loop) and its answer and usage are offline's for its seed."""
+    late_prompt, late_seed = PROMPTS[22], 79
+    got = join_a_running_call(server, "revise", 8, 7, late_prompt, late_seed)
     ref = offline(models, "revise", [late_prompt], 8, late_seed, 96)
     assert got.predictions == ref.predictions
     if ref.chosen[0] is not None:
@@ -145,24 +154,8 @@ def test_an_early_stopping_request_arriving_mid_search_joins_it(server, models, 
     deepconf_offline and speculative rejection (every candidate runs as alone); for adaptive consistency at least
     what its decision needed (the prompt and its deciding candidates), the candidates past the decision counting
     the tokens they ran before the next look."""
-    client = server.client(timeout=120)
     late_prompt, late_seed = PROMPTS[23], 80
-    for attempt in range(3):
-        n_before = len(searches(server))
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            long = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[:8], max_tokens=96,
-                               seed=8 + attempt, extra_body={"strategy": strategy, "budget": 16})
-            deadline = time.time() + 30
-            while server.get("/health")["running"] == 0 and time.time() < deadline:
-                time.sleep(0.01)
-            late = pool.submit(client.completions.create, model=MODEL, prompt=late_prompt, max_tokens=96,
-                               seed=late_seed, extra_body={"strategy": strategy, "budget": 16})
-            got = late.result()
-            assert long.result().choices
-        calls = searches(server, n_before)[n_before:]
-        if len(calls) == 1 and calls[0]["requests"] == 2:
-            break
-    assert len(calls) == 1 and calls[0]["continuous"] and calls[0]["requests"] == 2 and calls[0]["prompts"] == 9
+    got = join_a_running_call(server, strategy, 16, 8, late_prompt, late_seed)
     ref = offline(models, strategy, [late_prompt], 16, late_seed, 96)
     assert got.predictions == ref.predictions
     assert got.choices[0].text == ref.candidates[0][ref.chosen[0]].text
