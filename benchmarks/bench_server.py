@@ -5,7 +5,8 @@ tokens/s, latency p50/p99, requests per call, and the ratio to per_request and t
 (tts_kernels.bench.serving).
 
     python benchmarks/bench_server.py [--requests 128] [--budget 16] [--rounds 3] [--clients 16,64]
-        [--strategies best_of_n] [--modes per_request,batched,admission] [--max-batch 32] [--json out.json]
+        [--strategies best_of_n] [--modes per_request,batched,admission] [--max-batch 32] [--device cpu]
+        [--dtype float32] [--json out.json]
 """
 import argparse
 
@@ -24,11 +25,14 @@ def main():
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the batched server's collection window")
     ap.add_argument("--max-batch", type=int, default=32, help="the batched and admission servers' --max-batch")
     ap.add_argument("--modes", default="per_request,batched,admission")
+    ap.add_argument("--device", default="cpu", help="the servers' --device (cuda: the GPU check)")
+    ap.add_argument("--dtype", default="float32", help="the servers' --dtype")
     ap.add_argument("--json")
     a = ap.parse_args()
     rows = run(requests=a.requests, budget=a.budget, clients=[int(c) for c in a.clients.split(",")],
                strategies=a.strategies.split(","), rounds=a.rounds, max_tokens=a.max_tokens,
-               max_wait_ms=a.max_wait_ms, modes=a.modes.split(","), max_batch=a.max_batch)
+               max_wait_ms=a.max_wait_ms, modes=a.modes.split(","), max_batch=a.max_batch,
+               device=a.device, dtype=a.dtype)
     print(f"{'mode':12} {'strategy':10} {'clients':>7} {'problems/s':>10} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} "
           f"{'prompts/call':>12} {'x per-request':>13} {'x batched':>9}")
     for r in rows:

@@ -132,7 +132,7 @@ MODES = {"per_request": (1, "request"), "batched": (None, "request"), "admission
 
 def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 16, clients=(1, 4, 16),
         rounds: int = 3, max_tokens: int = 96, max_batch: int = 32, max_wait_ms: float = 10.0,
-        modes=("per_request", "batched", "admission")) -> list[dict]:
+        modes=("per_request", "batched", "admission"), device: str = "cpu", dtype: str = "float32") -> list[dict]:
     from .. import bundled
 
     prompts = [p.prompt for p in bundled.test_problems(requests)]
@@ -142,7 +142,8 @@ def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 1
             raise ValueError(f"modes: {mode!r} is not one of {sorted(MODES)}")
         batch, batching = MODES[mode]
         server = ServerProcess("--max-batch", str(batch or max_batch), "--batching", batching,
-                               "--max-wait-ms", str(max_wait_ms), "--max-budget", str(budget))
+                               "--max-wait-ms", str(max_wait_ms), "--max-budget", str(budget),
+                               "--device", device, "--dtype", dtype)
         try:
             _load(server, prompts[:2], strategies[0], budget, 1, max_tokens)  # warm-up
             for strategy in strategies:
@@ -165,7 +166,7 @@ def run(*, requests: int = 32, strategies=("best_of_n", "dvts"), budget: int = 1
                             raise AssertionError(f"{mode} {strategy} at {c} clients answered {len(bad)} requests "
                                                  f"differently (request, first mode's answer, this one's): {bad[:8]}")
                     wall = statistics.median(walls)
-                    rows.append({"mode": mode, "strategy": strategy, "budget": budget, "clients": c,
+                    rows.append({"mode": mode, "strategy": strategy, "budget": budget, "clients": c, "device": device,
                                  "requests": requests, "rounds": rounds, "seconds": round(wall, 3),
                                  "problems_per_s": round(requests / wall, 2),
                                  "tokens_per_s": round(statistics.median(tokens) / wall, 1),
