@@ -12,6 +12,7 @@ from tts_kernels.search import Settings, run, run_continuous
 from tts_kernels.search.cancel import Cancellation, cancellation
 from tts_kernels.search.rows import StepRows
 from tts_kernels.search.seeds import Seeds
+from tts_kernels.search.validate import PoolTooSmall
 
 pytestmark = pytest.mark.models  # also run under the lowest supported transformers (make test-min): admission
 
@@ -300,7 +301,8 @@ def test_a_joining_prefill_fits_beside_what_ended_groups_still_hold():
     from tts_kernels.search.step_loop import StepGroup, _join
 
     B = 4
-    rows = SimpleNamespace(pol=SimpleNamespace(pool=(100, B, 1000)), prm=None, capacity=1000)
+    rows = SimpleNamespace(pol=SimpleNamespace(pool=(100, B, 1000)), prm=None, capacity=1000,
+                           policy=SimpleNamespace(num_blocks=100, block_size=B), prm_model=None)
 
     def blocks_of(g):  # (prefill, worst case): its prompt blocks, and 50 more for its rows
         prefill = sum(-(-len(p) // B) for p in g.prompts)
@@ -317,3 +319,7 @@ def test_a_joining_prefill_fits_beside_what_ended_groups_still_hold():
     assert _join(offer, rows, 8, 2, held, blocks_of, ()) == [new]  # 40 + 56 <= 100
     held = {"blocks": (30, 0)}
     assert _join(offer, rows, 8, 2, held, blocks_of, ended) == [new]  # 30 + 60 + 6 <= 100
+    # A group whose worst case exceeds the whole (fixed) pool could never join: refused, not kept waiting.
+    new = StepGroup(["x" * 204], Seeds([1], 1))  # 51 prompt blocks, 101 in all
+    with pytest.raises(PoolTooSmall, match="needs up to 101 KV blocks in the policy's pool, which holds 100"):
+        _join(offer, rows, 0, 2, {"blocks": (0, 0)}, blocks_of, ())

@@ -219,3 +219,67 @@ def test_compute_cap_cancels_a_step_search_that_shares_its_call(server, models, 
                and e["during_search"] for e in lines)
     assert len(searches) == 1 and searches[0]["continuous"] and searches[0]["requests"] == 2
     assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
+
+
+KV_BLOCKS = 300  # each pool's size: a request of 2 prompts below fits it, one of 40 never does
+SMALL = {"model": MODEL, "prompt": PROMPTS[:2], "budget": 4, "max_tokens": 96, "seed": 11}
+LARGE = {**SMALL, "prompt": (PROMPTS * 4)[:40], "seed": 5}  # (the same budget and settings: it may join)
+
+
+@pytest.fixture(scope="module")
+def small_pools():
+    s = Server("--kv-blocks", str(KV_BLOCKS), "--max-wait-ms", "0")
+    yield s
+    assert s.stop()
+
+
+def _refused_large(out) -> None:
+    err = out["error"]
+    assert err["code"] == "invalid_value" and "--kv-blocks" in err["message"], err
+    assert f"holds {KV_BLOCKS} in all" in err["message"], err
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "revise", "prm_beam_search", "deepconf", "speculative_rejection"])
+def test_a_request_the_kv_pools_can_never_hold_is_refused(small_pools, models, strategy):
+    """With ``--kv-blocks`` every KV pool has that size. A request whose worst case needs more blocks than a pool
+    holds in all is refused with a 400 naming the flag, before any of it runs: alone (the first request of a
+    call: no model ran for it) and sent while a call of its strategy runs (refused at that call's next look
+    instead of waiting for it to end). The request running meanwhile is answered as offline, and no KV block is
+    left held."""
+    policy, verifier = models
+    verifier = verifier if STRATEGIES[strategy].needs_verifier else None
+    large = {**LARGE, "strategy": strategy}
+    before = len(small_pools.output().splitlines())
+    status, out = post(small_pools, "/v1/completions", large)
+    assert status == 400, out
+    _refused_large(out)
+    deadline = time.time() + 30
+    while True:  # its call's log line: it took no request, and the policy ran no token
+        lines = [json.loads(x) for x in small_pools.output().splitlines()[before:] if x.startswith('{"event": "search"')]
+        if lines or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert lines and lines[-1]["requests"] == 0 and lines[-1]["policy_tokens"] == 0, lines
+
+    ref = run(strategy, policy, verifier, SMALL["prompt"], budget=4, settings=Settings(max_new_tokens=96),
+              seed=request_seeds(SMALL["seed"], 2))
+    good = {**SMALL, "strategy": strategy}
+    for attempt in range(3):  # (until the large request arrives while the good one runs: nearly always at once)
+        before = len(small_pools.output().splitlines())
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            fine = pool.submit(post, small_pools, "/v1/completions", good)
+            deadline = time.time() + 30
+            while small_pools.get("/health")["running"] == 0 and not fine.done() and time.time() < deadline:
+                time.sleep(0.005)
+            ran_beside = not fine.done()
+            status, out = post(small_pools, "/v1/completions", large)
+            good_status, good_out = fine.result()
+        assert status == 400, out
+        _refused_large(out)
+        assert good_status == 200 and good_out["predictions"] == ref.predictions
+        lines = [json.loads(x) for x in small_pools.output().splitlines()[before:] if x.startswith('{"event": "search"')]
+        if ran_beside and not any(e["requests"] == 0 for e in lines):
+            break  # refused by the running call (a call of its own would have logged one taking no request)
+    else:
+        pytest.fail("the large request never arrived while the good one ran")
+    assert small_pools.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from ..search import STRATEGIES, Compute, SearchResult, Settings, run, run_continuous
 from ..search.cancel import Cancellation, cancellation, progress
 from ..search.seeds import splitmix64
+from ..search.validate import PoolTooSmall
 
 log = logging.getLogger("tts_kernels.serve")
 
@@ -367,9 +368,10 @@ class _OpenCall:
             self.waiting.append(job)
             return True
 
-    def take(self, fit, room: int) -> list:
+    def take(self, fit, room: int, refuse) -> list:
         """The waiting jobs, in order, that fit (``fit(prompts, seeds, job)``: their group, or ``None``), of at
-        most ``room`` prompts in all."""
+        most ``room`` prompts in all. A job that could never fit (``fit`` raised
+        :class:`~tts_kernels.search.validate.PoolTooSmall`) leaves the queue: ``refuse(job, error)``."""
         out = []
         with self.lock:
             while self.waiting and not self.closed:
@@ -379,7 +381,12 @@ class _OpenCall:
                     continue
                 if len(job.prompts) > room:
                     break
-                g = fit(job.prompts, job.seeds, job)
+                try:
+                    g = fit(job.prompts, job.seeds, job)
+                except PoolTooSmall as exc:
+                    self.waiting.popleft()
+                    refuse(job, exc)
+                    continue
                 if g is None:
                     break
                 self.waiting.popleft()
@@ -670,8 +677,11 @@ class Engine:
                 capped.remove(g)
             loop.call_soon_threadsafe(self._resolve, g, res, call, stop, started_at.pop(job.id), time.perf_counter())
 
+        def refuse(job: Job, exc: PoolTooSmall) -> None:  # search thread
+            loop.call_soon_threadsafe(self._refuse, job, exc)
+
         def join(fit) -> list:  # search thread
-            groups = [] if self._closing else call.take(fit, self.max_call_prompts - call.prompts)
+            groups = [] if self._closing else call.take(fit, self.max_call_prompts - call.prompts, refuse)
             taken.update((g.tag.id, g.tag) for g in groups)
             return groups
 
@@ -695,7 +705,10 @@ class Engine:
                 self._arrived.set()
         await asyncio.sleep(0)  # the results the search thread handed over are set before the call is judged
         if failure is not None:
-            bad = isinstance(failure, (ValueError, TypeError)) and not call.requests  # (refused before any started)
+            # refused before any started, or the first request's worst case is more than the pools hold (checked
+            # before any other joins)
+            bad = isinstance(failure, PoolTooSmall) or (isinstance(failure, (ValueError, TypeError))
+                                                        and not call.requests)
             if not bad:
                 log.error("continuous search call failed", exc_info=failure)
             for job in taken.values():
@@ -712,6 +725,11 @@ class Engine:
 
     def _joined(self) -> None:
         self.running += 1
+
+    @staticmethod
+    def _refuse(job: Job, exc: Exception) -> None:
+        if not job.future.done():
+            job.future.set_exception(BadRequest(str(exc)))
 
     def _resolve(self, g, res, call: _OpenCall, stop, started: float, ended: float) -> None:
         """A continuous call's job, done (event loop thread): its result, its limit, or its failure."""

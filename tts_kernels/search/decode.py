@@ -44,6 +44,7 @@ from ..ops.thinking import ThinkingState, thinking_logits, thinking_update
 from .cancel import cancelled, listening, report
 from .seeds import Seeds, engine_seeds
 from .thinking import ThinkingBudget
+from .validate import check_pool, fixed_pool
 
 
 @dataclass(eq=False)
@@ -124,6 +125,9 @@ class SampleLoop:
         to add, in order, each accepted by ``fits``. ``started(group)`` is called as each group's rows start
         (``group.first`` set)."""
         self._encode(first)
+        fixed = fixed_pool(self.policy)
+        if join is not None and fixed is not None:  # (before its prefill: a revise round's history may not fit)
+            check_pool(self._commit(first, fixed[1]), self.policy, "policy")
         session = self.policy.start(first.ids, rows_hint=max(first.rows, self.capacity), max_new_tokens=self.T)
         try:
             if hasattr(session, "generate"):  # a text-level engine (e.g. vLLM) samples whole completions itself
@@ -308,6 +312,7 @@ class SampleLoop:
             if not g.seeds.keyed:
                 return False
             commit = self._commit(g, B)
+            check_pool(commit, self.policy, "policy")  # (a group that could never fit is refused, not kept waiting)
             rows = held["rows"] + g.rows
             ok = (rows <= max(self.capacity, 1) and held["blocks"] + commit <= blocks
                   and held["slots"] + g.rows + held["prompts"] + len(g.prompts) <= slots)

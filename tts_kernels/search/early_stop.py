@@ -69,7 +69,7 @@ from .cancel import cancelled
 from .result import Candidate, SearchResult, select_candidates
 from .seeds import Seeds
 from .settings import Settings, resolve
-from .validate import check_prompts
+from .validate import check_pool, check_prompts
 
 
 @dataclass
@@ -392,6 +392,7 @@ class TraceGroup:
     most: int = 0  # its candidate rows at once, at most (when groups join)
     commit: int = 0  # KV blocks held for it
     verifier_commit: int = 0  # verifier KV blocks held for it (speculative rejection)
+    verifier_prefill: int = 0  # verifier KV blocks its prompts' prefill takes
     prefill: int = 0
     forward: int = 0
     keys: int = 0
@@ -435,6 +436,21 @@ class TraceRun:
         g.cap, g.most = P * min(self.rule.opening, n), P * min(self.rule.most, n)
         g.prompt_blocks = sum(-(-len(i) // block_size) for i in g.ids)
         g.commit = g.prompt_blocks + g.most * (self.s.max_new_tokens // block_size + 2)
+
+    def _size_verifier(self, g: TraceGroup) -> None:
+        """``g``'s verifier KV blocks (speculative rejection, a scorer that admits): its prompts' prefill, and at
+        most, with ``n`` rows a prompt (computed once)."""
+        if not g.verifier_commit:
+            session = self.scorer.session
+            g.verifier_prefill = session.blocks_for(g.prompts, 0)
+            g.verifier_commit = g.verifier_prefill + session.blocks_for([], len(g.prompts) * self.rule.n)
+
+    def _fit_pools(self, g: TraceGroup) -> None:
+        """:class:`~tts_kernels.search.validate.PoolTooSmall` unless ``g``'s worst case fits the fixed pools."""
+        check_pool(g.commit, self.policy, "policy")
+        if self.scorer is not None:
+            self._size_verifier(g)
+            check_pool(g.verifier_commit, self.verifier, "verifier")
 
     def output(self, g: TraceGroup) -> RunOutput:
         """``g``'s traces (per prompt, by candidate index), compute and per-prompt counts."""
@@ -513,8 +529,8 @@ class TraceRun:
             if self.scorer is not None:
                 if not prefilled:
                     self.scorer.admit(ps, g.prompts)
-                if not g.verifier_commit and self.scorer.admits:  # (a group that joined: set by the room check)
-                    g.verifier_commit = self.scorer.session.blocks_for(g.prompts, len(ps) * rule.n)
+                if self.scorer.admits:  # (set by the room check for the groups that join)
+                    self._size_verifier(g)
                 self.verifier_committed += g.verifier_commit
             rule.grow(ps)
             if g.seeds.keyed:
@@ -552,6 +568,7 @@ class TraceRun:
             if not g.seeds.keyed:
                 return False
             self._size(g, B)
+            self._fit_pools(g)  # (a group that could never fit is refused, not kept waiting)
             rows, seqs = held["rows"] + g.most, held["seqs"] + g.most + len(g.prompts)
             # (sequence slots: a re-lay forks the new batch, up to every group's parked and candidate rows, before
             # the rows it replaces go: at this look the rows now and the admitted prompts', later a batch as big)
@@ -559,9 +576,7 @@ class TraceRun:
                   and held["blocks"] + held_now["blocks"] + g.prompt_blocks <= blocks
                   and held["admitted"] + len(g.prompts) + seqs <= free and 2 * seqs <= free + now)
             if ok and self.scorer is not None:  # its verifier rows (n a prompt) and their partial tails' clones
-                v_prefill = self.scorer.session.blocks_for(g.prompts, 0)
-                v_commit = g.verifier_commit = v_prefill + self.scorer.session.blocks_for(
-                    [], len(g.prompts) * self.rule.n)
+                v_prefill, v_commit = g.verifier_prefill, g.verifier_commit
                 v_new = held["v_new"] + len(g.prompts) * self.rule.n
                 # (each admission forks every verifier row before the old ones go; a checkpoint clones the live
                 # rows beside them; the rows of groups that ended at this look leave after it)
@@ -601,6 +616,9 @@ class TraceRun:
         group_of: dict[int, TraceGroup] = {}
         head: list[int] = []  # rows 0..len(head)-1: each running prompt's parked row (its prompt)
         slots: list[tuple[int, int]] = []  # the candidate rows after them: (prompt, candidate)
+        if joins:  # the first group fits the empty pools (the room check refuses the joiners that never could)
+            self._size(first, B)
+            self._fit_pools(first)
         # the prompts prefilled but not yet laid out, at their rows in the session
         fresh = {p: i for i, p in enumerate(self._add(session, [first], True, B, started))}
         groups.append(first)

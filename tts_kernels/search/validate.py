@@ -24,3 +24,29 @@ def check_select(select: str, verifier) -> None:
         raise ValueError(f"select must be one of {SELECT_RULES}, got {select!r}")
     if select != "majority" and verifier is None:
         raise ValueError(f"select={select!r} needs a verifier (only 'majority' runs without one)")
+
+
+class PoolTooSmall(ValueError):
+    """A group of prompts whose worst case needs more KV blocks than the pool it would run in holds in all: a
+    continuous loop refuses it (it could never be admitted, and run first it would exhaust the pool part way)."""
+
+    def __init__(self, need: int, have: int, pool: str):
+        self.need, self.have, self.pool = need, have, pool
+        super().__init__(f"the request needs up to {need} KV blocks in the {pool}'s pool, which holds {have} in all "
+                         f"(num_blocks; `tts-kernels serve --kv-blocks`): it cannot run there")
+
+
+def fixed_pool(model) -> tuple[int, int] | None:
+    """``(num_blocks, block_size)`` when every session of ``model`` gets a KV pool of that size (its
+    ``num_blocks`` was given), else ``None`` (each session sizes its own pool for its first prompts and rows)."""
+    blocks, size = getattr(model, "num_blocks", None), getattr(model, "block_size", None)
+    return (blocks, size) if isinstance(blocks, int) and isinstance(size, int) else None
+
+
+def check_pool(need: int, model, pool: str) -> None:
+    """Raise :class:`PoolTooSmall` when ``need`` worst-case blocks exceed ``model``'s fixed pool (:func:`fixed_pool`;
+    ``pool``: whose, for the message). A pool sized per session is not checked: a group that does not fit a running
+    loop's waits until the loop ends, and its own session is sized for it."""
+    fixed = fixed_pool(model)
+    if fixed is not None and need > fixed[0]:
+        raise PoolTooSmall(need, fixed[0], pool)
