@@ -240,3 +240,61 @@ def test_a_call_takes_no_new_request_past_max_call_prompts(models):
         assert s.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}
     finally:
         assert s.stop()
+
+
+def test_every_strategy_at_once_in_a_small_pool(models):
+    """Every registered strategy at once, from 12 closed-loop clients, into a server with a small fixed KV pool
+    (`--kv-blocks 160`) and 4 prompts a call: one or two prompts a request, budgets 2 and 4, some streamed, some
+    abandoned by their client mid-search. Every request that was waited for is answered, as offline (streamed:
+    the same answer), and afterwards nothing is queued, running or holding KV."""
+    import openai
+
+    names = sorted(STRATEGIES)
+    jobs = []
+    for i in range(3 * len(names)):
+        strategy, k = names[i % len(names)], 1 + (i % 3 == 1)
+        prompts = [PROMPTS[(5 * i + j) % len(PROMPTS)] for j in range(k)]
+        streams = i % 5 == 0 and k == 1 and STRATEGIES[strategy].continuous is not None
+        jobs.append((strategy, prompts, 2 + 2 * (i % 2), 24 + 8 * (i % 3 == 0), 600 + i,
+                     "stream" if streams else "abandon" if i % 7 == 3 else "wait"))
+    s = Server("--kv-blocks", "160", "--max-batch", "4", "--max-wait-ms", "2", "--max-budget", "16")
+    try:
+        got = {}
+
+        def client_work(c):
+            for i in range(c, len(jobs), 12):
+                strategy, prompts, budget, max_tokens, seed, how = jobs[i]
+                client = s.client(timeout=0.3 if how == "abandon" else 300)
+                kw = dict(model=MODEL, prompt=prompts if len(prompts) > 1 else prompts[0], max_tokens=max_tokens,
+                          seed=seed, extra_body={"strategy": strategy, "budget": budget})
+                try:
+                    if how == "stream":
+                        chunks = list(client.completions.create(stream=True, **kw))
+                        got[i] = "".join(ch.text for c in chunks for ch in c.choices if ch.index == 0)
+                    else:
+                        got[i] = client.completions.create(**kw)
+                except openai.APITimeoutError:
+                    assert how == "abandon"
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            for f in [pool.submit(client_work, c) for c in range(12)]:
+                f.result()
+        deadline = time.time() + 60
+        while s.get("/health") != {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}:
+            assert time.time() < deadline, s.get("/health")  # (the abandoned requests' rows leave at their next look)
+            time.sleep(0.1)
+        policy, verifier = models
+        for i, (strategy, prompts, budget, max_tokens, seed, how) in enumerate(jobs):
+            if how == "abandon":
+                continue
+            ref = run(strategy, policy, verifier if STRATEGIES[strategy].needs_verifier else None, prompts,
+                      budget=budget, settings=Settings(max_new_tokens=max_tokens), seed=request_seeds(seed, len(prompts)))
+            text = None if ref.chosen[0] is None else ref.candidates[0][ref.chosen[0]].text
+            if how == "stream":  # (choice 0 streamed: the chosen candidate's text; a vote with no answer picks none)
+                assert text is None or got[i] == text, (i, strategy)
+                continue
+            assert got[i].predictions == ref.predictions, (i, strategy)
+            if text is not None:
+                assert got[i].choices[0].text == text, (i, strategy)
+    finally:
+        assert s.stop()
