@@ -26,7 +26,11 @@ CASES = [
     ("adaptive_consistency", 10, Settings(stop_confidence=0.8, parallel_samples=3, max_new_tokens=64)),
     ("deepconf_offline", 4, Settings(deepconf_keep=0.5, stop=["="], max_new_tokens=32, sync_every=5)),
     ("speculative_rejection", 6, Settings(checkpoint_tokens=8, rejection_rate=0.5, max_new_tokens=48, sync_every=4)),
+    # (checkpoints not a multiple of the looks: a request joins only at a checkpoint)
+    ("speculative_rejection", 6, Settings(checkpoint_tokens=6, rejection_rate=0.5, max_new_tokens=48, sync_every=4)),
 ]
+IDS = ["deepconf", "adaptive_consistency", "deepconf_offline", "speculative_rejection",
+       "speculative_rejection-checkpoints-unaligned"]
 # (whose compute is their run alone's: nothing stops early, or every candidate starts at once and a request joins
 # at a checkpoint)
 EXACT_COMPUTE = ("deepconf_offline", "speculative_rejection")
@@ -82,7 +86,7 @@ def same_decisions(a, b):
     assert a.compute.policy_prefill_tokens == b.compute.policy_prefill_tokens
 
 
-@pytest.mark.parametrize("strategy,budget,s", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("strategy,budget,s", CASES, ids=IDS)
 def test_requests_joining_at_looks_decide_as_alone(policy, verifier, strategy, budget, s):
     reqs = requests()
     ver = scorer(strategy, verifier)
@@ -110,6 +114,21 @@ def test_requests_joining_at_looks_decide_as_alone(policy, verifier, strategy, b
             assert got[i].compute.prm_flops == pytest.approx(ref.compute.prm_flops, rel=1e-12)
     # the group that ends the loop is handed over once its pool is free
     assert held[-1] == 0 and policy.kv_ledger.blocks == 0 and verifier.kv_ledger.blocks == 0
+
+
+def test_speculative_rejection_joins_between_checkpoints(policy, verifier):
+    """Checkpoints every 8 tokens, looks every 4: requests offered at the second and fourth looks (4 and 12 tokens
+    in, between the running request's checkpoints) join there, and their checkpoints count from there: their
+    candidates, decisions and compute (policy and verifier) are their runs alone's."""
+    strategy, budget, s = CASES[3]
+    reqs = requests((2, 1, 1))
+    got, began, _ = serve(policy, strategy, reqs, budget, s, joins_at=[2, 4], verifier=verifier)
+    assert began == {0: 0, 1: 2, 2: 4}
+    for i, (prompts, seeds) in enumerate(reqs):
+        ref = run(strategy, policy, verifier, prompts, budget=budget, settings=s, seed=seeds)
+        same_decisions(got[i], ref)
+        assert got[i].compute.policy_generated_tokens == ref.compute.policy_generated_tokens
+        assert got[i].compute.prm_tokens == ref.compute.prm_tokens
 
 
 def test_a_request_waits_while_the_loop_is_full(policy):

@@ -39,8 +39,9 @@ batch: what the schedule changes is only how many tokens candidates past the dec
 were stopped, and those are counted.
 
 **Requests joining** (:func:`serve_early`, the server's continuous batching). The loop runs groups of prompts
-(:class:`TraceGroup`): a new group is prefilled into the running pool at a host look (speculative rejection: a
-look that is a checkpoint) and its prompts' parked rows join the head of the batch; an ended group's rows leave
+(:class:`TraceGroup`): a new group is prefilled into the running pool at a host look and its prompts' parked rows
+join the head of the batch (speculative rejection: each group's checkpoints count from the look it joined at, which
+needs ``checkpoint_tokens`` to be a multiple of ``sync_every``; otherwise groups join only at checkpoints); an ended group's rows leave
 in the next re-lay and its result is handed over. Each group's candidate rows stay within what its KV blocks
 were held for. A group's candidates and answers are its run alone's; its compute is counted per group, exactly.
 
@@ -393,6 +394,7 @@ class TraceGroup:
     commit: int = 0  # KV blocks held for it
     verifier_commit: int = 0  # verifier KV blocks held for it (speculative rejection)
     verifier_prefill: int = 0  # verifier KV blocks its prompts' prefill takes
+    start: int = 0  # the loop's step at which its rows started (its checkpoints count from it)
     prefill: int = 0
     forward: int = 0
     keys: int = 0
@@ -479,8 +481,10 @@ class TraceRun:
         at each look (on this thread; those that end the loop once its session is freed, with :attr:`ending` set:
         the caller frees the verifier's, :attr:`scorer`, once it has their scores). ``join(fits)`` as
         :meth:`~tts_kernels.search.decode.SampleLoop.run` calls it; ``started(group)`` as each group joins
-        (``group.first`` set). With checkpoints (speculative rejection) groups join only at the looks that are
-        checkpoints, so every group's looks and checkpoints fall at its own steps as when it runs alone."""
+        (``group.first`` set). With checkpoints (speculative rejection) each group's count from the look it joined at;
+        when ``checkpoint_tokens`` is a multiple of ``sync_every`` every look is ``sync_every`` tokens after the
+        last, so a group may join at any look and its looks and checkpoints fall at its own steps as when it runs
+        alone; otherwise groups join only at checkpoints (where every group's fall)."""
         policy, s = self.policy, self.s
         self._encode(first)
         P = len(first.prompts)
@@ -679,9 +683,10 @@ class TraceRun:
                                                *sums[r].tolist(), cut))
                         stop_rows.add(r)
             ck = rule.checkpoint_tokens
-            if ck and step > base and (step - base) % ck == 0:
-                stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows], H, slots, buf, counts_h,
-                                              eos_set, rule)
+            if ck:  # the live rows of the groups at one of their checkpoints
+                due = [r for r in live_rows if r not in stop_rows
+                       and step > group_of[slots[r - H][0]].start and (step - group_of[slots[r - H][0]].start) % ck == 0]
+                stop_rows |= self._checkpoint(due, H, slots, buf, counts_h, eos_set, rule)
             keep = []
             for r in live_rows:
                 p = slots[r - H][0]
@@ -704,13 +709,14 @@ class TraceRun:
                 self.verifier_committed -= g.verifier_commit
             if not groups:  # nothing runs: the checkpoint schedule may start again here
                 base = step
-            if joins and not (ck and (step - base) % ck):
+            if joins and (not ck or ck % s.sync_every == 0 or (step - base) % ck == 0):
                 tuner.tick()
                 taken = self._join(join, session, groups, ended)
                 if taken:
                     at = session.rows  # (admitted rows come after every row the session holds)
                     fresh.update((p, at + i) for i, p in enumerate(self._add(session, taken, False, B, started)))
                     for g in taken:
+                        g.start = step
                         groups.append(g)
                         group_of.update((p, g) for p in g.indices)
                         cap += g.cap
@@ -1093,7 +1099,7 @@ def serve_early(name: str, policy, verifier, prompts: list[str], seeds: list[int
     ``parallel_samples``). A request's candidates, answers and ``prompt_info`` equal :func:`run` over its prompts
     with its seeds; its compute is its own, counted exactly, and depends on the batch (the tokens candidates
     past a prompt's decision spent before its next look; speculative rejection's is its run alone's: every
-    candidate starts at once and a request joins at a checkpoint)."""
+    candidate starts at once, and its checkpoints count from the look it joined at)."""
     rejection = name == "speculative_rejection"
     s, prompts = _start(name, policy, verifier, prompts, n, settings, {}, needs_verifier=rejection)
     runner = TraceRun(policy, _RULES[name][0](n, s, extract), s, capacity=capacity * n,
