@@ -41,9 +41,10 @@ were stopped, and those are counted.
 **Requests joining** (:func:`serve_early`, the server's continuous batching). The loop runs groups of prompts
 (:class:`TraceGroup`): a new group is prefilled into the running pool at a host look and its prompts' parked rows
 join the head of the batch (speculative rejection: each group's checkpoints count from the look it joined at, which
-needs ``checkpoint_tokens`` to be a multiple of ``sync_every``; otherwise groups join only at checkpoints); an ended group's rows leave
-in the next re-lay and its result is handed over. Each group's candidate rows stay within what its KV blocks
-were held for. A group's candidates and answers are its run alone's; its compute is counted per group, exactly.
+needs ``checkpoint_tokens`` to be a multiple of ``sync_every``; otherwise groups join only at checkpoints); an
+ended group's rows leave in the next re-lay and its result is handed over. Each group's candidate rows stay
+within what its KV blocks were held for. A group's candidates and answers are its run alone's; its compute is
+counted per group, exactly.
 
 **Accounting.** ``Compute.policy_generated_tokens`` counts every token sampled for a candidate while it
 ran (aborted, rejected and cut-off ones included); the FLOPs count every row the policy ran (finished
@@ -481,10 +482,10 @@ class TraceRun:
         at each look (on this thread; those that end the loop once its session is freed, with :attr:`ending` set:
         the caller frees the verifier's, :attr:`scorer`, once it has their scores). ``join(fits)`` as
         :meth:`~tts_kernels.search.decode.SampleLoop.run` calls it; ``started(group)`` as each group joins
-        (``group.first`` set). With checkpoints (speculative rejection) each group's count from the look it joined at;
-        when ``checkpoint_tokens`` is a multiple of ``sync_every`` every look is ``sync_every`` tokens after the
-        last, so a group may join at any look and its looks and checkpoints fall at its own steps as when it runs
-        alone; otherwise groups join only at checkpoints (where every group's fall)."""
+        (``group.first`` set). With checkpoints (speculative rejection) each group's checkpoints count from the look
+        it joined at: when ``checkpoint_tokens`` is a multiple of ``sync_every`` every look is ``sync_every`` tokens
+        after the last, so a group may join at any look and its looks and checkpoints fall at its own steps as when
+        it runs alone; otherwise groups join only at checkpoints (where every group's fall)."""
         policy, s = self.policy, self.s
         self._encode(first)
         P = len(first.prompts)
@@ -684,9 +685,12 @@ class TraceRun:
                         stop_rows.add(r)
             ck = rule.checkpoint_tokens
             if ck:  # the live rows of the groups at one of their checkpoints
-                due = [r for r in live_rows if r not in stop_rows
-                       and step > group_of[slots[r - H][0]].start and (step - group_of[slots[r - H][0]].start) % ck == 0]
-                stop_rows |= self._checkpoint(due, H, slots, buf, counts_h, eos_set, rule)
+                def due(r: int) -> bool:
+                    t = step - group_of[slots[r - H][0]].start
+                    return t > 0 and t % ck == 0
+
+                stop_rows |= self._checkpoint([r for r in live_rows if r not in stop_rows and due(r)], H, slots, buf,
+                                              counts_h, eos_set, rule)
             keep = []
             for r in live_rows:
                 p = slots[r - H][0]
