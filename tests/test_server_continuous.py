@@ -5,6 +5,7 @@ are all answered, exactly, with nothing left queued, running or holding KV block
 whole-request batching."""
 import concurrent.futures
 import json
+import threading
 import time
 
 import pytest
@@ -298,3 +299,47 @@ def test_every_strategy_at_once_in_a_small_pool(models):
                 assert got[i].choices[0].text == text, (i, strategy)
     finally:
         assert s.stop()
+
+
+def test_a_call_that_compatible_requests_keep_feeding_lets_others_through(server, models):
+    """Twelve clients keep sending best_of_n requests (one continuous call could take them for ever): a `/v1/score`
+    request and a majority request sent meanwhile are each answered within seconds while that load goes on (the
+    open call stops taking new requests, drains, and they run before the next call). Before, both waited until
+    the load stopped."""
+    stop, end = threading.Event(), time.time() + 30  # (the load stops by itself after 30 s)
+    answered = []
+
+    def load(c):
+        client, i = server.client(timeout=120), c
+        while not stop.is_set() and time.time() < end:
+            client.completions.create(model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=48, seed=1000 + i,
+                                      extra_body={"strategy": "best_of_n", "budget": 8})
+            answered.append(i)
+            i += 12
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        clients = [pool.submit(load, c) for c in range(12)]
+        try:
+            while len(answered) < 24 and time.time() < end:  # the load is under way
+                time.sleep(0.02)
+            t = time.perf_counter()
+            status, body = server.post_raw("/v1/score", json.dumps({
+                "model": MODEL, "prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5\n\nThe answer is 5"]}).encode())
+            score_s = time.perf_counter() - t
+            t = time.perf_counter()
+            other = server.client(timeout=120).completions.create(
+                model=MODEL, prompt=PROMPTS[40], max_tokens=32, seed=41, extra_body={"strategy": "majority", "budget": 4})
+            other_s = time.perf_counter() - t
+            still = len(answered)
+            while len(answered) < still + 4 and time.time() < end:  # and the load went on
+                time.sleep(0.02)
+            went_on = len(answered) >= still + 4
+        finally:
+            stop.set()
+            for f in clients:
+                f.result()
+    assert status == 200 and len(json.loads(body)["data"]) == 1, body
+    assert other.predictions == offline(models, "majority", [PROMPTS[40]], 4, 41, 32).predictions
+    assert score_s < 10 and other_s < 10, (score_s, other_s)
+    assert went_on
+    assert server.get("/health") == {"status": "ok", "queued": 0, "running": 0, "kv_blocks_in_use": 0}

@@ -18,8 +18,9 @@ Continuous batching (``continuous=True``, ``serve --batching continuous``, the d
 waiting list (:class:`_OpenCall`), and the search thread takes it at its next host look (a sampling loop's
 regular look, a step search's step boundary) when there is room (``max_batch`` prompts' rows at once, and the
 KV pools), so it joins the search under way. Each job is resolved as its own rows end, with its own result and exact compute
-(``Outcome.compute``). A job arriving while another job waits for the next call waits with it (the open call
-stops growing, so other strategies are not starved); a job still waiting when the call ends goes back to
+(``Outcome.compute``). A job arriving while another job waits for the next call, or while a scoring request
+(:meth:`Engine.run_exclusive`) waits for the search thread, waits with it (the open call stops growing, so
+other strategies and the scoring endpoints are not starved); a job still waiting when the call ends goes back to
 the head of the queue. A call takes no new job once it has taken ``max_call_prompts`` prompts: under steady
 load a call would otherwise never end, and the per-prompt state its search keeps (prompt ids, seeds, draw
 offsets, counts: a few hundred bytes a prompt, and an index over all of them rebuilt at each admission) would
@@ -429,13 +430,15 @@ class Engine:
         self._arrived: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._open: _OpenCall | None = None  # the continuous call under way
+        self._exclusive = 0  # run_exclusive calls waiting for the search thread
+        self._later: list[Job] = []  # the jobs of the batch under way whose calls come after the running one
         self._closing = False
         self.running = 0  # jobs in the search call under way
 
     @property
     def queued(self) -> int:
         waiting = 0 if self._open is None else len(self._open.waiting)
-        return (0 if self._queue is None else self._queue.qsize()) + len(self._pending) + waiting
+        return (0 if self._queue is None else self._queue.qsize()) + len(self._pending) + waiting + len(self._later)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -479,7 +482,13 @@ class Engine:
         scoring endpoints run. Raises :class:`Unavailable` while shutting down."""
         if self._closing or self._queue is None:
             raise Unavailable("the server is shutting down")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        # Until it has run, the continuous call under way takes no new job (it would otherwise hold the search
+        # thread for as long as compatible jobs keep coming): it drains, and this runs before the next call.
+        self._exclusive += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        finally:
+            self._exclusive -= 1
 
     def _gauge(self) -> None:
         if self.metrics is not None:
@@ -494,12 +503,13 @@ class Engine:
 
     async def _intake(self) -> None:
         """Every arriving job: into the continuous call under way when it has the call's key (and no other job
-        waits for the next call, which would otherwise wait as long as compatible jobs keep coming), else
-        into the next call's batch."""
+        waits for the next call, nor a scoring request for the search thread: they would otherwise wait as long
+        as compatible jobs keep coming), else into the next call's batch."""
         while True:
             job = await self._queue.get()
             call = self._open
-            if call is not None and not self._pending and job.key == call.key and call.offer(job):
+            if (call is not None and not self._pending and not self._later and not self._exclusive
+                    and job.key == call.key and call.offer(job)):
                 self._gauge()
                 continue
             self._pending.append(job)
@@ -527,7 +537,9 @@ class Engine:
             for job in batch:
                 if not job.cancelled and not job.future.done():
                     groups.setdefault(job.key, []).append(job)
-            for jobs in groups.values():
+            calls = list(groups.values())
+            for k, jobs in enumerate(calls):
+                self._later = [j for later in calls[k + 1:] for j in later]  # (a continuous call stops growing)
                 if self._joinable(jobs[0]):  # one continuous call takes them all, up to max_batch prompts at once
                     await self._guarded(jobs)
                     continue
@@ -539,6 +551,7 @@ class Engine:
                         part = []
                     part.append(job)
                 await self._guarded(part)
+            self._later = []
 
     async def _guarded(self, jobs: list[Job]) -> None:
         # Whatever goes wrong in one call (a bug included) fails its requests, never the loop.
