@@ -304,3 +304,34 @@ def test_a_cancelled_revise_request_stops_its_rounds_and_the_others_are_exact(mo
     for i in (0, 2):
         same(got[i], run("revise", *models, reqs[i][0], budget=3, settings=s, seed=reqs[i][1]))
     assert models[0].kv_ledger.blocks == 0
+
+
+def test_a_revise_round_that_outgrows_a_fixed_pool_fails_its_request_only(models):
+    """A fixed KV pool (``num_blocks`` 60) holds every request's first round, but not the second round of a
+    3-prompt request (each chain re-reads its prompt, attempt and revision prompt: 76 blocks at worst). That
+    request fails with ``PoolTooSmall`` when its second round would join; the requests sharing the call are
+    answered as alone, and no block is left held."""
+    from join_checks import Offers
+
+    from tts_kernels.search import run
+    from tts_kernels.search.validate import PoolTooSmall
+
+    policy, verifier = models
+    s = Settings(revisions=1, max_new_tokens=32)
+    reqs = [([PROMPTS[0]], request_seeds(1, 1)), (PROMPTS[1:4], request_seeds(2, 3)), ([PROMPTS[4]], request_seeds(3, 1))]
+    got, began = {}, {}
+    join = Offers(reqs, [1, 1])
+    policy.num_blocks = 60
+    try:
+        run_continuous("revise", policy, verifier, reqs[0][0], reqs[0][1], budget=4, settings=s, tag=0, join=join,
+                       deliver=lambda g, res: got.__setitem__(g.tag, res),
+                       started=lambda g: began.__setitem__(g.tag, join.looks), capacity=16)
+        refs = {i: run("revise", policy, verifier, prompts, budget=4, settings=s, seed=seeds)
+                for i, (prompts, seeds) in enumerate(reqs) if i != 1}
+    finally:
+        policy.num_blocks = None
+    assert sorted(got) == [0, 1, 2] and began[1] == 1  # (its first round ran)
+    assert isinstance(got[1], PoolTooSmall) and "holds 60 in all" in str(got[1])
+    for i, ref in refs.items():
+        same(got[i], ref)
+    assert policy.kv_ledger.blocks == 0

@@ -33,7 +33,7 @@ from .decode import GroupSample, SampleGroup
 from .result import Candidate, SearchResult, select_candidates
 from .seeds import Seeds, splitmix64
 from .settings import Settings, resolve
-from .validate import check_prompts, check_select
+from .validate import PoolTooSmall, check_prompts, check_select
 
 
 def _round_seed(seeds: Seeds, p: int, chain: int, r: int) -> int:
@@ -194,6 +194,10 @@ def serve_revise(policy, verifier, prompts: list[str], seeds: list[int], *, n: i
             mapping.forget(mine)
             deliver(run, res)
 
+        def fail(run: _Chains, exc: Exception) -> None:  # its next round can never fit the KV pool
+            mapping.forget(range(run.first, run.first + len(run.prompts)))
+            deliver(run, exc)
+
         def done(pairs) -> None:
             for g, out in pairs:
                 run = g.tag
@@ -207,19 +211,33 @@ def serve_revise(policy, verifier, prompts: list[str], seeds: list[int], *, n: i
             out = []
             while waiting:  # the running requests' next rounds first
                 g = waiting[0].group()
-                if not fits(g):
-                    return out
+                try:
+                    if not fits(g):
+                        return out
+                except PoolTooSmall as exc:  # (a round's history grew past a fixed pool: that request fails)
+                    fail(waiting.pop(0), exc)
+                    continue
                 out.append(g)
                 waiting.pop(0)
 
             def fit(p, sd, t):
                 run = request(p, sd, t)
-                if fits(run.group()):
-                    return run
+                try:
+                    if fits(run.group()):
+                        return run
+                except PoolTooSmall:  # (refused by the caller)
+                    numbering[0] -= len(p)
+                    raise
                 numbering[0] -= len(p)  # (not taken: its indices are the next one's)
                 return None
             return out + [run.running for run in join(fit)]
 
         waiting.append(request(prompts, seeds, tag))
         while waiting:  # a loop ends when its batch empties; a round that ended it starts the next loop
-            loop.run(waiting.pop(0).group(), done=done, join=groups, started=on_start)
+            run = waiting.pop(0)
+            try:
+                loop.run(run.group(), done=done, join=groups, started=on_start)
+            except PoolTooSmall as exc:  # (raised before the loop's session starts: nothing ran)
+                if run.round == 0:  # the call's first request: the caller refuses it
+                    raise
+                fail(run, exc)
