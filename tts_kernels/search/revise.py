@@ -4,8 +4,9 @@ Snell et al. (2024, "Scaling LLM test-time compute optimally can be more effecti
 parameters") compare spending samples in parallel (best-of-N) with spending them in sequence (each new
 attempt conditioned on the previous one) and mixes of the two at equal compute. ``revise`` is that
 knob: a budget of ``n`` samples per prompt runs ``n // (revisions + 1)`` independent chains of
-``revisions + 1`` attempts; attempt ``r + 1`` of a chain reads the prompt, attempt ``r`` and
-``Settings.revision_prompt``. Every attempt of every chain is a candidate; the verifier scores each
+``revisions + 1`` attempts; attempt ``r + 1`` of a chain reads the prompt and each earlier attempt of its
+chain, every one followed by ``Settings.revision_prompt`` (a history that grows by an attempt a round, and
+is not cut to the model's context). Every attempt of every chain is a candidate; the verifier scores each
 against the original prompt (one batched call at the end) and ``select`` picks among all of them.
 ``revisions=0`` is weighted best-of-N; ``n = revisions + 1`` is one purely sequential chain.
 
