@@ -18,9 +18,10 @@ Continuous batching (``continuous=True``, ``serve --batching continuous``, the d
 waiting list (:class:`_OpenCall`), and the search thread takes it at its next host look (a sampling loop's
 regular look, a step search's step boundary) when there is room (``max_batch`` prompts' rows at once, and the
 KV pools), so it joins the search under way. Each job is resolved as its own rows end, with its own result and exact compute
-(``Outcome.compute``). A job arriving while another job waits for the next call, or while a scoring request
-(:meth:`Engine.run_exclusive`) waits for the search thread, waits with it (the open call stops growing, so
-other strategies and the scoring endpoints are not starved); a job still waiting when the call ends goes back to
+(``Outcome.compute``). A job arriving while another job waits for the next call (or for its own call, later in
+the batch under way), or while a scoring request (:meth:`Engine.run_exclusive`) waits for the search thread,
+waits with it (the open call stops growing, so other strategies and the scoring endpoints are not starved);
+a job still waiting when the call ends goes back to
 the head of the queue. A call takes no new job once it has taken ``max_call_prompts`` prompts: under steady
 load a call would otherwise never end, and the per-prompt state its search keeps (prompt ids, seeds, draw
 offsets, counts: a few hundred bytes a prompt, and an index over all of them rebuilt at each admission) would
