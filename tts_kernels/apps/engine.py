@@ -719,10 +719,9 @@ class Engine:
                 self._arrived.set()
         await asyncio.sleep(0)  # the results the search thread handed over are set before the call is judged
         if failure is not None:
-            # refused before any started, or the first request's worst case is more than the pools hold (checked
-            # before any other joins)
-            bad = isinstance(failure, PoolTooSmall) or (isinstance(failure, (ValueError, TypeError))
-                                                        and not call.requests)
+            # refused before any started (a first request whose worst case is more than a fixed pool holds
+            # included: the loops check it before its rows start)
+            bad = isinstance(failure, (ValueError, TypeError)) and not call.requests
             if not bad:
                 log.error("continuous search call failed", exc_info=failure)
             for job in taken.values():

@@ -71,7 +71,7 @@ from .cancel import cancelled
 from .result import Candidate, SearchResult, select_candidates
 from .seeds import Seeds
 from .settings import Settings, resolve
-from .validate import check_pool, check_prompts
+from .validate import check_pools, check_prompts
 
 
 @dataclass
@@ -450,10 +450,9 @@ class TraceRun:
 
     def _fit_pools(self, g: TraceGroup) -> None:
         """:class:`~tts_kernels.search.validate.PoolTooSmall` unless ``g``'s worst case fits the fixed pools."""
-        check_pool(g.commit, self.policy, "policy")
         if self.scorer is not None:
             self._size_verifier(g)
-            check_pool(g.verifier_commit, self.verifier, "verifier")
+        check_pools((g.commit, g.verifier_commit), self.policy, self.verifier)
 
     def output(self, g: TraceGroup) -> RunOutput:
         """``g``'s traces (per prompt, by candidate index), compute and per-prompt counts."""

@@ -223,14 +223,13 @@ def serve_revise(policy, verifier, prompts: list[str], seeds: list[int], *, n: i
 
             def fit(p, sd, t):
                 run = request(p, sd, t)
-                try:
-                    if fits(run.group()):
-                        return run
-                except PoolTooSmall:  # (refused by the caller)
-                    numbering[0] -= len(p)
-                    raise
-                numbering[0] -= len(p)  # (not taken: its indices are the next one's)
-                return None
+                taken = False
+                try:  # (fits raises PoolTooSmall for a request the caller refuses)
+                    taken = fits(run.group())
+                finally:
+                    if not taken:
+                        numbering[0] -= len(p)  # (not taken: its indices are the next one's)
+                return run if taken else None
             return out + [run.running for run in join(fit)]
 
         waiting.append(request(prompts, seeds, tag))

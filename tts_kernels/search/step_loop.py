@@ -30,7 +30,7 @@ from .cancel import cancelled, listening, report
 from .rows import StepRows
 from .seeds import Seeds
 from .settings import Settings
-from .validate import check_pool
+from .validate import check_pools
 
 
 @dataclass(eq=False)
@@ -109,7 +109,7 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
     def take(g: StepGroup) -> None:
         g.commit = blocks(g)[1] if admits else (0, 0)
         if g is first and admits:  # (the joiners were checked by the room check)
-            _fit_pools(g.commit, policy, verifier)
+            check_pools(g.commit, policy, verifier)
         held["blocks"] = tuple(a + b for a, b in zip(held["blocks"], g.commit))
         search.start(g.indices)
         if started is not None:
@@ -174,14 +174,6 @@ def run_groups(policy, verifier, first: StepGroup, search: StepSearch, *, s: Set
         done(final)
 
 
-def _fit_pools(want: tuple[int, int], policy, verifier) -> None:
-    """:class:`~tts_kernels.search.validate.PoolTooSmall` unless a group's worst case ``want`` (the policy's
-    blocks, the verifier's) fits each fixed pool."""
-    check_pool(want[0], policy, "policy")
-    if verifier is not None:
-        check_pool(want[1], verifier, "verifier")
-
-
 def _join(join, rows: StepRows, running: int, n: int, held: dict, blocks_of, ended=()) -> list[StepGroup]:
     """The groups ``join`` hands over at this step boundary, each accepted by the room check: rows within the
     loop's capacity, worst-case KV blocks within both pools beside the running groups' (and their prefill beside
@@ -198,7 +190,7 @@ def _join(join, rows: StepRows, running: int, n: int, held: dict, blocks_of, end
         if not g.seeds.keyed:
             return False
         prefill, want = blocks_of(g)
-        _fit_pools(want, rows.policy, rows.prm_model)  # (a group that could never fit is refused, not kept waiting)
+        check_pools(want, rows.policy, rows.prm_model)  # (a group that could never fit is refused, not kept waiting)
         k = len(g.prompts)
         r = room["rows"] + k * n
         b = (room["blocks"][0] + want[0], room["blocks"][1] + want[1])

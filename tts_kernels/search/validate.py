@@ -50,3 +50,11 @@ def check_pool(need: int, model, pool: str) -> None:
     fixed = fixed_pool(model)
     if fixed is not None and need > fixed[0]:
         raise PoolTooSmall(need, fixed[0], pool)
+
+
+def check_pools(need: tuple[int, int], policy, verifier) -> None:
+    """:func:`check_pool` for a group's worst case ``need`` (the policy's blocks, the verifier's) in the policy's
+    pool and, with a ``verifier``, the verifier's."""
+    check_pool(need[0], policy, "policy")
+    if verifier is not None:
+        check_pool(need[1], verifier, "verifier")
